@@ -1,0 +1,265 @@
+//! `gristmill run`: a whole batch file through the engine on this machine.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gristmill_coordinator::LineValidator;
+use gristmill_protocol::{LineError, Request};
+use gristmill_worker::response::{error_line, output_line, IdGen};
+use gristmill_worker::{Engine, EngineOptions, Outcome};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The batch input: JSONL, one OpenAI batch request per line (`/v1/chat/completions` or
+    /// `/v1/completions`).
+    pub input: PathBuf,
+
+    /// Where completed requests go, one OpenAI batch output line each (order not guaranteed).
+    #[arg(short, long, env = "GRISTMILL_OUTPUT")]
+    pub output: PathBuf,
+
+    /// Where failed requests go, with their input line numbers [default: OUTPUT with
+    /// `.errors.jsonl` in place of its extension].
+    #[arg(long, env = "GRISTMILL_ERRORS")]
+    pub errors: Option<PathBuf>,
+
+    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json
+    /// [default: the default model in ~/.cache/gristmill/models, fetched by `make model`].
+    #[arg(short, long, env = "GRISTMILL_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 32, env = "GRISTMILL_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+
+    /// Most tokens (prompt chunks and decode tokens together) in one engine step.
+    #[arg(long, default_value_t = 2048, env = "GRISTMILL_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+
+    /// Compute threads [default: all cores].
+    #[arg(long, env = "GRISTMILL_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Counts of a finished run.
+#[derive(Debug, Default)]
+struct Tally {
+    completed: usize,
+    failed: usize,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+struct Sink {
+    out: BufWriter<File>,
+    err: BufWriter<File>,
+    ids: IdGen,
+    tally: Tally,
+    model_name: String,
+    progress: Progress,
+    io_error: Option<std::io::Error>,
+}
+
+impl Sink {
+    fn write(&mut self, to_errors: bool, json: String) {
+        let w = if to_errors { &mut self.err } else { &mut self.out };
+        if let Err(e) = writeln!(w, "{json}") {
+            self.io_error.get_or_insert(e);
+        }
+    }
+
+    fn failed(&mut self, custom_id: Option<String>, line: usize, error: LineError) {
+        tracing::debug!(line, message = %error.message, "request failed");
+        let l = error_line(custom_id, line, error, &mut self.ids);
+        self.write(true, serde_json::to_string(&l).unwrap_or_default());
+        self.tally.failed += 1;
+        self.progress.tick(&self.tally);
+    }
+
+    fn outcome(&mut self, o: Outcome) {
+        match o {
+            Outcome::Done(c) => {
+                self.tally.completed += 1;
+                self.tally.prompt_tokens += c.usage.prompt_tokens;
+                self.tally.completion_tokens += c.usage.completion_tokens;
+                let l = output_line(&c, &self.model_name, &mut self.ids);
+                self.write(false, serde_json::to_string(&l).unwrap_or_default());
+                self.progress.tick(&self.tally);
+            }
+            Outcome::Failed { custom_id, line, error } => self.failed(Some(custom_id), line, error),
+        }
+    }
+}
+
+/// A progress bar on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: usize,
+    started: Instant,
+    last_log: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    fn tick(&mut self, t: &Tally) {
+        let done = t.completed + t.failed;
+        let rate = t.completion_tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        if let Some(bar) = &self.bar {
+            bar.set_position(done as u64);
+            bar.set_message(format!("{} failed, {rate:.0} tok/s", t.failed));
+        } else if !self.quiet && (self.last_log.elapsed() > Duration::from_secs(5) || done == self.total) {
+            self.last_log = Instant::now();
+            eprintln!(
+                "progress: {done}/{} requests ({} failed), {} tokens generated, {rate:.1} tok/s",
+                self.total, t.failed, t.completion_tokens
+            );
+        }
+    }
+}
+
+fn default_errors_path(output: &Path) -> PathBuf {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    output.with_file_name(format!("{stem}.errors.jsonl"))
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set up the thread pool")?;
+    }
+    if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+    }
+    // Check the input before spending seconds on the model.
+    let total = count_lines(&args.input)?;
+    let model_path = args.model.clone().unwrap_or_else(gristmill_worker::default_model_path);
+    let load_start = Instant::now();
+    let engine = Engine::load(&model_path).with_context(|| format!("cannot load the model {}", model_path.display()))?;
+    if !args.quiet {
+        eprintln!(
+            "loaded {} ({} layers, {} heads, vocab {}) in {:.1} s",
+            model_path.display(),
+            engine.model.cfg.num_layers,
+            engine.model.cfg.num_heads,
+            engine.model.cfg.vocab_size,
+            load_start.elapsed().as_secs_f64()
+        );
+    }
+    let errors_path = args.errors.clone().unwrap_or_else(|| default_errors_path(&args.output));
+    let create = |p: &Path| -> Result<BufWriter<File>> {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        Ok(BufWriter::new(File::create(p).with_context(|| format!("cannot create {}", p.display()))?))
+    };
+    let bar = (std::io::stderr().is_terminal() && !args.quiet).then(|| {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} requests, {msg} (eta {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let started = Instant::now();
+    let sink = RefCell::new(Sink {
+        out: create(&args.output)?,
+        err: create(&errors_path)?,
+        ids: IdGen::new(),
+        tally: Tally::default(),
+        model_name: engine.model_name.clone(),
+        progress: Progress { bar, total, started, last_log: started, quiet: args.quiet },
+        io_error: None,
+    });
+
+    let reader = BufReader::new(File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?);
+    let mut validator = LineValidator::new();
+    let mut read_error = None;
+    let mut lines = reader.lines().enumerate();
+    // Requests are validated lazily as the engine asks for more work, so a file of any length
+    // streams through with bounded memory. Invalid lines go straight to the error file.
+    let requests = std::iter::from_fn(|| loop {
+        let (i, line) = lines.next()?;
+        let line_no = i + 1;
+        let text = match line {
+            Ok(t) => t,
+            Err(e) => {
+                // Not UTF-8 or an I/O error: report this line, keep reading.
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    sink.borrow_mut().failed(None, line_no, LineError::new(
+                        gristmill_protocol::codes::INVALID_JSON,
+                        format!("line {line_no} is not valid UTF-8"),
+                    ));
+                    continue;
+                }
+                read_error = Some(e);
+                return None;
+            }
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        match validator.validate(line_no, &text) {
+            Ok(req) => return Some::<Request>(req),
+            Err(bad) => sink.borrow_mut().failed(bad.custom_id, bad.line, bad.error),
+        }
+    });
+    let opts = EngineOptions { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
+    engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
+
+    let mut sink = sink.into_inner();
+    if let Some(bar) = &sink.progress.bar {
+        bar.finish_and_clear();
+    }
+    if let Some(e) = read_error {
+        return Err(e).with_context(|| format!("reading {} failed part-way", args.input.display()));
+    }
+    sink.out.flush().with_context(|| format!("cannot write {}", args.output.display()))?;
+    sink.err.flush().with_context(|| format!("cannot write {}", errors_path.display()))?;
+    if let Some(e) = sink.io_error {
+        return Err(e).context("writing results failed");
+    }
+    let t = &sink.tally;
+    let secs = started.elapsed().as_secs_f64();
+    if !args.quiet {
+        eprintln!("results: {}", args.output.display());
+        eprintln!("errors:  {} ({} lines)", errors_path.display(), t.failed);
+    }
+    println!(
+        "{} requests: {} completed, {} failed; {} prompt + {} generated tokens in {:.1} s ({:.1} generated tok/s, {:.1} total tok/s)",
+        t.completed + t.failed,
+        t.completed,
+        t.failed,
+        t.prompt_tokens,
+        t.completion_tokens,
+        secs,
+        t.completion_tokens as f64 / secs.max(1e-9),
+        (t.prompt_tokens + t.completion_tokens) as f64 / secs.max(1e-9),
+    );
+    Ok(())
+}
+
+/// Non-blank lines of the input, for the progress bar; also fails early on an unreadable file.
+fn count_lines(path: &Path) -> Result<usize> {
+    let f = File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
+    let mut n = 0;
+    for chunk in BufReader::new(f).split(b'\n') {
+        let chunk = chunk.with_context(|| format!("cannot read {}", path.display()))?;
+        if chunk.iter().any(|b| !b.is_ascii_whitespace()) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}

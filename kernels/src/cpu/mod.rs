@@ -1,0 +1,9 @@
+//! CPU reference kernels (f32). Rows are contiguous, row-major; shapes are passed explicitly.
+
+mod attention;
+mod matmul;
+mod ops;
+
+pub use attention::{attention, AttentionShape};
+pub use matmul::linear;
+pub use ops::{add_assign, argmax, rms_norm, rope_neox, silu_mul, softmax_in_place};

@@ -1,0 +1,93 @@
+//! A validated generation request: what a batch line asks for once its JSON has been checked.
+
+use serde::{Deserialize, Serialize};
+
+/// The two OpenAI endpoints a batch line may target.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    #[serde(rename = "/v1/chat/completions")]
+    ChatCompletions,
+    #[serde(rename = "/v1/completions")]
+    Completions,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Option<Self> {
+        match url {
+            "/v1/chat/completions" => Some(Self::ChatCompletions),
+            "/v1/completions" => Some(Self::Completions),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// One chat message with its content flattened to text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Prompt {
+    /// Chat messages, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text for `/v1/completions`.
+    Text(String),
+    /// Pre-tokenized ids for `/v1/completions` (`"prompt": [1, 2, 3]`).
+    Tokens(Vec<u32>),
+}
+
+/// Sampling and stopping parameters of one request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationParams {
+    /// Upper bound on generated tokens; `None` means "up to the model's context".
+    pub max_tokens: Option<usize>,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// Seed of the request's own random stream; `None` draws one.
+    pub seed: Option<u64>,
+    /// Generation stops before any of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A batch line that passed validation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    pub custom_id: String,
+    /// 1-based line number in the input file.
+    pub line: usize,
+    pub endpoint: Endpoint,
+    /// The `model` the line named (echoed back in the response body).
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+}

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Reference fixtures from HF transformers, for Gristmill's correctness tests.
+
+Run by hand, never in CI (it needs a large PyTorch install):
+
+    python3 -m venv ~/.cache/gristmill/fixvenv
+    ~/.cache/gristmill/fixvenv/bin/pip install torch transformers gguf accelerate
+    ~/.cache/gristmill/fixvenv/bin/python scripts/make_fixtures.py
+
+It writes, under tests/fixtures/:
+  smollm2_logits.json     logits of the default GGUF model (dequantised to fp32 by transformers) at
+                          every position of a few prompts: the top 32 entries, 64 fixed probe ids
+                          and the log-sum-exp of the full row;
+  smollm2_greedy.json     64-token greedy continuations of raw and chat-templated prompts, with the
+                          reference top-1 minus top-2 logit margin at every step;
+  smollm2_tokenizer.json  token ids of a varied set of strings, and chat templates rendered by HF;
+  tiny-qwen2/, tiny-llama3/  random-weight safetensors models (config.json, tokenizer.json,
+                          weights; Qwen2 with q/k/v bias and untied embeddings, sharded f32;
+                          Llama with Llama-3 rope scaling and tied embeddings, single bf16 file),
+                          each with reference.json holding their full logits.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures"
+CACHE = pathlib.Path(os.environ.get("GRISTMILL_CACHE_DIR", pathlib.Path.home() / ".cache" / "gristmill"))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR = CACHE / "models"
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+
+
+def dump(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes)")
+
+
+LOGIT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "<|im_start|>user\nWrite a haiku about rust.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+RAW_PROMPTS = [
+    "Once upon a time, in a small village,",
+    "The three laws of thermodynamics are",
+    "import numpy as np\n\ndef moving_average(x, w):\n",
+    "Kubernetes is a system for",
+]
+
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "Write a Rust function that reverses a string."}],
+    [{"role": "user", "content": "What is the capital of Japan?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant that answers in one sentence."},
+        {"role": "user", "content": "Explain what a message queue is."},
+    ],
+    [
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Name another one, and say its colour."},
+    ],
+]
+
+TOKENIZER_STRINGS = [
+    "Hello, world!",
+    "  leading spaces and   runs of    spaces  ",
+    "tabs\tand\nnewlines\n\n\nand\r\nCRLF",
+    "digits 1234567890 and 3.14159 and 1,000,000",
+    "unicode: naïve café, Straße, Ελληνικά, русский, 日本語のテキスト, 한국어",
+    "emoji 🚀🔥 👩‍💻 🇫🇷 and ZWJ 👨‍👩‍👧‍👦",
+    "fn main() {\n    println!(\"{}\", x.iter().map(|v| v * 2).sum::<i32>());\n}",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "special tokens inline: <|endoftext|> and <repo_name> and <|im_end|>",
+    "   ",
+    "",
+    "'s 've 're 'll I'M DON'T",
+    "https://example.com/path?query=1&x=%20#frag",
+    "SELECT * FROM users WHERE id = 42;",
+]
+
+PROBE_IDS = list(range(0, 49152, 768))
+
+
+def logit_rows(logits):
+    rows = []
+    for row in logits:
+        top = torch.topk(row, 32)
+        rows.append(
+            {
+                "top_ids": top.indices.tolist(),
+                "top_logits": [float(v) for v in top.values],
+                "probe_logits": [float(row[i]) for i in PROBE_IDS],
+                "logsumexp": float(torch.logsumexp(row, dim=0)),
+            }
+        )
+    return rows
+
+
+def greedy(model, ids, steps):
+    """Greedy continuation that ignores EOS, with the top-1 minus top-2 margin at every step."""
+    out, margins = [], []
+    with torch.no_grad():
+        res = model(torch.tensor([ids]), use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[0, -1]
+        for _ in range(steps):
+            top = torch.topk(logits, 2)
+            tok = int(top.indices[0])
+            margins.append(float(top.values[0] - top.values[1]))
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[0, -1]
+    return out, margins
+
+
+def smollm2():
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, gguf_file=GGUF, torch_dtype=torch.float32)
+    model.eval()
+
+    dump(
+        OUT / "smollm2_tokenizer.json",
+        {
+            "source": f"transformers {__import__('transformers').__version__}, {GGUF}",
+            "encode_without_special_tokens": [
+                {"text": s, "ids": tok.encode(s, add_special_tokens=False)} for s in TOKENIZER_STRINGS
+            ],
+            "chat_templates": [
+                {
+                    "messages": m,
+                    "text": tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                }
+                for m in CHAT_PROMPTS
+            ],
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+    )
+
+    cases = []
+    with torch.no_grad():
+        for p in LOGIT_PROMPTS:
+            ids = tok.encode(p, add_special_tokens=False)
+            logits = model(torch.tensor([ids])).logits[0]
+            cases.append({"prompt": p, "ids": ids, "positions": logit_rows(logits)})
+    dump(OUT / "smollm2_logits.json", {"probe_ids": PROBE_IDS, "cases": cases})
+
+    cases = []
+    for p in RAW_PROMPTS:
+        ids = tok.encode(p, add_special_tokens=False)
+        out, margins = greedy(model, ids, 64)
+        cases.append({"kind": "raw", "prompt": p, "ids": ids, "tokens": out, "margins": margins})
+    for m in CHAT_PROMPTS:
+        text = tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        out, margins = greedy(model, ids, 64)
+        cases.append({"kind": "chat", "messages": m, "ids": ids, "tokens": out, "margins": margins,
+                      "text": tok.decode(out)})
+    dump(OUT / "smollm2_greedy.json", {"cases": cases})
+
+
+def tiny_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [s for s in TOKENIZER_STRINGS + RAW_PROMPTS + LOGIT_PROMPTS] * 20
+    t.train_from_iterator(corpus, trainer)
+    t.save(str(path / "tokenizer.json"))
+    return t
+
+
+def tiny_model(name, cfg_cls, model_cls, extra, dtype, shard):
+    path = OUT / name
+    path.mkdir(parents=True, exist_ok=True)
+    for f in path.iterdir():
+        f.unlink()
+    t = tiny_tokenizer(path)
+    vocab = t.get_vocab_size()
+    cfg = cfg_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(1234)
+    model = model_cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+        # Keep norms near one so activations stay in a realistic range.
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.8, 1.2)
+    model = model.to(dtype)
+    model.save_pretrained(path, max_shard_size=shard, safe_serialization=True)
+    model = model.to(torch.float32).eval()
+    prompts = ["Hello, world!", "fn main() { println!(\"hi\"); }", "1234567890 digits"]
+    cases = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = t.encode(p).ids
+            logits = model(torch.tensor([ids])).logits[0]
+            cases.append({"prompt": p, "ids": ids, "logits": [[float(v) for v in r] for r in logits]})
+    dump(path / "reference.json", {"dtype": str(dtype), "cases": cases})
+
+
+def tiny_models():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tiny_model("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM,
+               {"tie_word_embeddings": False, "rope_theta": 1000000.0}, torch.float32, "60KB")
+    tiny_model(
+        "tiny-llama3",
+        LlamaConfig,
+        LlamaForCausalLM,
+        {
+            "tie_word_embeddings": True,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+        torch.bfloat16,
+        "10MB",
+    )
+
+
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["smollm2", "tiny"]
+    if "tiny" in what:
+        tiny_models()
+    if "smollm2" in what:
+        smollm2()

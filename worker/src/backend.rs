@@ -1,0 +1,155 @@
+//! The compute backend the model is written over.
+//!
+//! The model never touches memory directly: activations are `Backend::Buf` (rows of equal width),
+//! weights are `Backend::Weight`. The CPU backend is the reference; a CUDA backend implements the
+//! same trait with device buffers, and tensor parallelism wraps the linear ops with collectives.
+
+use gristmill_kernels::cpu;
+
+pub use gristmill_kernels::cpu::AttentionShape;
+
+/// Operations of one forward pass. Every op is deterministic and row-independent: a row's result
+/// does not depend on the other rows of the buffer.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// A matrix of activations: `rows` rows of `cols` values.
+    type Buf: Send + std::fmt::Debug;
+    /// A weight matrix `[rows, cols]` (a linear layer's `[out, in]`) or a vector (`rows == 1`).
+    type Weight: Send + Sync + std::fmt::Debug;
+
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight;
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+
+    /// An empty buffer of rows `cols` wide (a KV cache starts as one).
+    fn empty(&self, cols: usize) -> Self::Buf;
+    fn rows(&self, x: &Self::Buf) -> usize;
+    /// Rows `ids[i]` of an embedding table.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Buf;
+    fn rms_norm(&self, x: &Self::Buf, weight: &Self::Weight, eps: f32) -> Self::Buf;
+    /// `x · Wᵀ (+ bias)`.
+    fn linear(&self, x: &Self::Buf, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Buf;
+    /// Half-split rotary embedding of each row at `positions[row]`.
+    fn rope(&self, x: &mut Self::Buf, positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f32]);
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
+    /// Copies rows `start..start + n` out of `x`.
+    fn slice_rows(&self, x: &Self::Buf, start: usize, n: usize) -> Self::Buf;
+    /// Concatenates row blocks (in order) into one buffer.
+    fn concat_rows(&self, parts: Vec<Self::Buf>) -> Self::Buf;
+    /// Appends the rows of `src` to `dst`.
+    fn append_rows(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// Causal attention of `q` (the new rows of one sequence, the first at position `start`) over
+    /// the sequence's cached keys and values, which already include the new rows.
+    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, start: usize, shape: AttentionShape) -> Self::Buf;
+    /// Copies a buffer to host memory, row-major.
+    fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
+}
+
+/// Row-major f32 activations in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    fn rows(&self) -> usize {
+        self.data.len().checked_div(self.cols).unwrap_or(0)
+    }
+}
+
+/// The reference backend: f32 on the host, parallel over the rayon pool.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Buf = CpuTensor;
+    type Weight = CpuTensor;
+
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+        debug_assert_eq!(data.len(), rows * cols);
+        CpuTensor { data, cols }
+    }
+
+    fn weight_shape(&self, w: &CpuTensor) -> (usize, usize) {
+        (w.rows(), w.cols)
+    }
+
+    fn empty(&self, cols: usize) -> CpuTensor {
+        CpuTensor { data: Vec::new(), cols }
+    }
+
+    fn rows(&self, x: &CpuTensor) -> usize {
+        x.rows()
+    }
+
+    fn embed(&self, table: &CpuTensor, ids: &[u32]) -> CpuTensor {
+        let d = table.cols;
+        let mut data = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let i = id as usize;
+            data.extend_from_slice(&table.data[i * d..(i + 1) * d]);
+        }
+        CpuTensor { data, cols: d }
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> CpuTensor {
+        let mut out = vec![0f32; x.data.len()];
+        cpu::rms_norm(&x.data, &weight.data, eps, &mut out);
+        CpuTensor { data: out, cols: x.cols }
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> CpuTensor {
+        let (m, k, n) = (x.rows(), x.cols, w.rows());
+        let mut out = vec![0f32; m * n];
+        cpu::linear(&x.data, m, k, &w.data, n, &mut out);
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(n) {
+                cpu::add_assign(row, &b.data);
+            }
+        }
+        CpuTensor { data: out, cols: n }
+    }
+
+    fn rope(&self, x: &mut CpuTensor, positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f32]) {
+        cpu::rope_neox(&mut x.data, positions, heads, head_dim, inv_freq);
+    }
+
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
+        cpu::silu_mul(&mut gate.data, &up.data);
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        cpu::add_assign(&mut x.data, &y.data);
+    }
+
+    fn slice_rows(&self, x: &CpuTensor, start: usize, n: usize) -> CpuTensor {
+        CpuTensor { data: x.data[start * x.cols..(start + n) * x.cols].to_vec(), cols: x.cols }
+    }
+
+    fn concat_rows(&self, parts: Vec<CpuTensor>) -> CpuTensor {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            debug_assert_eq!(p.cols, cols);
+            data.extend_from_slice(&p.data);
+        }
+        CpuTensor { data, cols }
+    }
+
+    fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) {
+        debug_assert_eq!(dst.cols, src.cols);
+        dst.data.extend_from_slice(&src.data);
+    }
+
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, start: usize, shape: AttentionShape) -> CpuTensor {
+        let mut out = vec![0f32; q.data.len()];
+        cpu::attention(&q.data, &k.data, &v.data, start, shape, &mut out);
+        CpuTensor { data: out, cols: q.cols }
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
+        x.data.clone()
+    }
+}

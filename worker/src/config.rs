@@ -1,0 +1,218 @@
+//! Model hyper-parameters, read from GGUF metadata or an HF `config.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::weights::gguf::{GgufFile, MetaValue};
+
+/// Llama-3 style RoPE frequency scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+/// The architecture of a Llama-family checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `llama`, `mistral`, `qwen2`, ... as the checkpoint names it.
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest sequence (prompt + generated) the model accepts.
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attention_bias: bool,
+}
+
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+
+impl ModelConfig {
+    /// Inverse RoPE frequencies, one per pair of a head's dimensions, with scaling applied.
+    /// Computed in f32 as HF transformers does.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let mut inv: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        if let Some(s) = self.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        inv
+    }
+
+    fn validate(self, path: &Path) -> Result<Self> {
+        let bad = |reason: String| Err(Error::config(path, reason));
+        if !SUPPORTED.contains(&self.architecture.as_str()) {
+            return bad(format!(
+                "architecture {:?} is not supported (supported: {})",
+                self.architecture,
+                SUPPORTED.join(", ")
+            ));
+        }
+        for (name, v) in [
+            ("hidden size", self.hidden_size),
+            ("layer count", self.num_layers),
+            ("head count", self.num_heads),
+            ("KV head count", self.num_kv_heads),
+            ("head dim", self.head_dim),
+            ("vocab size", self.vocab_size),
+            ("intermediate size", self.intermediate_size),
+            ("context length", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} is 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!("{} heads is not a multiple of {} KV heads", self.num_heads, self.num_kv_heads));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head dim {} is odd; RoPE needs pairs", self.head_dim));
+        }
+        Ok(self)
+    }
+
+    /// Reads `{arch}.*` keys of a GGUF file.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = g.path();
+        let arch = g
+            .meta("general.architecture")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| Error::config(path, "metadata general.architecture is missing"))?
+            .to_string();
+        let int = |key: &str| -> Result<usize> {
+            let full = format!("{arch}.{key}");
+            g.meta(&full)
+                .and_then(MetaValue::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, format!("metadata {full} is missing or not an integer")))
+        };
+        let float = |key: &str| g.meta(&format!("{arch}.{key}")).and_then(MetaValue::as_f64);
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = int("attention.key_length").unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 });
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g
+                .meta("tokenizer.ggml.tokens")
+                .and_then(MetaValue::as_array)
+                .map(<[MetaValue]>::len)
+                .ok_or_else(|| Error::config(path, "neither {arch}.vocab_size nor tokenizer.ggml.tokens is present"))?,
+        };
+        Self {
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            rope_theta: float("rope.freq_base").unwrap_or(10_000.0) as f32,
+            // Llama-3 GGUFs carry their scaling as a `rope_freqs.weight` tensor, applied by the
+            // model at load; there is no formula to reproduce here.
+            rope_scaling: None,
+            max_position_embeddings: int("context_length")?,
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            architecture: arch,
+        }
+        .validate(path)
+    }
+
+    /// Reads an HF `config.json` (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
+    /// `rope_parameters`).
+    pub fn from_hf_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let j: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let int = |key: &str| -> Result<usize> {
+            j.get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, format!("{key} is missing or not an integer")))
+        };
+        let arch = j
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "model_type is missing"))?
+            .to_string();
+        let hidden_size = int("hidden_size")?;
+        let num_heads = int("num_attention_heads")?;
+        let rope = j.get("rope_scaling").filter(|v| v.is_object()).or_else(|| j.get("rope_parameters"));
+        let rope_theta = j
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0) as f32;
+        let rope_scaling = match rope {
+            Some(r) => {
+                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let f = |k: &str| {
+                    r.get(k)
+                        .and_then(Value::as_f64)
+                        .map(|v| v as f32)
+                        .ok_or_else(|| Error::config(path, format!("rope scaling: {k} is missing")))
+                };
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(Llama3RopeScaling {
+                        factor: f("factor")?,
+                        low_freq_factor: f("low_freq_factor")?,
+                        high_freq_factor: f("high_freq_factor")?,
+                        original_max_position_embeddings: f("original_max_position_embeddings")?,
+                    }),
+                    other => {
+                        return Err(Error::config(
+                            path,
+                            format!("rope scaling type {other:?} is not supported (supported: default, llama3)"),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        Self {
+            hidden_size,
+            intermediate_size: int("intermediate_size")?,
+            num_layers: int("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: int("num_key_value_heads").unwrap_or(num_heads),
+            head_dim: int("head_dim").unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 }),
+            vocab_size: int("vocab_size")?,
+            rms_norm_eps: j.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: int("max_position_embeddings")?,
+            tie_word_embeddings: j.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            attention_bias: arch == "qwen2" || j.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            architecture: arch,
+        }
+        .validate(path)
+    }
+}

@@ -1,0 +1,253 @@
+//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2), written once over a [`Backend`].
+//!
+//! Names mirror the HF checkpoint keys. One forward call runs a *step*: the new tokens of several
+//! sequences go through every linear layer together as one matrix, attention runs per sequence
+//! over its own KV cache.
+
+use crate::backend::{AttentionShape, Backend};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::Checkpoint;
+
+#[derive(Debug)]
+struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+#[derive(Debug)]
+struct Attention<B: Backend> {
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+}
+
+#[derive(Debug)]
+struct Mlp<B: Backend> {
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+#[derive(Debug)]
+struct DecoderLayer<B: Backend> {
+    input_layernorm: B::Weight,
+    self_attn: Attention<B>,
+    post_attention_layernorm: B::Weight,
+    mlp: Mlp<B>,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    backend: B,
+    embed_tokens: B::Weight,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Weight,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<B::Weight>,
+    inv_freq: Vec<f32>,
+}
+
+/// The KV cache of one sequence: per layer, keys and values of every position so far.
+#[derive(Debug)]
+pub struct SeqCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    len: usize,
+}
+
+impl<B: Backend> SeqCache<B> {
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Which logits a sequence wants from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that does not finish the prompt).
+    None,
+    /// The last new position only (sampling).
+    Last,
+    /// Every new position (scoring, tests).
+    All,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug)]
+pub struct StepInput<'a, B: Backend> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache<B>,
+    pub logits: Logits,
+}
+
+struct Loader<'a, B: Backend> {
+    ckpt: &'a Checkpoint,
+    cfg: &'a ModelConfig,
+    backend: &'a B,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight> {
+        let data = self.ckpt.tensor(name, &[rows, cols], self.cfg)?;
+        Ok(self.backend.weight(data, rows, cols))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<B::Weight> {
+        let data = self.ckpt.tensor(name, &[len], self.cfg)?;
+        Ok(self.backend.weight(data, 1, len))
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.matrix(&format!("{prefix}.weight"), out, inp)?,
+            bias: if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None },
+        })
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every weight of the checkpoint onto the backend.
+    pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
+        let cfg = ckpt.config()?;
+        let l = Loader { ckpt, cfg: &cfg, backend: &backend };
+        let (h, kv, hd) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim);
+        let q_out = cfg.num_heads * hd;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(DecoderLayer {
+                    input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                    self_attn: Attention {
+                        q_proj: l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, cfg.attention_bias)?,
+                        k_proj: l.linear(&format!("{p}.self_attn.k_proj"), kv * hd, h, cfg.attention_bias)?,
+                        v_proj: l.linear(&format!("{p}.self_attn.v_proj"), kv * hd, h, cfg.attention_bias)?,
+                        o_proj: l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                    },
+                    post_attention_layernorm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    mlp: Mlp {
+                        gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                        up_proj: l.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                        down_proj: l.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        // Some checkpoints say "untied" yet ship no lm_head; tie them then, as HF does.
+        let lm_head = if cfg.tie_word_embeddings || !ckpt.contains("lm_head.weight") {
+            None
+        } else {
+            Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?)
+        };
+        let norm = l.vector("model.norm.weight", h)?;
+        let mut inv_freq = cfg.rope_inv_freq();
+        if let Some(factors) = ckpt.rope_freq_factors(&cfg)? {
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
+        Ok(Self { cfg, backend, embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A fresh, empty KV cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache<B> {
+        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        SeqCache {
+            k: (0..self.cfg.num_layers).map(|_| self.backend.empty(width)).collect(),
+            v: (0..self.cfg.num_layers).map(|_| self.backend.empty(width)).collect(),
+            len: 0,
+        }
+    }
+
+    fn linear(&self, x: &B::Buf, l: &Linear<B>) -> B::Buf {
+        self.backend.linear(x, &l.weight, l.bias.as_ref())
+    }
+
+    /// Runs one step over several sequences and returns, per sequence, the logits it asked for
+    /// (`rows × vocab`, row-major; empty for [`Logits::None`]). Each sequence's cache grows by its
+    /// new tokens. Token ids must be below the vocabulary size (callers validate).
+    pub fn forward(&self, seqs: &mut [StepInput<'_, B>]) -> Vec<Vec<f32>> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let positions: Vec<usize> =
+            seqs.iter().flat_map(|s| s.cache.len..s.cache.len + s.tokens.len()).collect();
+        let shape = AttentionShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
+        let mut hidden = b.embed(&self.embed_tokens, &ids);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let x = b.rms_norm(&hidden, &layer.input_layernorm, cfg.rms_norm_eps);
+            let att = &layer.self_attn;
+            let mut q = self.linear(&x, &att.q_proj);
+            let mut k = self.linear(&x, &att.k_proj);
+            let v = self.linear(&x, &att.v_proj);
+            b.rope(&mut q, &positions, cfg.num_heads, cfg.head_dim, &self.inv_freq);
+            b.rope(&mut k, &positions, cfg.num_kv_heads, cfg.head_dim, &self.inv_freq);
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for s in seqs.iter_mut() {
+                let n = s.tokens.len();
+                let start = s.cache.len;
+                b.append_rows(&mut s.cache.k[li], &b.slice_rows(&k, row, n));
+                b.append_rows(&mut s.cache.v[li], &b.slice_rows(&v, row, n));
+                let qs = b.slice_rows(&q, row, n);
+                outs.push(b.attention(&qs, &s.cache.k[li], &s.cache.v[li], start, shape));
+                row += n;
+            }
+            let attn = self.linear(&b.concat_rows(outs), &att.o_proj);
+            b.add(&mut hidden, &attn);
+            let x = b.rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            let mut gate = self.linear(&x, &layer.mlp.gate_proj);
+            let up = self.linear(&x, &layer.mlp.up_proj);
+            b.silu_mul(&mut gate, &up);
+            let down = self.linear(&gate, &layer.mlp.down_proj);
+            b.add(&mut hidden, &down);
+        }
+        // Only the rows whose logits are wanted go through the final norm and the LM head.
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            s.cache.len += n;
+            let (first, count) = match s.logits {
+                Logits::None => (row, 0),
+                Logits::Last => (row + n - 1, 1),
+                Logits::All => (row, n),
+            };
+            if count > 0 {
+                wanted.push(b.slice_rows(&hidden, first, count));
+            }
+            counts.push(count);
+            row += n;
+        }
+        if wanted.is_empty() {
+            return counts.iter().map(|_| Vec::new()).collect();
+        }
+        let x = b.rms_norm(&b.concat_rows(wanted), &self.norm, cfg.rms_norm_eps);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = b.to_host(&b.linear(&x, head, None));
+        let vocab = cfg.vocab_size;
+        let mut at = 0;
+        counts
+            .into_iter()
+            .map(|c| {
+                let rows = logits[at * vocab..(at + c) * vocab].to_vec();
+                at += c;
+                rows
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,3 @@
+//! Model architectures.
+
+pub mod llama;

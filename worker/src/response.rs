@@ -1,0 +1,98 @@
+//! OpenAI response bodies and batch output lines built from engine outcomes.
+
+use gristmill_protocol::{ErrorLine, Endpoint, LineError, OutputLine, ResponseEnvelope};
+use serde_json::json;
+
+use crate::engine::Completion;
+
+/// Short random-looking ids (`batch_req_…`, `chatcmpl-…`): unique within a process and across
+/// processes started at different times; not secrets.
+#[derive(Debug)]
+pub struct IdGen {
+    state: u64,
+}
+
+impl IdGen {
+    pub fn new() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self { state: t ^ (u64::from(std::process::id()) << 32) }
+    }
+
+    pub fn next(&mut self, prefix: &str) -> String {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        format!("{prefix}{:016x}", z ^ (z >> 31))
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The `chat.completion` or `text_completion` body of a finished request.
+pub fn response_body(c: &Completion, default_model: &str, ids: &mut IdGen) -> serde_json::Value {
+    let model = c.model.as_deref().unwrap_or(default_model);
+    match c.endpoint {
+        Endpoint::ChatCompletions => json!({
+            "id": ids.next("chatcmpl-"),
+            "object": "chat.completion",
+            "created": unix_now(),
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": c.finish_reason,
+            }],
+            "usage": c.usage,
+            "system_fingerprint": format!("gristmill-{}", env!("CARGO_PKG_VERSION")),
+        }),
+        Endpoint::Completions => json!({
+            "id": ids.next("cmpl-"),
+            "object": "text_completion",
+            "created": unix_now(),
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "text": c.text,
+                "logprobs": null,
+                "finish_reason": c.finish_reason,
+            }],
+            "usage": c.usage,
+            "system_fingerprint": format!("gristmill-{}", env!("CARGO_PKG_VERSION")),
+        }),
+    }
+}
+
+/// A batch output line for a finished request.
+pub fn output_line(c: &Completion, default_model: &str, ids: &mut IdGen) -> OutputLine {
+    OutputLine {
+        id: ids.next("batch_req_"),
+        custom_id: c.custom_id.clone(),
+        response: Some(ResponseEnvelope {
+            status_code: 200,
+            request_id: ids.next("req_"),
+            body: response_body(c, default_model, ids),
+        }),
+        error: None,
+    }
+}
+
+/// A batch error line for a request that failed at `line`.
+pub fn error_line(custom_id: Option<String>, line: usize, error: LineError, ids: &mut IdGen) -> ErrorLine {
+    ErrorLine { id: ids.next("batch_req_"), custom_id, response: None, error, line }
+}

@@ -1,0 +1,126 @@
+//! Per-request sampling: greedy, temperature, top-k, top-p.
+//!
+//! The random draw for step `n` of a request is a pure function of `(seed, n)` (a counter-based
+//! generator), so a request's sampled tokens never depend on what it was batched with or on how
+//! many draws other requests made.
+
+use gristmill_kernels::cpu::argmax;
+use gristmill_protocol::GenerationParams;
+
+/// SplitMix64's finaliser: a strong 64-bit mix.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in `[0, 1)` for `(seed, step)`.
+pub fn uniform(seed: u64, step: u64) -> f64 {
+    let bits = mix(mix(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(step.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Sampling settings of one request, with its seed fixed.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    seed: u64,
+}
+
+impl Sampler {
+    /// `fallback_seed` is used when the request has no seed of its own.
+    pub fn new(p: &GenerationParams, fallback_seed: u64) -> Self {
+        Self { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed.unwrap_or(fallback_seed) }
+    }
+
+    /// Picks the token for generation step `step` from one row of logits.
+    pub fn sample(&self, logits: &[f32], step: u64) -> u32 {
+        if self.temperature <= 0.0 || self.top_k == 1 {
+            return argmax(logits) as u32;
+        }
+        // Candidates in a total order (logit descending, id ascending) so ties are stable.
+        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+        };
+        if self.top_k > 0 && self.top_k < idx.len() {
+            idx.select_nth_unstable_by(self.top_k - 1, by_logit);
+            idx.truncate(self.top_k);
+        }
+        idx.sort_unstable_by(by_logit);
+        let Some(&best) = idx.first() else { return 0 };
+        let max = logits[best as usize] as f64;
+        let t = self.temperature as f64;
+        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        if self.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (n, p) in probs.iter().enumerate() {
+                mass += p / total;
+                if mass >= self.top_p as f64 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let target = uniform(self.seed, step) * total;
+        let mut acc = 0.0;
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if target < acc {
+                return idx[n];
+            }
+        }
+        idx[probs.len() - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> GenerationParams {
+        GenerationParams { temperature, top_k, top_p, seed: Some(42), ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_lowest_index_of_the_max() {
+        let s = Sampler::new(&params(0.0, 0, 1.0), 0);
+        assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], 0), 1);
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
+        let k2 = Sampler::new(&params(1.0, 2, 1.0), 0);
+        let p = Sampler::new(&params(1.0, 0, 0.3), 0);
+        for step in 0..200 {
+            assert!([0, 1].contains(&k2.sample(&logits, step)));
+            assert_eq!(p.sample(&logits, step), 0, "top_p 0.3 keeps only the top token");
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_distribution_and_depend_only_on_seed_and_step() {
+        let logits = [1.0f32.ln(), 3.0f32.ln()]; // probabilities 1/4, 3/4
+        let s = Sampler::new(&params(1.0, 0, 1.0), 0);
+        let ones = (0..4000).filter(|&i| s.sample(&logits, i) == 1).count();
+        assert!((2800..3200).contains(&ones), "{ones} of 4000 draws picked p = 0.75");
+        let again = Sampler::new(&params(1.0, 0, 1.0), 999);
+        assert!((0..100).all(|i| s.sample(&logits, i) == again.sample(&logits, i)));
+    }
+
+    #[test]
+    fn uniform_is_in_range() {
+        for i in 0..1000 {
+            let u = uniform(7, i);
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+}

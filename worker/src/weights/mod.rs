@@ -1,0 +1,187 @@
+//! Checkpoint readers. The model asks for tensors by their HF names
+//! (`model.layers.0.self_attn.q_proj.weight`) in row-major shape; GGUF names are translated and
+//! GGUF's Q/K row permutation is undone here, so the model sees one layout whatever the file.
+
+pub mod gguf;
+mod safetensors_dir;
+
+use std::path::{Path, PathBuf};
+
+pub use gguf::{GgufFile, GgufWriter, MetaValue};
+pub use safetensors_dir::SafetensorsDir;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// An opened checkpoint: a GGUF file or an HF safetensors directory.
+#[derive(Debug)]
+pub enum Checkpoint {
+    Gguf(GgufFile),
+    Safetensors { dir: PathBuf, tensors: SafetensorsDir },
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file, or a directory with `config.json` and safetensors weights (a
+    /// directory holding exactly one `.gguf` file also works).
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::ModelNotFound {
+                path: path.to_path_buf(),
+                hint: "the path does not exist; run `make model` (scripts/fetch-model.sh) for the default model, or pass --model PATH".into(),
+            });
+        }
+        if path.is_dir() {
+            if path.join("config.json").exists() {
+                return Ok(Self::Safetensors { dir: path.to_path_buf(), tensors: SafetensorsDir::open(path)? });
+            }
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Ok(Self::Gguf(GgufFile::open(one)?)),
+                [] => Err(Error::ModelNotFound {
+                    path: path.to_path_buf(),
+                    hint: "the directory has no config.json (HF checkpoint) and no .gguf file".into(),
+                }),
+                _ => Err(Error::ModelNotFound {
+                    path: path.to_path_buf(),
+                    hint: format!("the directory holds {} .gguf files; name one", ggufs.len()),
+                }),
+            };
+        }
+        Ok(Self::Gguf(GgufFile::open(path)?))
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Gguf(g) => g.path(),
+            Self::Safetensors { dir, .. } => dir,
+        }
+    }
+
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            Self::Gguf(g) => ModelConfig::from_gguf(g),
+            Self::Safetensors { dir, .. } => ModelConfig::from_hf_json(&dir.join("config.json")),
+        }
+    }
+
+    /// Whether the checkpoint has a tensor of this HF name.
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match self {
+            Self::Gguf(g) => gguf_name(hf_name).is_some_and(|n| g.tensors.contains_key(&n)),
+            Self::Safetensors { tensors, .. } => tensors.contains(hf_name),
+        }
+    }
+
+    /// Reads a tensor by HF name as f32, checking its row-major shape.
+    pub fn tensor(&self, hf_name: &str, shape: &[usize], cfg: &ModelConfig) -> Result<Vec<f32>> {
+        match self {
+            Self::Safetensors { tensors, .. } => tensors.tensor_f32(hf_name, shape),
+            Self::Gguf(g) => {
+                let name = gguf_name(hf_name)
+                    .ok_or_else(|| Error::MissingTensor { path: g.path().to_path_buf(), tensor: hf_name.to_string() })?;
+                let data = g.tensor_f32(&name, shape)?;
+                // llama.cpp's converter permutes the rows of Q and K of `llama` checkpoints for
+                // its interleaved RoPE; undo it so that the half-split RoPE of HF applies.
+                let permuted = cfg.architecture == "llama";
+                Ok(match (permuted, name.rsplit('.').nth(1)) {
+                    (true, Some("attn_q")) => unpermute_rows(&data, cfg.num_heads, cfg.head_dim),
+                    (true, Some("attn_k")) => unpermute_rows(&data, cfg.num_kv_heads, cfg.head_dim),
+                    _ => data,
+                })
+            }
+        }
+    }
+
+    /// Per-dimension RoPE frequency divisors stored in a GGUF (`rope_freqs.weight`, Llama 3).
+    pub fn rope_freq_factors(&self, cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
+        match self {
+            Self::Gguf(g) if g.tensors.contains_key("rope_freqs.weight") => {
+                g.tensor_f32("rope_freqs.weight", &[cfg.head_dim / 2]).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Undoes llama.cpp's `permute`: GGUF row `h*d + 2i + j` is HF row `h*d + j*d/2 + i`.
+/// Works for weights (`[heads*d, in]`) and biases (`[heads*d]`).
+fn unpermute_rows(data: &[f32], heads: usize, head_dim: usize) -> Vec<f32> {
+    let rows = heads * head_dim;
+    let width = data.len() / rows;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + 2 * i + j;
+                let dst = h * head_dim + j * half + i;
+                out[dst * width..(dst + 1) * width].copy_from_slice(&data[src * width..(src + 1) * width]);
+            }
+        }
+    }
+    out
+}
+
+/// Maps an HF tensor name to its GGUF name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_gguf() {
+        assert_eq!(gguf_name("model.layers.12.self_attn.q_proj.bias").as_deref(), Some("blk.12.attn_q.bias"));
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
+        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(heads, 2, d/2, in).swapaxes(1, 2): HF row (h, j, i) -> h*d + 2i + j.
+        let (heads, d, width) = (2, 4, 3);
+        let hf: Vec<f32> = (0..heads * d * width).map(|v| v as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let src = h * d + j * d / 2 + i;
+                    let dst = h * d + 2 * i + j;
+                    gguf[dst * width..(dst + 1) * width].copy_from_slice(&hf[src * width..(src + 1) * width]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, heads, d), hf);
+    }
+}
