@@ -220,7 +220,9 @@ def tiny_model(name, cfg_cls, model_cls, extra, dtype, shard):
                 p.uniform_(0.8, 1.2)
     model = model.to(dtype)
     model.save_pretrained(path, max_shard_size=shard, safe_serialization=True)
-    model = model.to(torch.float32).eval()
+    # Reload from disk in fp32: the reference sees exactly the saved weights, and buffers such as
+    # RoPE's inv_freq are recomputed in fp32 rather than kept at the saving dtype's precision.
+    model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
     prompts = ["Hello, world!", "fn main() { println!(\"hi\"); }", "1234567890 digits"]
     cases = []
     with torch.no_grad():
