@@ -1,1 +1,103 @@
-//! placeholder
+//! Workload generators for benchmarks: synthetic OpenAI batch files with a chosen prompt
+//! length, output length and amount of shared prefix, reproducible from a seed.
+//!
+//! Prompt lengths are counted in words from a fixed vocabulary of common English words, each of
+//! which is one token for typical byte-level BPE vocabularies (a leading space included), so a
+//! `--input-len` of N gives prompts of about N tokens.
+
+use serde_json::json;
+
+/// Common words that are single tokens (with their leading space) in GPT-2 style vocabularies.
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "time", "system", "data",
+    "file", "code", "service", "user", "test", "value", "list", "model", "order", "water", "house",
+    "light", "world",
+];
+
+/// What a generated batch looks like.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub num_prompts: usize,
+    /// Words per prompt (shared prefix included).
+    pub input_len: usize,
+    /// `max_tokens` of every request.
+    pub output_len: usize,
+    /// Words at the start of every prompt that are the same for all of them.
+    pub prefix_len: usize,
+    /// Generate exactly `output_len` tokens (sets `ignore_eos`).
+    pub ignore_eos: bool,
+    pub seed: u64,
+}
+
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Workload {
+    /// The batch file's lines (`/v1/completions`, greedy), one per prompt.
+    pub fn lines(&self) -> Vec<String> {
+        let mut state = self.seed;
+        let mut words = |n: usize| -> String {
+            (0..n)
+                .map(|_| WORDS[(next(&mut state) % WORDS.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let prefix = words(self.prefix_len.min(self.input_len));
+        (0..self.num_prompts)
+            .map(|i| {
+                let rest = words(self.input_len - self.prefix_len.min(self.input_len));
+                let prompt = [prefix.as_str(), rest.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
+                json!({
+                    "custom_id": format!("bench-{i}"),
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"prompt": prompt, "max_tokens": self.output_len, "temperature": 0, "ignore_eos": self.ignore_eos},
+                })
+                .to_string()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_have_the_requested_shape_and_shared_prefix() {
+        let w = Workload {
+            num_prompts: 3,
+            input_len: 20,
+            output_len: 7,
+            prefix_len: 5,
+            ignore_eos: true,
+            seed: 1,
+        };
+        let lines = w.lines();
+        assert_eq!(lines.len(), 3);
+        let prompts: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                assert_eq!(v["body"]["max_tokens"], 7);
+                assert_eq!(v["body"]["ignore_eos"], true);
+                v["body"]["prompt"].as_str().expect("prompt").to_string()
+            })
+            .collect();
+        for p in &prompts {
+            assert_eq!(p.split(' ').count(), 20);
+        }
+        let head = |p: &str| p.split(' ').take(5).collect::<Vec<_>>().join(" ");
+        assert_eq!(head(&prompts[0]), head(&prompts[1]));
+        assert_ne!(prompts[0], prompts[1]);
+        assert_eq!(w.lines(), lines, "same seed, same file");
+    }
+}

@@ -44,7 +44,10 @@ impl LineValidator {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             fail(
                 None,
-                LineError::new(codes::INVALID_JSON, format!("line {line} is not valid JSON: {e}")),
+                LineError::new(
+                    codes::INVALID_JSON,
+                    format!("line {line} is not valid JSON: {e}"),
+                ),
             )
         })?;
         let Value::Object(obj) = value else {
@@ -52,7 +55,10 @@ impl LineValidator {
                 None,
                 LineError::new(
                     codes::INVALID_REQUEST,
-                    format!("line {line}: expected a JSON object, got {}", type_name(&value)),
+                    format!(
+                        "line {line}: expected a JSON object, got {}",
+                        type_name(&value)
+                    ),
                 ),
             ));
         };
@@ -67,13 +73,21 @@ impl LineValidator {
             Some(other) => {
                 return Err(fail(
                     None,
-                    invalid(line, "custom_id", format!("expected a string, got {}", type_name(other))),
+                    invalid(
+                        line,
+                        "custom_id",
+                        format!("expected a string, got {}", type_name(other)),
+                    ),
                 ))
             }
             None => {
                 return Err(fail(
                     None,
-                    invalid(line, "custom_id", "is missing; every line needs a unique custom_id".into()),
+                    invalid(
+                        line,
+                        "custom_id",
+                        "is missing; every line needs a unique custom_id".into(),
+                    ),
                 ))
             }
         };
@@ -95,12 +109,20 @@ impl LineValidator {
     }
 }
 
-fn parse_request(line: usize, custom_id: String, obj: &Map<String, Value>) -> Result<Request, LineError> {
+fn parse_request(
+    line: usize,
+    custom_id: String,
+    obj: &Map<String, Value>,
+) -> Result<Request, LineError> {
     if let Some(method) = obj.get("method") {
         match method {
             Value::String(m) if m.eq_ignore_ascii_case("POST") => {}
             other => {
-                return Err(invalid(line, "method", format!("must be \"POST\", got {other}")));
+                return Err(invalid(
+                    line,
+                    "method",
+                    format!("must be \"POST\", got {other}"),
+                ));
             }
         }
     }
@@ -116,14 +138,22 @@ fn parse_request(line: usize, custom_id: String, obj: &Map<String, Value>) -> Re
             .with_param("url")
         })?,
         Some(other) => {
-            return Err(invalid(line, "url", format!("expected a string, got {}", type_name(other))))
+            return Err(invalid(
+                line,
+                "url",
+                format!("expected a string, got {}", type_name(other)),
+            ))
         }
         None => return Err(invalid(line, "url", "is missing".into())),
     };
     let body = match obj.get("body") {
         Some(Value::Object(b)) => b,
         Some(other) => {
-            return Err(invalid(line, "body", format!("expected an object, got {}", type_name(other))))
+            return Err(invalid(
+                line,
+                "body",
+                format!("expected an object, got {}", type_name(other)),
+            ))
         }
         None => return Err(invalid(line, "body", "is missing".into())),
     };
@@ -134,7 +164,14 @@ fn parse_request(line: usize, custom_id: String, obj: &Map<String, Value>) -> Re
         Endpoint::Completions => f.prompt()?,
     };
     let params = f.params()?;
-    Ok(Request { custom_id, line, endpoint, model, prompt, params })
+    Ok(Request {
+        custom_id,
+        line,
+        endpoint,
+        model,
+        prompt,
+        params,
+    })
 }
 
 struct Fields<'a> {
@@ -155,7 +192,10 @@ impl Fields<'_> {
         match self.present(field) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(self.err(field, format!("expected a string, got {}", type_name(other)))),
+            Some(other) => Err(self.err(
+                field,
+                format!("expected a string, got {}", type_name(other)),
+            )),
         }
     }
 
@@ -163,7 +203,10 @@ impl Fields<'_> {
         match self.present(field) {
             None => Ok(None),
             Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(other) => Err(self.err(field, format!("expected a number, got {}", type_name(other)))),
+            Some(other) => Err(self.err(
+                field,
+                format!("expected a number, got {}", type_name(other)),
+            )),
         }
     }
 
@@ -177,9 +220,10 @@ impl Fields<'_> {
                     None => Err(self.err(field, format!("expected an integer, got {n}"))),
                 },
             },
-            Some(other) => {
-                Err(self.err(field, format!("expected an integer, got {}", type_name(other))))
-            }
+            Some(other) => Err(self.err(
+                field,
+                format!("expected an integer, got {}", type_name(other)),
+            )),
         }
     }
 
@@ -187,7 +231,10 @@ impl Fields<'_> {
         match self.present(field) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.err(field, format!("expected a boolean, got {}", type_name(other)))),
+            Some(other) => Err(self.err(
+                field,
+                format!("expected a boolean, got {}", type_name(other)),
+            )),
         }
     }
 
@@ -196,12 +243,16 @@ impl Fields<'_> {
             None => {
                 return Err(self.err(
                     "messages",
-                    "is missing; /v1/chat/completions needs a list of {role, content} messages".into(),
+                    "is missing; /v1/chat/completions needs a list of {role, content} messages"
+                        .into(),
                 ))
             }
             Some(Value::Array(list)) => list,
             Some(other) => {
-                return Err(self.err("messages", format!("expected an array, got {}", type_name(other))))
+                return Err(self.err(
+                    "messages",
+                    format!("expected an array, got {}", type_name(other)),
+                ))
             }
         };
         if list.is_empty() {
@@ -317,7 +368,10 @@ impl Fields<'_> {
         if let Some(v) = self.integer("top_k")? {
             // vLLM spells "disabled" as -1 and 0.
             if v < -1 {
-                return Err(self.err("top_k", format!("must be -1, 0 (disabled) or positive, got {v}")));
+                return Err(self.err(
+                    "top_k",
+                    format!("must be -1, 0 (disabled) or positive, got {v}"),
+                ));
             }
             p.top_k = v.max(0) as usize;
         }
@@ -332,15 +386,27 @@ impl Fields<'_> {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) => Ok(s.clone()),
-                    other => Err(self.err(&format!("stop[{i}]"), format!("expected a string, got {}", type_name(other)))),
+                    other => Err(self.err(
+                        &format!("stop[{i}]"),
+                        format!("expected a string, got {}", type_name(other)),
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
             Some(other) => {
-                return Err(self.err("stop", format!("expected a string or an array of strings, got {}", type_name(other))))
+                return Err(self.err(
+                    "stop",
+                    format!(
+                        "expected a string or an array of strings, got {}",
+                        type_name(other)
+                    ),
+                ))
             }
         };
         if p.stop.len() > 4 {
-            return Err(self.err("stop", format!("at most 4 stop strings, got {}", p.stop.len())));
+            return Err(self.err(
+                "stop",
+                format!("at most 4 stop strings, got {}", p.stop.len()),
+            ));
         }
         if p.stop.iter().any(String::is_empty) {
             return Err(self.err("stop", "stop strings must not be empty".into()));
@@ -357,9 +423,15 @@ impl Fields<'_> {
         if self.bool("logprobs")? == Some(true) || self.present("top_logprobs").is_some() {
             return Err(self.err("logprobs", "logprobs are not supported yet".into()));
         }
-        if let Some(f) = self.present("frequency_penalty").or(self.present("presence_penalty")) {
+        if let Some(f) = self
+            .present("frequency_penalty")
+            .or(self.present("presence_penalty"))
+        {
             if f.as_f64() != Some(0.0) {
-                return Err(self.err("frequency_penalty", "penalties are not supported yet; omit them or set 0".into()));
+                return Err(self.err(
+                    "frequency_penalty",
+                    "penalties are not supported yet; omit them or set 0".into(),
+                ));
             }
         }
         Ok(p)
@@ -367,7 +439,11 @@ impl Fields<'_> {
 }
 
 fn invalid(line: usize, field: &str, msg: String) -> LineError {
-    LineError::new(codes::INVALID_REQUEST, format!("line {line}: {field} {msg}")).with_param(field)
+    LineError::new(
+        codes::INVALID_REQUEST,
+        format!("line {line}: {field} {msg}"),
+    )
+    .with_param(field)
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -387,11 +463,18 @@ mod tests {
 
     fn check(lines: &[&str]) -> Vec<Result<Request, InvalidLine>> {
         let mut v = LineValidator::new();
-        lines.iter().enumerate().map(|(i, l)| v.validate(i + 1, l)).collect()
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| v.validate(i + 1, l))
+            .collect()
     }
 
     fn err(text: &str) -> LineError {
-        check(&[text]).remove(0).expect_err("line should be rejected").error
+        check(&[text])
+            .remove(0)
+            .expect_err("line should be rejected")
+            .error
     }
 
     #[test]
@@ -409,7 +492,10 @@ mod tests {
         assert_eq!(a.model.as_deref(), Some("m"));
         let b = out[1].as_ref().expect("completion line is valid");
         assert_eq!(b.prompt, Prompt::Text("once".into()));
-        assert_eq!((b.params.max_tokens, b.params.top_k, b.params.ignore_eos), (Some(3), 40, true));
+        assert_eq!(
+            (b.params.max_tokens, b.params.top_k, b.params.ignore_eos),
+            (Some(3), 40, true)
+        );
         assert!((b.params.top_p - 0.9).abs() < 1e-6);
         assert_eq!(b.line, 2);
     }
@@ -419,7 +505,13 @@ mod tests {
         let r = check(&[r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}}"#])
             .remove(0)
             .expect("valid");
-        assert_eq!(r.prompt, Prompt::Chat(vec![ChatMessage { role: "user".into(), content: "ab".into() }]));
+        assert_eq!(
+            r.prompt,
+            Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: "ab".into()
+            }])
+        );
     }
 
     #[test]
@@ -427,26 +519,90 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("{not json", codes::INVALID_JSON, "not valid JSON"),
             ("[1,2]", codes::INVALID_REQUEST, "expected a JSON object"),
-            (r#"{"url":"/v1/completions","body":{"prompt":"x"}}"#, codes::INVALID_REQUEST, "custom_id is missing"),
-            (r#"{"custom_id":5,"url":"/v1/completions","body":{"prompt":"x"}}"#, codes::INVALID_REQUEST, "custom_id expected a string, got a number"),
-            (r#"{"custom_id":"a","url":"/v1/embeddings","body":{"input":"x"}}"#, codes::INVALID_URL, "\"/v1/embeddings\" is not supported"),
-            (r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"model":"m"}}"#, codes::INVALID_REQUEST, "body.messages is missing"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{}}"#, codes::INVALID_REQUEST, "body.prompt is missing"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","temperature":"hot"}}"#, codes::INVALID_REQUEST, "body.temperature expected a number, got a string"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","temperature":-0.5}}"#, codes::INVALID_REQUEST, "body.temperature must be between 0 and 2, got -0.5"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","max_tokens":0}}"#, codes::INVALID_REQUEST, "body.max_tokens must be at least 1, got 0"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","max_tokens":2.5}}"#, codes::INVALID_REQUEST, "body.max_tokens expected an integer"),
-            (r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":"hi"}}"#, codes::INVALID_REQUEST, "body.messages expected an array, got a string"),
-            (r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":[{"content":"hi"}]}}"#, codes::INVALID_REQUEST, "body.messages[0].role is missing"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","stop":[1]}}"#, codes::INVALID_REQUEST, "body.stop[0] expected a string"),
-            (r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","n":3}}"#, codes::INVALID_REQUEST, "only n = 1"),
-            (r#"{"custom_id":"a","method":"GET","url":"/v1/completions","body":{"prompt":"x"}}"#, codes::INVALID_REQUEST, "method must be \"POST\""),
+            (
+                r#"{"url":"/v1/completions","body":{"prompt":"x"}}"#,
+                codes::INVALID_REQUEST,
+                "custom_id is missing",
+            ),
+            (
+                r#"{"custom_id":5,"url":"/v1/completions","body":{"prompt":"x"}}"#,
+                codes::INVALID_REQUEST,
+                "custom_id expected a string, got a number",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/embeddings","body":{"input":"x"}}"#,
+                codes::INVALID_URL,
+                "\"/v1/embeddings\" is not supported",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"model":"m"}}"#,
+                codes::INVALID_REQUEST,
+                "body.messages is missing",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{}}"#,
+                codes::INVALID_REQUEST,
+                "body.prompt is missing",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","temperature":"hot"}}"#,
+                codes::INVALID_REQUEST,
+                "body.temperature expected a number, got a string",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","temperature":-0.5}}"#,
+                codes::INVALID_REQUEST,
+                "body.temperature must be between 0 and 2, got -0.5",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","max_tokens":0}}"#,
+                codes::INVALID_REQUEST,
+                "body.max_tokens must be at least 1, got 0",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","max_tokens":2.5}}"#,
+                codes::INVALID_REQUEST,
+                "body.max_tokens expected an integer",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":"hi"}}"#,
+                codes::INVALID_REQUEST,
+                "body.messages expected an array, got a string",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/chat/completions","body":{"messages":[{"content":"hi"}]}}"#,
+                codes::INVALID_REQUEST,
+                "body.messages[0].role is missing",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","stop":[1]}}"#,
+                codes::INVALID_REQUEST,
+                "body.stop[0] expected a string",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","n":3}}"#,
+                codes::INVALID_REQUEST,
+                "only n = 1",
+            ),
+            (
+                r#"{"custom_id":"a","method":"GET","url":"/v1/completions","body":{"prompt":"x"}}"#,
+                codes::INVALID_REQUEST,
+                "method must be \"POST\"",
+            ),
         ];
         for (line, code, needle) in cases {
             let e = err(line);
             assert_eq!(e.code, *code, "{line}: {e:?}");
-            assert!(e.message.contains(needle), "{line}: message {:?} lacks {needle:?}", e.message);
-            assert!(e.message.starts_with("line 1"), "{:?} does not name the line", e.message);
+            assert!(
+                e.message.contains(needle),
+                "{line}: message {:?} lacks {needle:?}",
+                e.message
+            );
+            assert!(
+                e.message.starts_with("line 1"),
+                "{:?} does not name the line",
+                e.message
+            );
         }
     }
 

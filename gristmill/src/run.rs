@@ -72,7 +72,11 @@ struct Sink {
 
 impl Sink {
     fn write(&mut self, to_errors: bool, json: String) {
-        let w = if to_errors { &mut self.err } else { &mut self.out };
+        let w = if to_errors {
+            &mut self.err
+        } else {
+            &mut self.out
+        };
         if let Err(e) = writeln!(w, "{json}") {
             self.io_error.get_or_insert(e);
         }
@@ -96,7 +100,11 @@ impl Sink {
                 self.write(false, serde_json::to_string(&l).unwrap_or_default());
                 self.progress.tick(&self.tally);
             }
-            Outcome::Failed { custom_id, line, error } => self.failed(Some(custom_id), line, error),
+            Outcome::Failed {
+                custom_id,
+                line,
+                error,
+            } => self.failed(Some(custom_id), line, error),
         }
     }
 }
@@ -117,7 +125,9 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
             bar.set_message(format!("{} failed, {rate:.0} tok/s", t.failed));
-        } else if !self.quiet && (self.last_log.elapsed() > Duration::from_secs(5) || done == self.total) {
+        } else if !self.quiet
+            && (self.last_log.elapsed() > Duration::from_secs(5) || done == self.total)
+        {
             self.last_log = Instant::now();
             eprintln!(
                 "progress: {done}/{} requests ({} failed), {} tokens generated, {rate:.1} tok/s",
@@ -128,7 +138,10 @@ impl Progress {
 }
 
 fn default_errors_path(output: &Path) -> PathBuf {
-    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
     output.with_file_name(format!("{stem}.errors.jsonl"))
 }
 
@@ -137,16 +150,23 @@ pub fn run(args: RunArgs) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set up the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot set up the thread pool")?;
     }
     if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
     }
     // Check the input before spending seconds on the model.
     let total = count_lines(&args.input)?;
-    let model_path = args.model.clone().unwrap_or_else(gristmill_worker::default_model_path);
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(gristmill_worker::default_model_path);
     let load_start = Instant::now();
-    let engine = Engine::load(&model_path).with_context(|| format!("cannot load the model {}", model_path.display()))?;
+    let engine = Engine::load(&model_path)
+        .with_context(|| format!("cannot load the model {}", model_path.display()))?;
     if !args.quiet {
         eprintln!(
             "loaded {} ({} layers, {} heads, vocab {}) in {:.1} s",
@@ -157,19 +177,27 @@ pub fn run(args: RunArgs) -> Result<()> {
             load_start.elapsed().as_secs_f64()
         );
     }
-    let errors_path = args.errors.clone().unwrap_or_else(|| default_errors_path(&args.output));
+    let errors_path = args
+        .errors
+        .clone()
+        .unwrap_or_else(|| default_errors_path(&args.output));
     let create = |p: &Path| -> Result<BufWriter<File>> {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        Ok(BufWriter::new(File::create(p).with_context(|| format!("cannot create {}", p.display()))?))
+        Ok(BufWriter::new(File::create(p).with_context(|| {
+            format!("cannot create {}", p.display())
+        })?))
     };
     let bar = (std::io::stderr().is_terminal() && !args.quiet).then(|| {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} requests, {msg} (eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} requests, {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar
     });
@@ -180,11 +208,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         ids: IdGen::new(),
         tally: Tally::default(),
         model_name: engine.model_name.clone(),
-        progress: Progress { bar, total, started, last_log: started, quiet: args.quiet },
+        progress: Progress {
+            bar,
+            total,
+            started,
+            last_log: started,
+            quiet: args.quiet,
+        },
         io_error: None,
     });
 
-    let reader = BufReader::new(File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?);
+    let reader = BufReader::new(
+        File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?,
+    );
     let mut validator = LineValidator::new();
     let mut read_error = None;
     let mut lines = reader.lines().enumerate();
@@ -198,10 +234,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             Err(e) => {
                 // Not UTF-8 or an I/O error: report this line, keep reading.
                 if e.kind() == std::io::ErrorKind::InvalidData {
-                    sink.borrow_mut().failed(None, line_no, LineError::new(
-                        gristmill_protocol::codes::INVALID_JSON,
-                        format!("line {line_no} is not valid UTF-8"),
-                    ));
+                    sink.borrow_mut().failed(
+                        None,
+                        line_no,
+                        LineError::new(
+                            gristmill_protocol::codes::INVALID_JSON,
+                            format!("line {line_no} is not valid UTF-8"),
+                        ),
+                    );
                     continue;
                 }
                 read_error = Some(e);
@@ -216,7 +256,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             Err(bad) => sink.borrow_mut().failed(bad.custom_id, bad.line, bad.error),
         }
     });
-    let opts = EngineOptions { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
+    let opts = EngineOptions {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+    };
     engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
 
     let mut sink = sink.into_inner();
@@ -226,8 +269,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(e) = read_error {
         return Err(e).with_context(|| format!("reading {} failed part-way", args.input.display()));
     }
-    sink.out.flush().with_context(|| format!("cannot write {}", args.output.display()))?;
-    sink.err.flush().with_context(|| format!("cannot write {}", errors_path.display()))?;
+    sink.out
+        .flush()
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    sink.err
+        .flush()
+        .with_context(|| format!("cannot write {}", errors_path.display()))?;
     if let Some(e) = sink.io_error {
         return Err(e).context("writing results failed");
     }
@@ -253,7 +300,8 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// Non-blank lines of the input, for the progress bar; also fails early on an unreadable file.
 fn count_lines(path: &Path) -> Result<usize> {
-    let f = File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
+    let f =
+        File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
     let mut n = 0;
     for chunk in BufReader::new(f).split(b'\n') {
         let chunk = chunk.with_context(|| format!("cannot read {}", path.display()))?;

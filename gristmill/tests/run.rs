@@ -7,13 +7,21 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 
 fn default_model() -> PathBuf {
-    let p = std::env::var_os("GRISTMILL_MODEL").map(PathBuf::from).unwrap_or_else(gristmill_worker::default_model_path);
-    assert!(p.exists(), "the default model is missing at {}: run `make model` first", p.display());
+    let p = std::env::var_os("GRISTMILL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(gristmill_worker::default_model_path);
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run `make model` first",
+        p.display()
+    );
     p
 }
 
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json")
 }
 
@@ -38,7 +46,11 @@ fn run_lines(lines: &[String], extra: &[&str]) -> Run {
         .args(extra)
         .output()
         .expect("gristmill runs");
-    assert!(out.status.success(), "gristmill run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "gristmill run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let read = |p: PathBuf| -> Vec<Value> {
         std::fs::read_to_string(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -51,24 +63,36 @@ fn run_lines(lines: &[String], extra: &[&str]) -> Run {
         .map(|v| (v["custom_id"].as_str().expect("custom_id").to_string(), v))
         .collect();
     let errors = read(dir.path().join("out.errors.jsonl"));
-    Run { out, outputs, errors }
+    Run {
+        out,
+        outputs,
+        errors,
+    }
 }
 
 fn chat(id: &str, content: &str, body: Value) -> String {
     let mut b = json!({"model": "smollm2", "messages": [{"role": "user", "content": content}]});
-    b.as_object_mut().expect("object").extend(body.as_object().expect("object").clone());
+    b.as_object_mut()
+        .expect("object")
+        .extend(body.as_object().expect("object").clone());
     json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": b}).to_string()
 }
 
 fn completion(id: &str, prompt: &str, body: Value) -> String {
     let mut b = json!({"model": "smollm2", "prompt": prompt});
-    b.as_object_mut().expect("object").extend(body.as_object().expect("object").clone());
+    b.as_object_mut()
+        .expect("object")
+        .extend(body.as_object().expect("object").clone());
     json!({"custom_id": id, "method": "POST", "url": "/v1/completions", "body": b}).to_string()
 }
 
 fn text_of(v: &Value) -> String {
     let c = &v["response"]["body"]["choices"][0];
-    c["message"]["content"].as_str().or(c["text"].as_str()).expect("text").to_string()
+    c["message"]["content"]
+        .as_str()
+        .or(c["text"].as_str())
+        .expect("text")
+        .to_string()
 }
 
 #[test]
@@ -100,51 +124,129 @@ fn bad_lines_become_error_lines_and_the_rest_complete() {
         assert!(usage["prompt_tokens"].as_u64().expect("prompt_tokens") > 0);
         assert_eq!(
             usage["total_tokens"].as_u64(),
-            Some(usage["prompt_tokens"].as_u64().unwrap_or(0) + usage["completion_tokens"].as_u64().unwrap_or(0))
+            Some(
+                usage["prompt_tokens"].as_u64().unwrap_or(0)
+                    + usage["completion_tokens"].as_u64().unwrap_or(0)
+            )
         );
     }
-    assert_eq!(r.outputs["ok-chat"]["response"]["body"]["object"], "chat.completion");
-    assert_eq!(r.outputs["ok-completion"]["response"]["body"]["object"], "text_completion");
+    assert_eq!(
+        r.outputs["ok-chat"]["response"]["body"]["object"],
+        "chat.completion"
+    );
+    assert_eq!(
+        r.outputs["ok-completion"]["response"]["body"]["object"],
+        "text_completion"
+    );
 
     let expected: &[(usize, Option<&str>, &str, &str)] = &[
         (2, None, "invalid_json", "not valid JSON"),
         (3, None, "invalid_request", "custom_id is missing"),
-        (5, Some("ok-completion"), "duplicate_custom_id", "already used"),
+        (
+            5,
+            Some("ok-completion"),
+            "duplicate_custom_id",
+            "already used",
+        ),
         (6, Some("bad-url"), "invalid_url", "/v1/embeddings"),
-        (7, Some("no-messages"), "invalid_request", "body.messages is missing"),
-        (8, Some("no-prompt"), "invalid_request", "body.prompt is missing"),
-        (9, Some("wrong-type"), "invalid_request", "body.max_tokens expected an integer, got a string"),
-        (10, Some("cold"), "invalid_request", "body.temperature must be between 0 and 2"),
-        (11, Some("zero-tokens"), "invalid_request", "body.max_tokens must be at least 1"),
-        (12, Some("too-long"), "context_length_exceeded", "the model's context is 8192 tokens"),
+        (
+            7,
+            Some("no-messages"),
+            "invalid_request",
+            "body.messages is missing",
+        ),
+        (
+            8,
+            Some("no-prompt"),
+            "invalid_request",
+            "body.prompt is missing",
+        ),
+        (
+            9,
+            Some("wrong-type"),
+            "invalid_request",
+            "body.max_tokens expected an integer, got a string",
+        ),
+        (
+            10,
+            Some("cold"),
+            "invalid_request",
+            "body.temperature must be between 0 and 2",
+        ),
+        (
+            11,
+            Some("zero-tokens"),
+            "invalid_request",
+            "body.max_tokens must be at least 1",
+        ),
+        (
+            12,
+            Some("too-long"),
+            "context_length_exceeded",
+            "the model's context is 8192 tokens",
+        ),
     ];
-    assert_eq!(r.errors.len(), expected.len(), "error lines: {:#?}", r.errors);
+    assert_eq!(
+        r.errors.len(),
+        expected.len(),
+        "error lines: {:#?}",
+        r.errors
+    );
     for (line, id, code, needle) in expected {
-        let e = r.errors.iter().find(|e| e["line"] == *line).unwrap_or_else(|| panic!("no error for line {line}"));
+        let e = r
+            .errors
+            .iter()
+            .find(|e| e["line"] == *line)
+            .unwrap_or_else(|| panic!("no error for line {line}"));
         assert_eq!(e["custom_id"].as_str(), *id, "line {line}");
         assert!(e["response"].is_null());
         assert_eq!(e["error"]["code"], *code, "line {line}: {e}");
         let msg = e["error"]["message"].as_str().expect("message");
-        assert!(msg.contains(needle) && msg.contains(&format!("line {line}")), "line {line}: {msg}");
+        assert!(
+            msg.contains(needle) && msg.contains(&format!("line {line}")),
+            "line {line}: {msg}"
+        );
     }
     let summary = String::from_utf8_lossy(&r.out.stdout);
-    assert!(summary.contains("13 requests: 3 completed, 10 failed"), "{summary}");
+    assert!(
+        summary.contains("13 requests: 3 completed, 10 failed"),
+        "{summary}"
+    );
 }
 
 #[test]
 fn chat_output_and_usage_match_transformers() {
     let fx = fixture("smollm2_greedy.json");
-    let engine_free_cases: Vec<&Value> =
-        fx["cases"].as_array().expect("cases").iter().filter(|c| c["kind"] == "chat").collect();
-    let tok = gristmill_worker::Engine::load(&default_model()).expect("model loads").tokenizer;
+    let engine_free_cases: Vec<&Value> = fx["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .filter(|c| c["kind"] == "chat")
+        .collect();
+    let tok = gristmill_worker::Engine::load(&default_model())
+        .expect("model loads")
+        .tokenizer;
     let mut lines = Vec::new();
     let mut want = HashMap::new();
     for (i, case) in engine_free_cases.iter().enumerate() {
         let id = format!("chat-{i}");
         let body = json!({"model": "smollm2", "messages": case["messages"], "max_tokens": 64, "temperature": 0});
-        lines.push(json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string());
-        let tokens: Vec<u32> = case["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect();
-        let margins: Vec<f64> = case["margins"].as_array().expect("m").iter().map(|m| m.as_f64().expect("f")).collect();
+        lines.push(
+            json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+                .to_string(),
+        );
+        let tokens: Vec<u32> = case["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_u64().expect("id") as u32)
+            .collect();
+        let margins: Vec<f64> = case["margins"]
+            .as_array()
+            .expect("m")
+            .iter()
+            .map(|m| m.as_f64().expect("f"))
+            .collect();
         let prompt_len = case["ids"].as_array().expect("ids").len();
         want.insert(id, (tokens, margins, prompt_len));
     }
@@ -152,14 +254,26 @@ fn chat_output_and_usage_match_transformers() {
     for (id, (tokens, margins, prompt_len)) in want {
         let v = &r.outputs[&id];
         let usage = &v["response"]["body"]["usage"];
-        assert_eq!(usage["prompt_tokens"].as_u64(), Some(prompt_len as u64), "{id}: prompt_tokens");
+        assert_eq!(
+            usage["prompt_tokens"].as_u64(),
+            Some(prompt_len as u64),
+            "{id}: prompt_tokens"
+        );
         // Where the reference had no near-tie before its end of sequence, text and counts match.
         let end = tokens.iter().position(|&t| t == 2).map_or(64, |p| p + 1);
         if margins[..end].iter().all(|&m| m >= 0.05) {
             let text = tok.decode(&tokens[..end]).expect("decodes");
             assert_eq!(text_of(v), text, "{id}: text");
-            assert_eq!(usage["completion_tokens"].as_u64(), Some(end as u64), "{id}: completion_tokens");
-            let reason = if end < 64 || tokens[63] == 2 { "stop" } else { "length" };
+            assert_eq!(
+                usage["completion_tokens"].as_u64(),
+                Some(end as u64),
+                "{id}: completion_tokens"
+            );
+            let reason = if end < 64 || tokens[63] == 2 {
+                "stop"
+            } else {
+                "length"
+            };
             assert_eq!(v["response"]["body"]["choices"][0]["finish_reason"], reason);
         }
     }
@@ -168,23 +282,46 @@ fn chat_output_and_usage_match_transformers() {
 #[test]
 fn seeded_and_greedy_outputs_do_not_depend_on_the_batch() {
     let probes = vec![
-        completion("probe-seeded", "A list of three fruits:", json!({"max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234})),
-        chat("probe-greedy", "Write one sentence about rivers.", json!({"max_tokens": 24, "temperature": 0})),
-        chat("probe-topk", "Suggest a name for a cat.", json!({"max_tokens": 16, "temperature": 1.2, "top_k": 20, "seed": 7})),
+        completion(
+            "probe-seeded",
+            "A list of three fruits:",
+            json!({"max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234}),
+        ),
+        chat(
+            "probe-greedy",
+            "Write one sentence about rivers.",
+            json!({"max_tokens": 24, "temperature": 0}),
+        ),
+        chat(
+            "probe-topk",
+            "Suggest a name for a cat.",
+            json!({"max_tokens": 16, "temperature": 1.2, "top_k": 20, "seed": 7}),
+        ),
     ];
     let alone = run_lines(&probes, &["--max-num-seqs", "1"]);
     let mut crowd: Vec<String> = (0..21)
         .map(|i| {
-            completion(&format!("filler-{i}"), &format!("Filler request number {i} talks about"), json!({"max_tokens": 8 + i, "temperature": 0.7}))
+            completion(
+                &format!("filler-{i}"),
+                &format!("Filler request number {i} talks about"),
+                json!({"max_tokens": 8 + i, "temperature": 0.7}),
+            )
         })
         .collect();
     crowd.insert(5, probes[0].clone());
     crowd.insert(12, probes[1].clone());
     crowd.push(probes[2].clone());
-    let batched = run_lines(&crowd, &["--max-num-seqs", "64", "--max-num-batched-tokens", "97"]);
+    let batched = run_lines(
+        &crowd,
+        &["--max-num-seqs", "64", "--max-num-batched-tokens", "97"],
+    );
     assert_eq!(batched.outputs.len(), 24);
     for id in ["probe-seeded", "probe-greedy", "probe-topk"] {
-        assert_eq!(text_of(&alone.outputs[id]), text_of(&batched.outputs[id]), "{id} changed when batched");
+        assert_eq!(
+            text_of(&alone.outputs[id]),
+            text_of(&batched.outputs[id]),
+            "{id} changed when batched"
+        );
         assert_eq!(
             alone.outputs[id]["response"]["body"]["usage"],
             batched.outputs[id]["response"]["body"]["usage"],
@@ -196,9 +333,21 @@ fn seeded_and_greedy_outputs_do_not_depend_on_the_batch() {
 #[test]
 fn stop_strings_cut_the_output_and_ignore_eos_runs_to_max_tokens() {
     let lines = vec![
-        chat("stop", "What is the capital of Japan?", json!({"max_tokens": 30, "temperature": 0, "stop": ["Tokyo"]})),
-        chat("eos", "What is the capital of Japan?", json!({"max_tokens": 30, "temperature": 0})),
-        chat("ignore-eos", "What is the capital of Japan?", json!({"max_tokens": 30, "temperature": 0, "ignore_eos": true})),
+        chat(
+            "stop",
+            "What is the capital of Japan?",
+            json!({"max_tokens": 30, "temperature": 0, "stop": ["Tokyo"]}),
+        ),
+        chat(
+            "eos",
+            "What is the capital of Japan?",
+            json!({"max_tokens": 30, "temperature": 0}),
+        ),
+        chat(
+            "ignore-eos",
+            "What is the capital of Japan?",
+            json!({"max_tokens": 30, "temperature": 0, "ignore_eos": true}),
+        ),
     ];
     let r = run_lines(&lines, &[]);
     let stop = &r.outputs["stop"]["response"]["body"];
@@ -235,7 +384,10 @@ fn a_missing_or_corrupt_model_fails_fast_with_a_clear_message() {
             .expect("runs");
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&model.display().to_string()) && err.contains(needle), "{err}");
+        assert!(
+            err.contains(&model.display().to_string()) && err.contains(needle),
+            "{err}"
+        );
     }
     let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
         .args(["run", "/nonexistent/input.jsonl", "--output"])

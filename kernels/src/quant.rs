@@ -74,7 +74,8 @@ impl GgmlType {
 
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        (n % self.block_len() == 0).then(|| n / self.block_len() * self.block_bytes())
+        n.is_multiple_of(self.block_len())
+            .then(|| n / self.block_len() * self.block_bytes())
     }
 }
 
@@ -83,7 +84,11 @@ impl GgmlType {
 /// # Panics
 /// If `src` does not hold exactly `dst.len()` elements of `ty` (callers check sizes first).
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
-    assert_eq!(Some(src.len()), ty.bytes_for(dst.len()), "dequantize: size mismatch for {ty:?}");
+    assert_eq!(
+        Some(src.len()),
+        ty.bytes_for(dst.len()),
+        "dequantize: size mismatch for {ty:?}"
+    );
     let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match ty {
         GgmlType::F32 => {
@@ -136,13 +141,15 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ty.bytes_for(src.len()).unwrap_or(0));
     match ty {
-        GgmlType::F32 => src.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        GgmlType::F16 => {
-            src.iter().for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes()))
-        }
-        GgmlType::BF16 => {
-            src.iter().for_each(|x| out.extend_from_slice(&bf16::from_f32(*x).to_le_bytes()))
-        }
+        GgmlType::F32 => src
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        GgmlType::F16 => src
+            .iter()
+            .for_each(|x| out.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+        GgmlType::BF16 => src
+            .iter()
+            .for_each(|x| out.extend_from_slice(&bf16::from_f32(*x).to_le_bytes())),
         GgmlType::Q8_0 => {
             for b in src.chunks(32) {
                 let amax = b.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -155,7 +162,9 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Vec<u8> {
         GgmlType::Q4_0 => {
             for b in src.chunks(32) {
                 // ggml: the scale maps the value of largest magnitude to -8.
-                let max = b.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                let max = b
+                    .iter()
+                    .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
                 let d = max / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -217,7 +226,9 @@ mod tests {
 
     #[test]
     fn quantize_round_trips_within_a_step() {
-        let src: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 30.0) / 7.0).collect();
+        let src: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 30.0) / 7.0)
+            .collect();
         for (ty, tol) in [
             (GgmlType::F32, 0.0),
             (GgmlType::F16, 5e-3),
@@ -238,7 +249,14 @@ mod tests {
 
     #[test]
     fn type_ids_round_trip_and_unknown_ids_are_named() {
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::BF16] {
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::BF16,
+        ] {
             assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
         }
         assert_eq!(GgmlType::from_id(12), None);

@@ -28,7 +28,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `x · Wᵀ (+ bias)`.
     fn linear(&self, x: &Self::Buf, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Buf;
     /// Half-split rotary embedding of each row at `positions[row]`.
-    fn rope(&self, x: &mut Self::Buf, positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f32]);
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        positions: &[usize],
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    );
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
     /// `x += y`.
@@ -41,7 +48,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn append_rows(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// Causal attention of `q` (the new rows of one sequence, the first at position `start`) over
     /// the sequence's cached keys and values, which already include the new rows.
-    fn attention(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, start: usize, shape: AttentionShape) -> Self::Buf;
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        start: usize,
+        shape: AttentionShape,
+    ) -> Self::Buf;
     /// Copies a buffer to host memory, row-major.
     fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
 }
@@ -77,7 +91,10 @@ impl Backend for CpuBackend {
     }
 
     fn empty(&self, cols: usize) -> CpuTensor {
-        CpuTensor { data: Vec::new(), cols }
+        CpuTensor {
+            data: Vec::new(),
+            cols,
+        }
     }
 
     fn rows(&self, x: &CpuTensor) -> usize {
@@ -97,7 +114,10 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> CpuTensor {
         let mut out = vec![0f32; x.data.len()];
         cpu::rms_norm(&x.data, &weight.data, eps, &mut out);
-        CpuTensor { data: out, cols: x.cols }
+        CpuTensor {
+            data: out,
+            cols: x.cols,
+        }
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> CpuTensor {
@@ -112,7 +132,14 @@ impl Backend for CpuBackend {
         CpuTensor { data: out, cols: n }
     }
 
-    fn rope(&self, x: &mut CpuTensor, positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f32]) {
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        positions: &[usize],
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) {
         cpu::rope_neox(&mut x.data, positions, heads, head_dim, inv_freq);
     }
 
@@ -125,7 +152,10 @@ impl Backend for CpuBackend {
     }
 
     fn slice_rows(&self, x: &CpuTensor, start: usize, n: usize) -> CpuTensor {
-        CpuTensor { data: x.data[start * x.cols..(start + n) * x.cols].to_vec(), cols: x.cols }
+        CpuTensor {
+            data: x.data[start * x.cols..(start + n) * x.cols].to_vec(),
+            cols: x.cols,
+        }
     }
 
     fn concat_rows(&self, parts: Vec<CpuTensor>) -> CpuTensor {
@@ -143,10 +173,20 @@ impl Backend for CpuBackend {
         dst.data.extend_from_slice(&src.data);
     }
 
-    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, start: usize, shape: AttentionShape) -> CpuTensor {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        start: usize,
+        shape: AttentionShape,
+    ) -> CpuTensor {
         let mut out = vec![0f32; q.data.len()];
         cpu::attention(&q.data, &k.data, &v.data, start, shape, &mut out);
-        CpuTensor { data: out, cols: q.cols }
+        CpuTensor {
+            data: out,
+            cols: q.cols,
+        }
     }
 
     fn to_host(&self, x: &CpuTensor) -> Vec<f32> {

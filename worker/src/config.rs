@@ -88,11 +88,17 @@ impl ModelConfig {
                 return bad(format!("{name} is 0"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
-            return bad(format!("{} heads is not a multiple of {} KV heads", self.num_heads, self.num_kv_heads));
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "{} heads is not a multiple of {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head dim {} is odd; RoPE needs pairs", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head dim {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
         Ok(self)
     }
@@ -110,20 +116,31 @@ impl ModelConfig {
             g.meta(&full)
                 .and_then(MetaValue::as_u64)
                 .map(|v| v as usize)
-                .ok_or_else(|| Error::config(path, format!("metadata {full} is missing or not an integer")))
+                .ok_or_else(|| {
+                    Error::config(
+                        path,
+                        format!("metadata {full} is missing or not an integer"),
+                    )
+                })
         };
         let float = |key: &str| g.meta(&format!("{arch}.{key}")).and_then(MetaValue::as_f64);
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = int("attention.key_length").unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 });
+        let head_dim =
+            int("attention.key_length").unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
         let vocab_size = match int("vocab_size") {
             Ok(v) => v,
             Err(_) => g
                 .meta("tokenizer.ggml.tokens")
                 .and_then(MetaValue::as_array)
                 .map(<[MetaValue]>::len)
-                .ok_or_else(|| Error::config(path, "neither {arch}.vocab_size nor tokenizer.ggml.tokens is present"))?,
+                .ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "neither {arch}.vocab_size nor tokenizer.ggml.tokens is present",
+                    )
+                })?,
         };
         Self {
             hidden_size,
@@ -150,7 +167,8 @@ impl ModelConfig {
     /// `rope_parameters`).
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let j: Value = serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let j: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
         let int = |key: &str| -> Result<usize> {
             j.get(key)
                 .and_then(Value::as_u64)
@@ -164,15 +182,25 @@ impl ModelConfig {
             .to_string();
         let hidden_size = int("hidden_size")?;
         let num_heads = int("num_attention_heads")?;
-        let rope = j.get("rope_scaling").filter(|v| v.is_object()).or_else(|| j.get("rope_parameters"));
+        let rope = j
+            .get("rope_scaling")
+            .filter(|v| v.is_object())
+            .or_else(|| j.get("rope_parameters"));
         let rope_theta = j
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10_000.0) as f32;
         let rope_scaling = match rope {
             Some(r) => {
-                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let kind = r
+                    .get("rope_type")
+                    .or_else(|| r.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
                 let f = |k: &str| {
                     r.get(k)
                         .and_then(Value::as_f64)
@@ -203,14 +231,23 @@ impl ModelConfig {
             num_layers: int("num_hidden_layers")?,
             num_heads,
             num_kv_heads: int("num_key_value_heads").unwrap_or(num_heads),
-            head_dim: int("head_dim").unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 }),
+            head_dim: int("head_dim").unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0)),
             vocab_size: int("vocab_size")?,
-            rms_norm_eps: j.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rms_norm_eps: j
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
             max_position_embeddings: int("max_position_embeddings")?,
-            tie_word_embeddings: j.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            attention_bias: arch == "qwen2" || j.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: j
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            attention_bias: arch == "qwen2"
+                || j.get("attention_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             architecture: arch,
         }
         .validate(path)

@@ -32,7 +32,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_num_seqs: 32, max_num_batched_tokens: 2048 }
+        Self {
+            max_num_seqs: 32,
+            max_num_batched_tokens: 2048,
+        }
     }
 }
 
@@ -54,7 +57,11 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Done(Completion),
-    Failed { custom_id: String, line: usize, error: LineError },
+    Failed {
+        custom_id: String,
+        line: usize,
+        error: LineError,
+    },
 }
 
 /// A loaded model with its tokenizer.
@@ -103,9 +110,20 @@ impl<B: Backend> Engine<B> {
             );
         }
         let model = Llama::load(&ckpt, backend)?;
-        let stem = path.file_stem().or(path.file_name()).map(|s| s.to_string_lossy().into_owned());
-        let seed_base = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        Ok(Self { model, tokenizer, model_name: stem.unwrap_or_else(|| "model".into()), seed_base })
+        let stem = path
+            .file_stem()
+            .or(path.file_name())
+            .map(|s| s.to_string_lossy().into_owned());
+        let seed_base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Ok(Self {
+            model,
+            tokenizer,
+            model_name: stem.unwrap_or_else(|| "model".into()),
+            seed_base,
+        })
     }
 
     /// Tokenizes a request and checks it against the model's context.
@@ -135,7 +153,10 @@ impl<B: Backend> Engine<B> {
         .map_err(|e| LineError::new(codes::INVALID_REQUEST, format!("line {line}: {e}")))?;
         let ctx = self.model.cfg.max_position_embeddings;
         if ids.is_empty() {
-            return Err(LineError::new(codes::INVALID_REQUEST, format!("line {line}: the prompt is empty")));
+            return Err(LineError::new(
+                codes::INVALID_REQUEST,
+                format!("line {line}: the prompt is empty"),
+            ));
         }
         if ids.len() >= ctx {
             return Err(LineError::new(
@@ -183,10 +204,24 @@ impl<B: Backend> Engine<B> {
                 match self.prompt_ids(&req) {
                     Ok(prompt) => {
                         let max_tokens = req.params.max_tokens.unwrap_or(ctx - prompt.len());
-                        let sampler = Sampler::new(&req.params, self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
-                        live.push(Live { req, prompt, max_tokens, cache: self.model.new_cache(), generated: Vec::new(), sampler });
+                        let sampler = Sampler::new(
+                            &req.params,
+                            self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+                        );
+                        live.push(Live {
+                            req,
+                            prompt,
+                            max_tokens,
+                            cache: self.model.new_cache(),
+                            generated: Vec::new(),
+                            sampler,
+                        });
                     }
-                    Err(error) => on_outcome(Outcome::Failed { custom_id: req.custom_id, line: req.line, error }),
+                    Err(error) => on_outcome(Outcome::Failed {
+                        custom_id: req.custom_id,
+                        line: req.line,
+                        error,
+                    }),
                 }
             }
             if live.is_empty() {
@@ -213,15 +248,27 @@ impl<B: Backend> Engine<B> {
             let mut inputs = Vec::with_capacity(plan.len());
             let mut planned = plan.iter().peekable();
             for (i, s) in live.iter_mut().enumerate() {
-                let Some(&(_, start, n)) = planned.next_if(|p| p.0 == i) else { continue };
+                let Some(&(_, start, n)) = planned.next_if(|p| p.0 == i) else {
+                    continue;
+                };
                 let tokens: &[u32] = if start < s.prompt.len() {
                     &s.prompt[start..start + n]
                 } else {
-                    std::slice::from_ref(s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]))
+                    std::slice::from_ref(
+                        s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]),
+                    )
                 };
                 let finishes_prompt = start + n >= s.prompt.len();
-                let logits = if finishes_prompt { Logits::Last } else { Logits::None };
-                inputs.push(StepInput { tokens, cache: &mut s.cache, logits });
+                let logits = if finishes_prompt {
+                    Logits::Last
+                } else {
+                    Logits::None
+                };
+                inputs.push(StepInput {
+                    tokens,
+                    cache: &mut s.cache,
+                    logits,
+                });
             }
             let logits = self.model.forward(&mut inputs);
             drop(inputs);
@@ -259,13 +306,21 @@ impl<B: Backend> Engine<B> {
         let last = *s.generated.last()?;
         let p = &s.req.params;
         let eos = !p.ignore_eos && self.tokenizer.eos_ids.contains(&last);
-        let visible = if eos { &s.generated[..s.generated.len() - 1] } else { &s.generated[..] };
+        let visible = if eos {
+            &s.generated[..s.generated.len() - 1]
+        } else {
+            &s.generated[..]
+        };
         let mut finish = None;
         let mut text = None;
         if eos {
             finish = Some(FinishReason::Stop);
         }
-        if !p.stop.is_empty() || finish.is_some() || s.generated.len() >= s.max_tokens || s.prompt.len() + s.generated.len() >= ctx {
+        if !p.stop.is_empty()
+            || finish.is_some()
+            || s.generated.len() >= s.max_tokens
+            || s.prompt.len() + s.generated.len() >= ctx
+        {
             let t = match self.tokenizer.decode(visible) {
                 Ok(t) => t,
                 Err(e) => {
@@ -283,7 +338,9 @@ impl<B: Backend> Engine<B> {
                 text = Some(t);
             }
         }
-        if finish.is_none() && (s.generated.len() >= s.max_tokens || s.prompt.len() + s.generated.len() >= ctx) {
+        if finish.is_none()
+            && (s.generated.len() >= s.max_tokens || s.prompt.len() + s.generated.len() >= ctx)
+        {
             finish = Some(FinishReason::Length);
         }
         let finish_reason = finish?;
@@ -304,13 +361,26 @@ impl<B: Backend> Engine<B> {
 /// `eos_token_id` (int or list) and `bos_token_id` from an HF `config.json`; empty if unreadable
 /// (the config was already validated by the model loader).
 fn hf_special_ids(path: &Path) -> (Vec<u32>, Option<u32>) {
-    let Ok(text) = std::fs::read_to_string(path) else { return (Vec::new(), None) };
-    let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else { return (Vec::new(), None) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (Vec::new(), None);
+    };
+    let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (Vec::new(), None);
+    };
     let eos = match j.get("eos_token_id") {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
         _ => Vec::new(),
     };
-    let bos = j.get("bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+    let bos = j
+        .get("bos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
     (eos, bos)
 }

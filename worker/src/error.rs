@@ -18,16 +18,31 @@ pub enum Error {
     Format { path: PathBuf, reason: String },
 
     #[error("{path}: tensor {tensor:?} has type {ty}, which Gristmill cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
-    UnsupportedTensorType { path: PathBuf, tensor: String, ty: String },
+    UnsupportedTensorType {
+        path: PathBuf,
+        tensor: String,
+        ty: String,
+    },
 
     #[error("{path}: tensor {tensor:?} needs bytes {start}..{end} but the file is only {file_len} bytes long (truncated download?)")]
-    TruncatedTensor { path: PathBuf, tensor: String, start: u64, end: u64, file_len: u64 },
+    TruncatedTensor {
+        path: PathBuf,
+        tensor: String,
+        start: u64,
+        end: u64,
+        file_len: u64,
+    },
 
     #[error("{path}: tensor {tensor:?} is missing")]
     MissingTensor { path: PathBuf, tensor: String },
 
     #[error("{path}: tensor {tensor:?} has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
 
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
@@ -44,15 +59,24 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), reason: reason.into() }
+        Self::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Self::Config { path: path.into(), reason: reason.into() }
+        Self::Config {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     /// A stable label for metrics and logs.

@@ -22,11 +22,15 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os(gristmill_protocol::ENV_CACHE_DIR) {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("gristmill")
 }
 
 /// Where the default model lives once `scripts/fetch-model.sh` has run.
 pub fn default_model_path() -> PathBuf {
-    cache_dir().join("models").join(gristmill_protocol::DEFAULT_MODEL_FILE)
+    cache_dir()
+        .join("models")
+        .join(gristmill_protocol::DEFAULT_MODEL_FILE)
 }

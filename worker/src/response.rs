@@ -1,6 +1,6 @@
 //! OpenAI response bodies and batch output lines built from engine outcomes.
 
-use gristmill_protocol::{ErrorLine, Endpoint, LineError, OutputLine, ResponseEnvelope};
+use gristmill_protocol::{Endpoint, ErrorLine, LineError, OutputLine, ResponseEnvelope};
 use serde_json::json;
 
 use crate::engine::Completion;
@@ -18,7 +18,9 @@ impl IdGen {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Self { state: t ^ (u64::from(std::process::id()) << 32) }
+        Self {
+            state: t ^ (u64::from(std::process::id()) << 32),
+        }
     }
 
     pub fn next(&mut self, prefix: &str) -> String {
@@ -93,6 +95,17 @@ pub fn output_line(c: &Completion, default_model: &str, ids: &mut IdGen) -> Outp
 }
 
 /// A batch error line for a request that failed at `line`.
-pub fn error_line(custom_id: Option<String>, line: usize, error: LineError, ids: &mut IdGen) -> ErrorLine {
-    ErrorLine { id: ids.next("batch_req_"), custom_id, response: None, error, line }
+pub fn error_line(
+    custom_id: Option<String>,
+    line: usize,
+    error: LineError,
+    ids: &mut IdGen,
+) -> ErrorLine {
+    ErrorLine {
+        id: ids.next("batch_req_"),
+        custom_id,
+        response: None,
+        error,
+        line,
+    }
 }

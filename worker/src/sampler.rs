@@ -16,7 +16,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// A uniform draw in `[0, 1)` for `(seed, step)`.
 pub fn uniform(seed: u64, step: u64) -> f64 {
-    let bits = mix(mix(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(step.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let bits =
+        mix(mix(seed ^ 0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(step.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -32,7 +34,12 @@ pub struct Sampler {
 impl Sampler {
     /// `fallback_seed` is used when the request has no seed of its own.
     pub fn new(p: &GenerationParams, fallback_seed: u64) -> Self {
-        Self { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed.unwrap_or(fallback_seed) }
+        Self {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            seed: p.seed.unwrap_or(fallback_seed),
+        }
     }
 
     /// Picks the token for generation step `step` from one row of logits.
@@ -41,9 +48,13 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         // Candidates in a total order (logit descending, id ascending) so ties are stable.
-        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| !logits[i as usize].is_nan())
+            .collect();
         let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
         };
         if self.top_k > 0 && self.top_k < idx.len() {
             idx.select_nth_unstable_by(self.top_k - 1, by_logit);
@@ -53,7 +64,10 @@ impl Sampler {
         let Some(&best) = idx.first() else { return 0 };
         let max = logits[best as usize] as f64;
         let t = self.temperature as f64;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         if self.top_p < 1.0 {
             // Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -86,7 +100,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> GenerationParams {
-        GenerationParams { temperature, top_k, top_p, seed: Some(42), ..Default::default() }
+        GenerationParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(42),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -102,7 +122,11 @@ mod tests {
         let p = Sampler::new(&params(1.0, 0, 0.3), 0);
         for step in 0..200 {
             assert!([0, 1].contains(&k2.sample(&logits, step)));
-            assert_eq!(p.sample(&logits, step), 0, "top_p 0.3 keeps only the top token");
+            assert_eq!(
+                p.sample(&logits, step),
+                0,
+                "top_p 0.3 keeps only the top token"
+            );
         }
     }
 
@@ -111,7 +135,10 @@ mod tests {
         let logits = [1.0f32.ln(), 3.0f32.ln()]; // probabilities 1/4, 3/4
         let s = Sampler::new(&params(1.0, 0, 1.0), 0);
         let ones = (0..4000).filter(|&i| s.sample(&logits, i) == 1).count();
-        assert!((2800..3200).contains(&ones), "{ones} of 4000 draws picked p = 0.75");
+        assert!(
+            (2800..3200).contains(&ones),
+            "{ones} of 4000 draws picked p = 0.75"
+        );
         let again = Sampler::new(&params(1.0, 0, 1.0), 999);
         assert!((0..100).all(|i| s.sample(&logits, i) == again.sample(&logits, i)));
     }

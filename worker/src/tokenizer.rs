@@ -34,14 +34,20 @@ pub struct Tokenizer {
 }
 
 fn tok_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Tokenizer { path: path.to_path_buf(), reason: reason.into() }
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl Tokenizer {
     /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = g.path();
-        let model = g.meta("tokenizer.ggml.model").and_then(MetaValue::as_str).unwrap_or("");
+        let model = g
+            .meta("tokenizer.ggml.model")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("");
         if model != "gpt2" {
             return Err(tok_err(
                 path,
@@ -56,13 +62,23 @@ impl Tokenizer {
                 .and_then(MetaValue::as_array)
                 .ok_or_else(|| tok_err(path, format!("metadata {key} is missing")))?
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| tok_err(path, format!("{key} holds a non-string"))))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| tok_err(path, format!("{key} holds a non-string")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match g.meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
-            Some(a) => a.iter().map(|v| if let MetaValue::Int(i) = v { *i } else { 1 }).collect(),
+        let types: Vec<i64> = match g
+            .meta("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+        {
+            Some(a) => a
+                .iter()
+                .map(|v| if let MetaValue::Int(i) = v { *i } else { 1 })
+                .collect(),
             None => vec![1; tokens.len()],
         };
         let id = |key: &str| g.meta(key).and_then(MetaValue::as_u64).map(|v| v as u32);
@@ -74,11 +90,20 @@ impl Tokenizer {
                 eos_ids.push(eot);
             }
         }
-        let add_bos = g.meta("tokenizer.ggml.add_bos_token").and_then(MetaValue::as_bool).unwrap_or(false);
-        let pre = g.meta("tokenizer.ggml.pre").and_then(MetaValue::as_str).unwrap_or("default");
+        let add_bos = g
+            .meta("tokenizer.ggml.add_bos_token")
+            .and_then(MetaValue::as_bool)
+            .unwrap_or(false);
+        let pre = g
+            .meta("tokenizer.ggml.pre")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("default");
 
-        let vocab: serde_json::Map<String, Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
         let merges: Vec<Value> = merges
             .iter()
             .map(|m| {
@@ -124,11 +149,16 @@ impl Tokenizer {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
-            .parse()
-            .map_err(|e| tok_err(path, format!("cannot build a BPE tokenizer from the GGUF vocabulary: {e}")))?;
-        let text_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+            tok_err(
+                path,
+                format!("cannot build a BPE tokenizer from the GGUF vocabulary: {e}"),
+            )
+        })?;
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
         Ok(Self {
             inner,
             bos_text: text_of(bos_id),
@@ -137,7 +167,10 @@ impl Tokenizer {
             bos_id,
             add_bos,
             use_post_processor: false,
-            template: g.meta("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string),
+            template: g
+                .meta("tokenizer.chat_template")
+                .and_then(MetaValue::as_str)
+                .map(str::to_string),
             source: path.to_path_buf(),
         })
     }
@@ -146,14 +179,17 @@ impl Tokenizer {
     /// EOS) and `generation_config.json` (extra EOS ids) from an HF checkpoint directory.
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32], config_bos: Option<u32>) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e.to_string()))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e.to_string()))?;
         let read_json = |name: &str| -> Result<Option<Value>> {
             let p = dir.join(name);
             if !p.exists() {
                 return Ok(None);
             }
             let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-            serde_json::from_str(&text).map(Some).map_err(|e| Error::config(&p, format!("not valid JSON: {e}")))
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::config(&p, format!("not valid JSON: {e}")))
         };
         let tc = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
         let token_text = |v: Option<&Value>| -> Option<String> {
@@ -178,7 +214,10 @@ impl Tokenizer {
                 }
             }
         }
-        let bos_id = bos_text.as_deref().and_then(|t| inner.token_to_id(t)).or(config_bos);
+        let bos_id = bos_text
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .or(config_bos);
         let template = match tc.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -188,10 +227,7 @@ impl Tokenizer {
                 .and_then(|t| t.get("template"))
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            _ => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-                Ok(s) => Some(s),
-                Err(_) => None,
-            },
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
         let id_text = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
         Ok(Self {
@@ -200,7 +236,10 @@ impl Tokenizer {
             inner,
             eos_ids,
             bos_id,
-            add_bos: tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            add_bos: tc
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             use_post_processor: true,
             template,
             source: path,
@@ -256,14 +295,19 @@ impl Tokenizer {
     /// Renders chat messages with the model's template and `add_generation_prompt = true`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self.template.as_deref().ok_or_else(|| {
-            Error::Template("the model has no chat template; send /v1/completions lines instead".into())
+            Error::Template(
+                "the model has no chat template; send /v1/completions lines instead".into(),
+            )
         })?;
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use it for "today's date" lines; render the date in UTC.
             let secs = std::time::SystemTime::now()
@@ -272,8 +316,11 @@ impl Tokenizer {
                 .unwrap_or(0);
             format_date(&fmt, secs)
         });
-        env.add_template("chat", template).map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
-        let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        env.add_template("chat", template)
+            .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -287,17 +334,33 @@ impl Tokenizer {
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|i| i as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|i| i as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// Minimal strftime for `%d %b %Y`-style date lines (UTC).
 fn format_date(fmt: &str, secs: u64) -> String {
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     const FULL: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;

@@ -25,18 +25,29 @@ fn fixtures() -> PathBuf {
 
 fn load_json(name: &str) -> Value {
     let p = fixtures().join(name);
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", p.display()));
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", p.display()));
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
 fn default_model() -> PathBuf {
-    let p = std::env::var_os("GRISTMILL_MODEL").map(PathBuf::from).unwrap_or_else(gristmill_worker::default_model_path);
-    assert!(p.exists(), "the default model is missing at {}: run `make model` (scripts/fetch-model.sh) first", p.display());
+    let p = std::env::var_os("GRISTMILL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(gristmill_worker::default_model_path);
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run `make model` (scripts/fetch-model.sh) first",
+        p.display()
+    );
     p
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id list")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn close(ours: f32, reference: f64) -> bool {
@@ -46,7 +57,11 @@ fn close(ours: f32, reference: f64) -> bool {
 
 fn all_logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
-    let out = model.forward(&mut [StepInput { tokens, cache: &mut cache, logits: Logits::All }]);
+    let out = model.forward(&mut [StepInput {
+        tokens,
+        cache: &mut cache,
+        logits: Logits::All,
+    }]);
     let vocab = model.cfg.vocab_size;
     out[0].chunks_exact(vocab).map(<[f32]>::to_vec).collect()
 }
@@ -56,7 +71,11 @@ fn greedy(model: &Llama<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut tokens = prompt.to_vec();
     let mut out = Vec::new();
     for _ in 0..steps {
-        let logits = model.forward(&mut [StepInput { tokens: &tokens, cache: &mut cache, logits: Logits::Last }]);
+        let logits = model.forward(&mut [StepInput {
+            tokens: &tokens,
+            cache: &mut cache,
+            logits: Logits::Last,
+        }]);
         let next = gristmill_kernels::cpu::argmax(&logits[0]) as u32;
         out.push(next);
         tokens = vec![next];
@@ -73,25 +92,52 @@ fn smollm2_logits_match_transformers() {
     for case in fx["cases"].as_array().expect("cases") {
         let prompt = case["prompt"].as_str().expect("prompt");
         let want_ids = ids(&case["ids"]);
-        assert_eq!(engine.tokenizer.encode(prompt).expect("encodes"), want_ids, "tokenizer differs on {prompt:?}");
+        assert_eq!(
+            engine.tokenizer.encode(prompt).expect("encodes"),
+            want_ids,
+            "tokenizer differs on {prompt:?}"
+        );
         let rows = all_logits(&engine.model, &want_ids);
-        for (pos, (row, r)) in rows.iter().zip(case["positions"].as_array().expect("positions")).enumerate() {
+        for (pos, (row, r)) in rows
+            .iter()
+            .zip(case["positions"].as_array().expect("positions"))
+            .enumerate()
+        {
             let top = ids(&r["top_ids"]);
             let top_logits = r["top_logits"].as_array().expect("top logits");
             for (&id, v) in top.iter().zip(top_logits) {
                 let v = v.as_f64().expect("logit");
                 worst = worst.max((row[id as usize] - v as f32).abs());
-                assert!(close(row[id as usize], v), "{prompt:?} pos {pos} id {id}: {} vs {v}", row[id as usize]);
+                assert!(
+                    close(row[id as usize], v),
+                    "{prompt:?} pos {pos} id {id}: {} vs {v}",
+                    row[id as usize]
+                );
             }
-            for (&id, v) in probes.iter().zip(r["probe_logits"].as_array().expect("probes")) {
+            for (&id, v) in probes
+                .iter()
+                .zip(r["probe_logits"].as_array().expect("probes"))
+            {
                 let v = v.as_f64().expect("logit");
                 worst = worst.max((row[id as usize] - v as f32).abs());
-                assert!(close(row[id as usize], v), "{prompt:?} pos {pos} probe {id}: {} vs {v}", row[id as usize]);
+                assert!(
+                    close(row[id as usize], v),
+                    "{prompt:?} pos {pos} probe {id}: {} vs {v}",
+                    row[id as usize]
+                );
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             let want = r["logsumexp"].as_f64().expect("lse");
-            assert!((lse - want).abs() < 2e-3 + 1e-4 * want.abs(), "{prompt:?} pos {pos}: logsumexp {lse} vs {want}");
+            assert!(
+                (lse - want).abs() < 2e-3 + 1e-4 * want.abs(),
+                "{prompt:?} pos {pos}: logsumexp {lse} vs {want}"
+            );
         }
     }
     eprintln!("largest logit difference from transformers: {worst:.2e}");
@@ -107,19 +153,35 @@ fn smollm2_greedy_matches_transformers_up_to_near_ties() {
     for case in cases {
         let want_prompt = ids(&case["ids"]);
         let prompt = if case["kind"] == "chat" {
-            let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).expect("messages");
-            let text = engine.tokenizer.apply_chat_template(&messages).expect("template renders");
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(case["messages"].clone()).expect("messages");
+            let text = engine
+                .tokenizer
+                .apply_chat_template(&messages)
+                .expect("template renders");
             engine.tokenizer.encode(&text).expect("encodes")
         } else {
-            engine.tokenizer.encode(case["prompt"].as_str().expect("prompt")).expect("encodes")
+            engine
+                .tokenizer
+                .encode(case["prompt"].as_str().expect("prompt"))
+                .expect("encodes")
         };
         assert_eq!(prompt, want_prompt, "prompt ids differ for {case}");
         let want = ids(&case["tokens"]);
-        let margins: Vec<f64> = case["margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("f64")).collect();
+        let margins: Vec<f64> = case["margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|m| m.as_f64().expect("f64"))
+            .collect();
         // Every token must match until the first divergence, and a divergence is only allowed at a
         // step where the reference itself was nearly tied (margin below MARGIN).
         let got = greedy(&engine.model, &prompt, want.len());
-        let exact = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(want.len());
+        let exact = got
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(want.len());
         if exact < want.len() {
             assert!(
                 margins[exact] < MARGIN,
@@ -133,24 +195,44 @@ fn smollm2_greedy_matches_transformers_up_to_near_ties() {
         compared += exact;
     }
     eprintln!("{compared} greedy tokens compared exactly");
-    assert!(compared >= 100, "too few tokens compared ({compared}); fixtures have too many early near-ties");
+    assert!(
+        compared >= 100,
+        "too few tokens compared ({compared}); fixtures have too many early near-ties"
+    );
 }
 
 #[test]
 fn smollm2_tokenizer_and_chat_template_match_transformers() {
     let engine = Engine::load(&default_model()).expect("default model loads");
     let fx = load_json("smollm2_tokenizer.json");
-    for case in fx["encode_without_special_tokens"].as_array().expect("cases") {
+    for case in fx["encode_without_special_tokens"]
+        .as_array()
+        .expect("cases")
+    {
         let text = case["text"].as_str().expect("text");
-        assert_eq!(engine.tokenizer.encode(text).expect("encodes"), ids(&case["ids"]), "ids differ for {text:?}");
+        assert_eq!(
+            engine.tokenizer.encode(text).expect("encodes"),
+            ids(&case["ids"]),
+            "ids differ for {text:?}"
+        );
     }
     for case in fx["chat_templates"].as_array().expect("templates") {
-        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).expect("messages");
-        let text = engine.tokenizer.apply_chat_template(&messages).expect("renders");
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(case["messages"].clone()).expect("messages");
+        let text = engine
+            .tokenizer
+            .apply_chat_template(&messages)
+            .expect("renders");
         assert_eq!(text, case["text"].as_str().expect("text"));
     }
-    assert_eq!(engine.tokenizer.bos_id, fx["bos_token_id"].as_u64().map(|v| v as u32));
-    assert_eq!(engine.tokenizer.eos_ids.first().copied(), fx["eos_token_id"].as_u64().map(|v| v as u32));
+    assert_eq!(
+        engine.tokenizer.bos_id,
+        fx["bos_token_id"].as_u64().map(|v| v as u32)
+    );
+    assert_eq!(
+        engine.tokenizer.eos_ids.first().copied(),
+        fx["eos_token_id"].as_u64().map(|v| v as u32)
+    );
     // Decoding drops special tokens and restores bytes exactly.
     let text = "unicode: naïve café, 日本語 🚀";
     let ids = engine.tokenizer.encode(text).expect("encodes");
@@ -160,17 +242,30 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
 fn tiny_model_matches(name: &str) {
     let dir = fixtures().join(name);
     let engine = Engine::load(&dir).unwrap_or_else(|e| panic!("{name} loads: {e}"));
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference"))
-        .expect("json");
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),
+    )
+    .expect("json");
     for case in fx["cases"].as_array().expect("cases") {
         let prompt = case["prompt"].as_str().expect("prompt");
         let want_ids = ids(&case["ids"]);
-        assert_eq!(engine.tokenizer.encode(prompt).expect("encodes"), want_ids, "{name}: tokenizer differs on {prompt:?}");
+        assert_eq!(
+            engine.tokenizer.encode(prompt).expect("encodes"),
+            want_ids,
+            "{name}: tokenizer differs on {prompt:?}"
+        );
         let rows = all_logits(&engine.model, &want_ids);
-        for (pos, (row, want)) in rows.iter().zip(case["logits"].as_array().expect("logits")).enumerate() {
+        for (pos, (row, want)) in rows
+            .iter()
+            .zip(case["logits"].as_array().expect("logits"))
+            .enumerate()
+        {
             for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate() {
                 let w = w.as_f64().expect("logit");
-                assert!(close(got, w), "{name} {prompt:?} pos {pos} id {id}: {got} vs {w}");
+                assert!(
+                    close(got, w),
+                    "{name} {prompt:?} pos {pos} id {id}: {got} vs {w}"
+                );
             }
         }
     }

@@ -11,7 +11,9 @@ use gristmill_worker::{Engine, Error};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 /// llama.cpp's `permute` for interleaved RoPE: HF row (h, j, i) goes to h*d + 2i + j.
@@ -23,7 +25,8 @@ fn permute(w: &[f32], heads: usize, d: usize) -> Vec<f32> {
             for i in 0..d / 2 {
                 let src = h * d + j * d / 2 + i;
                 let dst = h * d + 2 * i + j;
-                out[dst * width..(dst + 1) * width].copy_from_slice(&w[src * width..(src + 1) * width]);
+                out[dst * width..(dst + 1) * width]
+                    .copy_from_slice(&w[src * width..(src + 1) * width]);
             }
         }
     }
@@ -36,8 +39,10 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
     let dir = fixture("tiny-llama3");
     let ckpt = Checkpoint::open(&dir).expect("fixture opens");
     let cfg = ckpt.config().expect("config");
-    let tok: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).expect("tokenizer"))
-        .expect("json");
+    let tok: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tokenizer.json")).expect("tokenizer"),
+    )
+    .expect("json");
     let mut vocab: Vec<(String, u64)> = tok["model"]["vocab"]
         .as_object()
         .expect("vocab")
@@ -45,19 +50,31 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
         .map(|(k, v)| (k.clone(), v.as_u64().expect("id")))
         .collect();
     for a in tok["added_tokens"].as_array().expect("added") {
-        let (c, id) = (a["content"].as_str().expect("content").to_string(), a["id"].as_u64().expect("id"));
+        let (c, id) = (
+            a["content"].as_str().expect("content").to_string(),
+            a["id"].as_u64().expect("id"),
+        );
         if !vocab.iter().any(|(_, i)| *i == id) {
             vocab.push((c, id));
         }
     }
     vocab.sort_by_key(|(_, id)| *id);
-    let specials: Vec<u64> = tok["added_tokens"].as_array().expect("added").iter().map(|a| a["id"].as_u64().expect("id")).collect();
+    let specials: Vec<u64> = tok["added_tokens"]
+        .as_array()
+        .expect("added")
+        .iter()
+        .map(|a| a["id"].as_u64().expect("id"))
+        .collect();
     let merges: Vec<MetaValue> = tok["model"]["merges"]
         .as_array()
         .expect("merges")
         .iter()
         .map(|m| match m {
-            Value::Array(p) => MetaValue::String(format!("{} {}", p[0].as_str().expect("a"), p[1].as_str().expect("b"))),
+            Value::Array(p) => MetaValue::String(format!(
+                "{} {}",
+                p[0].as_str().expect("a"),
+                p[1].as_str().expect("b")
+            )),
             Value::String(s) => MetaValue::String(s.clone()),
             _ => panic!("odd merge"),
         })
@@ -70,15 +87,34 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
         .meta("llama.block_count", int(cfg.num_layers))
         .meta("llama.attention.head_count", int(cfg.num_heads))
         .meta("llama.attention.head_count_kv", int(cfg.num_kv_heads))
-        .meta("llama.attention.layer_norm_rms_epsilon", MetaValue::Float(cfg.rms_norm_eps as f64))
-        .meta("llama.rope.freq_base", MetaValue::Float(cfg.rope_theta as f64))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::Float(cfg.rms_norm_eps as f64),
+        )
+        .meta(
+            "llama.rope.freq_base",
+            MetaValue::Float(cfg.rope_theta as f64),
+        )
         .meta("llama.context_length", int(cfg.max_position_embeddings))
         .meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
         .meta("tokenizer.ggml.pre", MetaValue::String("default".into()))
-        .meta("tokenizer.ggml.tokens", MetaValue::Array(vocab.iter().map(|(t, _)| MetaValue::String(t.clone())).collect()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(
+                vocab
+                    .iter()
+                    .map(|(t, _)| MetaValue::String(t.clone()))
+                    .collect(),
+            ),
+        )
         .meta(
             "tokenizer.ggml.token_type",
-            MetaValue::Array(vocab.iter().map(|(_, id)| MetaValue::Int(if specials.contains(id) { 3 } else { 1 })).collect()),
+            MetaValue::Array(
+                vocab
+                    .iter()
+                    .map(|(_, id)| MetaValue::Int(if specials.contains(id) { 3 } else { 1 }))
+                    .collect(),
+            ),
         )
         .meta("tokenizer.ggml.merges", MetaValue::Array(merges))
         .meta("tokenizer.ggml.bos_token_id", MetaValue::Int(1))
@@ -86,37 +122,113 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
     // Llama-3 rope scaling travels as per-dimension divisors of the unscaled frequencies.
     let mut unscaled = cfg.clone();
     unscaled.rope_scaling = None;
-    let factors: Vec<f32> =
-        unscaled.rope_inv_freq().iter().zip(cfg.rope_inv_freq()).map(|(base, scaled)| base / scaled).collect();
-    w.tensor("rope_freqs.weight", &[factors.len()], GgmlType::F32, &factors);
+    let factors: Vec<f32> = unscaled
+        .rope_inv_freq()
+        .iter()
+        .zip(cfg.rope_inv_freq())
+        .map(|(base, scaled)| base / scaled)
+        .collect();
+    w.tensor(
+        "rope_freqs.weight",
+        &[factors.len()],
+        GgmlType::F32,
+        &factors,
+    );
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let mut put = |hf: &str, gguf: &str, shape: &[usize], ty: GgmlType, permute_heads: Option<usize>| {
-        if skip == Some(gguf) {
-            return;
-        }
-        let mut data = ckpt.tensor(hf, shape, &cfg).expect("fixture tensor");
-        if let Some(heads) = permute_heads {
-            data = permute(&data, heads, hd);
-        }
-        w.tensor(gguf, shape, ty, &data);
-    };
-    put("model.embed_tokens.weight", "token_embd.weight", &[cfg.vocab_size, h], ty, None);
-    put("model.norm.weight", "output_norm.weight", &[h], GgmlType::F32, None);
+    let mut put =
+        |hf: &str, gguf: &str, shape: &[usize], ty: GgmlType, permute_heads: Option<usize>| {
+            if skip == Some(gguf) {
+                return;
+            }
+            let mut data = ckpt.tensor(hf, shape, &cfg).expect("fixture tensor");
+            if let Some(heads) = permute_heads {
+                data = permute(&data, heads, hd);
+            }
+            w.tensor(gguf, shape, ty, &data);
+        };
+    put(
+        "model.embed_tokens.weight",
+        "token_embd.weight",
+        &[cfg.vocab_size, h],
+        ty,
+        None,
+    );
+    put(
+        "model.norm.weight",
+        "output_norm.weight",
+        &[h],
+        GgmlType::F32,
+        None,
+    );
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         let b = format!("blk.{l}");
         let q = cfg.num_heads * hd;
         let kv = cfg.num_kv_heads * hd;
         let f = cfg.intermediate_size;
-        put(&format!("{p}.input_layernorm.weight"), &format!("{b}.attn_norm.weight"), &[h], GgmlType::F32, None);
-        put(&format!("{p}.self_attn.q_proj.weight"), &format!("{b}.attn_q.weight"), &[q, h], ty, Some(cfg.num_heads));
-        put(&format!("{p}.self_attn.k_proj.weight"), &format!("{b}.attn_k.weight"), &[kv, h], ty, Some(cfg.num_kv_heads));
-        put(&format!("{p}.self_attn.v_proj.weight"), &format!("{b}.attn_v.weight"), &[kv, h], ty, None);
-        put(&format!("{p}.self_attn.o_proj.weight"), &format!("{b}.attn_output.weight"), &[h, q], ty, None);
-        put(&format!("{p}.post_attention_layernorm.weight"), &format!("{b}.ffn_norm.weight"), &[h], GgmlType::F32, None);
-        put(&format!("{p}.mlp.gate_proj.weight"), &format!("{b}.ffn_gate.weight"), &[f, h], ty, None);
-        put(&format!("{p}.mlp.up_proj.weight"), &format!("{b}.ffn_up.weight"), &[f, h], ty, None);
-        put(&format!("{p}.mlp.down_proj.weight"), &format!("{b}.ffn_down.weight"), &[h, f], ty, None);
+        put(
+            &format!("{p}.input_layernorm.weight"),
+            &format!("{b}.attn_norm.weight"),
+            &[h],
+            GgmlType::F32,
+            None,
+        );
+        put(
+            &format!("{p}.self_attn.q_proj.weight"),
+            &format!("{b}.attn_q.weight"),
+            &[q, h],
+            ty,
+            Some(cfg.num_heads),
+        );
+        put(
+            &format!("{p}.self_attn.k_proj.weight"),
+            &format!("{b}.attn_k.weight"),
+            &[kv, h],
+            ty,
+            Some(cfg.num_kv_heads),
+        );
+        put(
+            &format!("{p}.self_attn.v_proj.weight"),
+            &format!("{b}.attn_v.weight"),
+            &[kv, h],
+            ty,
+            None,
+        );
+        put(
+            &format!("{p}.self_attn.o_proj.weight"),
+            &format!("{b}.attn_output.weight"),
+            &[h, q],
+            ty,
+            None,
+        );
+        put(
+            &format!("{p}.post_attention_layernorm.weight"),
+            &format!("{b}.ffn_norm.weight"),
+            &[h],
+            GgmlType::F32,
+            None,
+        );
+        put(
+            &format!("{p}.mlp.gate_proj.weight"),
+            &format!("{b}.ffn_gate.weight"),
+            &[f, h],
+            ty,
+            None,
+        );
+        put(
+            &format!("{p}.mlp.up_proj.weight"),
+            &format!("{b}.ffn_up.weight"),
+            &[f, h],
+            ty,
+            None,
+        );
+        put(
+            &format!("{p}.mlp.down_proj.weight"),
+            &format!("{b}.ffn_down.weight"),
+            &[h, f],
+            ty,
+            None,
+        );
     }
     w
 }
@@ -130,26 +242,50 @@ fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
 fn logits(engine: &Engine, text: &str) -> Vec<f32> {
     let ids = engine.tokenizer.encode(text).expect("encodes");
     let mut cache = engine.model.new_cache();
-    engine.model.forward(&mut [StepInput { tokens: &ids, cache: &mut cache, logits: Logits::All }]).remove(0)
+    engine
+        .model
+        .forward(&mut [StepInput {
+            tokens: &ids,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .remove(0)
 }
 
 #[test]
 fn gguf_with_permuted_qk_and_rope_freqs_matches_safetensors() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let path = write(&tmp, "tiny.gguf", &tiny_llama_gguf(GgmlType::F32, None).to_bytes());
+    let path = write(
+        &tmp,
+        "tiny.gguf",
+        &tiny_llama_gguf(GgmlType::F32, None).to_bytes(),
+    );
     let from_gguf = Engine::load(&path).expect("gguf loads");
     let from_st = Engine::load(&fixture("tiny-llama3")).expect("safetensors loads");
     let text = "fn main() { println!(\"hi\"); } 1234567890 digits";
-    assert_eq!(from_gguf.tokenizer.encode(text).expect("ids"), from_st.tokenizer.encode(text).expect("ids"));
+    assert_eq!(
+        from_gguf.tokenizer.encode(text).expect("ids"),
+        from_st.tokenizer.encode(text).expect("ids")
+    );
     let (a, b) = (logits(&from_gguf, text), logits(&from_st, text));
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    assert!(worst < 1e-4, "GGUF and safetensors logits differ by {worst}");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "GGUF and safetensors logits differ by {worst}"
+    );
 }
 
 #[test]
 fn every_supported_gguf_type_loads_and_stays_close() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let reference = logits(&Engine::load(&fixture("tiny-llama3")).expect("loads"), "Hello, world!");
+    let reference = logits(
+        &Engine::load(&fixture("tiny-llama3")).expect("loads"),
+        "Hello, world!",
+    );
     for (ty, tol) in [
         (GgmlType::F16, 1e-5),
         (GgmlType::BF16, 1e-5),
@@ -157,13 +293,28 @@ fn every_supported_gguf_type_loads_and_stays_close() {
         (GgmlType::Q4_1, 0.6),
         (GgmlType::Q4_0, 0.6),
     ] {
-        let path = write(&tmp, &format!("tiny-{ty:?}.gguf"), &tiny_llama_gguf(ty, None).to_bytes());
-        let got = logits(&Engine::load(&path).unwrap_or_else(|e| panic!("{ty:?} loads: {e}")), "Hello, world!");
+        let path = write(
+            &tmp,
+            &format!("tiny-{ty:?}.gguf"),
+            &tiny_llama_gguf(ty, None).to_bytes(),
+        );
+        let got = logits(
+            &Engine::load(&path).unwrap_or_else(|e| panic!("{ty:?} loads: {e}")),
+            "Hello, world!",
+        );
         // Relative L2 error of all logits: quantisation noise grows from f16 to 4 bits.
-        let err: f32 = got.iter().zip(&reference).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt()
+        let err: f32 = got
+            .iter()
+            .zip(&reference)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
             / reference.iter().map(|y| y * y).sum::<f32>().sqrt();
         eprintln!("{ty:?}: relative logit error {err:.2e}");
-        assert!(err < tol, "{ty:?}: logits differ from f32 by {err} relative (allowed {tol})");
+        assert!(
+            err < tol,
+            "{ty:?}: logits differ from f32 by {err} relative (allowed {tol})"
+        );
     }
 }
 
@@ -179,11 +330,17 @@ fn truncated_gguf_names_file_and_tensor() {
     let e = load_err(&path);
     let msg = e.to_string();
     assert!(matches!(e, Error::TruncatedTensor { .. }), "{msg}");
-    assert!(msg.contains("cut.gguf") && msg.contains("truncated") && msg.contains("blk.1."), "{msg}");
+    assert!(
+        msg.contains("cut.gguf") && msg.contains("truncated") && msg.contains("blk.1."),
+        "{msg}"
+    );
 
     let header_only = write(&tmp, "header.gguf", &bytes[..100]);
     let msg = load_err(&header_only).to_string();
-    assert!(msg.contains("header.gguf") && msg.contains("header ends early"), "{msg}");
+    assert!(
+        msg.contains("header.gguf") && msg.contains("header ends early"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -192,29 +349,58 @@ fn unknown_tensor_type_missing_tensor_and_wrong_shape_are_named() {
     let mut w = tiny_llama_gguf(GgmlType::F32, Some("blk.0.ffn_up.weight"));
     let p = write(&tmp, "missing.gguf", &w.to_bytes());
     let msg = load_err(&p).to_string();
-    assert!(msg.contains("missing.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("missing.gguf")
+            && msg.contains("blk.0.ffn_up.weight")
+            && msg.contains("missing"),
+        "{msg}"
+    );
 
     // Q4_K (ggml type 12) is a real type Gristmill does not read yet.
-    w.raw_tensor("blk.0.ffn_up.weight", &[160, 64], 12, vec![0u8; 160 * 64 / 256 * 144]);
+    w.raw_tensor(
+        "blk.0.ffn_up.weight",
+        &[160, 64],
+        12,
+        vec![0u8; 160 * 64 / 256 * 144],
+    );
     let p = write(&tmp, "q4k.gguf", &w.to_bytes());
     let msg = load_err(&p).to_string();
-    assert!(msg.contains("q4k.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("Q4_K"), "{msg}");
+    assert!(
+        msg.contains("q4k.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("Q4_K"),
+        "{msg}"
+    );
 
     let mut w = tiny_llama_gguf(GgmlType::F32, Some("blk.0.ffn_up.weight"));
-    w.tensor("blk.0.ffn_up.weight", &[64, 160], GgmlType::F32, &vec![0.0; 64 * 160]);
+    w.tensor(
+        "blk.0.ffn_up.weight",
+        &[64, 160],
+        GgmlType::F32,
+        &vec![0.0; 64 * 160],
+    );
     let p = write(&tmp, "shape.gguf", &w.to_bytes());
     let msg = load_err(&p).to_string();
-    assert!(msg.contains("shape.gguf") && msg.contains("[64, 160]") && msg.contains("expected [160, 64]"), "{msg}");
+    assert!(
+        msg.contains("shape.gguf")
+            && msg.contains("[64, 160]")
+            && msg.contains("expected [160, 64]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn missing_and_corrupt_models_fail_fast() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let msg = load_err(&tmp.path().join("nope.gguf")).to_string();
-    assert!(msg.contains("nope.gguf") && msg.contains("does not exist"), "{msg}");
+    assert!(
+        msg.contains("nope.gguf") && msg.contains("does not exist"),
+        "{msg}"
+    );
     let p = write(&tmp, "junk.gguf", b"this is not a model at all, just text");
     let msg = load_err(&p).to_string();
-    assert!(msg.contains("junk.gguf") && msg.contains("bad magic"), "{msg}");
+    assert!(
+        msg.contains("junk.gguf") && msg.contains("bad magic"),
+        "{msg}"
+    );
     let empty = tempfile::tempdir().expect("tempdir");
     let msg = load_err(empty.path()).to_string();
     assert!(msg.contains("no config.json"), "{msg}");
@@ -228,14 +414,26 @@ fn broken_safetensors_checkpoints_are_named() {
         std::fs::copy(src.join(f), tmp.path().join(f)).expect("copy");
     }
     let weights = std::fs::read(src.join("model.safetensors")).expect("weights");
-    std::fs::write(tmp.path().join("model.safetensors"), &weights[..weights.len() / 2]).expect("write");
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .expect("write");
     let msg = load_err(tmp.path()).to_string();
-    assert!(msg.contains("model.safetensors") && (msg.contains("truncated") || msg.contains("header")), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && (msg.contains("truncated") || msg.contains("header")),
+        "{msg}"
+    );
 
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("cfg")).expect("json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("cfg"))
+            .expect("json");
     cfg["model_type"] = Value::String("gpt_neox".into());
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).expect("write");
     std::fs::write(tmp.path().join("model.safetensors"), &weights).expect("write");
     let msg = load_err(tmp.path()).to_string();
-    assert!(msg.contains("config.json") && msg.contains("\"gpt_neox\" is not supported"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("\"gpt_neox\" is not supported"),
+        "{msg}"
+    );
 }

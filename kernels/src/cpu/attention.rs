@@ -19,45 +19,69 @@ pub struct AttentionShape {
 /// `q` is `[t, heads * head_dim]`; `k` and `v` are `[start + t, kv_heads * head_dim]` (the
 /// cache including the new tokens); `out` is `[t, heads * head_dim]`. Query row `i` sees keys
 /// `0..=start + i`. Grouped-query attention maps head `h` to KV head `h / (heads / kv_heads)`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, shape: AttentionShape, out: &mut [f32]) {
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let row = heads * head_dim;
     let kv_row = kv_heads * head_dim;
     let t = q.len() / row;
-    assert_eq!(q.len(), t * row, "attention: q is not rows of heads * head_dim");
+    assert_eq!(
+        q.len(),
+        t * row,
+        "attention: q is not rows of heads * head_dim"
+    );
     assert_eq!(out.len(), q.len(), "attention: out and q differ in size");
-    assert!(k.len() >= (start + t) * kv_row && v.len() >= (start + t) * kv_row, "attention: cache too short");
-    assert_eq!(heads % kv_heads, 0, "attention: heads must be a multiple of kv_heads");
+    assert!(
+        k.len() >= (start + t) * kv_row && v.len() >= (start + t) * kv_row,
+        "attention: cache too short"
+    );
+    assert_eq!(
+        heads % kv_heads,
+        0,
+        "attention: heads must be a multiple of kv_heads"
+    );
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-        let (i, h) = (idx / heads, idx % heads);
-        let g = h / group;
-        let qh = &q[i * row + h * head_dim..i * row + (h + 1) * head_dim];
-        let len = start + i + 1;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..len {
-            let kh = &k[j * kv_row + g * head_dim..j * kv_row + (g + 1) * head_dim];
-            let s = dot(qh, kh) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let vh = &v[j * kv_row + g * head_dim..j * kv_row + (g + 1) * head_dim];
-            let w = p * inv;
-            for (a, &b) in o.iter_mut().zip(vh) {
-                *a += w * b;
+    out.par_chunks_mut(head_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (idx, o)| {
+            let (i, h) = (idx / heads, idx % heads);
+            let g = h / group;
+            let qh = &q[i * row + h * head_dim..i * row + (h + 1) * head_dim];
+            let len = start + i + 1;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..len {
+                let kh = &k[j * kv_row + g * head_dim..j * kv_row + (g + 1) * head_dim];
+                let s = dot(qh, kh) * scale;
+                max = max.max(s);
+                scores.push(s);
             }
-        }
-    });
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let vh = &v[j * kv_row + g * head_dim..j * kv_row + (g + 1) * head_dim];
+                let w = p * inv;
+                for (a, &b) in o.iter_mut().zip(vh) {
+                    *a += w * b;
+                }
+            }
+        });
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -81,7 +105,11 @@ mod tests {
 
     #[test]
     fn single_key_returns_its_value_and_gqa_shares_kv() {
-        let shape = AttentionShape { heads: 2, kv_heads: 1, head_dim: 2 };
+        let shape = AttentionShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+        };
         let q = [1.0, 0.0, 0.0, 1.0];
         let k = [0.3, 0.7];
         let v = [5.0, -1.0];
@@ -92,7 +120,11 @@ mod tests {
 
     #[test]
     fn causal_rows_see_only_their_past() {
-        let shape = AttentionShape { heads: 1, kv_heads: 1, head_dim: 1 };
+        let shape = AttentionShape {
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 1,
+        };
         let q = [0.0, 0.0];
         let k = [0.0, 0.0];
         let v = [2.0, 4.0];

@@ -41,10 +41,20 @@ unsafe impl Sync for SendPtr {}
 /// # Safety
 /// `out` must point to `m * n` writable floats and no other thread may write columns `n0..n1`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, n0: usize, n1: usize, out: *mut f32) {
+unsafe fn tile(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    n0: usize,
+    n1: usize,
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); pointer contract passed on.
             unsafe { avx2::tile(x, m, k, w, n, n0, n1, out) };
             return;
@@ -84,7 +94,16 @@ mod avx2 {
     /// AVX2 and FMA must be available; `out` as in [`super::tile`].
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, n0: usize, n1: usize, out: *mut f32) {
+    pub unsafe fn tile(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        n0: usize,
+        n1: usize,
+        out: *mut f32,
+    ) {
         let mut j = n0;
         while j < n1 {
             let cols = (n1 - j).min(4);
@@ -95,9 +114,23 @@ mod avx2 {
                 unsafe {
                     match (rows, cols) {
                         (4, 4) => block::<4, 4>(x, i, k, w, j, n, out),
-                        (4, _) => for c in 0..cols { block::<4, 1>(x, i, k, w, j + c, n, out) },
-                        (_, 4) => for r in 0..rows { block::<1, 4>(x, i + r, k, w, j, n, out) },
-                        _ => for r in 0..rows { for c in 0..cols { block::<1, 1>(x, i + r, k, w, j + c, n, out) } },
+                        (4, _) => {
+                            for c in 0..cols {
+                                block::<4, 1>(x, i, k, w, j + c, n, out)
+                            }
+                        }
+                        (_, 4) => {
+                            for r in 0..rows {
+                                block::<1, 4>(x, i + r, k, w, j, n, out)
+                            }
+                        }
+                        _ => {
+                            for r in 0..rows {
+                                for c in 0..cols {
+                                    block::<1, 1>(x, i + r, k, w, j + c, n, out)
+                                }
+                            }
+                        }
                     }
                 }
                 i += rows;
@@ -173,16 +206,27 @@ mod tests {
 
     #[test]
     fn matches_naive_f64_at_odd_shapes() {
-        for &(m, k, n) in &[(1, 8, 1), (3, 13, 7), (5, 64, 33), (9, 576, 50), (17, 100, 130)] {
+        for &(m, k, n) in &[
+            (1, 8, 1),
+            (3, 13, 7),
+            (5, 64, 33),
+            (9, 576, 50),
+            (17, 100, 130),
+        ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let mut out = vec![f32::NAN; m * n];
             linear(&x, m, k, &w, n, &mut out);
             for i in 0..m {
                 for j in 0..n {
-                    let r: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                    let r: f64 = (0..k)
+                        .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                        .sum();
                     let got = out[i * n + j] as f64;
-                    assert!((got - r).abs() < 1e-4 * (1.0 + r.abs()), "({m},{k},{n})[{i},{j}]: {got} vs {r}");
+                    assert!(
+                        (got - r).abs() < 1e-4 * (1.0 + r.abs()),
+                        "({m},{k},{n})[{i},{j}]: {got} vs {r}"
+                    );
                 }
             }
         }

@@ -34,10 +34,24 @@ fn sum_of_squares(row: &[f32]) -> f32 {
 ///
 /// `x` holds `positions.len()` rows of `heads * head_dim`; element `i` of a head pairs with
 /// element `i + head_dim / 2`, rotated by `positions[row] * inv_freq[i]`.
-pub fn rope_neox(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f32]) {
+pub fn rope_neox(
+    x: &mut [f32],
+    positions: &[usize],
+    heads: usize,
+    head_dim: usize,
+    inv_freq: &[f32],
+) {
     let half = head_dim / 2;
-    assert_eq!(inv_freq.len(), half, "rope: inv_freq must have head_dim / 2 entries");
-    assert_eq!(x.len(), positions.len() * heads * head_dim, "rope: x is not [tokens, heads * head_dim]");
+    assert_eq!(
+        inv_freq.len(),
+        half,
+        "rope: inv_freq must have head_dim / 2 entries"
+    );
+    assert_eq!(
+        x.len(),
+        positions.len() * heads * head_dim,
+        "rope: x is not [tokens, heads * head_dim]"
+    );
     let mut cos = vec![0f32; half];
     let mut sin = vec![0f32; half];
     for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
@@ -117,7 +131,10 @@ mod tests {
     fn rope_rotates_pairs_half_apart() {
         let mut x = vec![1.0, 0.0, 0.0, 1.0]; // one head, head_dim 4: pairs (0,2) and (1,3)
         rope_neox(&mut x, &[1], 1, 4, &[std::f32::consts::FRAC_PI_2, 0.0]);
-        assert!((x[0] - 0.0).abs() < 1e-6 && (x[2] - 1.0).abs() < 1e-6, "{x:?}");
+        assert!(
+            (x[0] - 0.0).abs() < 1e-6 && (x[2] - 1.0).abs() < 1e-6,
+            "{x:?}"
+        );
         assert_eq!((x[1], x[3]), (0.0, 1.0));
     }
 

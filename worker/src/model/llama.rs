@@ -109,7 +109,11 @@ impl<B: Backend> Loader<'_, B> {
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
         Ok(Linear {
             weight: self.matrix(&format!("{prefix}.weight"), out, inp)?,
-            bias: if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None },
+            bias: if bias {
+                Some(self.vector(&format!("{prefix}.bias"), out)?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -118,7 +122,11 @@ impl<B: Backend> Llama<B> {
     /// Loads every weight of the checkpoint onto the backend.
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
         let cfg = ckpt.config()?;
-        let l = Loader { ckpt, cfg: &cfg, backend: &backend };
+        let l = Loader {
+            ckpt,
+            cfg: &cfg,
+            backend: &backend,
+        };
         let (h, kv, hd) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim);
         let q_out = cfg.num_heads * hd;
         let layers = (0..cfg.num_layers)
@@ -127,16 +135,47 @@ impl<B: Backend> Llama<B> {
                 Ok(DecoderLayer {
                     input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
                     self_attn: Attention {
-                        q_proj: l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, cfg.attention_bias)?,
-                        k_proj: l.linear(&format!("{p}.self_attn.k_proj"), kv * hd, h, cfg.attention_bias)?,
-                        v_proj: l.linear(&format!("{p}.self_attn.v_proj"), kv * hd, h, cfg.attention_bias)?,
+                        q_proj: l.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            q_out,
+                            h,
+                            cfg.attention_bias,
+                        )?,
+                        k_proj: l.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            kv * hd,
+                            h,
+                            cfg.attention_bias,
+                        )?,
+                        v_proj: l.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            kv * hd,
+                            h,
+                            cfg.attention_bias,
+                        )?,
                         o_proj: l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
                     },
-                    post_attention_layernorm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    post_attention_layernorm: l
+                        .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                     mlp: Mlp {
-                        gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
-                        up_proj: l.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                        down_proj: l.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                        gate_proj: l.linear(
+                            &format!("{p}.mlp.gate_proj"),
+                            cfg.intermediate_size,
+                            h,
+                            false,
+                        )?,
+                        up_proj: l.linear(
+                            &format!("{p}.mlp.up_proj"),
+                            cfg.intermediate_size,
+                            h,
+                            false,
+                        )?,
+                        down_proj: l.linear(
+                            &format!("{p}.mlp.down_proj"),
+                            h,
+                            cfg.intermediate_size,
+                            false,
+                        )?,
                     },
                 })
             })
@@ -155,7 +194,15 @@ impl<B: Backend> Llama<B> {
                 *f /= d;
             }
         }
-        Ok(Self { cfg, backend, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Self {
+            cfg,
+            backend,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     pub fn backend(&self) -> &B {
@@ -166,8 +213,12 @@ impl<B: Backend> Llama<B> {
     pub fn new_cache(&self) -> SeqCache<B> {
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
         SeqCache {
-            k: (0..self.cfg.num_layers).map(|_| self.backend.empty(width)).collect(),
-            v: (0..self.cfg.num_layers).map(|_| self.backend.empty(width)).collect(),
+            k: (0..self.cfg.num_layers)
+                .map(|_| self.backend.empty(width))
+                .collect(),
+            v: (0..self.cfg.num_layers)
+                .map(|_| self.backend.empty(width))
+                .collect(),
             len: 0,
         }
     }
@@ -183,9 +234,15 @@ impl<B: Backend> Llama<B> {
         let b = &self.backend;
         let cfg = &self.cfg;
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let positions: Vec<usize> =
-            seqs.iter().flat_map(|s| s.cache.len..s.cache.len + s.tokens.len()).collect();
-        let shape = AttentionShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
+        let positions: Vec<usize> = seqs
+            .iter()
+            .flat_map(|s| s.cache.len..s.cache.len + s.tokens.len())
+            .collect();
+        let shape = AttentionShape {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         let mut hidden = b.embed(&self.embed_tokens, &ids);
         for (li, layer) in self.layers.iter().enumerate() {
             let x = b.rms_norm(&hidden, &layer.input_layernorm, cfg.rms_norm_eps);
@@ -193,8 +250,20 @@ impl<B: Backend> Llama<B> {
             let mut q = self.linear(&x, &att.q_proj);
             let mut k = self.linear(&x, &att.k_proj);
             let v = self.linear(&x, &att.v_proj);
-            b.rope(&mut q, &positions, cfg.num_heads, cfg.head_dim, &self.inv_freq);
-            b.rope(&mut k, &positions, cfg.num_kv_heads, cfg.head_dim, &self.inv_freq);
+            b.rope(
+                &mut q,
+                &positions,
+                cfg.num_heads,
+                cfg.head_dim,
+                &self.inv_freq,
+            );
+            b.rope(
+                &mut k,
+                &positions,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                &self.inv_freq,
+            );
             let mut outs = Vec::with_capacity(seqs.len());
             let mut row = 0;
             for s in seqs.iter_mut() {

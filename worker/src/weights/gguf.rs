@@ -118,9 +118,11 @@ impl Cursor<'_> {
     }
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
-        let len = usize::try_from(len).map_err(|_| Error::format(self.path, format!("{what}: absurd length {len}")))?;
+        let len = usize::try_from(len)
+            .map_err(|_| Error::format(self.path, format!("{what}: absurd length {len}")))?;
         let b = self.take(len, what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::format(self.path, format!("{what} is not UTF-8")))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::format(self.path, format!("{what} is not UTF-8")))
     }
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<MetaValue> {
         let mut fixed = |n: usize| -> Result<[u8; 8]> {
@@ -132,22 +134,38 @@ impl Cursor<'_> {
         Ok(match ty {
             0 => MetaValue::Int(fixed(1)?[0] as i64),
             1 => MetaValue::Int(fixed(1)?[0] as i8 as i64),
-            2 => MetaValue::Int(u16::from_le_bytes(fixed(2)?[..2].try_into().unwrap_or_default()) as i64),
-            3 => MetaValue::Int(i16::from_le_bytes(fixed(2)?[..2].try_into().unwrap_or_default()) as i64),
-            4 => MetaValue::Int(u32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as i64),
-            5 => MetaValue::Int(i32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as i64),
-            6 => MetaValue::Float(f32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as f64),
+            2 => MetaValue::Int(
+                u16::from_le_bytes(fixed(2)?[..2].try_into().unwrap_or_default()) as i64,
+            ),
+            3 => MetaValue::Int(
+                i16::from_le_bytes(fixed(2)?[..2].try_into().unwrap_or_default()) as i64,
+            ),
+            4 => MetaValue::Int(
+                u32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as i64,
+            ),
+            5 => MetaValue::Int(
+                i32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as i64,
+            ),
+            6 => MetaValue::Float(
+                f32::from_le_bytes(fixed(4)?[..4].try_into().unwrap_or_default()) as f64,
+            ),
             7 => MetaValue::Bool(fixed(1)?[0] != 0),
             8 => MetaValue::String(self.string(key)?),
             9 => {
                 if depth > 2 {
-                    return Err(Error::format(self.path, format!("metadata {key}: arrays nested too deep")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("metadata {key}: arrays nested too deep"),
+                    ));
                 }
                 let ety = self.u32(key)?;
                 let n = self.u64(key)?;
                 // Every element takes at least one byte: reject counts the file cannot hold.
                 if n > (self.buf.len() - self.pos) as u64 {
-                    return Err(Error::format(self.path, format!("metadata {key}: array of {n} elements overruns the file")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("metadata {key}: array of {n} elements overruns the file"),
+                    ));
                 }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -155,11 +173,19 @@ impl Cursor<'_> {
                 }
                 MetaValue::Array(items)
             }
-            10 => MetaValue::Int(fixed(8)?.into_iter().rev().fold(0u64, |a, b| (a << 8) | b as u64) as i64),
+            10 => MetaValue::Int(
+                fixed(8)?
+                    .into_iter()
+                    .rev()
+                    .fold(0u64, |a, b| (a << 8) | b as u64) as i64,
+            ),
             11 => MetaValue::Int(i64::from_le_bytes(fixed(8)?)),
             12 => MetaValue::Float(f64::from_le_bytes(fixed(8)?)),
             other => {
-                return Err(Error::format(self.path, format!("metadata {key}: unknown value type {other}")))
+                return Err(Error::format(
+                    self.path,
+                    format!("metadata {key}: unknown value type {other}"),
+                ))
             }
         })
     }
@@ -172,19 +198,32 @@ impl GgufFile {
         // SAFETY: the map is read-only; a model file changed underneath a running process is
         // outside what we can defend against, as for every mmap-based loader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let mut c = Cursor { buf: &map, pos: 0, path };
+        let mut c = Cursor {
+            buf: &map,
+            pos: 0,
+            path,
+        };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
-            return Err(Error::format(path, format!("bad magic {magic:?}, expected \"GGUF\"")));
+            return Err(Error::format(
+                path,
+                format!("bad magic {magic:?}, expected \"GGUF\""),
+            ));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("GGUF version {version} is not supported (2 or 3)")));
+            return Err(Error::format(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         if n_tensors > 1 << 20 || n_kv > 1 << 20 {
-            return Err(Error::format(path, format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+            return Err(Error::format(
+                path,
+                format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries"),
+            ));
         }
         let mut metadata = HashMap::new();
         for _ in 0..n_kv {
@@ -198,20 +237,43 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32(&name)?;
             if n_dims > 4 {
-                return Err(Error::format(path, format!("tensor {name:?} has {n_dims} dimensions (at most 4)")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor {name:?} has {n_dims} dimensions (at most 4)"),
+                ));
             }
-            let dims = (0..n_dims).map(|_| c.u64(&name)).collect::<Result<Vec<_>>>()?;
+            let dims = (0..n_dims)
+                .map(|_| c.u64(&name))
+                .collect::<Result<Vec<_>>>()?;
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
             table.push((name, dims, type_id, offset));
         }
-        let alignment = metadata.get("general.alignment").and_then(MetaValue::as_u64).unwrap_or(32).max(1);
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(MetaValue::as_u64)
+            .unwrap_or(32)
+            .max(1);
         let data_start = (c.pos as u64).next_multiple_of(alignment);
         let tensors = table
             .into_iter()
-            .map(|(name, dims, type_id, offset)| (name, TensorInfo { dims, type_id, offset: data_start + offset }))
+            .map(|(name, dims, type_id, offset)| {
+                (
+                    name,
+                    TensorInfo {
+                        dims,
+                        type_id,
+                        offset: data_start + offset,
+                    },
+                )
+            })
             .collect();
-        Ok(Self { path: path.to_path_buf(), map, metadata, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            metadata,
+            tensors,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -224,10 +286,10 @@ impl GgufFile {
 
     /// Reads a tensor as f32 in row-major order, checking its shape (row-major, PyTorch order).
     pub fn tensor_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.to_string() })?;
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })?;
         let shape = info.shape();
         if shape != expected {
             return Err(Error::ShapeMismatch {
@@ -240,11 +302,18 @@ impl GgufFile {
         let ty = GgmlType::from_id(info.type_id).ok_or_else(|| Error::UnsupportedTensorType {
             path: self.path.clone(),
             tensor: name.to_string(),
-            ty: format!("{} (ggml type {})", GgmlType::name_of_id(info.type_id), info.type_id),
+            ty: format!(
+                "{} (ggml type {})",
+                GgmlType::name_of_id(info.type_id),
+                info.type_id
+            ),
         })?;
         let n: usize = shape.iter().product();
         let bytes = ty.bytes_for(n).ok_or_else(|| {
-            Error::format(&self.path, format!("tensor {name:?}: {n} elements is not a whole number of {ty:?} blocks"))
+            Error::format(
+                &self.path,
+                format!("tensor {name:?}: {n} elements is not a whole number of {ty:?} blocks"),
+            )
         })?;
         let end = info.offset + bytes as u64;
         if end > self.map.len() as u64 {
@@ -291,9 +360,16 @@ impl GgufWriter {
     }
 
     /// Adds a tensor with raw bytes and any type id (to test unsupported types).
-    pub fn raw_tensor(&mut self, name: &str, shape: &[usize], type_id: u32, bytes: Vec<u8>) -> &mut Self {
+    pub fn raw_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        type_id: u32,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.to_string(), dims, GgmlType::F32, bytes));
+        self.tensors
+            .push((name.to_string(), dims, GgmlType::F32, bytes));
         self.raw_ids.push((self.tensors.len() - 1, type_id));
         self
     }
@@ -350,7 +426,11 @@ impl GgufWriter {
             for d in dims {
                 out.extend_from_slice(&d.to_le_bytes());
             }
-            let id = self.raw_ids.iter().find(|(j, _)| *j == i).map_or(ty.id(), |(_, id)| *id);
+            let id = self
+                .raw_ids
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map_or(ty.id(), |(_, id)| *id);
             out.extend_from_slice(&id.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);

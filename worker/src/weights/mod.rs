@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub enum Checkpoint {
     Gguf(GgufFile),
-    Safetensors { dir: PathBuf, tensors: SafetensorsDir },
+    Safetensors {
+        dir: PathBuf,
+        tensors: SafetensorsDir,
+    },
 }
 
 impl Checkpoint {
@@ -32,7 +35,10 @@ impl Checkpoint {
         }
         if path.is_dir() {
             if path.join("config.json").exists() {
-                return Ok(Self::Safetensors { dir: path.to_path_buf(), tensors: SafetensorsDir::open(path)? });
+                return Ok(Self::Safetensors {
+                    dir: path.to_path_buf(),
+                    tensors: SafetensorsDir::open(path)?,
+                });
             }
             let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| Error::io(path, e))?
@@ -43,7 +49,8 @@ impl Checkpoint {
                 [one] => Ok(Self::Gguf(GgufFile::open(one)?)),
                 [] => Err(Error::ModelNotFound {
                     path: path.to_path_buf(),
-                    hint: "the directory has no config.json (HF checkpoint) and no .gguf file".into(),
+                    hint: "the directory has no config.json (HF checkpoint) and no .gguf file"
+                        .into(),
                 }),
                 _ => Err(Error::ModelNotFound {
                     path: path.to_path_buf(),
@@ -81,8 +88,10 @@ impl Checkpoint {
         match self {
             Self::Safetensors { tensors, .. } => tensors.tensor_f32(hf_name, shape),
             Self::Gguf(g) => {
-                let name = gguf_name(hf_name)
-                    .ok_or_else(|| Error::MissingTensor { path: g.path().to_path_buf(), tensor: hf_name.to_string() })?;
+                let name = gguf_name(hf_name).ok_or_else(|| Error::MissingTensor {
+                    path: g.path().to_path_buf(),
+                    tensor: hf_name.to_string(),
+                })?;
                 let data = g.tensor_f32(&name, shape)?;
                 // llama.cpp's converter permutes the rows of Q and K of `llama` checkpoints for
                 // its interleaved RoPE; undo it so that the half-split RoPE of HF applies.
@@ -99,9 +108,9 @@ impl Checkpoint {
     /// Per-dimension RoPE frequency divisors stored in a GGUF (`rope_freqs.weight`, Llama 3).
     pub fn rope_freq_factors(&self, cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
         match self {
-            Self::Gguf(g) if g.tensors.contains_key("rope_freqs.weight") => {
-                g.tensor_f32("rope_freqs.weight", &[cfg.head_dim / 2]).map(Some)
-            }
+            Self::Gguf(g) if g.tensors.contains_key("rope_freqs.weight") => g
+                .tensor_f32("rope_freqs.weight", &[cfg.head_dim / 2])
+                .map(Some),
             _ => Ok(None),
         }
     }
@@ -119,7 +128,8 @@ fn unpermute_rows(data: &[f32], heads: usize, head_dim: usize) -> Vec<f32> {
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * width..(dst + 1) * width].copy_from_slice(&data[src * width..(src + 1) * width]);
+                out[dst * width..(dst + 1) * width]
+                    .copy_from_slice(&data[src * width..(src + 1) * width]);
             }
         }
     }
@@ -161,9 +171,18 @@ mod tests {
 
     #[test]
     fn names_map_to_gguf() {
-        assert_eq!(gguf_name("model.layers.12.self_attn.q_proj.bias").as_deref(), Some("blk.12.attn_q.bias"));
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
-        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.bias").as_deref(),
+            Some("blk.12.attn_q.bias")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down.weight")
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
         assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
     }
 
@@ -178,7 +197,8 @@ mod tests {
                 for i in 0..d / 2 {
                     let src = h * d + j * d / 2 + i;
                     let dst = h * d + 2 * i + j;
-                    gguf[dst * width..(dst + 1) * width].copy_from_slice(&hf[src * width..(src + 1) * width]);
+                    gguf[dst * width..(dst + 1) * width]
+                        .copy_from_slice(&hf[src * width..(src + 1) * width]);
                 }
             }
         }

