@@ -54,8 +54,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             };
             let text = w.lines().join("\n") + "\n";
             match a.output {
-                Some(p) => std::fs::write(&p, text)
-                    .with_context(|| format!("cannot write {}", p.display()))?,
+                Some(p) => {
+                    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("cannot create {}", dir.display()))?;
+                    }
+                    std::fs::write(&p, text)
+                        .with_context(|| format!("cannot write {}", p.display()))?
+                }
                 None => std::io::stdout()
                     .write_all(text.as_bytes())
                     .context("cannot write to stdout")?,
