@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod engine_args;
 mod run;
 
 /// Bulk LLM generation: OpenAI batch files in, completions out, nothing lost or duplicated.

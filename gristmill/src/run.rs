@@ -6,13 +6,15 @@ use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use gristmill_coordinator::LineValidator;
 use gristmill_protocol::{LineError, Request};
 use gristmill_worker::response::{error_line, output_line, IdGen};
-use gristmill_worker::{Engine, EngineOptions, Outcome};
+use gristmill_worker::{Engine, Outcome};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine_args::EngineArgs;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -29,22 +31,8 @@ pub struct RunArgs {
     #[arg(long, env = "GRISTMILL_ERRORS")]
     pub errors: Option<PathBuf>,
 
-    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json
-    /// [default: the default model in ~/.cache/gristmill/models, fetched by `make model`].
-    #[arg(short, long, env = "GRISTMILL_MODEL")]
-    pub model: Option<PathBuf>,
-
-    /// Most sequences generated at once.
-    #[arg(long, default_value_t = 32, env = "GRISTMILL_MAX_NUM_SEQS")]
-    pub max_num_seqs: usize,
-
-    /// Most tokens (prompt chunks and decode tokens together) in one engine step.
-    #[arg(long, default_value_t = 2048, env = "GRISTMILL_MAX_NUM_BATCHED_TOKENS")]
-    pub max_num_batched_tokens: usize,
-
-    /// Compute threads [default: all cores].
-    #[arg(long, env = "GRISTMILL_THREADS")]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 
     /// Print nothing but errors.
     #[arg(short, long)]
@@ -146,24 +134,10 @@ fn default_errors_path(output: &Path) -> PathBuf {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("cannot set up the thread pool")?;
-    }
-    if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
-        bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
-    }
+    let opts = args.engine.options()?;
     // Check the input before spending seconds on the model.
     let total = count_lines(&args.input)?;
-    let model_path = args
-        .model
-        .clone()
-        .unwrap_or_else(gristmill_worker::default_model_path);
+    let model_path = args.engine.model_path();
     let load_start = Instant::now();
     let engine = Engine::load(&model_path)
         .with_context(|| format!("cannot load the model {}", model_path.display()))?;
@@ -256,11 +230,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             Err(bad) => sink.borrow_mut().failed(bad.custom_id, bad.line, bad.error),
         }
     });
-    let opts = EngineOptions {
-        max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
-    };
-    engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
+    let stats = engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
 
     let mut sink = sink.into_inner();
     if let Some(bar) = &sink.progress.bar {
@@ -283,6 +253,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.quiet {
         eprintln!("results: {}", args.output.display());
         eprintln!("errors:  {} ({} lines)", errors_path.display(), t.failed);
+        let sc = stats.scheduler;
+        eprintln!(
+            "engine: {} steps, up to {} sequences per step, prefix cache hit rate {:.1}% ({} of {} prompt tokens reused), {} preemptions",
+            stats.steps,
+            stats.max_batch,
+            100.0 * sc.cached_tokens as f64 / sc.prefill_tokens.max(1) as f64,
+            sc.cached_tokens,
+            sc.prefill_tokens,
+            sc.preemptions
+        );
     }
     println!(
         "{} requests: {} completed, {} failed; {} prompt + {} generated tokens in {:.1} s ({:.1} generated tok/s, {:.1} total tok/s)",

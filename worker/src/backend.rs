@@ -8,6 +8,17 @@ use gristmill_kernels::cpu;
 
 pub use gristmill_kernels::cpu::AttentionShape;
 
+/// One sequence's rows in a step, for attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    /// Consecutive rows of the step that belong to this sequence.
+    pub rows: usize,
+    /// Position of the first of them.
+    pub start: usize,
+    /// The sequence's KV blocks, in position order.
+    pub block_table: &'a [u32],
+}
+
 /// Operations of one forward pass. Every op is deterministic and row-independent: a row's result
 /// does not depend on the other rows of the buffer.
 pub trait Backend: Send + Sync + std::fmt::Debug {
@@ -16,11 +27,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// A weight matrix `[rows, cols]` (a linear layer's `[out, in]`) or a vector (`rows == 1`).
     type Weight: Send + Sync + std::fmt::Debug;
 
+    /// Paged KV memory of every layer.
+    type KvStore: Send + std::fmt::Debug;
+
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight;
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
-
-    /// An empty buffer of rows `cols` wide (a KV cache starts as one).
-    fn empty(&self, cols: usize) -> Self::Buf;
+    /// KV memory for `layers` layers of `num_blocks` blocks of `block_size` positions, each
+    /// position `width` values of keys and as many of values.
+    fn kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        width: usize,
+    ) -> Self::KvStore;
     fn rows(&self, x: &Self::Buf) -> usize;
     /// Rows `ids[i]` of an embedding table.
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Buf;
@@ -44,16 +64,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn slice_rows(&self, x: &Self::Buf, start: usize, n: usize) -> Self::Buf;
     /// Concatenates row blocks (in order) into one buffer.
     fn concat_rows(&self, parts: Vec<Self::Buf>) -> Self::Buf;
-    /// Appends the rows of `src` to `dst`.
-    fn append_rows(&self, dst: &mut Self::Buf, src: &Self::Buf);
-    /// Causal attention of `q` (the new rows of one sequence, the first at position `start`) over
-    /// the sequence's cached keys and values, which already include the new rows.
+    /// Stores the keys and values of a step's rows of one layer in their cache slots.
+    fn write_kv(
+        &self,
+        store: &mut Self::KvStore,
+        layer: usize,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        slots: &[usize],
+    );
+    /// Causal attention of a step's query rows (sequences in order) over their paged caches,
+    /// which already hold the new rows.
     fn attention(
         &self,
         q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        start: usize,
+        store: &Self::KvStore,
+        layer: usize,
+        seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> Self::Buf;
     /// Copies a buffer to host memory, row-major.
@@ -77,9 +104,20 @@ impl CpuTensor {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
+/// Host KV memory: per layer, one `[num_blocks * block_size, width]` matrix of keys and one of
+/// values.
+#[derive(Debug)]
+pub struct CpuKvStore {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    block_size: usize,
+    width: usize,
+}
+
 impl Backend for CpuBackend {
     type Buf = CpuTensor;
     type Weight = CpuTensor;
+    type KvStore = CpuKvStore;
 
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
         debug_assert_eq!(data.len(), rows * cols);
@@ -90,10 +128,20 @@ impl Backend for CpuBackend {
         (w.rows(), w.cols)
     }
 
-    fn empty(&self, cols: usize) -> CpuTensor {
-        CpuTensor {
-            data: Vec::new(),
-            cols,
+    fn kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        width: usize,
+    ) -> CpuKvStore {
+        // Zeroed allocations are mapped lazily by the OS: untouched blocks cost no memory.
+        let n = num_blocks * block_size * width;
+        CpuKvStore {
+            k: (0..layers).map(|_| vec![0f32; n]).collect(),
+            v: (0..layers).map(|_| vec![0f32; n]).collect(),
+            block_size,
+            width,
         }
     }
 
@@ -168,21 +216,41 @@ impl Backend for CpuBackend {
         CpuTensor { data, cols }
     }
 
-    fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) {
-        debug_assert_eq!(dst.cols, src.cols);
-        dst.data.extend_from_slice(&src.data);
+    fn write_kv(
+        &self,
+        store: &mut CpuKvStore,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[usize],
+    ) {
+        cpu::write_kv(&mut store.k[layer], &k.data, slots, store.width);
+        cpu::write_kv(&mut store.v[layer], &v.data, slots, store.width);
     }
 
     fn attention(
         &self,
         q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        start: usize,
+        store: &CpuKvStore,
+        layer: usize,
+        seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> CpuTensor {
+        let kv = cpu::PagedKv {
+            k: &store.k[layer],
+            v: &store.v[layer],
+            block_size: store.block_size,
+        };
+        let seqs: Vec<cpu::SeqAttention<'_>> = seqs
+            .iter()
+            .map(|s| cpu::SeqAttention {
+                rows: s.rows,
+                start: s.start,
+                block_table: s.block_table,
+            })
+            .collect();
         let mut out = vec![0f32; q.data.len()];
-        cpu::attention(&q.data, &k.data, &v.data, start, shape, &mut out);
+        cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
         CpuTensor {
             data: out,
             cols: q.cols,

@@ -1,42 +1,65 @@
 //! The generation engine: turns validated requests into completions.
 //!
 //! Requests are pulled lazily from an iterator, so memory stays bounded however long the input
-//! is: at most `max_num_seqs` sequences are live at once. Every step, each live sequence
-//! contributes either one decode token or a chunk of its prompt (within a per-step token budget),
-//! and all of them go through the model together. A finished sequence leaves the batch at once
-//! and a waiting request takes its place (continuous batching).
+//! is: at most `2 × max_num_seqs` requests are held at once. The [`Scheduler`] plans each step
+//! (continuous batching, chunked prefill, paged KV blocks with prefix caching, preemption by
+//! recompute); the model runs it; sampled tokens go back to the scheduler. A finished sequence
+//! leaves the batch at once and a waiting request takes its place.
 //!
 //! Invariants: every request pulled from the iterator produces exactly one [`Outcome`]; a
 //! sequence's output depends only on its own prompt, parameters and seed.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gristmill_protocol::{codes, Endpoint, FinishReason, LineError, Prompt, Request, Usage};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::error::Result;
-use crate::model::llama::{Llama, Logits, SeqCache, StepInput};
+use crate::kv_cache::BlockPool;
+use crate::model::llama::{Llama, Logits, StepSeq};
 use crate::sampler::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SeqId, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
-/// Limits of one engine step.
+/// Limits of the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     /// Most sequences in flight at once.
     pub max_num_seqs: usize,
     /// Most tokens (prompt chunks plus decode tokens) in one step.
     pub max_num_batched_tokens: usize,
+    /// Bytes of KV cache memory.
+    pub kv_cache_bytes: usize,
+    /// Token positions per KV block.
+    pub block_size: usize,
+    /// Reuse the KV blocks of earlier requests with the same prefix.
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
-            max_num_seqs: 32,
+            max_num_seqs: 64,
             max_num_batched_tokens: 2048,
+            kv_cache_bytes: 2 << 30,
+            block_size: 16,
+            enable_prefix_caching: true,
         }
     }
+}
+
+/// What a run did, for summaries and benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunStats {
+    pub steps: u64,
+    pub scheduler: SchedulerStats,
+    /// KV blocks of the run's cache.
+    pub kv_blocks: usize,
+    /// Largest number of sequences in one step.
+    pub max_batch: usize,
 }
 
 /// A request that finished generating.
@@ -51,6 +74,10 @@ pub struct Completion {
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
+    /// From admission into the engine to the first generated token.
+    pub time_to_first_token: Duration,
+    /// From the first generated token to the last.
+    pub decode_time: Duration,
 }
 
 /// What became of one request.
@@ -75,13 +102,13 @@ pub struct Engine<B: Backend = CpuBackend> {
     seed_base: u64,
 }
 
-struct Live<B: Backend> {
+/// A request inside the engine; its tokens and KV blocks live in the scheduler.
+struct Live {
     req: Request,
-    prompt: Vec<u32>,
     max_tokens: usize,
-    cache: SeqCache<B>,
-    generated: Vec<u32>,
     sampler: Sampler,
+    admitted: Instant,
+    first_token: Option<Instant>,
 }
 
 impl Engine<CpuBackend> {
@@ -188,172 +215,201 @@ impl<B: Backend> Engine<B> {
 
     /// Runs every request of `requests` to completion, calling `on_outcome` as each finishes
     /// (in completion order, not input order).
-    pub fn run<I, F>(&self, requests: I, opts: EngineOptions, mut on_outcome: F)
+    pub fn run<I, F>(&self, requests: I, opts: EngineOptions, mut on_outcome: F) -> RunStats
     where
         I: IntoIterator<Item = Request>,
         F: FnMut(Outcome),
     {
         let mut pending = requests.into_iter();
-        let mut live: Vec<Live<B>> = Vec::new();
-        let max_seqs = opts.max_num_seqs.max(1);
-        let budget = opts.max_num_batched_tokens.max(1);
         let ctx = self.model.cfg.max_position_embeddings;
+        let block_size = opts.block_size.max(1);
+        let num_blocks =
+            (opts.kv_cache_bytes / (block_size * self.model.kv_bytes_per_token())).max(1);
+        let mut kv = self.model.kv_cache(num_blocks, block_size);
+        let max_seqs = opts.max_num_seqs.max(1);
+        let mut sched = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: max_seqs,
+                max_num_batched_tokens: opts.max_num_batched_tokens.max(1),
+                enable_prefix_caching: opts.enable_prefix_caching,
+            },
+            BlockPool::new(num_blocks, block_size),
+        );
+        let mut live: HashMap<SeqId, Live> = HashMap::new();
+        let mut next_id: SeqId = 0;
+        let mut stats = RunStats {
+            kv_blocks: num_blocks,
+            ..RunStats::default()
+        };
+        let mut exhausted = false;
         loop {
-            while live.len() < max_seqs {
-                let Some(req) = pending.next() else { break };
-                match self.prompt_ids(&req) {
-                    Ok(prompt) => {
-                        let max_tokens = req.params.max_tokens.unwrap_or(ctx - prompt.len());
-                        let sampler = Sampler::new(
-                            &req.params,
-                            self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
-                        );
-                        live.push(Live {
-                            req,
-                            prompt,
-                            max_tokens,
-                            cache: self.model.new_cache(),
-                            generated: Vec::new(),
-                            sampler,
+            // Keep a queue of admitted requests ahead of the running batch, no more.
+            while !exhausted && sched.num_waiting() < max_seqs {
+                let Some(req) = pending.next() else {
+                    exhausted = true;
+                    break;
+                };
+                let prompt = match self.prompt_ids(&req) {
+                    Ok(p) => p,
+                    Err(error) => {
+                        on_outcome(Outcome::Failed {
+                            custom_id: req.custom_id,
+                            line: req.line,
+                            error,
                         });
+                        continue;
                     }
-                    Err(error) => on_outcome(Outcome::Failed {
+                };
+                let max_tokens = req.params.max_tokens.unwrap_or(ctx - prompt.len());
+                let id = next_id;
+                next_id += 1;
+                if let Err(e) = sched.add(id, prompt.clone(), prompt.len() + max_tokens) {
+                    let error = LineError::new(
+                        codes::CONTEXT_LENGTH_EXCEEDED,
+                        format!("line {}: {e}", req.line),
+                    );
+                    on_outcome(Outcome::Failed {
                         custom_id: req.custom_id,
                         line: req.line,
                         error,
-                    }),
-                }
-            }
-            if live.is_empty() {
-                return;
-            }
-            // Plan the step: decode tokens first (one each), then prompt chunks in arrival order.
-            let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (live index, start, len)
-            let mut left = budget;
-            for (i, s) in live.iter().enumerate() {
-                if s.cache.len() >= s.prompt.len() && left > 0 {
-                    plan.push((i, s.cache.len(), 1));
-                    left -= 1;
-                }
-            }
-            for (i, s) in live.iter().enumerate() {
-                let todo = s.prompt.len().saturating_sub(s.cache.len());
-                if todo > 0 && left > 0 {
-                    let n = todo.min(left);
-                    plan.push((i, s.cache.len(), n));
-                    left -= n;
-                }
-            }
-            plan.sort_unstable_by_key(|p| p.0);
-            let mut inputs = Vec::with_capacity(plan.len());
-            let mut planned = plan.iter().peekable();
-            for (i, s) in live.iter_mut().enumerate() {
-                let Some(&(_, start, n)) = planned.next_if(|p| p.0 == i) else {
-                    continue;
-                };
-                let tokens: &[u32] = if start < s.prompt.len() {
-                    &s.prompt[start..start + n]
-                } else {
-                    std::slice::from_ref(
-                        s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]),
-                    )
-                };
-                let finishes_prompt = start + n >= s.prompt.len();
-                let logits = if finishes_prompt {
-                    Logits::Last
-                } else {
-                    Logits::None
-                };
-                inputs.push(StepInput {
-                    tokens,
-                    cache: &mut s.cache,
-                    logits,
-                });
-            }
-            let logits = self.model.forward(&mut inputs);
-            drop(inputs);
-            let mut finished = Vec::new();
-            for (&(i, _, _), row) in plan.iter().zip(logits) {
-                if row.is_empty() {
+                    });
                     continue;
                 }
-                let s = &mut live[i];
-                let step = s.generated.len() as u64;
-                let token = s.sampler.sample(&row, step);
-                s.generated.push(token);
-                if let Some(outcome) = self.check_finished(s, ctx) {
-                    finished.push((i, outcome));
+                let fallback_seed =
+                    self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let sampler = Sampler::new(&req.params, fallback_seed);
+                live.insert(
+                    id,
+                    Live {
+                        req,
+                        max_tokens,
+                        sampler,
+                        admitted: Instant::now(),
+                        first_token: None,
+                    },
+                );
+            }
+            if sched.is_idle() {
+                return stats;
+            }
+            let plan = sched.schedule();
+            if plan.chunks.is_empty() {
+                // Cannot happen while `add` refuses sequences larger than the pool; fail the rest
+                // loudly rather than spin.
+                for (id, l) in live.drain() {
+                    sched.finish(id);
+                    let error = LineError::new(
+                        codes::INTERNAL,
+                        format!("line {}: the scheduler could not make progress", l.req.line),
+                    );
+                    on_outcome(Outcome::Failed {
+                        custom_id: l.req.custom_id,
+                        line: l.req.line,
+                        error,
+                    });
+                }
+                continue;
+            }
+            stats.steps += 1;
+            stats.max_batch = stats.max_batch.max(plan.chunks.len());
+            let logits = {
+                let steps: Vec<StepSeq<'_>> = plan
+                    .chunks
+                    .iter()
+                    .filter_map(|c| {
+                        let s = sched.seq(c.seq)?;
+                        Some(StepSeq {
+                            tokens: &s.tokens[c.start..c.start + c.len],
+                            start: c.start,
+                            block_table: s.block_table(),
+                            logits: if c.sample { Logits::Last } else { Logits::None },
+                        })
+                    })
+                    .collect();
+                self.model.forward(&mut kv, &steps)
+            };
+            let mut done = Vec::new();
+            for (c, row) in plan.chunks.iter().zip(logits) {
+                if !c.sample {
+                    continue;
+                }
+                let (Some(l), Some(seq)) = (live.get_mut(&c.seq), sched.seq(c.seq)) else {
+                    continue;
+                };
+                let step = (seq.tokens.len() - seq.prompt_len) as u64;
+                let token = l.sampler.sample(&row, step);
+                l.first_token.get_or_insert_with(Instant::now);
+                sched.append_token(c.seq, token);
+                let Some(seq) = sched.seq(c.seq) else {
+                    continue;
+                };
+                if let Some(outcome) = self.check_finished(l, seq, ctx) {
+                    done.push((c.seq, outcome));
                 }
             }
-            // Remove from the back so indices stay valid.
-            finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
-            let mut done = Vec::with_capacity(finished.len());
-            for (i, outcome) in finished {
-                live.swap_remove(i);
-                done.push(outcome);
+            for (id, _) in &done {
+                sched.finish(*id);
+                live.remove(id);
             }
             // Report in input order among those finishing in the same step.
-            done.sort_by_key(|o| match o {
+            done.sort_by_key(|(_, o)| match o {
                 Outcome::Done(c) => c.line,
                 Outcome::Failed { line, .. } => *line,
             });
-            done.into_iter().for_each(&mut on_outcome);
+            done.into_iter().for_each(|(_, o)| on_outcome(o));
+            stats.scheduler = sched.stats();
         }
     }
 
     /// Decides whether a sequence is done after its latest token, and builds its outcome.
-    fn check_finished(&self, s: &mut Live<B>, ctx: usize) -> Option<Outcome> {
-        let last = *s.generated.last()?;
-        let p = &s.req.params;
+    fn check_finished(&self, l: &Live, seq: &Sequence, ctx: usize) -> Option<Outcome> {
+        let generated = seq.generated();
+        let last = *generated.last()?;
+        let p = &l.req.params;
         let eos = !p.ignore_eos && self.tokenizer.eos_ids.contains(&last);
+        let at_limit = generated.len() >= l.max_tokens || seq.tokens.len() >= ctx;
+        if !eos && !at_limit && p.stop.is_empty() {
+            return None;
+        }
         let visible = if eos {
-            &s.generated[..s.generated.len() - 1]
+            &generated[..generated.len() - 1]
         } else {
-            &s.generated[..]
+            generated
         };
-        let mut finish = None;
-        let mut text = None;
-        if eos {
-            finish = Some(FinishReason::Stop);
-        }
-        if !p.stop.is_empty()
-            || finish.is_some()
-            || s.generated.len() >= s.max_tokens
-            || s.prompt.len() + s.generated.len() >= ctx
-        {
-            let t = match self.tokenizer.decode(visible) {
-                Ok(t) => t,
-                Err(e) => {
-                    return Some(Outcome::Failed {
-                        custom_id: s.req.custom_id.clone(),
-                        line: s.req.line,
-                        error: LineError::new(codes::INTERNAL, format!("line {}: {e}", s.req.line)),
-                    })
-                }
-            };
-            if let Some(cut) = p.stop.iter().filter_map(|stop| t.find(stop.as_str())).min() {
-                text = Some(t[..cut].to_string());
-                finish = Some(FinishReason::Stop);
-            } else {
-                text = Some(t);
+        let text = match self.tokenizer.decode(visible) {
+            Ok(t) => t,
+            Err(e) => {
+                return Some(Outcome::Failed {
+                    custom_id: l.req.custom_id.clone(),
+                    line: l.req.line,
+                    error: LineError::new(codes::INTERNAL, format!("line {}: {e}", l.req.line)),
+                })
             }
-        }
-        if finish.is_none()
-            && (s.generated.len() >= s.max_tokens || s.prompt.len() + s.generated.len() >= ctx)
+        };
+        let (text, finish_reason) = match p
+            .stop
+            .iter()
+            .filter_map(|stop| text.find(stop.as_str()))
+            .min()
         {
-            finish = Some(FinishReason::Length);
-        }
-        let finish_reason = finish?;
-        let token_ids = std::mem::take(&mut s.generated);
+            Some(cut) => (text[..cut].to_string(), FinishReason::Stop),
+            None if eos => (text, FinishReason::Stop),
+            None if at_limit => (text, FinishReason::Length),
+            None => return None,
+        };
+        let now = Instant::now();
+        let first = l.first_token.unwrap_or(now);
         Some(Outcome::Done(Completion {
-            custom_id: s.req.custom_id.clone(),
-            line: s.req.line,
-            endpoint: s.req.endpoint,
-            model: s.req.model.clone(),
-            text: text.unwrap_or_default(),
-            usage: Usage::new(s.prompt.len(), token_ids.len()),
-            token_ids,
+            custom_id: l.req.custom_id.clone(),
+            line: l.req.line,
+            endpoint: l.req.endpoint,
+            model: l.req.model.clone(),
+            text,
+            usage: Usage::new(seq.prompt_len, generated.len()),
+            token_ids: generated.to_vec(),
             finish_reason,
+            time_to_first_token: first - l.admitted,
+            decode_time: now - first,
         }))
     }
 }

@@ -6,13 +6,15 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod kv_cache;
 pub mod model;
 pub mod response;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine::{Completion, Engine, EngineOptions, Outcome};
+pub use engine::{Completion, Engine, EngineOptions, Outcome, RunStats};
 pub use error::{Error, Result};
 
 use std::path::PathBuf;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use gristmill_protocol::ChatMessage;
 use gristmill_worker::backend::CpuBackend;
-use gristmill_worker::model::llama::{Llama, Logits, StepInput};
+use gristmill_worker::model::llama::{Llama, Logits, StepSeq};
 use gristmill_worker::Engine;
 use serde_json::Value;
 
@@ -56,26 +56,33 @@ fn close(ours: f32, reference: f64) -> bool {
 }
 
 fn all_logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let out = model.forward(&mut [StepInput {
-        tokens,
-        cache: &mut cache,
-        logits: Logits::All,
-    }]);
     let vocab = model.cfg.vocab_size;
-    out[0].chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+    model
+        .score(tokens)
+        .chunks_exact(vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
+/// Greedy decoding one token per step through the paged cache.
 fn greedy(model: &Llama<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut cache = model.new_cache();
+    let block_size = 16;
+    let blocks = (prompt.len() + steps).div_ceil(block_size);
+    let mut kv = model.kv_cache(blocks, block_size);
+    // A scrambled block table: positions need not live in consecutive blocks.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let mut tokens = prompt.to_vec();
+    let mut start = 0;
     let mut out = Vec::new();
     for _ in 0..steps {
-        let logits = model.forward(&mut [StepInput {
+        let seq = StepSeq {
             tokens: &tokens,
-            cache: &mut cache,
+            start,
+            block_table: &table,
             logits: Logits::Last,
-        }]);
+        };
+        let logits = model.forward(&mut kv, &[seq]);
+        start += tokens.len();
         let next = gristmill_kernels::cpu::argmax(&logits[0]) as u32;
         out.push(next);
         tokens = vec![next];

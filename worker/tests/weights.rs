@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use gristmill_kernels::GgmlType;
-use gristmill_worker::model::llama::{Logits, StepInput};
 use gristmill_worker::weights::{Checkpoint, GgufWriter, MetaValue};
 use gristmill_worker::{Engine, Error};
 use serde_json::Value;
@@ -240,16 +239,9 @@ fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn logits(engine: &Engine, text: &str) -> Vec<f32> {
-    let ids = engine.tokenizer.encode(text).expect("encodes");
-    let mut cache = engine.model.new_cache();
     engine
         .model
-        .forward(&mut [StepInput {
-            tokens: &ids,
-            cache: &mut cache,
-            logits: Logits::All,
-        }])
-        .remove(0)
+        .score(&engine.tokenizer.encode(text).expect("encodes"))
 }
 
 #[test]

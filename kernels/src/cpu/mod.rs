@@ -4,6 +4,6 @@ mod attention;
 mod matmul;
 mod ops;
 
-pub use attention::{attention, AttentionShape};
+pub use attention::{paged_attention, write_kv, AttentionShape, PagedKv, SeqAttention};
 pub use matmul::linear;
 pub use ops::{add_assign, argmax, rms_norm, rope_neox, silu_mul, softmax_in_place};

@@ -4,7 +4,7 @@
 //! sequences go through every linear layer together as one matrix, attention runs per sequence
 //! over its own KV cache.
 
-use crate::backend::{AttentionShape, Backend};
+use crate::backend::{AttentionShape, AttnSeq, Backend};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Checkpoint;
@@ -51,23 +51,13 @@ pub struct Llama<B: Backend> {
     inv_freq: Vec<f32>,
 }
 
-/// The KV cache of one sequence: per layer, keys and values of every position so far.
+/// Paged KV memory for every layer: `num_blocks` blocks of `block_size` positions. Which block
+/// holds which positions of which sequence is the scheduler's business (`crate::kv_cache`).
 #[derive(Debug)]
-pub struct SeqCache<B: Backend> {
-    k: Vec<B::Buf>,
-    v: Vec<B::Buf>,
-    len: usize,
-}
-
-impl<B: Backend> SeqCache<B> {
-    /// Number of positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+pub struct KvCache<B: Backend> {
+    store: B::KvStore,
+    pub block_size: usize,
+    pub num_blocks: usize,
 }
 
 /// Which logits a sequence wants from a step.
@@ -81,11 +71,13 @@ pub enum Logits {
     All,
 }
 
-/// One sequence's part of a step.
-#[derive(Debug)]
-pub struct StepInput<'a, B: Backend> {
+/// One sequence's part of a step: `tokens` at positions `start..start + tokens.len()`, cached in
+/// the blocks of `block_table` (which must already cover those positions).
+#[derive(Debug, Clone, Copy)]
+pub struct StepSeq<'a> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut SeqCache<B>,
+    pub start: usize,
+    pub block_table: &'a [u32],
     pub logits: Logits,
 }
 
@@ -209,18 +201,40 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
-    /// A fresh, empty KV cache for one sequence.
-    pub fn new_cache(&self) -> SeqCache<B> {
+    /// Bytes of KV memory one token position takes over all layers (f32 keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers
+            * self.cfg.num_kv_heads
+            * self.cfg.head_dim
+            * std::mem::size_of::<f32>()
+    }
+
+    /// Allocates paged KV memory of `num_blocks` blocks of `block_size` positions.
+    pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache<B> {
         let width = self.cfg.num_kv_heads * self.cfg.head_dim;
-        SeqCache {
-            k: (0..self.cfg.num_layers)
-                .map(|_| self.backend.empty(width))
-                .collect(),
-            v: (0..self.cfg.num_layers)
-                .map(|_| self.backend.empty(width))
-                .collect(),
-            len: 0,
+        KvCache {
+            store: self
+                .backend
+                .kv_store(self.cfg.num_layers, num_blocks, block_size, width),
+            block_size,
+            num_blocks,
         }
+    }
+
+    /// Logits at every position of one sequence, computed from scratch in its own cache
+    /// (scoring and tests).
+    pub fn score(&self, tokens: &[u32]) -> Vec<f32> {
+        let block_size = 16;
+        let blocks = tokens.len().div_ceil(block_size);
+        let mut kv = self.kv_cache(blocks, block_size);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let seq = StepSeq {
+            tokens,
+            start: 0,
+            block_table: &table,
+            logits: Logits::All,
+        };
+        self.forward(&mut kv, &[seq]).remove(0)
     }
 
     fn linear(&self, x: &B::Buf, l: &Linear<B>) -> B::Buf {
@@ -228,15 +242,32 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Runs one step over several sequences and returns, per sequence, the logits it asked for
-    /// (`rows × vocab`, row-major; empty for [`Logits::None`]). Each sequence's cache grows by its
-    /// new tokens. Token ids must be below the vocabulary size (callers validate).
-    pub fn forward(&self, seqs: &mut [StepInput<'_, B>]) -> Vec<Vec<f32>> {
+    /// (`rows × vocab`, row-major; empty for [`Logits::None`]). Keys and values of the new tokens
+    /// are written to their slots. Token ids must be below the vocabulary size (callers
+    /// validate).
+    pub fn forward(&self, kv: &mut KvCache<B>, seqs: &[StepSeq<'_>]) -> Vec<Vec<f32>> {
         let b = &self.backend;
         let cfg = &self.cfg;
+        let bs = kv.block_size;
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let positions: Vec<usize> = seqs
             .iter()
-            .flat_map(|s| s.cache.len..s.cache.len + s.tokens.len())
+            .flat_map(|s| s.start..s.start + s.tokens.len())
+            .collect();
+        let slots: Vec<usize> = seqs
+            .iter()
+            .flat_map(|s| {
+                (s.start..s.start + s.tokens.len())
+                    .map(|p| s.block_table[p / bs] as usize * bs + p % bs)
+            })
+            .collect();
+        let attn_seqs: Vec<AttnSeq<'_>> = seqs
+            .iter()
+            .map(|s| AttnSeq {
+                rows: s.tokens.len(),
+                start: s.start,
+                block_table: s.block_table,
+            })
             .collect();
         let shape = AttentionShape {
             heads: cfg.num_heads,
@@ -264,18 +295,11 @@ impl<B: Backend> Llama<B> {
                 cfg.head_dim,
                 &self.inv_freq,
             );
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut row = 0;
-            for s in seqs.iter_mut() {
-                let n = s.tokens.len();
-                let start = s.cache.len;
-                b.append_rows(&mut s.cache.k[li], &b.slice_rows(&k, row, n));
-                b.append_rows(&mut s.cache.v[li], &b.slice_rows(&v, row, n));
-                let qs = b.slice_rows(&q, row, n);
-                outs.push(b.attention(&qs, &s.cache.k[li], &s.cache.v[li], start, shape));
-                row += n;
-            }
-            let attn = self.linear(&b.concat_rows(outs), &att.o_proj);
+            // Every sequence's new keys and values are stored before any attention reads them, so
+            // sequences sharing prefix blocks within one step see complete blocks.
+            b.write_kv(&mut kv.store, li, &k, &v, &slots);
+            let attn = b.attention(&q, &kv.store, li, &attn_seqs, shape);
+            let attn = self.linear(&attn, &att.o_proj);
             b.add(&mut hidden, &attn);
             let x = b.rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let mut gate = self.linear(&x, &layer.mlp.gate_proj);
@@ -288,9 +312,8 @@ impl<B: Backend> Llama<B> {
         let mut wanted = Vec::new();
         let mut counts = Vec::with_capacity(seqs.len());
         let mut row = 0;
-        for s in seqs.iter_mut() {
+        for s in seqs {
             let n = s.tokens.len();
-            s.cache.len += n;
             let (first, count) = match s.logits {
                 Logits::None => (row, 0),
                 Logits::Last => (row + n - 1, 1),

@@ -1,0 +1,138 @@
+//! Engine flags shared by the subcommands that run a model (`run`, `bench throughput`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gristmill_worker::EngineOptions;
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json
+    /// [default: the default model in ~/.cache/gristmill/models, fetched by `make model`].
+    #[arg(short, long, env = "GRISTMILL_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 64, env = "GRISTMILL_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+
+    /// Most tokens (prompt chunks and decode tokens together) in one engine step.
+    #[arg(long, default_value_t = 2048, env = "GRISTMILL_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+
+    /// KV cache memory: bytes with an optional unit (`2GiB`, `512MiB`, `1e9`), or a fraction of
+    /// this machine's RAM (`0.1`).
+    #[arg(long, default_value = "2GiB", env = "GRISTMILL_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: String,
+
+    /// Token positions per KV cache block.
+    #[arg(long, default_value_t = 16, env = "GRISTMILL_BLOCK_SIZE")]
+    pub block_size: usize,
+
+    /// Do not reuse the KV cache of earlier requests that share a prompt prefix.
+    #[arg(long, env = "GRISTMILL_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+
+    /// Compute threads [default: all cores].
+    #[arg(long, env = "GRISTMILL_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl EngineArgs {
+    pub fn model_path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(gristmill_worker::default_model_path)
+    }
+
+    /// Checks the flags, sets up the thread pool and returns the engine options.
+    pub fn options(&self) -> Result<EngineOptions> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .context("cannot set up the thread pool")?;
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 || self.block_size == 0 {
+            bail!("--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1");
+        }
+        Ok(EngineOptions {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            kv_cache_bytes: parse_memory(&self.kv_cache_memory, total_memory())
+                .with_context(|| format!("--kv-cache-memory {:?}", self.kv_cache_memory))?,
+            block_size: self.block_size,
+            enable_prefix_caching: !self.no_prefix_caching,
+        })
+    }
+}
+
+/// This machine's RAM in bytes (from /proc/meminfo), if known.
+fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses `2GiB`, `512MB`, `1e9` or a fraction of `total` such as `0.1`.
+pub fn parse_memory(text: &str, total: Option<u64>) -> Result<usize> {
+    let t = text.trim();
+    // The number ends at the first letter that is not an exponent's `e`.
+    let b = t.as_bytes();
+    let split = (0..b.len())
+        .find(|&i| {
+            let exponent = matches!(b[i], b'e' | b'E')
+                && i > 0
+                && b.get(i + 1)
+                    .is_some_and(|n| n.is_ascii_digit() || *n == b'-' || *n == b'+');
+            b[i].is_ascii_alphabetic() && !exponent
+        })
+        .unwrap_or(b.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("{num:?} is not a number"))?;
+    if !value.is_finite() || value <= 0.0 {
+        bail!("must be positive");
+    }
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" if value < 1.0 => {
+            let total = total.context("a fraction of RAM was given but the machine's RAM is unknown")?;
+            return Ok((value * total as f64) as usize);
+        }
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB, GiB, or a fraction of RAM like 0.1)"),
+    };
+    Ok((value * scale) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_memory;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_memory("2GiB", None).expect("ok"), 2 << 30);
+        assert_eq!(parse_memory("512 MiB", None).expect("ok"), 512 << 20);
+        assert_eq!(parse_memory("1e9", None).expect("ok"), 1_000_000_000);
+        assert_eq!(parse_memory("0.25", Some(1000)).expect("ok"), 250);
+        assert!(parse_memory("0.25", None).is_err());
+        assert!(parse_memory("-3GB", None).is_err());
+        assert!(parse_memory("3 parsecs", None)
+            .expect_err("bad unit")
+            .to_string()
+            .contains("unknown unit"));
+    }
+}
