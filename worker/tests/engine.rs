@@ -1,0 +1,196 @@
+//! The determinism contract and the scheduler's features on the default model: a request's
+//! tokens are byte-identical alone or in a batch of 64, with chunked prefill, with prefix caching
+//! on or off, and across preemptions when KV memory runs short.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
+use gristmill_worker::{Engine, EngineOptions, Outcome, RunStats};
+
+fn engine() -> Engine {
+    let p = std::env::var_os("GRISTMILL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(gristmill_worker::default_model_path);
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run `make model` first",
+        p.display()
+    );
+    Engine::load(&p).expect("default model loads")
+}
+
+const TOPICS: &[&str] = &[
+    "rivers",
+    "databases",
+    "bread",
+    "volcanoes",
+    "compilers",
+    "jazz",
+    "tides",
+    "bees",
+];
+
+fn request(i: usize, shared_prefix: &str) -> Request {
+    let params = GenerationParams {
+        max_tokens: Some(6 + i % 11),
+        temperature: if i % 3 == 0 { 0.0 } else { 0.8 },
+        top_p: if i % 2 == 0 { 0.9 } else { 1.0 },
+        top_k: if i % 4 == 1 { 40 } else { 0 },
+        seed: Some(1000 + i as u64),
+        ..GenerationParams::default()
+    };
+    let topic = TOPICS[i % TOPICS.len()];
+    let (endpoint, prompt) = if i % 2 == 0 {
+        (
+            Endpoint::ChatCompletions,
+            Prompt::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: format!("{shared_prefix}Tell me one fact about {topic} (request {i})."),
+            }]),
+        )
+    } else {
+        (
+            Endpoint::Completions,
+            Prompt::Text(format!(
+                "{shared_prefix}A short note on {topic}, number {i}:"
+            )),
+        )
+    };
+    Request {
+        custom_id: format!("r{i}"),
+        line: i + 1,
+        endpoint,
+        model: None,
+        prompt,
+        params,
+    }
+}
+
+fn run(
+    engine: &Engine,
+    reqs: Vec<Request>,
+    opts: EngineOptions,
+) -> (HashMap<String, Vec<u32>>, RunStats) {
+    let mut out = HashMap::new();
+    let stats = engine.run(reqs, opts, |o| match o {
+        Outcome::Done(c) => {
+            out.insert(c.custom_id, c.token_ids);
+        }
+        Outcome::Failed {
+            custom_id, error, ..
+        } => panic!("{custom_id} failed: {}", error.message),
+    });
+    (out, stats)
+}
+
+fn opts(max_num_seqs: usize, budget: usize) -> EngineOptions {
+    EngineOptions {
+        max_num_seqs,
+        max_num_batched_tokens: budget,
+        ..EngineOptions::default()
+    }
+}
+
+#[test]
+fn outputs_are_identical_alone_and_in_a_batch_of_64() {
+    let engine = engine();
+    let batch: Vec<Request> = (0..64).map(|i| request(i, "")).collect();
+    let (together, stats) = run(&engine, batch.clone(), opts(64, 4096));
+    assert_eq!(together.len(), 64);
+    assert_eq!(stats.max_batch, 64, "all 64 ran in one step");
+    // A few requests of each kind, each run entirely alone.
+    for i in [0, 1, 2, 5, 30, 63] {
+        let (alone, _) = run(&engine, vec![batch[i].clone()], opts(1, 4096));
+        assert_eq!(
+            alone[&batch[i].custom_id], together[&batch[i].custom_id],
+            "request {i} changed when batched"
+        );
+    }
+    // Small budgets split prompts into chunks and mix them with decoding: no change either.
+    let (chunked, chunked_stats) = run(&engine, batch, opts(16, 37));
+    assert!(
+        chunked_stats.steps > 2 * stats.steps,
+        "a 37-token budget should need many more steps"
+    );
+    assert_eq!(chunked, together, "chunked prefill changed an output");
+}
+
+#[test]
+fn prefix_caching_reuses_blocks_without_changing_outputs() {
+    let engine = engine();
+    let prefix = "You are reviewing a Rust workspace with a coordinator, workers, kernels and a protocol crate. \
+                  Answer briefly and precisely, in one sentence, without lists. ";
+    let batch: Vec<Request> = (0..24).map(|i| request(i, prefix)).collect();
+    let no_cache = EngineOptions {
+        enable_prefix_caching: false,
+        ..opts(8, 512)
+    };
+    let (plain, plain_stats) = run(&engine, batch.clone(), no_cache);
+    assert_eq!(plain_stats.scheduler.cached_tokens, 0);
+    let (cached, stats) = run(&engine, batch, opts(8, 512));
+    assert_eq!(cached, plain, "prefix caching changed an output");
+    let s = stats.scheduler;
+    let rate = s.cached_tokens as f64 / s.prefill_tokens as f64;
+    eprintln!(
+        "prefix cache: {} of {} prompt tokens reused ({:.0}%)",
+        s.cached_tokens,
+        s.prefill_tokens,
+        100.0 * rate
+    );
+    assert!(
+        rate > 0.3,
+        "expected the shared prefix to be reused, hit rate {rate:.2}"
+    );
+}
+
+#[test]
+fn preemption_under_memory_pressure_recomputes_to_the_same_outputs() {
+    let engine = engine();
+    let batch: Vec<Request> = (0..16).map(|i| request(i, "")).collect();
+    let (ample, _) = run(&engine, batch.clone(), opts(16, 2048));
+    // Room for 12 blocks of 16 positions: each request needs 3–4, so only a few fit at once.
+    let tight = EngineOptions {
+        kv_cache_bytes: 12 * 16 * engine.model.kv_bytes_per_token(),
+        ..opts(16, 2048)
+    };
+    let (squeezed, stats) = run(&engine, batch, tight);
+    assert_eq!(stats.kv_blocks, 12);
+    assert!(
+        stats.scheduler.preemptions > 0,
+        "the tight cache should force preemptions"
+    );
+    eprintln!("{} preemptions", stats.scheduler.preemptions);
+    assert_eq!(
+        squeezed, ample,
+        "recomputation after preemption changed an output"
+    );
+}
+
+#[test]
+fn a_request_larger_than_the_whole_cache_fails_alone() {
+    let engine = engine();
+    let mut big = request(1, "");
+    big.params.max_tokens = Some(500);
+    let small = request(2, "");
+    let tight = EngineOptions {
+        kv_cache_bytes: 8 * 16 * engine.model.kv_bytes_per_token(),
+        ..opts(4, 2048)
+    };
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    engine.run(vec![big, small], tight, |o| match o {
+        Outcome::Done(c) => done.push(c.custom_id),
+        Outcome::Failed {
+            custom_id, error, ..
+        } => failed.push((custom_id, error)),
+    });
+    assert_eq!(done, vec!["r2".to_string()]);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, "r1");
+    assert!(
+        failed[0].1.message.contains("--kv-cache-memory"),
+        "{}",
+        failed[0].1.message
+    );
+}
