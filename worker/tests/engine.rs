@@ -34,14 +34,14 @@ const TOPICS: &[&str] = &[
 fn request(i: usize, shared_prefix: &str) -> Request {
     let params = GenerationParams {
         max_tokens: Some(6 + i % 11),
-        temperature: if i % 3 == 0 { 0.0 } else { 0.8 },
-        top_p: if i % 2 == 0 { 0.9 } else { 1.0 },
+        temperature: if i.is_multiple_of(3) { 0.0 } else { 0.8 },
+        top_p: if i.is_multiple_of(2) { 0.9 } else { 1.0 },
         top_k: if i % 4 == 1 { 40 } else { 0 },
         seed: Some(1000 + i as u64),
         ..GenerationParams::default()
     };
     let topic = TOPICS[i % TOPICS.len()];
-    let (endpoint, prompt) = if i % 2 == 0 {
+    let (endpoint, prompt) = if i.is_multiple_of(2) {
         (
             Endpoint::ChatCompletions,
             Prompt::Chat(vec![ChatMessage {
