@@ -4,7 +4,7 @@
 //! weights are `Backend::Weight`. The CPU backend is the reference; a CUDA backend implements the
 //! same trait with device buffers, and tensor parallelism wraps the linear ops with collectives.
 
-use gristmill_kernels::cpu;
+use gristmill_kernels::cpu::{self, PackedMatrix};
 
 pub use gristmill_kernels::cpu::AttentionShape;
 
@@ -24,14 +24,18 @@ pub struct AttnSeq<'a> {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// A matrix of activations: `rows` rows of `cols` values.
     type Buf: Send + std::fmt::Debug;
-    /// A weight matrix `[rows, cols]` (a linear layer's `[out, in]`) or a vector (`rows == 1`).
-    type Weight: Send + Sync + std::fmt::Debug;
+    /// A weight matrix `[rows, cols]` (a linear layer's `[out, in]`, an embedding table), laid out
+    /// however the backend's matmul wants it.
+    type Matrix: Send + Sync + std::fmt::Debug;
+    /// A weight vector (norm weights, biases).
+    type Vector: Send + Sync + std::fmt::Debug;
 
     /// Paged KV memory of every layer.
     type KvStore: Send + std::fmt::Debug;
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Weight;
-    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    /// Uploads a row-major `[rows, cols]` matrix.
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Matrix;
+    fn vector(&self, data: Vec<f32>) -> Self::Vector;
     /// KV memory for `layers` layers of `num_blocks` blocks of `block_size` positions, each
     /// position `width` values of keys and as many of values.
     fn kv_store(
@@ -43,10 +47,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     ) -> Self::KvStore;
     fn rows(&self, x: &Self::Buf) -> usize;
     /// Rows `ids[i]` of an embedding table.
-    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Buf;
-    fn rms_norm(&self, x: &Self::Buf, weight: &Self::Weight, eps: f32) -> Self::Buf;
+    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Self::Buf;
+    fn rms_norm(&self, x: &Self::Buf, weight: &Self::Vector, eps: f32) -> Self::Buf;
     /// `x · Wᵀ (+ bias)`.
-    fn linear(&self, x: &Self::Buf, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Buf;
+    fn linear(&self, x: &Self::Buf, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Buf;
     /// Half-split rotary embedding of each row at `positions[row]`.
     fn rope(
         &self,
@@ -116,16 +120,16 @@ pub struct CpuKvStore {
 
 impl Backend for CpuBackend {
     type Buf = CpuTensor;
-    type Weight = CpuTensor;
+    type Matrix = PackedMatrix;
+    type Vector = Vec<f32>;
     type KvStore = CpuKvStore;
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
-        debug_assert_eq!(data.len(), rows * cols);
-        CpuTensor { data, cols }
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> PackedMatrix {
+        PackedMatrix::pack(&data, rows, cols)
     }
 
-    fn weight_shape(&self, w: &CpuTensor) -> (usize, usize) {
-        (w.rows(), w.cols)
+    fn vector(&self, data: Vec<f32>) -> Vec<f32> {
+        data
     }
 
     fn kv_store(
@@ -149,32 +153,32 @@ impl Backend for CpuBackend {
         x.rows()
     }
 
-    fn embed(&self, table: &CpuTensor, ids: &[u32]) -> CpuTensor {
-        let d = table.cols;
-        let mut data = Vec::with_capacity(ids.len() * d);
-        for &id in ids {
-            let i = id as usize;
-            data.extend_from_slice(&table.data[i * d..(i + 1) * d]);
+    fn embed(&self, table: &PackedMatrix, ids: &[u32]) -> CpuTensor {
+        let d = table.cols();
+        let mut data = vec![0f32; ids.len() * d];
+        for (row, &id) in data.chunks_exact_mut(d).zip(ids) {
+            table.row_into(id as usize, row);
         }
         CpuTensor { data, cols: d }
     }
 
-    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> CpuTensor {
+    fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> CpuTensor {
         let mut out = vec![0f32; x.data.len()];
-        cpu::rms_norm(&x.data, &weight.data, eps, &mut out);
+        cpu::rms_norm(&x.data, weight, eps, &mut out);
         CpuTensor {
             data: out,
             cols: x.cols,
         }
     }
 
-    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> CpuTensor {
-        let (m, k, n) = (x.rows(), x.cols, w.rows());
+    fn linear(&self, x: &CpuTensor, w: &PackedMatrix, bias: Option<&Vec<f32>>) -> CpuTensor {
+        let (m, n) = (x.rows(), w.rows());
+        debug_assert_eq!(x.cols, w.cols());
         let mut out = vec![0f32; m * n];
-        cpu::linear(&x.data, m, k, &w.data, n, &mut out);
+        cpu::linear(&x.data, m, w, &mut out);
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(n) {
-                cpu::add_assign(row, &b.data);
+                cpu::add_assign(row, b);
             }
         }
         CpuTensor { data: out, cols: n }

@@ -49,7 +49,8 @@ pub fn write_kv(cache: &mut [f32], rows: &[f32], slots: &[usize], width: usize) 
 /// Causal attention of the query rows of several sequences over their paged caches, which
 /// already hold the new rows' keys and values. `q` and `out` are `[rows, heads * head_dim]`, the
 /// sequences' rows in order. Grouped-query attention maps head `h` to KV head
-/// `h / (heads / kv_heads)`.
+/// `h / (heads / kv_heads)`; the heads of a group are computed together so that each cached
+/// key and value row is read once per group.
 pub fn paged_attention(
     q: &[f32],
     kv: PagedKv<'_>,
@@ -63,7 +64,6 @@ pub fn paged_attention(
         head_dim,
     } = shape;
     let row = heads * head_dim;
-    let kv_row = kv_heads * head_dim;
     let total: usize = seqs.iter().map(|s| s.rows).sum();
     assert_eq!(
         q.len(),
@@ -75,7 +75,6 @@ pub fn paged_attention(
         heads.is_multiple_of(kv_heads),
         "attention: heads must be a multiple of kv_heads"
     );
-    let bs = kv.block_size;
     // Row r of the call -> (sequence, position).
     let rows: Vec<(usize, usize)> = seqs
         .iter()
@@ -84,46 +83,122 @@ pub fn paged_attention(
         .collect();
     for s in seqs {
         assert!(
-            s.block_table.len() * bs >= s.start + s.rows,
+            s.block_table.len() * kv.block_size >= s.start + s.rows,
             "attention: block table too short"
         );
     }
     let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(head_dim)
+    #[cfg(target_arch = "x86_64")]
+    let fast =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    out.par_chunks_mut(group * head_dim)
         .enumerate()
-        .for_each_init(Vec::new, |scores, (idx, o)| {
-            let (r, h) = (idx / heads, idx % heads);
+        .for_each_init(Scratch::default, |scratch, (idx, o)| {
+            let (r, g) = (idx / kv_heads, idx % kv_heads);
             let (si, pos) = rows[r];
-            let table = seqs[si].block_table;
-            let g = h / group;
-            let qh = &q[r * row + h * head_dim..r * row + (h + 1) * head_dim];
-            let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..=pos {
-                let base = slot(j) * kv_row + g * head_dim;
-                let s = dot(qh, &kv.k[base..base + head_dim]) * scale;
-                max = max.max(s);
-                scores.push(s);
+            let qg = &q[r * row + g * group * head_dim..r * row + (g + 1) * group * head_dim];
+            let job = GroupJob {
+                q: qg,
+                kv,
+                table: seqs[si].block_table,
+                len: pos + 1,
+                g,
+                shape,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: AVX2 and FMA are present (checked above).
+                unsafe { attend_group_avx2(&job, scratch, o) };
+                return;
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let base = slot(j) * kv_row + g * head_dim;
-                let w = p * inv;
-                for (a, &b) in o.iter_mut().zip(&kv.v[base..base + head_dim]) {
-                    *a += w * b;
-                }
-            }
+            attend_group(&job, scratch, o);
         });
 }
 
+/// One (query row, KV head) of an attention call.
+struct GroupJob<'a> {
+    /// The `group` query heads that share KV head `g`, concatenated.
+    q: &'a [f32],
+    kv: PagedKv<'a>,
+    table: &'a [u32],
+    /// Positions attended: `0..len`.
+    len: usize,
+    g: usize,
+    shape: AttentionShape,
+}
+
+/// Per-thread buffers of an attention call.
+#[derive(Default)]
+struct Scratch {
+    /// `[group, len]` scores, then probabilities.
+    scores: Vec<f32>,
+    /// Offset of each position's K/V row (for the job's KV head) in the cache.
+    rows: Vec<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_group_avx2(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_group(job, scratch, out);
+}
+
+/// Scores in ascending position order, a max-subtracted softmax summed sequentially, values
+/// accumulated in ascending order: the same arithmetic whatever else is in the step.
+#[inline(always)]
+fn attend_group(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    let AttentionShape {
+        kv_heads,
+        head_dim: hd,
+        ..
+    } = job.shape;
+    let group = job.q.len() / hd;
+    let (n, bs) = (job.len, job.kv.block_size);
+    let kv_row = kv_heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let Scratch { scores, rows } = scratch;
+    rows.clear();
+    'blocks: for &blk in job.table {
+        for off in 0..bs {
+            if rows.len() == n {
+                break 'blocks;
+            }
+            rows.push((blk as usize * bs + off) * kv_row + job.g * hd);
+        }
+    }
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    for (j, &base) in rows.iter().enumerate() {
+        let kr = &job.kv.k[base..base + hd];
+        for h in 0..group {
+            scores[h * n + j] = dot(&job.q[h * hd..(h + 1) * hd], kr) * scale;
+        }
+    }
+    for h in 0..group {
+        let sc = &mut scores[h * n..(h + 1) * n];
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in sc.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in sc.iter_mut() {
+            *s *= inv;
+        }
+    }
+    out.fill(0.0);
+    for (j, &base) in rows.iter().enumerate() {
+        let vr = &job.kv.v[base..base + hd];
+        for h in 0..group {
+            let w = scores[h * n + j];
+            for (a, &b) in out[h * hd..(h + 1) * hd].iter_mut().zip(vr) {
+                *a += w * b;
+            }
+        }
+    }
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let full = a.len() / 8 * 8;

@@ -1,188 +1,213 @@
-//! `y = x · Wᵀ` for row-major `x [m, k]` and `W [n, k]` (the checkpoint layout of a linear layer).
+//! `y = x · Wᵀ` for row-major `x [m, k]` and a weight `W [n, k]` (a linear layer's `[out, in]`),
+//! with `W` packed once at load into panels of [`NR`] output columns stored k-major
+//! (`panel[k][j]`), so that a micro-kernel can broadcast one `x` value against 16 weights.
 //!
-//! Determinism: every output element is one dot product computed with eight-lane partial sums
-//! over `k` in ascending order, reduced in a fixed order, whichever micro-kernel (4×4, 1×4, 4×1,
-//! 1×1) computes it. The tiling depends on `m` but the arithmetic of an element does not, so a
-//! row's result is bit-identical at any batch size.
+//! Determinism: every output element is a single FMA chain over `k` in ascending order, starting
+//! from zero — `acc = fma(x[i][k], w[j][k], acc)` for `k = 0, 1, …` — whichever micro-kernel
+//! (1 to [`MR`] rows) and whichever thread computes it. The tiling depends on `m`; the arithmetic
+//! of an element does not, so a row's result is bit-identical at any batch size.
 
 use rayon::prelude::*;
 
-/// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ`, splitting the columns over the rayon pool.
+/// Output columns per packed panel (two AVX2 vectors).
+pub const NR: usize = 16;
+/// Rows of `x` per micro-kernel call.
+pub const MR: usize = 6;
+/// Rows of `x` per cache block (their `x` rows stay in L2 while every panel passes).
+const MC: usize = 96;
+
+/// A weight matrix `[n, k]` packed for [`linear`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedMatrix {
+    n: usize,
+    k: usize,
+    /// `ceil(n / NR)` panels of `k × NR` floats; columns past `n` are zero.
+    data: Vec<f32>,
+}
+
+impl PackedMatrix {
+    /// Packs a row-major `[n, k]` matrix.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "pack: w is not [{n}, {k}]");
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for (p, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * NR + j] = v;
+                }
+            }
+        }
+        Self { n, k, data }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `i` of the original matrix (an embedding lookup), gathered from its panel.
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        let (p, j) = (i / NR, i % NR);
+        let panel = &self.data[p * self.k * NR..(p + 1) * self.k * NR];
+        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+            *o = panel[kk * NR + j];
+        }
+    }
+}
+
+/// Computes `out[m, n] = x[m, k] · Wᵀ`, splitting the panels over the rayon pool.
 ///
 /// # Panics
-/// If the slice lengths do not match `m`, `k` and `n`.
-pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+/// If the slice lengths do not match `m`, `w.cols()` and `w.rows()`.
+pub fn linear(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "linear: x is not [{m}, {k}]");
-    assert_eq!(w.len(), n * k, "linear: w is not [{n}, {k}]");
     assert_eq!(out.len(), m * n, "linear: out is not [{m}, {n}]");
     if m == 0 || n == 0 {
         return;
     }
-    // Column chunks: a multiple of 4 rows of W, several per thread for load balance.
+    let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
-    let chunk = (n.div_ceil(threads * 4)).next_multiple_of(4).max(16);
-    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
-    // Each task writes a disjoint column range of every output row; gather them through raw
-    // row pointers wrapped so rayon can share them.
+    // A few tasks per thread for balance, each a run of whole panels.
+    let per_task = panels.div_ceil(threads * 3).max(1);
+    let tasks: Vec<usize> = (0..panels).step_by(per_task).collect();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    starts.par_iter().for_each(|&n0| {
-        let n1 = (n0 + chunk).min(n);
+    tasks.par_iter().for_each(|&p0| {
+        let p1 = (p0 + per_task).min(panels);
         let out_ptr = &out_ptr;
-        // SAFETY: tasks cover disjoint column ranges [n0, n1) of `out`, which outlives the
-        // parallel loop; each writes only out[i * n + j] for j in its range.
-        unsafe { tile(x, m, k, w, n, n0, n1, out_ptr.0) };
+        // SAFETY: tasks cover disjoint panel ranges, hence disjoint output columns, of `out`,
+        // which outlives the parallel loop.
+        unsafe { task(x, m, w, p0, p1, out_ptr.0) };
     });
 }
 
 struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint output ranges to rayon tasks (see `linear`).
+// SAFETY: only used to hand disjoint output columns to rayon tasks (see `linear`).
 unsafe impl Sync for SendPtr {}
 
 /// # Safety
-/// `out` must point to `m * n` writable floats and no other thread may write columns `n0..n1`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    n0: usize,
-    n1: usize,
-    out: *mut f32,
-) {
+/// `out` must point to `m * w.n` floats; no other thread writes the columns of panels `p0..p1`.
+unsafe fn task(x: &[f32], m: usize, w: &PackedMatrix, p0: usize, p1: usize, out: *mut f32) {
+    let k = w.k;
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above); pointer contract passed on.
-            unsafe { avx2::tile(x, m, k, w, n, n0, n1, out) };
-            return;
-        }
-    }
-    for j in n0..n1 {
-        let wr = &w[j * k..(j + 1) * k];
-        for i in 0..m {
-            let v = portable_dot(&x[i * k..(i + 1) * k], wr);
-            // SAFETY: i < m, j < n; column j belongs to this task.
-            unsafe { *out.add(i * n + j) = v };
+    let fast =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    let mut tile = [0f32; MR * NR];
+    for m0 in (0..m).step_by(MC) {
+        let m1 = (m0 + MC).min(m);
+        for p in p0..p1 {
+            let panel = &w.data[p * k * NR..(p + 1) * k * NR];
+            let cols = NR.min(w.n - p * NR);
+            let mut i = m0;
+            while i < m1 {
+                let rows = MR.min(m1 - i);
+                let xs = &x[i * k..(i + rows) * k];
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    unsafe { avx2::kernel(xs, rows, k, panel, &mut tile) };
+                } else {
+                    portable_kernel(xs, rows, k, panel, &mut tile);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                portable_kernel(xs, rows, k, panel, &mut tile);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        // SAFETY: row i + r < m and column p * NR + c < n; the column belongs
+                        // to this task.
+                        unsafe { *out.add((i + r) * w.n + p * NR + c) = tile[r * NR + c] };
+                    }
+                }
+                i += rows;
+            }
         }
     }
 }
 
-/// Dot product with eight partial sums in a fixed order (the no-AVX2 fallback).
-fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
+/// The same FMA chains without SIMD (machines without AVX2/FMA).
+fn portable_kernel(xs: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
+    tile.fill(0.0);
+    for r in 0..rows {
+        let xr = &xs[r * k..(r + 1) * k];
+        let acc = &mut tile[r * NR..(r + 1) * NR];
+        for (kk, &xv) in xr.iter().enumerate() {
+            for (a, &wv) in acc.iter_mut().zip(&panel[kk * NR..(kk + 1) * NR]) {
+                *a = xv.mul_add(wv, *a);
+            }
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
-        s += x * y;
-    }
-    s
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::{MR, NR};
+
+    /// Computes a `rows × NR` tile (rows ≤ MR) into `tile`.
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `out` as in [`super::tile`].
+    /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
-        x: &[f32],
-        m: usize,
+    pub unsafe fn kernel(
+        xs: &[f32],
+        rows: usize,
         k: usize,
-        w: &[f32],
-        n: usize,
-        n0: usize,
-        n1: usize,
-        out: *mut f32,
+        panel: &[f32],
+        tile: &mut [f32; MR * NR],
     ) {
-        let mut j = n0;
-        while j < n1 {
-            let cols = (n1 - j).min(4);
-            let mut i = 0;
-            while i < m {
-                let rows = (m - i).min(4);
-                // SAFETY: rows/cols are within bounds of x, w and out by construction.
-                unsafe {
-                    match (rows, cols) {
-                        (4, 4) => block::<4, 4>(x, i, k, w, j, n, out),
-                        (4, _) => {
-                            for c in 0..cols {
-                                block::<4, 1>(x, i, k, w, j + c, n, out)
-                            }
-                        }
-                        (_, 4) => {
-                            for r in 0..rows {
-                                block::<1, 4>(x, i + r, k, w, j, n, out)
-                            }
-                        }
-                        _ => {
-                            for r in 0..rows {
-                                for c in 0..cols {
-                                    block::<1, 1>(x, i + r, k, w, j + c, n, out)
-                                }
-                            }
-                        }
-                    }
-                }
-                i += rows;
+        // SAFETY (all blocks below): `xs` holds rows × k floats, `panel` k × NR, `tile` MR × NR;
+        // every offset used is inside those bounds.
+        unsafe {
+            match rows {
+                6 => block::<6>(xs, k, panel, tile),
+                5 => block::<5>(xs, k, panel, tile),
+                4 => block::<4>(xs, k, panel, tile),
+                3 => block::<3>(xs, k, panel, tile),
+                2 => block::<2>(xs, k, panel, tile),
+                _ => block::<1>(xs, k, panel, tile),
             }
-            j += cols;
         }
     }
 
-    /// Computes the R×C block of outputs at rows `i..i+R`, columns `j..j+C`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn block<const R: usize, const C: usize>(
-        x: &[f32],
-        i: usize,
+    unsafe fn block<const R: usize>(
+        xs: &[f32],
         k: usize,
-        w: &[f32],
-        j: usize,
-        n: usize,
-        out: *mut f32,
+        panel: &[f32],
+        tile: &mut [f32; MR * NR],
     ) {
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let kv = k / 8 * 8;
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        let mut p = 0;
-        while p < kv {
-            let mut wv = [_mm256_setzero_ps(); C];
-            for (c, v) in wv.iter_mut().enumerate() {
-                // SAFETY: (j + c) * k + p + 8 <= n * k since j + c < n and p + 8 <= k.
-                *v = unsafe { _mm256_loadu_ps(wp.add((j + c) * k + p)) };
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                // SAFETY: (i + r) * k + p + 8 <= m * k.
-                let xv = unsafe { _mm256_loadu_ps(xp.add((i + r) * k + p)) };
-                for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm256_fmadd_ps(xv, *v, *a);
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        let xp = xs.as_ptr();
+        let mut wp = panel.as_ptr();
+        for kk in 0..k {
+            // SAFETY: kk < k, so wp points at panel[kk * NR..kk * NR + 16] and
+            // xp.add(r * k + kk) at xs[r][kk].
+            unsafe {
+                let w0 = _mm256_loadu_ps(wp);
+                let w1 = _mm256_loadu_ps(wp.add(8));
+                for r in 0..R {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                    lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
                 }
+                wp = wp.add(NR);
             }
-            p += 8;
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (c, a) in row.iter().enumerate() {
-                let mut lanes = [0f32; 8];
-                // SAFETY: lanes holds 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-                let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                for q in kv..k {
-                    s = x[(i + r) * k + q].mul_add(w[(j + c) * k + q], s);
-                }
-                // SAFETY: the caller owns column j + c of row i + r.
-                unsafe { *out.add((i + r) * n + j + c) = s };
+        for r in 0..R {
+            // SAFETY: tile has MR * NR floats and r < R ≤ MR.
+            unsafe {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
             }
         }
     }
@@ -204,6 +229,12 @@ mod tests {
             .collect()
     }
 
+    fn run(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * n];
+        linear(x, m, &PackedMatrix::pack(w, n, k), &mut out);
+        out
+    }
+
     #[test]
     fn matches_naive_f64_at_odd_shapes() {
         for &(m, k, n) in &[
@@ -212,11 +243,11 @@ mod tests {
             (5, 64, 33),
             (9, 576, 50),
             (17, 100, 130),
+            (200, 40, 17),
         ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let mut out = vec![f32::NAN; m * n];
-            linear(&x, m, k, &w, n, &mut out);
+            let out = run(&x, m, k, &w, n);
             for i in 0..m {
                 for j in 0..n {
                     let r: f64 = (0..k)
@@ -236,13 +267,23 @@ mod tests {
     fn a_row_is_bit_identical_at_any_batch_size() {
         let (k, n) = (200, 70);
         let w = data(n * k, 3);
-        let rows = data(64 * k, 4);
-        let mut alone = vec![0f32; n];
-        linear(&rows[5 * k..6 * k], 1, k, &w, n, &mut alone);
-        for m in [6, 7, 8, 33, 64] {
-            let mut out = vec![0f32; m * n];
-            linear(&rows[..m * k], m, k, &w, n, &mut out);
+        let rows = data(130 * k, 4);
+        let alone = run(&rows[5 * k..6 * k], 1, k, &w, n);
+        for m in [6, 7, 8, 33, 64, 130] {
+            let out = run(&rows[..m * k], m, k, &w, n);
             assert_eq!(&out[5 * n..6 * n], &alone[..], "batch of {m} changed row 5");
+        }
+    }
+
+    #[test]
+    fn packed_rows_read_back() {
+        let (n, k) = (21, 5);
+        let w = data(n * k, 5);
+        let p = PackedMatrix::pack(&w, n, k);
+        let mut row = vec![0f32; k];
+        for i in 0..n {
+            p.row_into(i, &mut row);
+            assert_eq!(row, &w[i * k..(i + 1) * k]);
         }
     }
 }

@@ -11,8 +11,8 @@ use crate::weights::Checkpoint;
 
 #[derive(Debug)]
 struct Linear<B: Backend> {
-    weight: B::Weight,
-    bias: Option<B::Weight>,
+    weight: B::Matrix,
+    bias: Option<B::Vector>,
 }
 
 #[derive(Debug)]
@@ -32,9 +32,9 @@ struct Mlp<B: Backend> {
 
 #[derive(Debug)]
 struct DecoderLayer<B: Backend> {
-    input_layernorm: B::Weight,
+    input_layernorm: B::Vector,
     self_attn: Attention<B>,
-    post_attention_layernorm: B::Weight,
+    post_attention_layernorm: B::Vector,
     mlp: Mlp<B>,
 }
 
@@ -43,11 +43,11 @@ struct DecoderLayer<B: Backend> {
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
     backend: B,
-    embed_tokens: B::Weight,
+    embed_tokens: B::Matrix,
     layers: Vec<DecoderLayer<B>>,
-    norm: B::Weight,
+    norm: B::Vector,
     /// `None` when the embeddings are tied.
-    lm_head: Option<B::Weight>,
+    lm_head: Option<B::Matrix>,
     inv_freq: Vec<f32>,
 }
 
@@ -88,14 +88,14 @@ struct Loader<'a, B: Backend> {
 }
 
 impl<B: Backend> Loader<'_, B> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
         let data = self.ckpt.tensor(name, &[rows, cols], self.cfg)?;
-        Ok(self.backend.weight(data, rows, cols))
+        Ok(self.backend.matrix(data, rows, cols))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<B::Weight> {
+    fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
         let data = self.ckpt.tensor(name, &[len], self.cfg)?;
-        Ok(self.backend.weight(data, 1, len))
+        Ok(self.backend.vector(data))
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
