@@ -7,6 +7,8 @@
 
 use serde_json::json;
 
+pub mod report;
+
 /// Common words that are single tokens (with their leading space) in GPT-2 style vocabularies.
 const WORDS: &[&str] = &[
     "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
@@ -25,8 +27,10 @@ pub struct Workload {
     pub input_len: usize,
     /// `max_tokens` of every request.
     pub output_len: usize,
-    /// Words at the start of every prompt that are the same for all of them.
+    /// Words at the start of every prompt that are shared with other prompts.
     pub prefix_len: usize,
+    /// Distinct shared prefixes, used round-robin (1: every prompt shares one prefix).
+    pub num_prefixes: usize,
     /// Generate exactly `output_len` tokens (sets `ignore_eos`).
     pub ignore_eos: bool,
     pub seed: u64,
@@ -50,9 +54,12 @@ impl Workload {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let prefix = words(self.prefix_len.min(self.input_len));
+        let prefixes: Vec<String> = (0..self.num_prefixes.max(1))
+            .map(|_| words(self.prefix_len.min(self.input_len)))
+            .collect();
         (0..self.num_prompts)
             .map(|i| {
+                let prefix = &prefixes[i % prefixes.len()];
                 let rest = words(self.input_len - self.prefix_len.min(self.input_len));
                 let prompt = [prefix.as_str(), rest.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
                 json!({
@@ -78,6 +85,7 @@ mod tests {
             input_len: 20,
             output_len: 7,
             prefix_len: 5,
+            num_prefixes: 1,
             ignore_eos: true,
             seed: 1,
         };

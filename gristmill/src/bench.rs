@@ -11,6 +11,10 @@ use gristmill_bench::Workload;
 pub enum BenchCommand {
     /// Write a synthetic batch file (`/v1/completions`, greedy) for `gristmill run`.
     Dataset(DatasetArgs),
+    /// Offline throughput: run a workload through the engine and report requests/s, tokens/s,
+    /// latency percentiles, prefix-cache hit rate and preemptions (flags follow vLLM's
+    /// `benchmark_throughput`).
+    Throughput(crate::throughput::ThroughputArgs),
 }
 
 #[derive(Debug, Args)]
@@ -40,6 +44,7 @@ pub struct DatasetArgs {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Throughput(a) => crate::throughput::run(a),
         BenchCommand::Dataset(a) => {
             if a.input_len == 0 || a.output_len == 0 {
                 bail!("--input-len and --output-len must be at least 1");
@@ -49,6 +54,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 input_len: a.input_len,
                 output_len: a.output_len,
                 prefix_len: a.prefix_len,
+                num_prefixes: 1,
                 ignore_eos: !a.allow_eos,
                 seed: a.seed,
             };

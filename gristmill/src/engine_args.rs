@@ -46,7 +46,8 @@ impl EngineArgs {
             .unwrap_or_else(gristmill_worker::default_model_path)
     }
 
-    /// Checks the flags, sets up the thread pool and returns the engine options.
+    /// Checks the flags, sets up the thread pool (once per process) and returns the engine
+    /// options.
     pub fn options(&self) -> Result<EngineOptions> {
         if let Some(n) = self.threads {
             if n == 0 {
@@ -57,6 +58,11 @@ impl EngineArgs {
                 .build_global()
                 .context("cannot set up the thread pool")?;
         }
+        self.options_no_pool()
+    }
+
+    /// The engine options, without touching the thread pool.
+    pub fn options_no_pool(&self) -> Result<EngineOptions> {
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 || self.block_size == 0 {
             bail!("--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1");
         }

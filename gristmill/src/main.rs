@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod engine_args;
 mod run;
+mod throughput;
 
 /// Bulk LLM generation: OpenAI batch files in, completions out, nothing lost or duplicated.
 #[derive(Debug, Parser)]
