@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gristmill_protocol::{codes, Endpoint, FinishReason, LineError, Prompt, Request, Usage};
@@ -100,6 +101,22 @@ pub struct Engine<B: Backend = CpuBackend> {
     pub model_name: String,
     /// Seed base for requests that bring none.
     seed_base: u64,
+}
+
+/// What a request source has for the engine.
+#[derive(Debug)]
+enum Poll {
+    Ready(Request),
+    /// Nothing now; ask again after the next step.
+    NotYet,
+    /// No more requests will come.
+    Closed,
+}
+
+impl From<Option<Request>> for Poll {
+    fn from(r: Option<Request>) -> Self {
+        r.map_or(Poll::Closed, Poll::Ready)
+    }
 }
 
 /// A request inside the engine; its tokens and KV blocks live in the scheduler.
@@ -215,12 +232,51 @@ impl<B: Backend> Engine<B> {
 
     /// Runs every request of `requests` to completion, calling `on_outcome` as each finishes
     /// (in completion order, not input order).
-    pub fn run<I, F>(&self, requests: I, opts: EngineOptions, mut on_outcome: F) -> RunStats
+    pub fn run<I, F>(&self, requests: I, opts: EngineOptions, on_outcome: F) -> RunStats
     where
         I: IntoIterator<Item = Request>,
         F: FnMut(Outcome),
     {
-        let mut pending = requests.into_iter();
+        let mut iter = requests.into_iter();
+        self.run_source(|_| Poll::from(iter.next()), opts, on_outcome)
+    }
+
+    /// Serves requests that arrive on a channel while the engine runs: new requests join the
+    /// running batch at the next step. Returns when the sender is dropped and all work is done.
+    pub fn run_channel<F>(
+        &self,
+        requests: Receiver<Request>,
+        opts: EngineOptions,
+        on_outcome: F,
+    ) -> RunStats
+    where
+        F: FnMut(Outcome),
+    {
+        self.run_source(
+            |busy| {
+                if busy {
+                    match requests.try_recv() {
+                        Ok(r) => Poll::Ready(r),
+                        Err(TryRecvError::Empty) => Poll::NotYet,
+                        Err(TryRecvError::Disconnected) => Poll::Closed,
+                    }
+                } else {
+                    // Nothing to compute: block until work arrives.
+                    requests.recv().map_or(Poll::Closed, Poll::Ready)
+                }
+            },
+            opts,
+            on_outcome,
+        )
+    }
+
+    /// The engine loop. `next(busy)` yields the next request; `busy` says whether sequences are
+    /// in flight (a source may then answer `NotYet` instead of waiting).
+    fn run_source<S, F>(&self, mut next: S, opts: EngineOptions, mut on_outcome: F) -> RunStats
+    where
+        S: FnMut(bool) -> Poll,
+        F: FnMut(Outcome),
+    {
         let ctx = self.model.cfg.max_position_embeddings;
         let block_size = opts.block_size.max(1);
         let num_blocks =
@@ -245,9 +301,13 @@ impl<B: Backend> Engine<B> {
         loop {
             // Keep a queue of admitted requests ahead of the running batch, no more.
             while !exhausted && sched.num_waiting() < max_seqs {
-                let Some(req) = pending.next() else {
-                    exhausted = true;
-                    break;
+                let req = match next(!sched.is_idle()) {
+                    Poll::Ready(r) => r,
+                    Poll::NotYet => break,
+                    Poll::Closed => {
+                        exhausted = true;
+                        break;
+                    }
                 };
                 let prompt = match self.prompt_ids(&req) {
                     Ok(p) => p,
@@ -290,7 +350,10 @@ impl<B: Backend> Engine<B> {
                 );
             }
             if sched.is_idle() {
-                return stats;
+                if exhausted {
+                    return stats;
+                }
+                continue;
             }
             let plan = sched.schedule();
             if plan.chunks.is_empty() {

@@ -194,3 +194,38 @@ fn a_request_larger_than_the_whole_cache_fails_alone() {
         failed[0].1.message
     );
 }
+
+#[test]
+fn requests_arriving_on_a_channel_join_the_running_batch() {
+    let engine = engine();
+    let mut early = request(3, "");
+    early.params.max_tokens = Some(80);
+    early.params.ignore_eos = true;
+    let mut late = request(6, "");
+    late.params.max_tokens = Some(4);
+    late.params.ignore_eos = true;
+    let (alone, _) = run(&engine, vec![early.clone(), late.clone()], opts(8, 512));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        tx.send(early).expect("engine is listening");
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        tx.send(late).expect("engine is listening");
+        // Dropping tx closes the stream; the engine finishes what it has.
+    });
+    let mut order = Vec::new();
+    let mut outputs = HashMap::new();
+    engine.run_channel(rx, opts(8, 512), |o| match o {
+        Outcome::Done(c) => {
+            order.push(c.custom_id.clone());
+            outputs.insert(c.custom_id, c.token_ids);
+        }
+        Outcome::Failed { error, .. } => panic!("{}", error.message),
+    });
+    sender.join().expect("sender thread");
+    assert_eq!(
+        order,
+        vec!["r6".to_string(), "r3".to_string()],
+        "the late short request finished first"
+    );
+    assert_eq!(outputs, alone, "arrival timing changed an output");
+}
