@@ -263,6 +263,10 @@ impl Scheduler {
             }
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.num_computed = start + len;
+                // Blocks this step fills become visible to requests admitted later in this same
+                // pass: the model writes every sequence's K/V of a layer before any attention
+                // reads them, and a planned chunk is never preempted within its pass.
+                commit_full_blocks(&mut self.pool, self.cfg.enable_prefix_caching, s);
             }
             plan.chunks.push(Chunk {
                 seq: id,
@@ -295,6 +299,10 @@ impl Scheduler {
             self.running.push(id);
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.num_computed = start + len;
+                // Blocks this step fills become visible to requests admitted later in this same
+                // pass: the model writes every sequence's K/V of a layer before any attention
+                // reads them, and a planned chunk is never preempted within its pass.
+                commit_full_blocks(&mut self.pool, self.cfg.enable_prefix_caching, s);
             }
             plan.chunks.push(Chunk {
                 seq: id,
@@ -558,6 +566,25 @@ mod tests {
         }
         s.check_invariants();
         assert_eq!(s.pool().num_free(), 32);
+    }
+
+    #[test]
+    fn requests_admitted_in_the_same_step_share_a_prefix() {
+        let mut s = sched(32, 4, 8, 100);
+        let prefix: Vec<u32> = (100..108).collect(); // 2 full blocks
+        for (id, tail) in [(1, 1u32), (2, 2), (3, 3)] {
+            let mut p = prefix.clone();
+            p.extend([tail, tail]);
+            s.add(id, p, 20).expect("fits");
+        }
+        let plan = step(&mut s);
+        let starts: Vec<(SeqId, usize, usize)> = plan
+            .chunks
+            .iter()
+            .map(|c| (c.seq, c.start, c.len))
+            .collect();
+        assert_eq!(starts, vec![(1, 0, 10), (2, 8, 2), (3, 8, 2)]);
+        assert_eq!(s.stats().cached_tokens, 16);
     }
 
     #[test]
