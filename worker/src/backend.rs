@@ -5,6 +5,7 @@
 //! same trait with device buffers, and tensor parallelism wraps the linear ops with collectives.
 
 use gristmill_kernels::cpu::{self, PackedMatrix};
+use gristmill_kernels::GgmlType;
 
 pub use gristmill_kernels::cpu::AttentionShape;
 
@@ -36,6 +37,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Uploads a row-major `[rows, cols]` matrix.
     fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Matrix;
     fn vector(&self, data: Vec<f32>) -> Self::Vector;
+    /// Uploads a matrix of ggml blocks (rows of `cols / 32` blocks) without dequantising it, if
+    /// the backend computes on that type exactly; `None` makes the loader dequantise and call
+    /// [`Backend::matrix`].
+    fn quantized_matrix(
+        &self,
+        ty: GgmlType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self::Matrix> {
+        let _ = (ty, data, rows, cols);
+        None
+    }
     /// KV memory for `layers` layers of `num_blocks` blocks of `block_size` positions, each
     /// position `width` values of keys and as many of values.
     fn kv_store(
@@ -130,6 +144,16 @@ impl Backend for CpuBackend {
 
     fn vector(&self, data: Vec<f32>) -> Vec<f32> {
         data
+    }
+
+    fn quantized_matrix(
+        &self,
+        ty: GgmlType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<PackedMatrix> {
+        PackedMatrix::pack_quantized(ty, data, rows, cols)
     }
 
     fn kv_store(

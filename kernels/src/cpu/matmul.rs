@@ -2,12 +2,22 @@
 //! with `W` packed once at load into panels of [`NR`] output columns stored k-major
 //! (`panel[k][j]`), so that a micro-kernel can broadcast one `x` value against 16 weights.
 //!
+//! Weights from quantised checkpoints (Q4_0, Q4_1, Q8_0) can stay quantised: their panels hold,
+//! for each `k`, the 16 rows' quantised values side by side, and per 32-wide block of `k` the 16
+//! rows' scales (and minima) as f32. The micro-kernel expands a `k` step to two vectors of f32
+//! weights in registers — `q * d (+ m)`, a multiply then an add, exactly as
+//! [`crate::quant::dequantize`] computes — and feeds the same FMA chains. Results are therefore
+//! bit-identical to the f32 path, with 5–6× less weight memory to stream.
+//!
 //! Determinism: every output element is a single FMA chain over `k` in ascending order, starting
 //! from zero — `acc = fma(x[i][k], w[j][k], acc)` for `k = 0, 1, …` — whichever micro-kernel
 //! (1 to [`MR`] rows) and whichever thread computes it. The tiling depends on `m`; the arithmetic
 //! of an element does not, so a row's result is bit-identical at any batch size.
 
+use half::f16;
 use rayon::prelude::*;
+
+use crate::quant::GgmlType;
 
 /// Output columns per packed panel (two AVX2 vectors).
 pub const NR: usize = 16;
@@ -21,8 +31,55 @@ const MC: usize = 96;
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    /// `ceil(n / NR)` panels of `k × NR` floats; columns past `n` are zero.
-    data: Vec<f32>,
+    storage: Storage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Storage {
+    /// `ceil(n / NR)` panels of `k × NR` floats, k-major; columns past `n` are zero.
+    F32(Vec<f32>),
+    /// Quantised panels; rows past `n` have zero scales (so they dequantise to zero).
+    Quant(QuantPanels),
+}
+
+/// Which formula turns a quantised value `q` into a weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QKind {
+    /// Q4_0: `(q - 8) * d`.
+    Q4Sym,
+    /// Q4_1: `q * d + m`.
+    Q4Min,
+    /// Q8_0: `q * d` with signed `q`.
+    Q8,
+}
+
+impl QKind {
+    /// Bytes of quantised values per `k` step of a panel.
+    fn bytes_per_k(self) -> usize {
+        match self {
+            QKind::Q4Sym | QKind::Q4Min => NR / 2,
+            QKind::Q8 => NR,
+        }
+    }
+
+    /// f32 scale vectors per 32-wide block of a panel (`d`, and `m` for Q4_1).
+    fn scale_sets(self) -> usize {
+        if self == QKind::Q4Min {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct QuantPanels {
+    kind: QKind,
+    /// Per panel, per `k`: `NR` values. Q4: byte `t` holds row `t` (low nibble) and row `t + 8`
+    /// (high nibble); Q8: one signed byte per row.
+    q: Vec<u8>,
+    /// Per panel, per 32-wide block of `k`: `NR` scales `d`, then (Q4_1) `NR` minima `m`.
+    scales: Vec<f32>,
 }
 
 impl PackedMatrix {
@@ -39,7 +96,116 @@ impl PackedMatrix {
                 }
             }
         }
-        Self { n, k, data }
+        Self {
+            n,
+            k,
+            storage: Storage::F32(data),
+        }
+    }
+
+    /// Packs a row-major `[n, k]` matrix of ggml blocks without dequantising it; `None` for types
+    /// other than Q4_0, Q4_1 and Q8_0, for a `k` that is not a multiple of 32, or a size mismatch.
+    pub fn pack_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        let kind = match ty {
+            GgmlType::Q4_0 => QKind::Q4Sym,
+            GgmlType::Q4_1 => QKind::Q4Min,
+            GgmlType::Q8_0 => QKind::Q8,
+            _ => return None,
+        };
+        if !k.is_multiple_of(32) || Some(bytes.len()) != ty.bytes_for(n * k) {
+            return None;
+        }
+        let (bb, kblocks, panels) = (ty.block_bytes(), k / 32, n.div_ceil(NR));
+        let (bpk, sets) = (kind.bytes_per_k(), kind.scale_sets());
+        let mut q = vec![0u8; panels * k * bpk];
+        let mut scales = vec![0f32; panels * kblocks * sets * NR];
+        for i in 0..n {
+            let (p, j) = (i / NR, i % NR);
+            for kb in 0..kblocks {
+                let b = &bytes[(i * kblocks + kb) * bb..(i * kblocks + kb + 1) * bb];
+                let sc = &mut scales
+                    [((p * kblocks + kb) * sets) * NR..((p * kblocks + kb + 1) * sets) * NR];
+                sc[j] = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                if kind == QKind::Q4Min {
+                    sc[NR + j] = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                }
+                for t in 0..32 {
+                    let value = match kind {
+                        // Q4 blocks: byte t holds element t (low nibble) and t + 16 (high).
+                        QKind::Q4Sym | QKind::Q4Min => {
+                            let qs = &b[bb - 16..];
+                            if t < 16 {
+                                qs[t] & 0x0f
+                            } else {
+                                qs[t - 16] >> 4
+                            }
+                        }
+                        QKind::Q8 => b[2 + t],
+                    };
+                    let at = (p * k + kb * 32 + t) * bpk;
+                    match kind {
+                        QKind::Q4Sym | QKind::Q4Min => {
+                            q[at + j % 8] |= if j < 8 { value } else { value << 4 };
+                        }
+                        QKind::Q8 => q[at + j] = value,
+                    }
+                }
+            }
+        }
+        Some(Self {
+            n,
+            k,
+            storage: Storage::Quant(QuantPanels { kind, q, scales }),
+        })
+    }
+
+    /// Bytes of weight memory the matrix takes.
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::F32(d) => d.len() * 4,
+            Storage::Quant(qp) => qp.q.len() + qp.scales.len() * 4,
+        }
+    }
+
+    /// Weight `(j, kk)` of panel `p` (scalar dequantisation; the reference for the SIMD path).
+    fn quant_weight(qp: &QuantPanels, k: usize, p: usize, j: usize, kk: usize) -> f32 {
+        let (bpk, sets, kblocks) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / 32);
+        let byte = qp.q[(p * k + kk) * bpk + if qp.kind == QKind::Q8 { j } else { j % 8 }];
+        let sc = &qp.scales[((p * kblocks + kk / 32) * sets) * NR..];
+        match qp.kind {
+            QKind::Q4Min => {
+                let v = if j < 8 { byte & 0x0f } else { byte >> 4 };
+                v as f32 * sc[j] + sc[NR + j]
+            }
+            QKind::Q4Sym => {
+                let v = if j < 8 { byte & 0x0f } else { byte >> 4 };
+                (v as i32 - 8) as f32 * sc[j]
+            }
+            QKind::Q8 => (byte as i8) as f32 * sc[j],
+        }
+    }
+
+    /// Panel `p` as k-major f32: a view of f32 storage, or dequantised into `scratch`.
+    fn panel<'a>(&'a self, p: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let k = self.k;
+        match &self.storage {
+            Storage::F32(d) => &d[p * k * NR..(p + 1) * k * NR],
+            Storage::Quant(qp) => {
+                scratch.resize(k * NR, 0.0);
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present; the panel's slices have the sizes `qpanel` checks.
+                    unsafe { avx2::dequantize_panel(qp.kind, qpanel(qp, k, p), k, scratch) };
+                    return scratch;
+                }
+                for kk in 0..k {
+                    for j in 0..NR {
+                        scratch[kk * NR + j] = Self::quant_weight(qp, k, p, j, kk);
+                    }
+                }
+                scratch
+            }
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -52,13 +218,33 @@ impl PackedMatrix {
 
     /// Row `i` of the original matrix (an embedding lookup), gathered from its panel.
     pub fn row_into(&self, i: usize, out: &mut [f32]) {
-        let (p, j) = (i / NR, i % NR);
-        let panel = &self.data[p * self.k * NR..(p + 1) * self.k * NR];
-        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
-            *o = panel[kk * NR + j];
+        let (p, j, k) = (i / NR, i % NR, self.k);
+        match &self.storage {
+            Storage::F32(d) => {
+                let panel = &d[p * k * NR..(p + 1) * k * NR];
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = panel[kk * NR + j];
+                }
+            }
+            Storage::Quant(qp) => {
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = Self::quant_weight(qp, k, p, j, kk);
+                }
+            }
         }
     }
 }
+
+/// The quantised values and scales of panel `p`.
+fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> (&[u8], &[f32]) {
+    let (bpk, sets, kblocks) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / 32);
+    (
+        &qp.q[p * k * bpk..(p + 1) * k * bpk],
+        &qp.scales[p * kblocks * sets * NR..(p + 1) * kblocks * sets * NR],
+    )
+}
+
+impl PackedMatrix {}
 
 /// Computes `out[m, n] = x[m, k] · Wᵀ`, splitting the panels over the rayon pool.
 ///
@@ -100,11 +286,36 @@ unsafe fn task(x: &[f32], m: usize, w: &PackedMatrix, p0: usize, p1: usize, out:
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     let mut tile = [0f32; MR * NR];
+    let mut scratch = Vec::new();
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
         for p in p0..p1 {
-            let panel = &w.data[p * k * NR..(p + 1) * k * NR];
             let cols = NR.min(w.n - p * NR);
+            // A single row block of a quantised matrix: expand the weights in registers, no
+            // scratch round trip (the decode case, where weight bandwidth is everything).
+            #[cfg(target_arch = "x86_64")]
+            if let (true, Storage::Quant(qp), true) = (fast, &w.storage, m1 - m0 <= MR) {
+                let rows = m1 - m0;
+                // SAFETY: AVX2 and FMA are present; the slices have the sizes `qpanel` gives.
+                unsafe {
+                    avx2::qkernel(
+                        qp.kind,
+                        &x[m0 * k..m1 * k],
+                        rows,
+                        k,
+                        qpanel(qp, k, p),
+                        &mut tile,
+                    )
+                };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        // SAFETY: as below.
+                        unsafe { *out.add((m0 + r) * w.n + p * NR + c) = tile[r * NR + c] };
+                    }
+                }
+                continue;
+            }
+            let panel = w.panel(p, &mut scratch);
             let mut i = m0;
             while i < m1 {
                 let rows = MR.min(m1 - i);
@@ -149,7 +360,164 @@ fn portable_kernel(xs: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut 
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{QKind, MR, NR};
+
+    /// The 16 weights of one `k` step of a quantised panel: rows 0–7 and rows 8–15.
+    ///
+    /// # Safety
+    /// `q` must point at the step's `kind.bytes_per_k()` bytes; `d` (and `m`) at the block's 16
+    /// scales (minima).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn expand(kind: QKind, q: *const u8, d: [__m256; 2], m: [__m256; 2]) -> [__m256; 2] {
+        // SAFETY: reads 8 (Q4) or 16 (Q8) bytes at q, per the contract.
+        unsafe {
+            match kind {
+                QKind::Q4Min | QKind::Q4Sym => {
+                    let b = _mm_loadl_epi64(q as *const __m128i);
+                    let mask = _mm_set1_epi8(0x0f);
+                    let lo = _mm256_cvtepu8_epi32(_mm_and_si128(b, mask));
+                    let hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+                    if kind == QKind::Q4Min {
+                        [
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), d[0]), m[0]),
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), d[1]), m[1]),
+                        ]
+                    } else {
+                        let eight = _mm256_set1_epi32(8);
+                        [
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, eight)), d[0]),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, eight)), d[1]),
+                        ]
+                    }
+                }
+                QKind::Q8 => {
+                    let b = _mm_loadu_si128(q as *const __m128i);
+                    [
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d[0]),
+                        _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+                            d[1],
+                        ),
+                    ]
+                }
+            }
+        }
+    }
+
+    /// The scale (and minimum) vectors of block `kb` of a panel.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn scales(kind: QKind, sc: &[f32], kb: usize) -> ([__m256; 2], [__m256; 2]) {
+        let sets = kind.scale_sets();
+        let base = sc.as_ptr();
+        // SAFETY: block kb's scales lie at (kb * sets) * NR .. (kb + 1) * sets * NR of sc.
+        unsafe {
+            let s = base.add(kb * sets * NR);
+            let d = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
+            let m = if sets == 2 {
+                [_mm256_loadu_ps(s.add(NR)), _mm256_loadu_ps(s.add(NR + 8))]
+            } else {
+                [_mm256_setzero_ps(); 2]
+            };
+            (d, m)
+        }
+    }
+
+    /// Dequantises a quantised panel into k-major f32 `out` (`k * NR` floats).
+    ///
+    /// # Safety
+    /// AVX2 must be available; `(q, sc)` must be one panel as `super::qpanel` returns it.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dequantize_panel(
+        kind: QKind,
+        (q, sc): (&[u8], &[f32]),
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let bpk = kind.bytes_per_k();
+        assert!(
+            q.len() >= k * bpk
+                && out.len() >= k * NR
+                && sc.len() >= k / 32 * kind.scale_sets() * NR
+        );
+        for kb in 0..k / 32 {
+            // SAFETY: sizes asserted above.
+            let (d, m) = unsafe { scales(kind, sc, kb) };
+            for kk in kb * 32..(kb + 1) * 32 {
+                // SAFETY: kk < k, so the step's bytes and the 16 output floats are in bounds.
+                unsafe {
+                    let w = expand(kind, q.as_ptr().add(kk * bpk), d, m);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(kk * NR), w[0]);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(kk * NR + 8), w[1]);
+                }
+            }
+        }
+    }
+
+    /// The fused kernel: a `rows × NR` tile (rows ≤ MR) straight from a quantised panel.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `xs` holds `rows × k` floats and `(q, sc)` is one panel.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn qkernel(
+        kind: QKind,
+        xs: &[f32],
+        rows: usize,
+        k: usize,
+        panel: (&[u8], &[f32]),
+        tile: &mut [f32; MR * NR],
+    ) {
+        assert!(xs.len() >= rows * k && panel.0.len() >= k * kind.bytes_per_k());
+        // SAFETY: sizes asserted above; rows ≤ MR.
+        unsafe {
+            match rows {
+                6 => qblock::<6>(kind, xs, k, panel, tile),
+                5 => qblock::<5>(kind, xs, k, panel, tile),
+                4 => qblock::<4>(kind, xs, k, panel, tile),
+                3 => qblock::<3>(kind, xs, k, panel, tile),
+                2 => qblock::<2>(kind, xs, k, panel, tile),
+                _ => qblock::<1>(kind, xs, k, panel, tile),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn qblock<const R: usize>(
+        kind: QKind,
+        xs: &[f32],
+        k: usize,
+        (q, sc): (&[u8], &[f32]),
+        tile: &mut [f32; MR * NR],
+    ) {
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        let xp = xs.as_ptr();
+        let bpk = kind.bytes_per_k();
+        for kb in 0..k / 32 {
+            // SAFETY: the caller's panel covers every block of k.
+            let (d, m) = unsafe { scales(kind, sc, kb) };
+            for kk in kb * 32..(kb + 1) * 32 {
+                // SAFETY: kk < k: the step's bytes are in q and xp.add(r * k + kk) in xs.
+                unsafe {
+                    let [w0, w1] = expand(kind, q.as_ptr().add(kk * bpk), d, m);
+                    for r in 0..R {
+                        let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                        lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                        hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: tile has MR * NR floats and r < R ≤ MR.
+            unsafe {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
+            }
+        }
+    }
 
     /// Computes a `rows × NR` tile (rows ≤ MR) into `tile`.
     ///
@@ -273,6 +641,41 @@ mod tests {
             let out = run(&rows[..m * k], m, k, &w, n);
             assert_eq!(&out[5 * n..6 * n], &alone[..], "batch of {m} changed row 5");
         }
+    }
+
+    #[test]
+    fn quantized_panels_give_exactly_the_f32_results() {
+        use crate::quant::{dequantize, quantize};
+        let (k, n) = (96, 37);
+        let src = data(n * k, 6);
+        let x = data(40 * k, 7);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let bytes = quantize(ty, &src);
+            let mut deq = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut deq);
+            let q = PackedMatrix::pack_quantized(ty, &bytes, n, k).expect("packs");
+            let f = PackedMatrix::pack(&deq, n, k);
+            assert!(
+                q.bytes() * 3 < f.bytes(),
+                "{ty:?}: {} vs {} bytes",
+                q.bytes(),
+                f.bytes()
+            );
+            // m ≤ MR takes the fused kernel, larger m the dequantised panels.
+            for m in [1, 4, 6, 7, 40] {
+                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                linear(&x[..m * k], m, &q, &mut a);
+                linear(&x[..m * k], m, &f, &mut b);
+                assert_eq!(a, b, "{ty:?} m={m}: quantised storage changed a result");
+            }
+            let mut row = vec![0f32; k];
+            for i in [0, 17, 36] {
+                q.row_into(i, &mut row);
+                assert_eq!(row, &deq[i * k..(i + 1) * k], "{ty:?} row {i}");
+            }
+        }
+        assert!(PackedMatrix::pack_quantized(GgmlType::F16, &[0; 4], 1, 2).is_none());
+        assert!(PackedMatrix::pack_quantized(GgmlType::Q8_0, &[0; 34], 1, 16).is_none());
     }
 
     #[test]

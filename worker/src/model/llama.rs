@@ -89,6 +89,12 @@ struct Loader<'a, B: Backend> {
 
 impl<B: Backend> Loader<'_, B> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
+        // Quantised GGUF weights stay quantised where the backend computes on them exactly.
+        if let Some((ty, bytes)) = self.ckpt.quantized(name, &[rows, cols], self.cfg)? {
+            if let Some(m) = self.backend.quantized_matrix(ty, &bytes, rows, cols) {
+                return Ok(m);
+            }
+        }
         let data = self.ckpt.tensor(name, &[rows, cols], self.cfg)?;
         Ok(self.backend.matrix(data, rows, cols))
     }

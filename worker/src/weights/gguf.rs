@@ -286,6 +286,14 @@ impl GgufFile {
 
     /// Reads a tensor as f32 in row-major order, checking its shape (row-major, PyTorch order).
     pub fn tensor_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (ty, bytes) = self.tensor_raw(name, expected)?;
+        let mut out = vec![0f32; expected.iter().product()];
+        dequantize(ty, bytes, &mut out);
+        Ok(out)
+    }
+
+    /// A tensor's type and raw bytes, checked against its row-major shape and the file length.
+    pub fn tensor_raw(&self, name: &str, expected: &[usize]) -> Result<(GgmlType, &[u8])> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -325,9 +333,7 @@ impl GgufFile {
                 file_len: self.map.len() as u64,
             });
         }
-        let mut out = vec![0f32; n];
-        dequantize(ty, &self.map[info.offset as usize..end as usize], &mut out);
-        Ok(out)
+        Ok((ty, &self.map[info.offset as usize..end as usize]))
     }
 }
 

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub use gguf::{GgufFile, GgufWriter, MetaValue};
 pub use safetensors_dir::SafetensorsDir;
 
+use gristmill_kernels::GgmlType;
+
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -105,6 +107,33 @@ impl Checkpoint {
         }
     }
 
+    /// A matrix in its quantised form (Q4_0, Q4_1 or Q8_0 GGUF tensors), rows in HF order, for
+    /// backends that compute on quantised weights; `None` for any other tensor.
+    pub fn quantized(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        cfg: &ModelConfig,
+    ) -> Result<Option<(GgmlType, Vec<u8>)>> {
+        let Self::Gguf(g) = self else { return Ok(None) };
+        let Some(name) = gguf_name(hf_name) else {
+            return Ok(None);
+        };
+        if !g.tensors.contains_key(&name) {
+            return Ok(None);
+        }
+        let (ty, bytes) = g.tensor_raw(&name, shape)?;
+        if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+            return Ok(None);
+        }
+        let permuted = cfg.architecture == "llama";
+        Ok(Some(match (permuted, name.rsplit('.').nth(1)) {
+            (true, Some("attn_q")) => (ty, unpermute_rows(bytes, cfg.num_heads, cfg.head_dim)),
+            (true, Some("attn_k")) => (ty, unpermute_rows(bytes, cfg.num_kv_heads, cfg.head_dim)),
+            _ => (ty, bytes.to_vec()),
+        }))
+    }
+
     /// Per-dimension RoPE frequency divisors stored in a GGUF (`rope_freqs.weight`, Llama 3).
     pub fn rope_freq_factors(&self, cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
         match self {
@@ -117,12 +146,12 @@ impl Checkpoint {
 }
 
 /// Undoes llama.cpp's `permute`: GGUF row `h*d + 2i + j` is HF row `h*d + j*d/2 + i`.
-/// Works for weights (`[heads*d, in]`) and biases (`[heads*d]`).
-fn unpermute_rows(data: &[f32], heads: usize, head_dim: usize) -> Vec<f32> {
+/// Works for weights (`[heads*d, in]`), biases (`[heads*d]`) and rows of quantised blocks.
+fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, head_dim: usize) -> Vec<T> {
     let rows = heads * head_dim;
     let width = data.len() / rows;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
