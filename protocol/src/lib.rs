@@ -12,11 +12,6 @@ pub mod request;
 
 pub use request::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 
-/// Version of the JSON shapes produced by Gristmill (output lines, benchmark results).
-pub const SCHEMA_VERSION: u32 = 1;
-
-/// Environment variable that names the model to load when `--model` is not given.
-pub const ENV_MODEL: &str = "GRISTMILL_MODEL";
 /// Environment variable that overrides the cache folder (`~/.cache/gristmill` by default).
 pub const ENV_CACHE_DIR: &str = "GRISTMILL_CACHE_DIR";
 /// File name of the default model inside `<cache>/models/`.

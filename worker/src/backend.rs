@@ -59,7 +59,6 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         block_size: usize,
         width: usize,
     ) -> Self::KvStore;
-    fn rows(&self, x: &Self::Buf) -> usize;
     /// Rows `ids[i]` of an embedding table.
     fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Self::Buf;
     fn rms_norm(&self, x: &Self::Buf, weight: &Self::Vector, eps: f32) -> Self::Buf;
@@ -171,10 +170,6 @@ impl Backend for CpuBackend {
             block_size,
             width,
         }
-    }
-
-    fn rows(&self, x: &CpuTensor) -> usize {
-        x.rows()
     }
 
     fn embed(&self, table: &PackedMatrix, ids: &[u32]) -> CpuTensor {
