@@ -1,6 +1,9 @@
-//! The coordinator: batch intake and validation. Later it grows the OpenAI Files and Batches
-//! API, sharding and JetStream publishing; today `gristmill run` uses its validation directly.
+//! The coordinator: batch intake and validation (used by `gristmill run` today), the batch
+//! lifecycle and the shard planner — the pure cores of the cluster path. The OpenAI Files and
+//! Batches HTTP API and the JetStream publishing around them are still to come (issue 4).
 
+pub mod batch;
+pub mod shard;
 pub mod validate;
 
 pub use validate::{InvalidLine, LineValidator};

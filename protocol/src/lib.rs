@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod cluster;
 pub mod request;
 
 pub use request::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};

@@ -1,0 +1,380 @@
+//! A batch's lifecycle, as OpenAI defines it, as a pure state machine.
+//!
+//! `validating → in_progress → finalizing → completed`, with `failed` (validation),
+//! `cancelling → cancelled` and `expired` (the completion window ran out) on the side. Terminal
+//! states never change again. Results are counted once per `custom_id`, so a result delivered
+//! twice (a worker crashed after publishing, its shard went to another worker) is not counted
+//! twice, and `completed + failed == total` holds once every line has reported.
+
+use std::collections::HashSet;
+
+use gristmill_protocol::{Endpoint, LineError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// OpenAI's batch statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl BatchStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
+        )
+    }
+
+    /// Whether the lifecycle allows going from `self` to `to`.
+    pub fn can_become(self, to: BatchStatus) -> bool {
+        use BatchStatus::*;
+        matches!(
+            (self, to),
+            (Validating, InProgress | Failed | Cancelling)
+                | (InProgress, Finalizing | Cancelling)
+                | (Finalizing, Completed | Expired | Cancelled)
+                | (Cancelling, Finalizing | Cancelled)
+        )
+    }
+}
+
+/// A transition the lifecycle does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("batch {id} cannot go from {from:?} to {to:?}")]
+pub struct TransitionError {
+    pub id: String,
+    pub from: BatchStatus,
+    pub to: BatchStatus,
+}
+
+/// Longest completion window accepted (OpenAI offers 24 h; longer jobs should be split).
+pub const MAX_COMPLETION_WINDOW_S: u64 = 7 * 24 * 3600;
+
+/// Parses a completion window such as `24h`, `6h`, `90m` or `3600s`.
+pub fn parse_completion_window(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        format!("completion_window {text:?} must look like \"24h\", \"90m\" or \"3600s\"")
+    })?;
+    let secs = match unit {
+        "h" => n.saturating_mul(3600),
+        "m" => n.saturating_mul(60),
+        "s" => n,
+        _ => {
+            return Err(format!(
+                "completion_window {text:?} must look like \"24h\", \"90m\" or \"3600s\""
+            ))
+        }
+    };
+    if secs == 0 || secs > MAX_COMPLETION_WINDOW_S {
+        return Err(format!(
+            "completion_window {text:?} must be between 1s and 168h"
+        ));
+    }
+    Ok(secs)
+}
+
+/// Everything the coordinator keeps about one batch (stored in the batch KV bucket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchRecord {
+    pub id: String,
+    pub endpoint: Endpoint,
+    pub input_file_id: String,
+    /// As the client sent it (`"24h"`).
+    pub completion_window: String,
+    pub status: BatchStatus,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub in_progress_at: Option<u64>,
+    pub finalizing_at: Option<u64>,
+    pub completed_at: Option<u64>,
+    pub failed_at: Option<u64>,
+    pub expired_at: Option<u64>,
+    pub cancelling_at: Option<u64>,
+    pub cancelled_at: Option<u64>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    /// Valid lines (those dispatched to workers) plus lines rejected by validation.
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// File-level validation errors (`errors.data`), with the line they concern.
+    pub errors: Vec<(Option<usize>, LineError)>,
+    pub metadata: Option<Value>,
+    /// `custom_id`s whose result has been counted.
+    #[serde(default)]
+    seen: HashSet<String>,
+}
+
+impl BatchRecord {
+    /// A new batch in `validating`.
+    pub fn new(
+        id: String,
+        endpoint: Endpoint,
+        input_file_id: String,
+        completion_window: String,
+        window_s: u64,
+        metadata: Option<Value>,
+        now: u64,
+    ) -> Self {
+        Self {
+            id,
+            endpoint,
+            input_file_id,
+            completion_window,
+            status: BatchStatus::Validating,
+            created_at: now,
+            expires_at: now + window_s,
+            in_progress_at: None,
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            output_file_id: None,
+            error_file_id: None,
+            total: 0,
+            completed: 0,
+            failed: 0,
+            errors: Vec::new(),
+            metadata,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Moves to `to` at time `now`, stamping the matching `*_at` field.
+    pub fn transition(&mut self, to: BatchStatus, now: u64) -> Result<(), TransitionError> {
+        if !self.status.can_become(to) {
+            return Err(TransitionError {
+                id: self.id.clone(),
+                from: self.status,
+                to,
+            });
+        }
+        let stamp = match to {
+            BatchStatus::InProgress => &mut self.in_progress_at,
+            BatchStatus::Finalizing => &mut self.finalizing_at,
+            BatchStatus::Completed => &mut self.completed_at,
+            BatchStatus::Failed => &mut self.failed_at,
+            BatchStatus::Expired => &mut self.expired_at,
+            BatchStatus::Cancelling => &mut self.cancelling_at,
+            BatchStatus::Cancelled => &mut self.cancelled_at,
+            BatchStatus::Validating => {
+                return Err(TransitionError {
+                    id: self.id.clone(),
+                    from: self.status,
+                    to,
+                })
+            }
+        };
+        *stamp = Some(now);
+        self.status = to;
+        Ok(())
+    }
+
+    /// Counts one line's result; `false` (and nothing counted) if that `custom_id` already
+    /// reported.
+    pub fn record(&mut self, custom_id: &str, ok: bool) -> bool {
+        if !self.seen.insert(custom_id.to_string()) {
+            return false;
+        }
+        if ok {
+            self.completed += 1;
+        } else {
+            self.failed += 1;
+        }
+        true
+    }
+
+    /// Whether every line has a counted result.
+    pub fn all_reported(&self) -> bool {
+        self.completed + self.failed >= self.total
+    }
+
+    /// Whether the line with this `custom_id` has reported.
+    pub fn has_reported(&self, custom_id: &str) -> bool {
+        self.seen.contains(custom_id)
+    }
+
+    /// The OpenAI `batch` object.
+    pub fn to_openai(&self) -> Value {
+        let errors = if self.errors.is_empty() {
+            Value::Null
+        } else {
+            json!({
+                "object": "list",
+                "data": self.errors.iter().map(|(line, e)| json!({
+                    "code": e.code, "message": e.message, "param": e.param, "line": line,
+                })).collect::<Vec<_>>(),
+            })
+        };
+        json!({
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint.as_str(),
+            "errors": errors,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "in_progress_at": self.in_progress_at,
+            "expires_at": self.expires_at,
+            "finalizing_at": self.finalizing_at,
+            "completed_at": self.completed_at,
+            "failed_at": self.failed_at,
+            "expired_at": self.expired_at,
+            "cancelling_at": self.cancelling_at,
+            "cancelled_at": self.cancelled_at,
+            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BatchStatus::*;
+
+    fn batch() -> BatchRecord {
+        BatchRecord::new(
+            "batch_1".into(),
+            Endpoint::ChatCompletions,
+            "file-1".into(),
+            "24h".into(),
+            86_400,
+            None,
+            1000,
+        )
+    }
+
+    #[test]
+    fn the_lifecycle_allows_exactly_openais_transitions() {
+        let all = [
+            Validating, Failed, InProgress, Finalizing, Completed, Expired, Cancelling, Cancelled,
+        ];
+        let allowed = [
+            (Validating, InProgress),
+            (Validating, Failed),
+            (Validating, Cancelling),
+            (InProgress, Finalizing),
+            (InProgress, Cancelling),
+            (Finalizing, Completed),
+            (Finalizing, Expired),
+            (Finalizing, Cancelled),
+            (Cancelling, Finalizing),
+            (Cancelling, Cancelled),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            if from.is_terminal() {
+                assert!(
+                    all.iter().all(|&to| !from.can_become(to)),
+                    "{from:?} is terminal"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn transitions_stamp_times_and_refuse_the_rest() {
+        let mut b = batch();
+        b.transition(InProgress, 1001)
+            .expect("validating -> in_progress");
+        b.transition(Finalizing, 1002)
+            .expect("in_progress -> finalizing");
+        b.transition(Completed, 1003)
+            .expect("finalizing -> completed");
+        assert_eq!(
+            (b.in_progress_at, b.finalizing_at, b.completed_at),
+            (Some(1001), Some(1002), Some(1003))
+        );
+        let e = b
+            .transition(Cancelling, 1004)
+            .expect_err("completed is terminal");
+        assert_eq!(
+            e.to_string(),
+            "batch batch_1 cannot go from Completed to Cancelling"
+        );
+        assert_eq!(b.status, Completed);
+    }
+
+    #[test]
+    fn duplicate_results_are_counted_once() {
+        let mut b = batch();
+        b.total = 3;
+        assert!(b.record("a", true));
+        assert!(!b.record("a", false), "a redelivered result is ignored");
+        assert!(b.record("b", false));
+        assert!(!b.all_reported());
+        assert!(b.record("c", true));
+        assert!(b.all_reported());
+        assert_eq!((b.completed, b.failed), (2, 1));
+    }
+
+    #[test]
+    fn the_openai_object_has_every_field() {
+        let mut b = batch();
+        b.total = 2;
+        b.errors.push((
+            Some(3),
+            LineError::new("invalid_json", "line 3 is not valid JSON"),
+        ));
+        let v = b.to_openai();
+        assert_eq!(v["object"], "batch");
+        assert_eq!(v["status"], "validating");
+        assert_eq!(v["endpoint"], "/v1/chat/completions");
+        assert_eq!(v["expires_at"], 1000 + 86_400);
+        assert_eq!(
+            v["request_counts"],
+            json!({"total": 2, "completed": 0, "failed": 0})
+        );
+        assert_eq!(v["errors"]["data"][0]["line"], 3);
+        for field in [
+            "in_progress_at",
+            "finalizing_at",
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+            "output_file_id",
+            "error_file_id",
+            "metadata",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing");
+        }
+        let back: BatchRecord =
+            serde_json::from_value(serde_json::to_value(&b).expect("ser")).expect("de");
+        assert_eq!(back, b, "the stored record round-trips");
+    }
+
+    #[test]
+    fn completion_windows_parse() {
+        assert_eq!(parse_completion_window("24h"), Ok(86_400));
+        assert_eq!(parse_completion_window("90m"), Ok(5_400));
+        assert_eq!(parse_completion_window("45s"), Ok(45));
+        for bad in ["", "24", "1d", "0h", "200h", "h"] {
+            assert!(parse_completion_window(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
