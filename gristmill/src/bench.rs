@@ -17,26 +17,54 @@ pub enum BenchCommand {
     Throughput(crate::throughput::ThroughputArgs),
 }
 
-#[derive(Debug, Args)]
-pub struct DatasetArgs {
+/// The shape of a synthetic workload (shared by `dataset` and `throughput`).
+#[derive(Debug, Clone, Args)]
+pub struct SyntheticArgs {
     /// Number of requests.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     pub num_prompts: usize,
-    /// Prompt length in words (about one token each).
+    /// Prompt length in words (about one token each), shared prefix included.
     #[arg(long, default_value_t = 128)]
     pub input_len: usize,
     /// `max_tokens` of every request.
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
-    /// Words shared by the start of every prompt.
+    /// Words at the start of each prompt shared with other prompts.
     #[arg(long, default_value_t = 0)]
     pub prefix_len: usize,
+    /// Distinct shared prefixes, used round-robin.
+    #[arg(long, default_value_t = 1)]
+    pub num_prefixes: usize,
+    /// Seed of the word draw (same seed, same prompts).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SyntheticArgs {
+    /// The workload, with `ignore_eos` set as given.
+    pub fn workload(&self, num_prompts: usize, ignore_eos: bool) -> Result<Workload> {
+        if self.input_len == 0 || self.output_len == 0 {
+            bail!("--input-len and --output-len must be at least 1");
+        }
+        Ok(Workload {
+            num_prompts,
+            input_len: self.input_len,
+            output_len: self.output_len,
+            prefix_len: self.prefix_len,
+            num_prefixes: self.num_prefixes,
+            ignore_eos,
+            seed: self.seed,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DatasetArgs {
+    #[command(flatten)]
+    pub workload: SyntheticArgs,
     /// Let requests stop at end-of-sequence instead of generating exactly `--output-len` tokens.
     #[arg(long)]
     pub allow_eos: bool,
-    /// Seed of the word draw (same seed, same file).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Where to write the file [default: stdout].
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -46,18 +74,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Throughput(a) => crate::throughput::run(a),
         BenchCommand::Dataset(a) => {
-            if a.input_len == 0 || a.output_len == 0 {
-                bail!("--input-len and --output-len must be at least 1");
-            }
-            let w = Workload {
-                num_prompts: a.num_prompts,
-                input_len: a.input_len,
-                output_len: a.output_len,
-                prefix_len: a.prefix_len,
-                num_prefixes: 1,
-                ignore_eos: !a.allow_eos,
-                seed: a.seed,
-            };
+            let w = a.workload.workload(a.workload.num_prompts, !a.allow_eos)?;
             let text = w.lines().join("\n") + "\n";
             match a.output {
                 Some(p) => {

@@ -9,11 +9,11 @@ use gristmill_bench::report::{
     load_average, svg_line_chart, wait_for_quiet, MachineLoad, Percentiles, ThroughputResult,
     THROUGHPUT_SCHEMA,
 };
-use gristmill_bench::Workload;
 use gristmill_coordinator::LineValidator;
 use gristmill_protocol::Request;
 use gristmill_worker::{Engine, Outcome};
 
+use crate::bench::SyntheticArgs;
 use crate::engine_args::EngineArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -39,34 +39,13 @@ pub struct ThroughputArgs {
     #[arg(long)]
     pub dataset_path: Option<PathBuf>,
 
-    /// Requests in the workload (synthetic datasets).
-    #[arg(long, default_value_t = 64)]
-    pub num_prompts: usize,
-
-    /// Prompt length in words, shared prefix included (synthetic datasets).
-    #[arg(long, default_value_t = 128)]
-    pub input_len: usize,
-
-    /// Tokens generated per request (synthetic datasets).
-    #[arg(long, default_value_t = 128)]
-    pub output_len: usize,
-
-    /// Words of shared prefix at the start of each prompt.
-    #[arg(long, default_value_t = 0)]
-    pub prefix_len: usize,
-
-    /// Distinct shared prefixes (`prefix-repetition`).
-    #[arg(long, default_value_t = 1)]
-    pub num_prefixes: usize,
+    #[command(flatten)]
+    pub synthetic: SyntheticArgs,
 
     /// Generate exactly `max_tokens` for every request, also for `--dataset jsonl` (synthetic
     /// datasets always do).
     #[arg(long)]
     pub ignore_eos: bool,
-
-    /// Seed of the synthetic prompts.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
 
     /// Run once per value with `--max-num-seqs` set to it and as many prompts, e.g.
     /// `1,4,16,32,64`: throughput against parallel sequences.
@@ -107,22 +86,10 @@ fn requests(a: &ThroughputArgs, num_prompts: usize) -> Result<Vec<Request>> {
                 .collect()
         }
         Dataset::Random | Dataset::PrefixRepetition => {
-            if a.input_len == 0 || a.output_len == 0 {
-                bail!("--input-len and --output-len must be at least 1");
-            }
-            if a.dataset == Dataset::PrefixRepetition && a.prefix_len == 0 {
+            if a.dataset == Dataset::PrefixRepetition && a.synthetic.prefix_len == 0 {
                 bail!("--dataset prefix-repetition needs --prefix-len > 0");
             }
-            Workload {
-                num_prompts,
-                input_len: a.input_len,
-                output_len: a.output_len,
-                prefix_len: a.prefix_len,
-                num_prefixes: a.num_prefixes,
-                ignore_eos: true,
-                seed: a.seed,
-            }
-            .lines()
+            a.synthetic.workload(num_prompts, true)?.lines()
         }
     };
     let mut v = LineValidator::new();
@@ -213,7 +180,7 @@ pub fn run(a: ThroughputArgs) -> Result<()> {
         Engine::load(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
     let model = engine.model_name.clone();
     let points: Vec<(usize, usize)> = if a.sweep_num_seqs.is_empty() {
-        vec![(a.engine.max_num_seqs, a.num_prompts)]
+        vec![(a.engine.max_num_seqs, a.synthetic.num_prompts)]
     } else {
         if a.sweep_num_seqs.contains(&0) {
             bail!("--sweep-num-seqs values must be at least 1");

@@ -7,9 +7,7 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 
 fn default_model() -> PathBuf {
-    let p = std::env::var_os("GRISTMILL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(gristmill_worker::default_model_path);
+    let p = gristmill_worker::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",

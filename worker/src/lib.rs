@@ -36,3 +36,10 @@ pub fn default_model_path() -> PathBuf {
         .join("models")
         .join(gristmill_protocol::DEFAULT_MODEL_FILE)
 }
+
+/// The model named by `$GRISTMILL_MODEL`, else the default model's path (which may not exist).
+pub fn model_path_from_env() -> PathBuf {
+    std::env::var_os("GRISTMILL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_model_path)
+}

@@ -261,19 +261,7 @@ impl Scheduler {
             if self_preempted {
                 break;
             }
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.num_computed = start + len;
-                // Blocks this step fills become visible to requests admitted later in this same
-                // pass: the model writes every sequence's K/V of a layer before any attention
-                // reads them, and a planned chunk is never preempted within its pass.
-                commit_full_blocks(&mut self.pool, self.cfg.enable_prefix_caching, s);
-            }
-            plan.chunks.push(Chunk {
-                seq: id,
-                start,
-                len,
-                sample: start + len == total,
-            });
+            plan.chunks.push(self.commit_chunk(id, start, len, total));
             budget -= len;
             i += 1;
         }
@@ -297,22 +285,28 @@ impl Scheduler {
             self.stats.cached_tokens += hits as u64;
             self.waiting.pop_front();
             self.running.push(id);
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.num_computed = start + len;
-                // Blocks this step fills become visible to requests admitted later in this same
-                // pass: the model writes every sequence's K/V of a layer before any attention
-                // reads them, and a planned chunk is never preempted within its pass.
-                commit_full_blocks(&mut self.pool, self.cfg.enable_prefix_caching, s);
-            }
-            plan.chunks.push(Chunk {
-                seq: id,
-                start,
-                len,
-                sample: start + len == total,
-            });
+            plan.chunks.push(self.commit_chunk(id, start, len, total));
             budget -= len;
         }
         plan
+    }
+
+    /// Marks positions `start..start + len` of a sequence as computed by the planned step and
+    /// returns its chunk.
+    fn commit_chunk(&mut self, id: SeqId, start: usize, len: usize, total: usize) -> Chunk {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.num_computed = start + len;
+            // Blocks this step fills become visible to requests admitted later in this same
+            // pass: the model writes every sequence's K/V of a layer before any attention reads
+            // them, and a planned chunk is never preempted within its pass.
+            commit_full_blocks(&mut self.pool, self.cfg.enable_prefix_caching, s);
+        }
+        Chunk {
+            seq: id,
+            start,
+            len,
+            sample: start + len == total,
+        }
     }
 
     /// Takes the cached blocks of the longest known prefix of a waiting sequence; returns the

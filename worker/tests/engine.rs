@@ -3,15 +3,12 @@
 //! on or off, and across preemptions when KV memory runs short.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 use gristmill_worker::{Engine, EngineOptions, Outcome, RunStats};
 
 fn engine() -> Engine {
-    let p = std::env::var_os("GRISTMILL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(gristmill_worker::default_model_path);
+    let p = gristmill_worker::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",
