@@ -163,7 +163,7 @@ fn parse_request(
         Endpoint::ChatCompletions => Prompt::Chat(f.messages()?),
         Endpoint::Completions => f.prompt()?,
     };
-    let params = f.params()?;
+    let params = f.params(endpoint)?;
     Ok(Request {
         custom_id,
         line,
@@ -235,6 +235,32 @@ impl Fields<'_> {
                 field,
                 format!("expected a boolean, got {}", type_name(other)),
             )),
+        }
+    }
+
+    /// Chat: `logprobs: true` with `top_logprobs` 0–20; completions: `logprobs` 0–5.
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, LineError> {
+        match endpoint {
+            Endpoint::ChatCompletions => {
+                let on = self.bool("logprobs")?.unwrap_or(false);
+                let top = self.integer("top_logprobs")?;
+                match (on, top) {
+                    (false, Some(_)) => {
+                        Err(self.err("top_logprobs", "needs \"logprobs\": true".into()))
+                    }
+                    (false, None) => Ok(None),
+                    (true, None) => Ok(Some(0)),
+                    (true, Some(t)) if (0..=20).contains(&t) => Ok(Some(t as usize)),
+                    (true, Some(t)) => {
+                        Err(self.err("top_logprobs", format!("must be between 0 and 20, got {t}")))
+                    }
+                }
+            }
+            Endpoint::Completions => match self.integer("logprobs")? {
+                None => Ok(None),
+                Some(t) if (0..=5).contains(&t) => Ok(Some(t as usize)),
+                Some(t) => Err(self.err("logprobs", format!("must be between 0 and 5, got {t}"))),
+            },
         }
     }
 
@@ -341,7 +367,7 @@ impl Fields<'_> {
         }
     }
 
-    fn params(&self) -> Result<GenerationParams, LineError> {
+    fn params(&self, endpoint: Endpoint) -> Result<GenerationParams, LineError> {
         let mut p = GenerationParams::default();
         let max_tokens = match self.integer("max_completion_tokens")? {
             Some(v) => Some(("max_completion_tokens", v)),
@@ -420,9 +446,7 @@ impl Fields<'_> {
         if self.bool("stream")? == Some(true) {
             return Err(self.err("stream", "streaming is not available in batch mode".into()));
         }
-        if self.bool("logprobs")? == Some(true) || self.present("top_logprobs").is_some() {
-            return Err(self.err("logprobs", "logprobs are not supported yet".into()));
-        }
+        p.logprobs = self.logprobs(endpoint)?;
         if let Some(f) = self
             .present("frequency_penalty")
             .or(self.present("presence_penalty"))
@@ -615,6 +639,46 @@ mod tests {
         assert_eq!(e.error.code, codes::DUPLICATE_CUSTOM_ID);
         assert_eq!(e.custom_id.as_deref(), Some("same"));
         assert!(e.error.message.contains("line 2"));
+    }
+
+    #[test]
+    fn logprobs_follow_each_endpoint() {
+        let chat = |extra: &str| {
+            check(&[&format!(r#"{{"custom_id":"a","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}}}"#)]).remove(0)
+        };
+        assert_eq!(chat("").expect("valid").params.logprobs, None);
+        assert_eq!(
+            chat(r#","logprobs":true"#).expect("valid").params.logprobs,
+            Some(0)
+        );
+        assert_eq!(
+            chat(r#","logprobs":true,"top_logprobs":5"#)
+                .expect("valid")
+                .params
+                .logprobs,
+            Some(5)
+        );
+        assert!(chat(r#","top_logprobs":5"#)
+            .expect_err("needs logprobs")
+            .error
+            .message
+            .contains("needs"));
+        assert!(chat(r#","logprobs":true,"top_logprobs":21"#).is_err());
+        let comp = |extra: &str| {
+            check(&[&format!(
+                r#"{{"custom_id":"a","url":"/v1/completions","body":{{"prompt":"x"{extra}}}}}"#
+            )])
+            .remove(0)
+        };
+        assert_eq!(
+            comp(r#","logprobs":3"#).expect("valid").params.logprobs,
+            Some(3)
+        );
+        assert!(comp(r#","logprobs":6"#).is_err());
+        assert!(
+            comp(r#","logprobs":true"#).is_err(),
+            "completions take an integer"
+        );
     }
 
     #[test]

@@ -467,3 +467,89 @@ fn ten_thousand_lines_stream_through_with_bounded_memory() {
     eprintln!("peak RSS {peak} KiB for 10,000 lines");
     assert!(peak < 150 * 1024, "peak RSS {peak} KiB");
 }
+
+#[test]
+fn logprobs_match_transformers_in_both_formats() {
+    let fx = fixture("smollm2_logits.json");
+    let case = &fx["cases"][0];
+    let prompt = case["prompt"].as_str().expect("prompt");
+    let last = case["positions"]
+        .as_array()
+        .expect("positions")
+        .last()
+        .expect("a position");
+    let lse = last["logsumexp"].as_f64().expect("lse");
+    let want: Vec<f64> = last["top_logits"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .take(3)
+        .map(|v| v.as_f64().expect("f") - lse)
+        .collect();
+    let lines = vec![
+        completion(
+            "legacy",
+            prompt,
+            json!({"max_tokens": 1, "temperature": 0, "logprobs": 3}),
+        ),
+        chat(
+            "chat",
+            "Name a colour.",
+            json!({"max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+        ),
+        chat(
+            "plain",
+            "Name a colour.",
+            json!({"max_tokens": 2, "temperature": 0}),
+        ),
+    ];
+    let r = run_lines(&lines, &[]);
+    let lp = &r.outputs["legacy"]["response"]["body"]["choices"][0]["logprobs"];
+    let got = lp["token_logprobs"][0].as_f64().expect("logprob");
+    assert!(
+        (got - want[0]).abs() < 2e-3,
+        "sampled token logprob {got} vs transformers {}",
+        want[0]
+    );
+    let top: Vec<f64> = lp["top_logprobs"][0]
+        .as_object()
+        .expect("dict")
+        .values()
+        .map(|v| v.as_f64().expect("f"))
+        .collect();
+    assert_eq!(top.len(), 3);
+    for (g, w) in top.iter().zip(&want) {
+        assert!((g - w).abs() < 2e-3, "top logprob {g} vs transformers {w}");
+    }
+    assert_eq!(lp["text_offset"][0], 0);
+    assert_eq!(
+        lp["tokens"][0].as_str(),
+        Some(text_of(&r.outputs["legacy"]).as_str())
+    );
+
+    let content = r.outputs["chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+        .clone();
+    let joined: String = content
+        .iter()
+        .map(|e| e["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(
+        joined,
+        text_of(&r.outputs["chat"]),
+        "chat logprob tokens spell the output"
+    );
+    for e in &content {
+        assert_eq!(e["top_logprobs"].as_array().expect("top").len(), 2);
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .expect("bytes")
+            .iter()
+            .map(|b| b.as_u64().expect("byte") as u8)
+            .collect();
+        assert_eq!(bytes, e["token"].as_str().expect("token").as_bytes());
+        assert!(e["logprob"].as_f64().expect("lp") <= 0.0);
+    }
+    assert!(r.outputs["plain"]["response"]["body"]["choices"][0]["logprobs"].is_null());
+}

@@ -63,6 +63,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence token (benchmarks).
     pub ignore_eos: bool,
+    /// Return each generated token's log-probability and this many most likely alternatives
+    /// (`None`: no logprobs).
+    #[serde(default)]
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -75,6 +79,7 @@ impl Default for GenerationParams {
             seed: None,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }

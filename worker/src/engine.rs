@@ -20,7 +20,7 @@ use crate::backend::{Backend, CpuBackend};
 use crate::error::Result;
 use crate::kv_cache::BlockPool;
 use crate::model::llama::{Llama, Logits, StepSeq};
-use crate::sampler::Sampler;
+use crate::sampler::{token_logprob, Sampler, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SeqId, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
@@ -79,6 +79,20 @@ pub struct Completion {
     pub time_to_first_token: Duration,
     /// From the first generated token to the last.
     pub decode_time: Duration,
+    /// Per output token, when the request asked for logprobs.
+    pub logprobs: Option<Vec<OutputLogprob>>,
+}
+
+/// One output token's logprob, as the response formats need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputLogprob {
+    /// The token's text.
+    pub text: String,
+    pub logprob: f32,
+    /// Byte offset of the token in the output text.
+    pub offset: usize,
+    /// Most likely alternatives: text and logprob.
+    pub top: Vec<(String, f32)>,
 }
 
 /// What became of one request.
@@ -126,6 +140,8 @@ struct Live {
     sampler: Sampler,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// One entry per generated token when the request asked for logprobs.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Engine<CpuBackend> {
@@ -346,6 +362,7 @@ impl<B: Backend> Engine<B> {
                         sampler,
                         admitted: Instant::now(),
                         first_token: None,
+                        logprobs: Vec::new(),
                     },
                 );
             }
@@ -401,6 +418,9 @@ impl<B: Backend> Engine<B> {
                 };
                 let step = (seq.tokens.len() - seq.prompt_len) as u64;
                 let token = l.sampler.sample(&row, step);
+                if let Some(top) = l.req.params.logprobs {
+                    l.logprobs.push(token_logprob(&row, token, top));
+                }
                 l.first_token.get_or_insert_with(Instant::now);
                 sched.append_token(c.seq, token);
                 let Some(seq) = sched.seq(c.seq) else {
@@ -449,17 +469,20 @@ impl<B: Backend> Engine<B> {
                 })
             }
         };
-        let (text, finish_reason) = match p
+        let cut = p
             .stop
             .iter()
             .filter_map(|stop| text.find(stop.as_str()))
-            .min()
-        {
+            .min();
+        let (text, finish_reason) = match cut {
             Some(cut) => (text[..cut].to_string(), FinishReason::Stop),
             None if eos => (text, FinishReason::Stop),
             None if at_limit => (text, FinishReason::Length),
             None => return None,
         };
+        let logprobs = p
+            .logprobs
+            .map(|_| self.visible_logprobs(&l.logprobs, visible, text.len()));
         let now = Instant::now();
         let first = l.first_token.unwrap_or(now);
         Some(Outcome::Done(Completion {
@@ -473,7 +496,39 @@ impl<B: Backend> Engine<B> {
             finish_reason,
             time_to_first_token: first - l.admitted,
             decode_time: now - first,
+            logprobs,
         }))
+    }
+
+    /// The logprobs of the tokens whose text is in the output (`text_len` bytes of the decoded
+    /// `visible` tokens), each with its text and its offset in the output.
+    fn visible_logprobs(
+        &self,
+        all: &[TokenLogprob],
+        visible: &[u32],
+        text_len: usize,
+    ) -> Vec<OutputLogprob> {
+        let piece = |id: u32| self.tokenizer.decode(&[id]).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for (i, lp) in all.iter().enumerate().take(visible.len()) {
+            if offset >= text_len {
+                break;
+            }
+            // Offsets from decoding the prefix, so multi-token characters land where they end.
+            let end = self
+                .tokenizer
+                .decode(&visible[..=i])
+                .map_or(offset, |t| t.len());
+            out.push(OutputLogprob {
+                text: piece(lp.token),
+                logprob: lp.logprob,
+                offset,
+                top: lp.top.iter().map(|&(id, l)| (piece(id), l)).collect(),
+            });
+            offset = end;
+        }
+        out
     }
 }
 

@@ -3,7 +3,7 @@
 use gristmill_protocol::{Endpoint, ErrorLine, LineError, OutputLine, ResponseEnvelope};
 use serde_json::json;
 
-use crate::engine::Completion;
+use crate::engine::{Completion, OutputLogprob};
 
 /// Short random-looking ids (`batch_req_…`, `chatcmpl-…`): unique within a process and across
 /// processes started at different times; not secrets.
@@ -45,6 +45,32 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `choices[0].logprobs` of a chat completion.
+fn chat_logprobs(lps: &[OutputLogprob]) -> serde_json::Value {
+    let entry =
+        |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+    json!({
+        "content": lps.iter().map(|l| {
+            let mut e = entry(&l.text, l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|(t, lp)| entry(t, *lp)).collect();
+            e
+        }).collect::<Vec<_>>(),
+        "refusal": null,
+    })
+}
+
+/// `choices[0].logprobs` of a legacy completion.
+fn completion_logprobs(lps: &[OutputLogprob]) -> serde_json::Value {
+    json!({
+        "tokens": lps.iter().map(|l| &l.text).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|l| {
+            l.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": lps.iter().map(|l| l.offset).collect::<Vec<_>>(),
+    })
+}
+
 /// The `chat.completion` or `text_completion` body of a finished request.
 pub fn response_body(c: &Completion, default_model: &str, ids: &mut IdGen) -> serde_json::Value {
     let model = c.model.as_deref().unwrap_or(default_model);
@@ -57,7 +83,7 @@ pub fn response_body(c: &Completion, default_model: &str, ids: &mut IdGen) -> se
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": null,
+                "logprobs": c.logprobs.as_deref().map(chat_logprobs),
                 "finish_reason": c.finish_reason,
             }],
             "usage": c.usage,
@@ -71,7 +97,7 @@ pub fn response_body(c: &Completion, default_model: &str, ids: &mut IdGen) -> se
             "choices": [{
                 "index": 0,
                 "text": c.text,
-                "logprobs": null,
+                "logprobs": c.logprobs.as_deref().map(completion_logprobs),
                 "finish_reason": c.finish_reason,
             }],
             "usage": c.usage,

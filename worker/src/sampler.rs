@@ -22,6 +22,45 @@ pub fn uniform(seed: u64, step: u64) -> f64 {
     (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The log-probability of a generated token under the model's raw distribution (the logits
+/// before temperature, top-k and top-p), and the most likely alternatives at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of one row of logits at `token`, with the `top` most likely tokens (ties by id).
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let n = top.min(ids.len());
+    if n > 0 && n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, by_logit);
+    }
+    ids.truncate(n);
+    ids.sort_unstable_by(by_logit);
+    TokenLogprob {
+        token,
+        logprob: lp(token),
+        top: ids.into_iter().map(|i| (i, lp(i))).collect(),
+    }
+}
+
 /// Sampling settings of one request, with its seed fixed.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -141,6 +180,16 @@ mod tests {
         );
         let again = Sampler::new(&params(1.0, 0, 1.0), 999);
         assert!((0..100).all(|i| s.sample(&logits, i) == again.sample(&logits, i)));
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_ranked_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let t = token_logprob(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((t.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(t.top.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
     }
 
     #[test]
