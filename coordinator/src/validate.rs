@@ -439,9 +439,10 @@ impl Fields<'_> {
         }
         p.ignore_eos = self.bool("ignore_eos")?.unwrap_or(false);
         if let Some(n) = self.integer("n")? {
-            if n != 1 {
-                return Err(self.err("n", format!("only n = 1 is supported, got {n}")));
+            if !(1..=128).contains(&n) {
+                return Err(self.err("n", format!("must be between 1 and 128, got {n}")));
             }
+            p.n = n as usize;
         }
         if self.bool("stream")? == Some(true) {
             return Err(self.err("stream", "streaming is not available in batch mode".into()));
@@ -604,9 +605,9 @@ mod tests {
                 "body.stop[0] expected a string",
             ),
             (
-                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","n":3}}"#,
+                r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","n":0}}"#,
                 codes::INVALID_REQUEST,
-                "only n = 1",
+                "body.n must be between 1 and 128, got 0",
             ),
             (
                 r#"{"custom_id":"a","method":"GET","url":"/v1/completions","body":{"prompt":"x"}}"#,

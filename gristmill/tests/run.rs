@@ -502,6 +502,11 @@ fn logprobs_match_transformers_in_both_formats() {
             "Name a colour.",
             json!({"max_tokens": 2, "temperature": 0}),
         ),
+        completion(
+            "two",
+            prompt,
+            json!({"max_tokens": 3, "temperature": 0.8, "seed": 5, "n": 2, "logprobs": 1}),
+        ),
     ];
     let r = run_lines(&lines, &[]);
     let lp = &r.outputs["legacy"]["response"]["body"]["choices"][0]["logprobs"];
@@ -552,4 +557,12 @@ fn logprobs_match_transformers_in_both_formats() {
         assert!(e["logprob"].as_f64().expect("lp") <= 0.0);
     }
     assert!(r.outputs["plain"]["response"]["body"]["choices"][0]["logprobs"].is_null());
+    let two = &r.outputs["two"]["response"]["body"];
+    let choices = two["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["logprobs"]["tokens"].as_array().map(Vec::len), Some(3));
+    }
+    assert_eq!(two["usage"]["completion_tokens"], 6);
 }

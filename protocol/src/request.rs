@@ -67,6 +67,13 @@ pub struct GenerationParams {
     /// (`None`: no logprobs).
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// Completions to generate for the prompt (OpenAI's `n`).
+    #[serde(default = "one")]
+    pub n: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for GenerationParams {
@@ -80,6 +87,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            n: 1,
         }
     }
 }

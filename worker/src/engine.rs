@@ -71,14 +71,22 @@ pub struct Completion {
     pub endpoint: Endpoint,
     /// The `model` the request named, echoed back.
     pub model: Option<String>,
-    pub text: String,
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
+    /// One per requested completion (`n`), in index order.
+    pub choices: Vec<Choice>,
+    /// Prompt tokens once, completion tokens of all choices.
     pub usage: Usage,
     /// From admission into the engine to the first generated token.
     pub time_to_first_token: Duration,
     /// From the first generated token to the last.
     pub decode_time: Duration,
+}
+
+/// One generated completion of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
     /// Per output token, when the request asked for logprobs.
     pub logprobs: Option<Vec<OutputLogprob>>,
 }
@@ -133,15 +141,58 @@ impl From<Option<Request>> for Poll {
     }
 }
 
-/// A request inside the engine; its tokens and KV blocks live in the scheduler.
+/// One sequence inside the engine (a request has `n` of them); its tokens and KV blocks live
+/// in the scheduler.
 struct Live {
-    req: Request,
+    group: u64,
+    choice: usize,
     max_tokens: usize,
     sampler: Sampler,
-    admitted: Instant,
-    first_token: Option<Instant>,
     /// One entry per generated token when the request asked for logprobs.
     logprobs: Vec<TokenLogprob>,
+}
+
+/// A request inside the engine, waiting for its `n` choices.
+struct Group {
+    req: Request,
+    prompt_len: usize,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    choices: Vec<Option<Choice>>,
+    error: Option<LineError>,
+}
+
+impl Group {
+    fn remaining(&self) -> usize {
+        self.choices.iter().filter(|c| c.is_none()).count()
+    }
+
+    fn into_outcome(self) -> Outcome {
+        let req = self.req;
+        if let Some(error) = self.error {
+            return Outcome::Failed {
+                custom_id: req.custom_id,
+                line: req.line,
+                error,
+            };
+        }
+        let choices: Vec<Choice> = self.choices.into_iter().flatten().collect();
+        let now = Instant::now();
+        let first = self.first_token.unwrap_or(now);
+        Outcome::Done(Completion {
+            usage: Usage::new(
+                self.prompt_len,
+                choices.iter().map(|c| c.token_ids.len()).sum(),
+            ),
+            custom_id: req.custom_id,
+            line: req.line,
+            endpoint: req.endpoint,
+            model: req.model,
+            choices,
+            time_to_first_token: first - self.admitted,
+            decode_time: now - first,
+        })
+    }
 }
 
 impl Engine<CpuBackend> {
@@ -308,6 +359,7 @@ impl<B: Backend> Engine<B> {
             BlockPool::new(num_blocks, block_size),
         );
         let mut live: HashMap<SeqId, Live> = HashMap::new();
+        let mut groups: HashMap<u64, Group> = HashMap::new();
         let mut next_id: SeqId = 0;
         let mut stats = RunStats {
             kv_blocks: num_blocks,
@@ -337,9 +389,36 @@ impl<B: Backend> Engine<B> {
                     }
                 };
                 let max_tokens = req.params.max_tokens.unwrap_or(ctx - prompt.len());
-                let id = next_id;
-                next_id += 1;
-                if let Err(e) = sched.add(id, prompt.clone(), prompt.len() + max_tokens) {
+                let n = req.params.n.max(1);
+                let group = next_id;
+                let mut refused = None;
+                for choice in 0..n {
+                    let id = next_id;
+                    next_id += 1;
+                    if let Err(e) = sched.add(id, prompt.clone(), prompt.len() + max_tokens) {
+                        refused = Some(e);
+                        break;
+                    }
+                    let fallback_seed =
+                        self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                    let sampler = Sampler::new(&req.params, fallback_seed, choice);
+                    live.insert(
+                        id,
+                        Live {
+                            group,
+                            choice,
+                            max_tokens,
+                            sampler,
+                            logprobs: Vec::new(),
+                        },
+                    );
+                }
+                if let Some(e) = refused {
+                    // Take back the choices already queued: the request fails as a whole.
+                    for id in group..next_id {
+                        sched.finish(id);
+                        live.remove(&id);
+                    }
                     let error = LineError::new(
                         codes::CONTEXT_LENGTH_EXCEEDED,
                         format!("line {}: {e}", req.line),
@@ -351,18 +430,15 @@ impl<B: Backend> Engine<B> {
                     });
                     continue;
                 }
-                let fallback_seed =
-                    self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-                let sampler = Sampler::new(&req.params, fallback_seed);
-                live.insert(
-                    id,
-                    Live {
-                        req,
-                        max_tokens,
-                        sampler,
+                groups.insert(
+                    group,
+                    Group {
+                        prompt_len: prompt.len(),
                         admitted: Instant::now(),
                         first_token: None,
-                        logprobs: Vec::new(),
+                        choices: vec![None; n],
+                        error: None,
+                        req,
                     },
                 );
             }
@@ -376,15 +452,18 @@ impl<B: Backend> Engine<B> {
             if plan.chunks.is_empty() {
                 // Cannot happen while `add` refuses sequences larger than the pool; fail the rest
                 // loudly rather than spin.
-                for (id, l) in live.drain() {
+                for id in live.keys().copied().collect::<Vec<_>>() {
                     sched.finish(id);
+                }
+                live.clear();
+                for (_, g) in groups.drain() {
                     let error = LineError::new(
                         codes::INTERNAL,
-                        format!("line {}: the scheduler could not make progress", l.req.line),
+                        format!("line {}: the scheduler could not make progress", g.req.line),
                     );
                     on_outcome(Outcome::Failed {
-                        custom_id: l.req.custom_id,
-                        line: l.req.line,
+                        custom_id: g.req.custom_id,
+                        line: g.req.line,
                         error,
                     });
                 }
@@ -416,39 +495,62 @@ impl<B: Backend> Engine<B> {
                 let (Some(l), Some(seq)) = (live.get_mut(&c.seq), sched.seq(c.seq)) else {
                     continue;
                 };
+                let Some(g) = groups.get_mut(&l.group) else {
+                    continue;
+                };
                 let step = (seq.tokens.len() - seq.prompt_len) as u64;
                 let token = l.sampler.sample(&row, step);
-                if let Some(top) = l.req.params.logprobs {
+                if let Some(top) = g.req.params.logprobs {
                     l.logprobs.push(token_logprob(&row, token, top));
                 }
-                l.first_token.get_or_insert_with(Instant::now);
+                g.first_token.get_or_insert_with(Instant::now);
                 sched.append_token(c.seq, token);
                 let Some(seq) = sched.seq(c.seq) else {
                     continue;
                 };
-                if let Some(outcome) = self.check_finished(l, seq, ctx) {
-                    done.push((c.seq, outcome));
+                match self.check_finished(l, &g.req, seq, ctx) {
+                    None => continue,
+                    Some(Ok(choice)) => g.choices[l.choice] = Some(choice),
+                    Some(Err(error)) => {
+                        g.error.get_or_insert(error);
+                        g.choices[l.choice] = Some(Choice {
+                            text: String::new(),
+                            token_ids: Vec::new(),
+                            finish_reason: FinishReason::Stop,
+                            logprobs: None,
+                        });
+                    }
+                }
+                let group = l.group;
+                sched.finish(c.seq);
+                live.remove(&c.seq);
+                if groups.get(&group).is_some_and(|g| g.remaining() == 0) {
+                    if let Some(g) = groups.remove(&group) {
+                        done.push(g.into_outcome());
+                    }
                 }
             }
-            for (id, _) in &done {
-                sched.finish(*id);
-                live.remove(id);
-            }
             // Report in input order among those finishing in the same step.
-            done.sort_by_key(|(_, o)| match o {
+            done.sort_by_key(|o| match o {
                 Outcome::Done(c) => c.line,
                 Outcome::Failed { line, .. } => *line,
             });
-            done.into_iter().for_each(|(_, o)| on_outcome(o));
+            done.into_iter().for_each(&mut on_outcome);
             stats.scheduler = sched.stats();
         }
     }
 
-    /// Decides whether a sequence is done after its latest token, and builds its outcome.
-    fn check_finished(&self, l: &Live, seq: &Sequence, ctx: usize) -> Option<Outcome> {
+    /// Decides whether a sequence is done after its latest token, and builds its choice.
+    fn check_finished(
+        &self,
+        l: &Live,
+        req: &Request,
+        seq: &Sequence,
+        ctx: usize,
+    ) -> Option<Result<Choice, LineError>> {
         let generated = seq.generated();
         let last = *generated.last()?;
-        let p = &l.req.params;
+        let p = &req.params;
         let eos = !p.ignore_eos && self.tokenizer.eos_ids.contains(&last);
         let at_limit = generated.len() >= l.max_tokens || seq.tokens.len() >= ctx;
         if !eos && !at_limit && p.stop.is_empty() {
@@ -462,11 +564,10 @@ impl<B: Backend> Engine<B> {
         let text = match self.tokenizer.decode(visible) {
             Ok(t) => t,
             Err(e) => {
-                return Some(Outcome::Failed {
-                    custom_id: l.req.custom_id.clone(),
-                    line: l.req.line,
-                    error: LineError::new(codes::INTERNAL, format!("line {}: {e}", l.req.line)),
-                })
+                return Some(Err(LineError::new(
+                    codes::INTERNAL,
+                    format!("line {}: {e}", req.line),
+                )))
             }
         };
         let cut = p
@@ -483,19 +584,10 @@ impl<B: Backend> Engine<B> {
         let logprobs = p
             .logprobs
             .map(|_| self.visible_logprobs(&l.logprobs, visible, text.len()));
-        let now = Instant::now();
-        let first = l.first_token.unwrap_or(now);
-        Some(Outcome::Done(Completion {
-            custom_id: l.req.custom_id.clone(),
-            line: l.req.line,
-            endpoint: l.req.endpoint,
-            model: l.req.model.clone(),
+        Some(Ok(Choice {
             text,
-            usage: Usage::new(seq.prompt_len, generated.len()),
             token_ids: generated.to_vec(),
             finish_reason,
-            time_to_first_token: first - l.admitted,
-            decode_time: now - first,
             logprobs,
         }))
     }

@@ -71,13 +71,21 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// `fallback_seed` is used when the request has no seed of its own.
-    pub fn new(p: &GenerationParams, fallback_seed: u64) -> Self {
+    /// The sampler of choice `choice` (of `n`) of a request; `fallback_seed` is used when the
+    /// request has no seed of its own. Choice 0 uses the seed itself, so `n = 1` and the first
+    /// of `n` choices agree; the others derive independent streams from it.
+    pub fn new(p: &GenerationParams, fallback_seed: u64, choice: usize) -> Self {
+        let base = p.seed.unwrap_or(fallback_seed);
+        let seed = if choice == 0 {
+            base
+        } else {
+            mix(base ^ mix(choice as u64))
+        };
         Self {
             temperature: p.temperature,
             top_k: p.top_k,
             top_p: p.top_p,
-            seed: p.seed.unwrap_or(fallback_seed),
+            seed,
         }
     }
 
@@ -150,15 +158,15 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_lowest_index_of_the_max() {
-        let s = Sampler::new(&params(0.0, 0, 1.0), 0);
+        let s = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
         assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], 0), 1);
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
-        let k2 = Sampler::new(&params(1.0, 2, 1.0), 0);
-        let p = Sampler::new(&params(1.0, 0, 0.3), 0);
+        let k2 = Sampler::new(&params(1.0, 2, 1.0), 0, 0);
+        let p = Sampler::new(&params(1.0, 0, 0.3), 0, 0);
         for step in 0..200 {
             assert!([0, 1].contains(&k2.sample(&logits, step)));
             assert_eq!(
@@ -172,13 +180,13 @@ mod tests {
     #[test]
     fn draws_follow_the_distribution_and_depend_only_on_seed_and_step() {
         let logits = [1.0f32.ln(), 3.0f32.ln()]; // probabilities 1/4, 3/4
-        let s = Sampler::new(&params(1.0, 0, 1.0), 0);
+        let s = Sampler::new(&params(1.0, 0, 1.0), 0, 0);
         let ones = (0..4000).filter(|&i| s.sample(&logits, i) == 1).count();
         assert!(
             (2800..3200).contains(&ones),
             "{ones} of 4000 draws picked p = 0.75"
         );
-        let again = Sampler::new(&params(1.0, 0, 1.0), 999);
+        let again = Sampler::new(&params(1.0, 0, 1.0), 999, 0);
         assert!((0..100).all(|i| s.sample(&logits, i) == again.sample(&logits, i)));
     }
 

@@ -68,11 +68,14 @@ fn run(
     engine: &Engine,
     reqs: Vec<Request>,
     opts: EngineOptions,
-) -> (HashMap<String, Vec<u32>>, RunStats) {
+) -> (HashMap<String, Vec<Vec<u32>>>, RunStats) {
     let mut out = HashMap::new();
     let stats = engine.run(reqs, opts, |o| match o {
         Outcome::Done(c) => {
-            out.insert(c.custom_id, c.token_ids);
+            out.insert(
+                c.custom_id,
+                c.choices.into_iter().map(|ch| ch.token_ids).collect(),
+            );
         }
         Outcome::Failed {
             custom_id, error, ..
@@ -214,7 +217,10 @@ fn requests_arriving_on_a_channel_join_the_running_batch() {
     engine.run_channel(rx, opts(8, 512), |o| match o {
         Outcome::Done(c) => {
             order.push(c.custom_id.clone());
-            outputs.insert(c.custom_id, c.token_ids);
+            outputs.insert(
+                c.custom_id,
+                c.choices.into_iter().map(|ch| ch.token_ids).collect(),
+            );
         }
         Outcome::Failed { error, .. } => panic!("{}", error.message),
     });
@@ -225,4 +231,38 @@ fn requests_arriving_on_a_channel_join_the_running_batch() {
         "the late short request finished first"
     );
     assert_eq!(outputs, alone, "arrival timing changed an output");
+}
+
+#[test]
+fn n_choices_share_the_prompt_and_the_first_equals_n_1() {
+    let engine = engine();
+    let mut one = request(4, "");
+    one.params.temperature = 0.9;
+    one.params.max_tokens = Some(12);
+    one.params.ignore_eos = true;
+    let mut three = one.clone();
+    three.params.n = 3;
+    three.custom_id = "three".into();
+    let mut completions = Vec::new();
+    let stats = engine.run(vec![one, three], opts(8, 512), |o| match o {
+        Outcome::Done(c) => completions.push(c),
+        Outcome::Failed { error, .. } => panic!("{}", error.message),
+    });
+    completions.sort_by_key(|c| c.custom_id.clone());
+    let (r4, three) = (&completions[0], &completions[1]);
+    assert_eq!(three.choices.len(), 3);
+    assert_eq!(
+        three.choices[0].token_ids, r4.choices[0].token_ids,
+        "choice 0 of n = 3 equals n = 1"
+    );
+    assert_ne!(
+        three.choices[1].token_ids, three.choices[2].token_ids,
+        "other choices sample independently"
+    );
+    assert_eq!(three.usage.prompt_tokens, r4.usage.prompt_tokens);
+    assert_eq!(three.usage.completion_tokens, 36);
+    assert!(
+        stats.scheduler.cached_tokens > 0,
+        "the choices share the prompt's KV blocks"
+    );
 }
