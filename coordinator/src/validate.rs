@@ -448,15 +448,15 @@ impl Fields<'_> {
             return Err(self.err("stream", "streaming is not available in batch mode".into()));
         }
         p.logprobs = self.logprobs(endpoint)?;
-        if let Some(f) = self
-            .present("frequency_penalty")
-            .or(self.present("presence_penalty"))
-        {
-            if f.as_f64() != Some(0.0) {
-                return Err(self.err(
-                    "frequency_penalty",
-                    "penalties are not supported yet; omit them or set 0".into(),
-                ));
+        for (field, slot) in [
+            ("frequency_penalty", &mut p.frequency_penalty),
+            ("presence_penalty", &mut p.presence_penalty),
+        ] {
+            if let Some(v) = self.number(field)? {
+                if !(-2.0..=2.0).contains(&v) {
+                    return Err(self.err(field, format!("must be between -2 and 2, got {v}")));
+                }
+                *slot = v as f32;
             }
         }
         Ok(p)
@@ -679,6 +679,26 @@ mod tests {
         assert!(
             comp(r#","logprobs":true"#).is_err(),
             "completions take an integer"
+        );
+    }
+
+    #[test]
+    fn penalties_are_read_and_bounded() {
+        let r = check(&[r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","frequency_penalty":0.5,"presence_penalty":-1}}"#])
+            .remove(0)
+            .expect("valid");
+        assert_eq!(
+            (r.params.frequency_penalty, r.params.presence_penalty),
+            (0.5, -1.0)
+        );
+        let e = err(
+            r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","presence_penalty":3}}"#,
+        );
+        assert!(
+            e.message
+                .contains("body.presence_penalty must be between -2 and 2"),
+            "{}",
+            e.message
         );
     }
 

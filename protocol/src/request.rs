@@ -67,6 +67,12 @@ pub struct GenerationParams {
     /// (`None`: no logprobs).
     #[serde(default)]
     pub logprobs: Option<usize>,
+    /// OpenAI's penalties: each generated token's logit is lowered by `frequency_penalty` times
+    /// its count so far, and by `presence_penalty` once it has appeared.
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    #[serde(default)]
+    pub presence_penalty: f32,
     /// Completions to generate for the prompt (OpenAI's `n`).
     #[serde(default = "one")]
     pub n: usize,
@@ -87,6 +93,8 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             n: 1,
         }
     }

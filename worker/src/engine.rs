@@ -128,7 +128,7 @@ pub struct Engine<B: Backend = CpuBackend> {
 /// What a request source has for the engine.
 #[derive(Debug)]
 enum Poll {
-    Ready(Request),
+    Ready(Box<Request>),
     /// Nothing now; ask again after the next step.
     NotYet,
     /// No more requests will come.
@@ -137,7 +137,7 @@ enum Poll {
 
 impl From<Option<Request>> for Poll {
     fn from(r: Option<Request>) -> Self {
-        r.map_or(Poll::Closed, Poll::Ready)
+        r.map_or(Poll::Closed, |r| Poll::Ready(Box::new(r)))
     }
 }
 
@@ -323,13 +323,15 @@ impl<B: Backend> Engine<B> {
             |busy| {
                 if busy {
                     match requests.try_recv() {
-                        Ok(r) => Poll::Ready(r),
+                        Ok(r) => Poll::Ready(Box::new(r)),
                         Err(TryRecvError::Empty) => Poll::NotYet,
                         Err(TryRecvError::Disconnected) => Poll::Closed,
                     }
                 } else {
                     // Nothing to compute: block until work arrives.
-                    requests.recv().map_or(Poll::Closed, Poll::Ready)
+                    requests
+                        .recv()
+                        .map_or(Poll::Closed, |r| Poll::Ready(Box::new(r)))
                 }
             },
             opts,
@@ -370,7 +372,7 @@ impl<B: Backend> Engine<B> {
             // Keep a queue of admitted requests ahead of the running batch, no more.
             while !exhausted && sched.num_waiting() < max_seqs {
                 let req = match next(!sched.is_idle()) {
-                    Poll::Ready(r) => r,
+                    Poll::Ready(r) => *r,
                     Poll::NotYet => break,
                     Poll::Closed => {
                         exhausted = true;
@@ -499,7 +501,7 @@ impl<B: Backend> Engine<B> {
                     continue;
                 };
                 let step = (seq.tokens.len() - seq.prompt_len) as u64;
-                let token = l.sampler.sample(&row, step);
+                let token = l.sampler.sample(&row, step, seq.generated());
                 if let Some(top) = g.req.params.logprobs {
                     l.logprobs.push(token_logprob(&row, token, top));
                 }

@@ -67,6 +67,8 @@ pub struct Sampler {
     temperature: f32,
     top_k: usize,
     top_p: f32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
     seed: u64,
 }
 
@@ -85,12 +87,37 @@ impl Sampler {
             temperature: p.temperature,
             top_k: p.top_k,
             top_p: p.top_p,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
             seed,
         }
     }
 
-    /// Picks the token for generation step `step` from one row of logits.
-    pub fn sample(&self, logits: &[f32], step: u64) -> u32 {
+    /// The logits less OpenAI's frequency and presence penalties for the tokens generated so far.
+    fn penalise(&self, logits: &[f32], generated: &[u32]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(v) = out.get_mut(t as usize) {
+                *v -= c as f32 * self.frequency_penalty + self.presence_penalty;
+            }
+        }
+        out
+    }
+
+    /// Picks the token for generation step `step` from one row of logits, given the tokens the
+    /// sequence generated so far (for penalties).
+    pub fn sample(&self, logits: &[f32], step: u64, generated: &[u32]) -> u32 {
+        let penalised;
+        let logits = if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            penalised = self.penalise(logits, generated);
+            &penalised[..]
+        } else {
+            logits
+        };
         if self.temperature <= 0.0 || self.top_k == 1 {
             return argmax(logits) as u32;
         }
@@ -159,7 +186,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_lowest_index_of_the_max() {
         let s = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
-        assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], 0), 1);
+        assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], 0, &[]), 1);
     }
 
     #[test]
@@ -168,9 +195,9 @@ mod tests {
         let k2 = Sampler::new(&params(1.0, 2, 1.0), 0, 0);
         let p = Sampler::new(&params(1.0, 0, 0.3), 0, 0);
         for step in 0..200 {
-            assert!([0, 1].contains(&k2.sample(&logits, step)));
+            assert!([0, 1].contains(&k2.sample(&logits, step, &[])));
             assert_eq!(
-                p.sample(&logits, step),
+                p.sample(&logits, step, &[]),
                 0,
                 "top_p 0.3 keeps only the top token"
             );
@@ -181,13 +208,15 @@ mod tests {
     fn draws_follow_the_distribution_and_depend_only_on_seed_and_step() {
         let logits = [1.0f32.ln(), 3.0f32.ln()]; // probabilities 1/4, 3/4
         let s = Sampler::new(&params(1.0, 0, 1.0), 0, 0);
-        let ones = (0..4000).filter(|&i| s.sample(&logits, i) == 1).count();
+        let ones = (0..4000)
+            .filter(|&i| s.sample(&logits, i, &[]) == 1)
+            .count();
         assert!(
             (2800..3200).contains(&ones),
             "{ones} of 4000 draws picked p = 0.75"
         );
         let again = Sampler::new(&params(1.0, 0, 1.0), 999, 0);
-        assert!((0..100).all(|i| s.sample(&logits, i) == again.sample(&logits, i)));
+        assert!((0..100).all(|i| s.sample(&logits, i, &[]) == again.sample(&logits, i, &[])));
     }
 
     #[test]
@@ -198,6 +227,30 @@ mod tests {
         assert!((t.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
         assert_eq!(t.top.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 3, 2]);
         assert!(token_logprob(&logits, 0, 0).top.is_empty());
+    }
+
+    #[test]
+    fn penalties_lower_repeated_tokens() {
+        let logits = [1.0, 0.9, 0.2];
+        let plain = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
+        assert_eq!(plain.sample(&logits, 1, &[0]), 0);
+        let mut p = params(0.0, 0, 1.0);
+        p.presence_penalty = 0.5;
+        assert_eq!(Sampler::new(&p, 0, 0).sample(&logits, 1, &[0]), 1);
+        let mut f = params(0.0, 0, 1.0);
+        f.frequency_penalty = 0.4;
+        let s = Sampler::new(&f, 0, 0);
+        assert_eq!(
+            s.sample(&logits, 1, &[1]),
+            0,
+            "one use of token 1 costs 0.4"
+        );
+        assert_eq!(s.sample(&logits, 1, &[0]), 1);
+        assert_eq!(
+            s.sample(&logits, 3, &[0, 0, 1, 1, 1]),
+            2,
+            "0 pays 0.8, 1 pays 1.2"
+        );
     }
 
     #[test]
