@@ -173,6 +173,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
+        bar.set_message("0 failed, starting");
+        // Redraw twice a second so the bar (and its clock) shows before the first request ends.
+        bar.enable_steady_tick(Duration::from_millis(500));
         bar
     });
     let started = Instant::now();
