@@ -112,7 +112,9 @@ impl Progress {
         let rate = t.completion_tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
-            bar.set_message(format!("{} failed, {rate:.0} tok/s", t.failed));
+            if t.failed > 0 {
+                bar.set_prefix(format!("{} failed", t.failed));
+            }
         } else if !self.quiet
             && (self.last_log.elapsed() > Duration::from_secs(5) || done == self.total)
         {
@@ -168,12 +170,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
             ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} requests, {msg} (eta {eta})",
+                "{elapsed_precise} [{bar:40}] {pos}/{len} requests {prefix} | {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        bar.set_message("0 failed, starting");
+        bar.set_message("starting");
         // Redraw twice a second so the bar (and its clock) shows before the first request ends.
         bar.enable_steady_tick(Duration::from_millis(500));
         bar
@@ -233,7 +235,27 @@ pub fn run(args: RunArgs) -> Result<()> {
             Err(bad) => sink.borrow_mut().failed(bad.custom_id, bad.line, bad.error),
         }
     });
-    let stats = engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
+    let bar = sink.borrow().progress.bar.clone();
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let stats = std::thread::scope(|scope| {
+        // Live token count on the bar: requests finish seconds apart, tokens every step.
+        if let Some(bar) = bar {
+            let (engine, finished) = (&engine, &finished);
+            scope.spawn(move || {
+                while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                    let tokens = engine
+                        .generated_tokens
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    let rate = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("{tokens} tokens generated, {rate:.0} tok/s"));
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+        let stats = engine.run(requests, opts, |o| sink.borrow_mut().outcome(o));
+        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        stats
+    });
 
     let mut sink = sink.into_inner();
     if let Some(bar) = &sink.progress.bar {

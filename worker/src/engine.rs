@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -123,6 +124,8 @@ pub struct Engine<B: Backend = CpuBackend> {
     pub model_name: String,
     /// Seed base for requests that bring none.
     seed_base: u64,
+    /// Tokens generated so far by every run of this engine (for live progress displays).
+    pub generated_tokens: AtomicU64,
 }
 
 /// What a request source has for the engine.
@@ -234,6 +237,7 @@ impl<B: Backend> Engine<B> {
             tokenizer,
             model_name: stem.unwrap_or_else(|| "model".into()),
             seed_base,
+            generated_tokens: AtomicU64::new(0),
         })
     }
 
@@ -506,6 +510,7 @@ impl<B: Backend> Engine<B> {
                     l.logprobs.push(token_logprob(&row, token, top));
                 }
                 g.first_token.get_or_insert_with(Instant::now);
+                self.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 sched.append_token(c.seq, token);
                 let Some(seq) = sched.seq(c.seq) else {
                     continue;
