@@ -267,6 +267,17 @@ impl<B: Backend> Engine<B> {
         }
         .map_err(|e| LineError::new(codes::INVALID_REQUEST, format!("line {line}: {e}")))?;
         let ctx = self.model.cfg.max_position_embeddings;
+        // The tokenizer may know more tokens than the model embeds (a mismatched checkpoint).
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(LineError::new(
+                codes::INVALID_REQUEST,
+                format!(
+                    "line {line}: the prompt tokenizes to id {t}, but the model has only {vocab} \
+                     embeddings; the checkpoint's tokenizer and weights do not match"
+                ),
+            ));
+        }
         if ids.is_empty() {
             return Err(LineError::new(
                 codes::INVALID_REQUEST,

@@ -266,3 +266,44 @@ fn n_choices_share_the_prompt_and_the_first_equals_n_1() {
         "the choices share the prompt's KV blocks"
     );
 }
+
+#[test]
+fn a_token_beyond_the_models_embeddings_fails_the_line_not_the_process() {
+    // A tiny checkpoint whose tokenizer knows one more token than the model embeds.
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama3");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).expect("read"))
+            .expect("json");
+    let extra = serde_json::json!({"id": 400, "content": "<|extra|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true});
+    tok["added_tokens"]
+        .as_array_mut()
+        .expect("added tokens")
+        .push(extra);
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).expect("write");
+    let engine = Engine::load(dir.path()).expect("loads");
+    let mut bad = request(1, "");
+    bad.prompt = Prompt::Text("hello <|extra|>".into());
+    let mut good = request(3, "");
+    good.prompt = Prompt::Text("hello".into());
+    let mut outcomes = Vec::new();
+    engine.run(vec![bad, good], opts(4, 256), |o| outcomes.push(o));
+    assert_eq!(outcomes.len(), 2);
+    let failed = outcomes.iter().find_map(|o| match o {
+        Outcome::Failed { error, .. } => Some(error.message.clone()),
+        Outcome::Done(_) => None,
+    });
+    let msg = failed.expect("the bad line fails");
+    assert!(
+        msg.contains("but the model has only 320 embeddings"),
+        "{msg}"
+    );
+    assert!(outcomes
+        .iter()
+        .any(|o| matches!(o, Outcome::Done(c) if c.custom_id == "r3")));
+}
