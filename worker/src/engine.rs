@@ -558,6 +558,30 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Whether a stop string may have just completed. Checked every step, so a new occurrence
+    /// ends in the last token: decoding a tail a little longer than the longest stop string is
+    /// enough, instead of the whole output each step. The window grows until its text is long
+    /// enough (tokens that decode to nothing, such as special tokens, do not count).
+    fn tail_has_stop(&self, generated: &[u32], stop: &[String]) -> bool {
+        let Some(longest) = stop.iter().map(String::len).max() else {
+            return false;
+        };
+        let mut k = (longest + 4).min(generated.len());
+        loop {
+            let tail = self
+                .tokenizer
+                .decode(&generated[generated.len() - k..])
+                .unwrap_or_default();
+            if stop.iter().any(|s| tail.contains(s.as_str())) {
+                return true;
+            }
+            if tail.len() >= longest + 4 || k == generated.len() {
+                return false;
+            }
+            k = (k * 2).min(generated.len());
+        }
+    }
+
     /// Decides whether a sequence is done after its latest token, and builds its choice.
     fn check_finished(
         &self,
@@ -571,7 +595,7 @@ impl<B: Backend> Engine<B> {
         let p = &req.params;
         let eos = !p.ignore_eos && self.tokenizer.eos_ids.contains(&last);
         let at_limit = generated.len() >= l.max_tokens || seq.tokens.len() >= ctx;
-        if !eos && !at_limit && p.stop.is_empty() {
+        if !eos && !at_limit && !self.tail_has_stop(generated, &p.stop) {
             return None;
         }
         let visible = if eos {

@@ -48,9 +48,15 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn close(ours: f32, reference: f64) -> bool {
-    let r = reference as f32;
-    (ours - r).abs() <= ATOL + RTOL * r.abs()
+/// Asserts a logit is within tolerance of the reference; returns the absolute difference.
+fn check_logit(ours: f32, reference: &Value, what: impl Fn() -> String) -> f32 {
+    let r = reference.as_f64().expect("logit") as f32;
+    assert!(
+        (ours - r).abs() <= ATOL + RTOL * r.abs(),
+        "{}: {ours} vs {r}",
+        what()
+    );
+    (ours - r).abs()
 }
 
 fn all_logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -108,28 +114,18 @@ fn smollm2_logits_match_transformers() {
             .zip(case["positions"].as_array().expect("positions"))
             .enumerate()
         {
-            let top = ids(&r["top_ids"]);
-            let top_logits = r["top_logits"].as_array().expect("top logits");
-            for (&id, v) in top.iter().zip(top_logits) {
-                let v = v.as_f64().expect("logit");
-                worst = worst.max((row[id as usize] - v as f32).abs());
-                assert!(
-                    close(row[id as usize], v),
-                    "{prompt:?} pos {pos} id {id}: {} vs {v}",
-                    row[id as usize]
-                );
-            }
-            for (&id, v) in probes
+            let top = ids(&r["top_ids"])
+                .into_iter()
+                .zip(r["top_logits"].as_array().expect("top"));
+            let probe = probes
                 .iter()
-                .zip(r["probe_logits"].as_array().expect("probes"))
-            {
-                let v = v.as_f64().expect("logit");
-                worst = worst.max((row[id as usize] - v as f32).abs());
-                assert!(
-                    close(row[id as usize], v),
-                    "{prompt:?} pos {pos} probe {id}: {} vs {v}",
-                    row[id as usize]
-                );
+                .copied()
+                .zip(r["probe_logits"].as_array().expect("probes"));
+            for (id, v) in top.chain(probe) {
+                let diff = check_logit(row[id as usize], v, || {
+                    format!("{prompt:?} pos {pos} id {id}")
+                });
+                worst = worst.max(diff);
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max
@@ -266,11 +262,7 @@ fn tiny_model_matches(name: &str) {
             .enumerate()
         {
             for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate() {
-                let w = w.as_f64().expect("logit");
-                assert!(
-                    close(got, w),
-                    "{name} {prompt:?} pos {pos} id {id}: {got} vs {w}"
-                );
+                check_logit(got, w, || format!("{name} {prompt:?} pos {pos} id {id}"));
             }
         }
     }
