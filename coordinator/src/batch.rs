@@ -111,8 +111,23 @@ pub struct BatchRecord {
     /// File-level validation errors (`errors.data`), with the line they concern.
     pub errors: Vec<(Option<usize>, LineError)>,
     pub metadata: Option<Value>,
-    /// `custom_id`s whose result has been counted.
+    /// Prompt plus `max_tokens` of every dispatched line (the shard planner's count).
     #[serde(default)]
+    pub tokens: u64,
+    /// Tokens of the prompts and completions of completed lines (OpenAI's batch `usage`).
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Shards dispatched.
+    #[serde(default)]
+    pub shards: u32,
+    /// Where `finalizing` or `cancelling` ends: `completed`, `cancelled` or `expired`.
+    #[serde(default)]
+    pub ending: Option<BatchStatus>,
+    /// Result keys counted so far. Not stored: a restarted coordinator rebuilds it (and the
+    /// counts) by replaying the results stream.
+    #[serde(skip)]
     seen: HashSet<String>,
 }
 
@@ -149,6 +164,11 @@ impl BatchRecord {
             failed: 0,
             errors: Vec::new(),
             metadata,
+            tokens: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            shards: 0,
+            ending: None,
             seen: HashSet::new(),
         }
     }
@@ -197,6 +217,15 @@ impl BatchRecord {
         true
     }
 
+    /// Forgets every counted result (before replaying them after a restart).
+    pub fn reset_counts(&mut self) {
+        self.seen.clear();
+        self.completed = 0;
+        self.failed = 0;
+        self.prompt_tokens = 0;
+        self.completion_tokens = 0;
+    }
+
     /// Whether every line has a counted result.
     pub fn all_reported(&self) -> bool {
         self.completed + self.failed >= self.total
@@ -240,6 +269,13 @@ impl BatchRecord {
             "cancelled_at": self.cancelled_at,
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "metadata": self.metadata,
+            "usage": {
+                "input_tokens": self.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": self.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            },
         })
     }
 }

@@ -1,8 +1,11 @@
-//! The coordinator: batch intake and validation (used by `gristmill run` today), the batch
-//! lifecycle and the shard planner — the pure cores of the cluster path. The OpenAI Files and
-//! Batches HTTP API and the JetStream publishing around them are still to come (issue 4).
+//! The coordinator: batch intake and validation (also used by `gristmill run`), the batch
+//! lifecycle, the shard planner, and the cluster service around them — the OpenAI Files and
+//! Batches HTTP API ([`api`]) over JetStream ([`server`]).
 
+pub mod api;
 pub mod batch;
+pub mod intake;
+pub mod server;
 pub mod shard;
 pub mod validate;
 

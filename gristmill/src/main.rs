@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod client;
+mod cluster;
 mod engine_args;
 mod run;
 mod throughput;
@@ -21,6 +23,16 @@ struct Cli {
 enum Command {
     /// Run a whole batch file on this machine (no cluster needed).
     Run(run::RunArgs),
+    /// Serve the OpenAI Files and Batches API, dispatching batches to workers over NATS.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Pull shards from NATS and generate their completions.
+    Worker(cluster::WorkerArgs),
+    /// Upload a batch file to a coordinator and create the batch (optionally wait for it).
+    Submit(client::SubmitArgs),
+    /// Show one batch, or list the latest ones.
+    Status(client::StatusArgs),
+    /// Cancel a batch: unfinished lines become error lines.
+    Cancel(client::CancelArgs),
     /// Benchmark tools.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -36,6 +48,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Worker(args) => cluster::worker(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Status(args) => client::status(args),
+        Command::Cancel(args) => client::cancel(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {

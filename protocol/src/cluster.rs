@@ -24,6 +24,8 @@ pub const RESULT_SUBJECT_PREFIX: &str = "gristmill.results";
 pub const BATCH_BUCKET: &str = "gristmill_batches";
 /// Object store bucket of uploaded and produced files, keyed by file id.
 pub const FILE_BUCKET: &str = "gristmill_files";
+/// Key-value bucket of file metadata (OpenAI's file object), keyed by file id.
+pub const FILE_META_BUCKET: &str = "gristmill_file_meta";
 
 /// Subject a batch's shards are published on.
 pub fn shard_subject(batch_id: &str) -> String {

@@ -109,4 +109,10 @@ pub mod codes {
     pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
     pub const TEMPLATE_ERROR: &str = "chat_template_error";
     pub const INTERNAL: &str = "internal_error";
+    /// The batch was cancelled before the line finished.
+    pub const CANCELLED: &str = "batch_cancelled";
+    /// The batch's completion window ran out before the line finished.
+    pub const EXPIRED: &str = "batch_expired";
+    /// The line's shard failed on every delivery (`max_deliver`).
+    pub const SHARD_FAILED: &str = "shard_failed";
 }

@@ -130,17 +130,17 @@ pub struct Engine<B: Backend = CpuBackend> {
 
 /// What a request source has for the engine.
 #[derive(Debug)]
-enum Poll {
-    Ready(Box<Request>),
+enum Poll<T> {
+    Ready(Box<(T, Request)>),
     /// Nothing now; ask again after the next step.
     NotYet,
     /// No more requests will come.
     Closed,
 }
 
-impl From<Option<Request>> for Poll {
+impl From<Option<Request>> for Poll<()> {
     fn from(r: Option<Request>) -> Self {
-        r.map_or(Poll::Closed, |r| Poll::Ready(Box::new(r)))
+        r.map_or(Poll::Closed, |r| Poll::Ready(Box::new(((), r))))
     }
 }
 
@@ -156,7 +156,8 @@ struct Live {
 }
 
 /// A request inside the engine, waiting for its `n` choices.
-struct Group {
+struct Group<T> {
+    tag: T,
     req: Request,
     prompt_len: usize,
     admitted: Instant,
@@ -165,24 +166,25 @@ struct Group {
     error: Option<LineError>,
 }
 
-impl Group {
+impl<T> Group<T> {
     fn remaining(&self) -> usize {
         self.choices.iter().filter(|c| c.is_none()).count()
     }
 
-    fn into_outcome(self) -> Outcome {
+    fn into_outcome(self) -> (T, Outcome) {
         let req = self.req;
         if let Some(error) = self.error {
-            return Outcome::Failed {
+            let failed = Outcome::Failed {
                 custom_id: req.custom_id,
                 line: req.line,
                 error,
             };
+            return (self.tag, failed);
         }
         let choices: Vec<Choice> = self.choices.into_iter().flatten().collect();
         let now = Instant::now();
         let first = self.first_token.unwrap_or(now);
-        Outcome::Done(Completion {
+        let done = Outcome::Done(Completion {
             usage: Usage::new(
                 self.prompt_len,
                 choices.iter().map(|c| c.token_ids.len()).sum(),
@@ -194,7 +196,24 @@ impl Group {
             choices,
             time_to_first_token: first - self.admitted,
             decode_time: now - first,
-        })
+        });
+        (self.tag, done)
+    }
+}
+
+/// The tokenizer (and chat template) of a GGUF file or HF directory, without its weights: what
+/// the coordinator needs to plan shards by shared prompt prefix.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    checkpoint_tokenizer(&Checkpoint::open(path)?)
+}
+
+fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
+    match ckpt {
+        Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
+        Checkpoint::Safetensors { dir, .. } => {
+            let (eos, bos) = hf_special_ids(&dir.join("config.json"));
+            Tokenizer::from_hf_dir(dir, &eos, bos)
+        }
     }
 }
 
@@ -209,13 +228,7 @@ impl<B: Backend> Engine<B> {
     pub fn load_with(path: &Path, backend: B) -> Result<Self> {
         let ckpt = Checkpoint::open(path)?;
         let cfg = ckpt.config()?;
-        let tokenizer = match &ckpt {
-            Checkpoint::Gguf(g) => Tokenizer::from_gguf(g)?,
-            Checkpoint::Safetensors { dir, .. } => {
-                let (eos, bos) = hf_special_ids(&dir.join("config.json"));
-                Tokenizer::from_hf_dir(dir, &eos, bos)?
-            }
-        };
+        let tokenizer = checkpoint_tokenizer(&ckpt)?;
         if tokenizer.vocab_size() > cfg.vocab_size {
             tracing::warn!(
                 tokenizer = tokenizer.vocab_size(),
@@ -320,19 +333,32 @@ impl<B: Backend> Engine<B> {
         F: FnMut(Outcome),
     {
         let mut iter = requests.into_iter();
-        self.run_source(|_| Poll::from(iter.next()), opts, on_outcome)
+        let mut on_outcome = on_outcome;
+        self.run_source(
+            |_| Poll::from(iter.next()),
+            opts,
+            |_| false,
+            |(), o| on_outcome(o),
+        )
     }
 
     /// Serves requests that arrive on a channel while the engine runs: new requests join the
     /// running batch at the next step. Returns when the sender is dropped and all work is done.
-    pub fn run_channel<F>(
+    ///
+    /// Each request travels with a tag `T` that comes back with its outcome (a worker serving
+    /// several shards at once tells them apart by it). Before every step `aborted(tag)` is asked
+    /// of each request in flight; one it answers `true` for stops at once and reports
+    /// [`codes::CANCELLED`] (a cancelled batch frees the engine for other work).
+    pub fn run_channel<T, A, F>(
         &self,
-        requests: Receiver<Request>,
+        requests: Receiver<(T, Request)>,
         opts: EngineOptions,
+        aborted: A,
         on_outcome: F,
     ) -> RunStats
     where
-        F: FnMut(Outcome),
+        A: FnMut(&T) -> bool,
+        F: FnMut(T, Outcome),
     {
         self.run_source(
             |busy| {
@@ -350,16 +376,24 @@ impl<B: Backend> Engine<B> {
                 }
             },
             opts,
+            aborted,
             on_outcome,
         )
     }
 
     /// The engine loop. `next(busy)` yields the next request; `busy` says whether sequences are
     /// in flight (a source may then answer `NotYet` instead of waiting).
-    fn run_source<S, F>(&self, mut next: S, opts: EngineOptions, mut on_outcome: F) -> RunStats
+    fn run_source<T, S, A, F>(
+        &self,
+        mut next: S,
+        opts: EngineOptions,
+        mut aborted: A,
+        mut on_outcome: F,
+    ) -> RunStats
     where
-        S: FnMut(bool) -> Poll,
-        F: FnMut(Outcome),
+        S: FnMut(bool) -> Poll<T>,
+        A: FnMut(&T) -> bool,
+        F: FnMut(T, Outcome),
     {
         let ctx = self.model.cfg.max_position_embeddings;
         let block_size = opts.block_size.max(1);
@@ -376,7 +410,7 @@ impl<B: Backend> Engine<B> {
             BlockPool::new(num_blocks, block_size),
         );
         let mut live: HashMap<SeqId, Live> = HashMap::new();
-        let mut groups: HashMap<u64, Group> = HashMap::new();
+        let mut groups: HashMap<u64, Group<T>> = HashMap::new();
         let mut next_id: SeqId = 0;
         let mut stats = RunStats {
             kv_blocks: num_blocks,
@@ -386,7 +420,7 @@ impl<B: Backend> Engine<B> {
         loop {
             // Keep a queue of admitted requests ahead of the running batch, no more.
             while !exhausted && sched.num_waiting() < max_seqs {
-                let req = match next(!sched.is_idle()) {
+                let (tag, req) = match next(!sched.is_idle()) {
                     Poll::Ready(r) => *r,
                     Poll::NotYet => break,
                     Poll::Closed => {
@@ -397,11 +431,14 @@ impl<B: Backend> Engine<B> {
                 let prompt = match self.prompt_ids(&req) {
                     Ok(p) => p,
                     Err(error) => {
-                        on_outcome(Outcome::Failed {
-                            custom_id: req.custom_id,
-                            line: req.line,
-                            error,
-                        });
+                        on_outcome(
+                            tag,
+                            Outcome::Failed {
+                                custom_id: req.custom_id,
+                                line: req.line,
+                                error,
+                            },
+                        );
                         continue;
                     }
                 };
@@ -440,16 +477,20 @@ impl<B: Backend> Engine<B> {
                         codes::CONTEXT_LENGTH_EXCEEDED,
                         format!("line {}: {e}", req.line),
                     );
-                    on_outcome(Outcome::Failed {
-                        custom_id: req.custom_id,
-                        line: req.line,
-                        error,
-                    });
+                    on_outcome(
+                        tag,
+                        Outcome::Failed {
+                            custom_id: req.custom_id,
+                            line: req.line,
+                            error,
+                        },
+                    );
                     continue;
                 }
                 groups.insert(
                     group,
                     Group {
+                        tag,
                         prompt_len: prompt.len(),
                         admitted: Instant::now(),
                         first_token: None,
@@ -458,6 +499,36 @@ impl<B: Backend> Engine<B> {
                         req,
                     },
                 );
+            }
+            let stopped: Vec<u64> = groups
+                .iter()
+                .filter(|(_, g)| aborted(&g.tag))
+                .map(|(&k, _)| k)
+                .collect();
+            for key in stopped {
+                let ids: Vec<SeqId> = live
+                    .iter()
+                    .filter(|(_, l)| l.group == key)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in ids {
+                    sched.finish(id);
+                    live.remove(&id);
+                }
+                if let Some(g) = groups.remove(&key) {
+                    let error = LineError::new(
+                        codes::CANCELLED,
+                        format!("line {}: stopped before it finished", g.req.line),
+                    );
+                    on_outcome(
+                        g.tag,
+                        Outcome::Failed {
+                            custom_id: g.req.custom_id,
+                            line: g.req.line,
+                            error,
+                        },
+                    );
+                }
             }
             if sched.is_idle() {
                 if exhausted {
@@ -478,11 +549,14 @@ impl<B: Backend> Engine<B> {
                         codes::INTERNAL,
                         format!("line {}: the scheduler could not make progress", g.req.line),
                     );
-                    on_outcome(Outcome::Failed {
-                        custom_id: g.req.custom_id,
-                        line: g.req.line,
-                        error,
-                    });
+                    on_outcome(
+                        g.tag,
+                        Outcome::Failed {
+                            custom_id: g.req.custom_id,
+                            line: g.req.line,
+                            error,
+                        },
+                    );
                 }
                 continue;
             }
@@ -549,11 +623,13 @@ impl<B: Backend> Engine<B> {
                 }
             }
             // Report in input order among those finishing in the same step.
-            done.sort_by_key(|o| match o {
+            done.sort_by_key(|(_, o)| match o {
                 Outcome::Done(c) => c.line,
                 Outcome::Failed { line, .. } => *line,
             });
-            done.into_iter().for_each(&mut on_outcome);
+            for (tag, o) in done {
+                on_outcome(tag, o);
+            }
             stats.scheduler = sched.stats();
         }
     }

@@ -8,13 +8,14 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod model;
+pub mod node;
 pub mod response;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine::{Completion, Engine, EngineOptions, Outcome, RunStats};
+pub use engine::{load_tokenizer, Completion, Engine, EngineOptions, Outcome, RunStats};
 pub use error::{Error, Result};
 
 use std::path::PathBuf;

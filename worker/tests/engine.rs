@@ -207,23 +207,28 @@ fn requests_arriving_on_a_channel_join_the_running_batch() {
     let (alone, _) = run(&engine, vec![early.clone(), late.clone()], opts(8, 512));
     let (tx, rx) = std::sync::mpsc::channel();
     let sender = std::thread::spawn(move || {
-        tx.send(early).expect("engine is listening");
+        tx.send(((), early)).expect("engine is listening");
         std::thread::sleep(std::time::Duration::from_millis(400));
-        tx.send(late).expect("engine is listening");
+        tx.send(((), late)).expect("engine is listening");
         // Dropping tx closes the stream; the engine finishes what it has.
     });
     let mut order = Vec::new();
     let mut outputs = HashMap::new();
-    engine.run_channel(rx, opts(8, 512), |o| match o {
-        Outcome::Done(c) => {
-            order.push(c.custom_id.clone());
-            outputs.insert(
-                c.custom_id,
-                c.choices.into_iter().map(|ch| ch.token_ids).collect(),
-            );
-        }
-        Outcome::Failed { error, .. } => panic!("{}", error.message),
-    });
+    engine.run_channel(
+        rx,
+        opts(8, 512),
+        |_| false,
+        |(), o| match o {
+            Outcome::Done(c) => {
+                order.push(c.custom_id.clone());
+                outputs.insert(
+                    c.custom_id,
+                    c.choices.into_iter().map(|ch| ch.token_ids).collect(),
+                );
+            }
+            Outcome::Failed { error, .. } => panic!("{}", error.message),
+        },
+    );
     sender.join().expect("sender thread");
     assert_eq!(
         order,
@@ -306,4 +311,45 @@ fn a_token_beyond_the_models_embeddings_fails_the_line_not_the_process() {
     assert!(outcomes
         .iter()
         .any(|o| matches!(o, Outcome::Done(c) if c.custom_id == "r3")));
+}
+
+#[test]
+fn an_aborted_request_stops_and_the_others_are_unchanged() {
+    let engine = engine();
+    let mut keep = request(2, "");
+    keep.params.max_tokens = Some(8);
+    let mut stop = request(4, "");
+    stop.params.max_tokens = Some(200);
+    stop.params.ignore_eos = true;
+    let (alone, _) = run(&engine, vec![keep.clone()], opts(8, 512));
+    let (tx, rx) = std::sync::mpsc::channel();
+    tx.send((1u32, keep)).expect("engine is listening");
+    tx.send((2u32, stop)).expect("engine is listening");
+    drop(tx);
+    let mut steps = 0;
+    let mut outcomes = Vec::new();
+    engine.run_channel(
+        rx,
+        opts(8, 512),
+        // Tag 2 is aborted after a few steps, while it is still generating.
+        |tag| {
+            steps += 1;
+            *tag == 2 && steps > 20
+        },
+        |tag, o| outcomes.push((tag, o)),
+    );
+    assert_eq!(outcomes.len(), 2);
+    for (tag, o) in outcomes {
+        match (tag, o) {
+            (1, Outcome::Done(c)) => assert_eq!(
+                vec![c.choices[0].token_ids.clone()],
+                alone["r2"],
+                "aborting a neighbour changed an output"
+            ),
+            (2, Outcome::Failed { error, .. }) => {
+                assert_eq!(error.code, gristmill_protocol::codes::CANCELLED)
+            }
+            (t, o) => panic!("unexpected outcome for tag {t}: {o:?}"),
+        }
+    }
 }

@@ -1,0 +1,407 @@
+//! Intake of a batch's input file: file-level checks, line validation, and the shard plan.
+//!
+//! Pure and synchronous (the coordinator runs it on a blocking thread): given the file's bytes,
+//! it returns either the file-level errors that fail the whole batch in `validating`, or the
+//! batch's work — one [`ShardMessage`] per planned shard and one failed [`ResultMessage`] per
+//! invalid line (they travel through the results stream like any other result, so a restarted
+//! coordinator finds them there).
+//!
+//! File-level errors (OpenAI fails the batch for these): an empty file, more lines than allowed,
+//! a file over the size limit, a line whose `url` differs from the batch's endpoint, and a
+//! repeated `custom_id` (the join key of the output must be unique; it is also what makes
+//! redelivered results countable exactly once).
+
+use std::collections::HashSet;
+
+use gristmill_protocol::cluster::{ResultMessage, ResultOutcome, ShardMessage};
+use gristmill_protocol::{codes, Endpoint, LineError, Request};
+
+use crate::shard::{plan_shards, PlanLine, ShardLimits};
+use crate::validate::{InvalidLine, LineValidator};
+
+/// Limits on one input file.
+#[derive(Debug, Clone, Copy)]
+pub struct IntakeLimits {
+    pub max_bytes: u64,
+    pub max_lines: usize,
+    pub shard: ShardLimits,
+}
+
+impl Default for IntakeLimits {
+    fn default() -> Self {
+        // OpenAI's own limits for one batch: 200 MB and 50,000 requests.
+        Self {
+            max_bytes: 200 << 20,
+            max_lines: 50_000,
+            shard: ShardLimits::default(),
+        }
+    }
+}
+
+/// File-level errors: `(line, error)`, the line when one is to blame.
+pub type FileErrors = Vec<(Option<usize>, LineError)>;
+
+/// Prompt token ids of a request, for ordering by shared prefix and weighing shards.
+pub type PromptTokens = dyn Fn(&Request) -> Vec<u32> + Send + Sync;
+
+/// A batch ready to dispatch.
+#[derive(Debug)]
+pub struct Intake {
+    /// Non-blank lines.
+    pub total: u64,
+    /// Prompt plus `max_tokens` of every valid line.
+    pub tokens: u64,
+    pub shards: Vec<ShardMessage>,
+    /// One failed result per invalid line.
+    pub invalid: Vec<ResultMessage>,
+}
+
+/// One non-blank line of an input file.
+#[derive(Debug)]
+pub enum Scanned {
+    Valid(Request),
+    Invalid(InvalidLine),
+}
+
+/// The key a line's result is counted under: its `custom_id`, or its line number when it has
+/// none (a line that is not JSON, say). `custom_id`s are unique per batch (a file-level check).
+pub fn result_key(custom_id: &str, line: usize) -> String {
+    if custom_id.is_empty() {
+        format!("\u{1}line {line}")
+    } else {
+        custom_id.to_string()
+    }
+}
+
+/// Validates every line; file-level errors if the file as a whole is unacceptable.
+pub fn scan(
+    data: &[u8],
+    endpoint: Endpoint,
+    limits: &IntakeLimits,
+) -> Result<Vec<Scanned>, FileErrors> {
+    if data.len() as u64 > limits.max_bytes {
+        return Err(vec![(
+            None,
+            LineError::new(
+                "file_too_large",
+                format!(
+                    "the input file is {} bytes; the limit is {} bytes: split it into several batches",
+                    data.len(),
+                    limits.max_bytes
+                ),
+            ),
+        )]);
+    }
+    let mut validator = LineValidator::new();
+    let mut lines = Vec::new();
+    let mut errors = FileErrors::new();
+    let mut ids = HashSet::new();
+    for (i, raw) in data.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if lines.len() == limits.max_lines {
+            errors.push((
+                Some(line),
+                LineError::new(
+                    "too_many_lines",
+                    format!(
+                        "the input file has more than {} requests (line {line} is over the limit): \
+                         split it into several batches",
+                        limits.max_lines
+                    ),
+                ),
+            ));
+            break;
+        }
+        let scanned = match std::str::from_utf8(raw) {
+            Err(e) => Scanned::Invalid(InvalidLine {
+                line,
+                custom_id: None,
+                error: LineError::new(
+                    codes::INVALID_JSON,
+                    format!("line {line} is not UTF-8 text: {e}"),
+                ),
+            }),
+            Ok(text) => match validator.validate(line, text) {
+                Ok(req) => Scanned::Valid(req),
+                Err(bad) if bad.error.code == codes::DUPLICATE_CUSTOM_ID => {
+                    errors.push((Some(line), bad.error));
+                    continue;
+                }
+                Err(bad) => Scanned::Invalid(bad),
+            },
+        };
+        if let Scanned::Valid(req) = &scanned {
+            ids.insert(req.custom_id.clone());
+            if req.endpoint != endpoint {
+                errors.push((
+                    Some(line),
+                    LineError::new(
+                        "mismatched_endpoint",
+                        format!(
+                            "line {line}: url is {:?}, but the batch was created for {:?}; every line \
+                             of a batch must use the batch's endpoint",
+                            req.endpoint.as_str(),
+                            endpoint.as_str()
+                        ),
+                    )
+                    .with_param("url"),
+                ));
+            }
+        }
+        lines.push(scanned);
+    }
+    // An invalid line with a custom_id that a valid line also uses would be counted twice.
+    for s in &lines {
+        if let Scanned::Invalid(bad) = s {
+            if let Some(id) = &bad.custom_id {
+                if ids.contains(id) {
+                    errors.push((
+                        Some(bad.line),
+                        LineError::new(
+                            codes::DUPLICATE_CUSTOM_ID,
+                            format!(
+                                "line {}: custom_id {id:?} is used by another line",
+                                bad.line
+                            ),
+                        )
+                        .with_param("custom_id"),
+                    ));
+                }
+            }
+        }
+    }
+    if lines.is_empty() && errors.is_empty() {
+        errors.push((
+            None,
+            LineError::new(
+                "empty_file",
+                "the input file has no requests: expected one JSON request per line",
+            ),
+        ));
+    }
+    if errors.is_empty() {
+        Ok(lines)
+    } else {
+        errors.sort_by_key(|(line, _)| *line);
+        Err(errors)
+    }
+}
+
+/// Validates a file and plans its shards.
+pub fn intake(
+    batch_id: &str,
+    data: &[u8],
+    endpoint: Endpoint,
+    limits: &IntakeLimits,
+    tokens: &PromptTokens,
+) -> Result<Intake, FileErrors> {
+    let lines = scan(data, endpoint, limits)?;
+    let total = lines.len() as u64;
+    let mut valid = Vec::new();
+    let mut invalid = Vec::new();
+    for s in lines {
+        match s {
+            Scanned::Valid(r) => valid.push(r),
+            Scanned::Invalid(bad) => invalid.push(ResultMessage {
+                batch_id: batch_id.to_string(),
+                custom_id: bad.custom_id.unwrap_or_default(),
+                line: bad.line,
+                outcome: ResultOutcome::Failed { error: bad.error },
+            }),
+        }
+    }
+    let plan_lines: Vec<PlanLine> = valid
+        .iter()
+        .enumerate()
+        .map(|(index, r)| PlanLine {
+            index,
+            prompt: tokens(r),
+            max_new_tokens: r.params.max_tokens.unwrap_or(256) as u64 * r.params.n.max(1) as u64,
+            bytes: serde_json::to_vec(r).map_or(1024, |v| v.len() + 1),
+        })
+        .collect();
+    let plans = plan_shards(plan_lines, limits.shard);
+    let mut slots: Vec<Option<Request>> = valid.into_iter().map(Some).collect();
+    let mut all_tokens = 0;
+    let shards = plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            all_tokens += p.tokens;
+            ShardMessage {
+                batch_id: batch_id.to_string(),
+                shard: i as u32,
+                tokens: p.tokens,
+                // Every index is in exactly one plan (the planner's invariant).
+                requests: p.lines.iter().filter_map(|&k| slots[k].take()).collect(),
+            }
+        })
+        .collect();
+    Ok(Intake {
+        total,
+        tokens: all_tokens,
+        shards,
+        invalid,
+    })
+}
+
+/// Prompt "tokens" without a tokenizer: the prompt's UTF-8 bytes, four to a token. Orders
+/// prompts by shared text prefix just as well; token counts are estimates.
+pub fn byte_tokens(req: &Request) -> Vec<u32> {
+    use gristmill_protocol::Prompt;
+    let bytes: Vec<u8> = match &req.prompt {
+        Prompt::Text(t) => t.as_bytes().to_vec(),
+        Prompt::Tokens(ids) => return ids.clone(),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .flat_map(|m| {
+                m.role
+                    .bytes()
+                    .chain([0])
+                    .chain(m.content.bytes())
+                    .chain([0])
+            })
+            .collect(),
+    };
+    bytes
+        .chunks(4)
+        .map(|c| c.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat_line(id: &str, content: &str) -> String {
+        serde_json::json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 8}})
+        .to_string()
+    }
+
+    fn limits() -> IntakeLimits {
+        IntakeLimits {
+            max_bytes: 1 << 20,
+            max_lines: 10,
+            shard: ShardLimits {
+                max_tokens: 40,
+                max_lines: 100,
+                max_bytes: 1 << 20,
+            },
+        }
+    }
+
+    #[test]
+    fn invalid_lines_become_failed_results_and_the_rest_is_sharded() {
+        let file = [
+            chat_line("a", "template one: alpha"),
+            "{not json".to_string(),
+            String::new(),
+            chat_line("b", "template one: beta"),
+            r#"{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}"#.to_string(),
+        ]
+        .join("\n");
+        let got = intake(
+            "batch_x",
+            file.as_bytes(),
+            Endpoint::ChatCompletions,
+            &limits(),
+            &byte_tokens,
+        )
+        .expect("file is acceptable");
+        assert_eq!(got.total, 4, "the blank line is not a request");
+        let bad: Vec<(usize, &str)> = got
+            .invalid
+            .iter()
+            .map(|r| (r.line, r.custom_id.as_str()))
+            .collect();
+        assert_eq!(bad, vec![(2, ""), (5, "c")]);
+        let ids: Vec<Vec<&str>> = got
+            .shards
+            .iter()
+            .map(|s| s.requests.iter().map(|r| r.custom_id.as_str()).collect())
+            .collect();
+        let mut flat: Vec<&str> = ids.concat();
+        flat.sort();
+        assert_eq!(
+            flat,
+            vec!["a", "b"],
+            "every valid line in exactly one shard"
+        );
+        assert_eq!(got.tokens, got.shards.iter().map(|s| s.tokens).sum::<u64>());
+        assert!(got.shards.iter().all(|s| s.batch_id == "batch_x"));
+    }
+
+    #[test]
+    fn file_level_problems_fail_the_batch_with_their_lines() {
+        let cases: Vec<(String, &str, Option<usize>)> = vec![
+            (String::new(), "empty_file", None),
+            ("\n \n".into(), "empty_file", None),
+            (
+                [chat_line("a", "x"), chat_line("a", "y")].join("\n"),
+                codes::DUPLICATE_CUSTOM_ID,
+                Some(2),
+            ),
+            (
+                [
+                    chat_line("a", "x"),
+                    r#"{"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}"#.into(),
+                ]
+                .join("\n"),
+                "mismatched_endpoint",
+                Some(2),
+            ),
+            (
+                (0..11).map(|i| chat_line(&i.to_string(), "x")).collect::<Vec<_>>().join("\n"),
+                "too_many_lines",
+                Some(11),
+            ),
+            ("x".repeat((1 << 20) + 1), "file_too_large", None),
+        ];
+        for (file, code, line) in cases {
+            let errs = scan(file.as_bytes(), Endpoint::ChatCompletions, &limits()).expect_err(code);
+            assert_eq!(errs[0].1.code, code, "{errs:?}");
+            assert_eq!(errs[0].0, line, "{errs:?}");
+            assert!(!errs[0].1.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn shared_prefixes_share_shards_and_shards_respect_the_budget() {
+        let file: Vec<String> = (0..8)
+            .map(|i| {
+                let template = if i % 2 == 0 {
+                    "AAAA template"
+                } else {
+                    "ZZZZ template"
+                };
+                chat_line(&format!("r{i}"), &format!("{template} {i}"))
+            })
+            .collect();
+        let got = intake(
+            "b",
+            file.join("\n").as_bytes(),
+            Endpoint::ChatCompletions,
+            &limits(),
+            &byte_tokens,
+        )
+        .expect("valid");
+        for s in &got.shards {
+            assert!(
+                s.tokens <= 40 || s.requests.len() == 1,
+                "{} tokens",
+                s.tokens
+            );
+            let firsts: HashSet<bool> = s
+                .requests
+                .iter()
+                .map(|r| r.custom_id[1..].parse::<u32>().unwrap_or(0) % 2 == 0)
+                .collect();
+            assert_eq!(firsts.len(), 1, "a shard mixes the two templates");
+        }
+    }
+}

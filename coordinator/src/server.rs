@@ -1,0 +1,1192 @@
+//! The running coordinator: JetStream set-up, batch intake and dispatch, result collection,
+//! finalization, cancellation, expiry, dead shards, and resumption after a restart.
+//!
+//! Everything durable lives in NATS (DESIGN §4): batch records in the [`BATCH_BUCKET`] KV
+//! bucket, files in the [`FILE_BUCKET`] object store (their OpenAI metadata in
+//! [`FILE_META_BUCKET`]), shards in the work-queue stream, results in the results stream. The
+//! in-memory map of batches is a cache of the KV bucket plus the set of counted result keys,
+//! which a restarted coordinator rebuilds by replaying the results stream from the start.
+//! One coordinator runs at a time (run it as a single-replica Deployment).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use gristmill_protocol::cluster::{
+    result_msg_id, result_subject, shard_msg_id, shard_subject, ResultMessage, ResultOutcome,
+    ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET, RESULT_STREAM,
+    RESULT_SUBJECT_PREFIX, SHARD_STREAM, SHARD_SUBJECT_PREFIX, WORKER_CONSUMER,
+};
+use gristmill_protocol::{codes, ErrorLine, LineError, OutputLine, ResponseEnvelope};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::batch::{BatchRecord, BatchStatus};
+use crate::intake::{intake, result_key, scan, IntakeLimits, PromptTokens, Scanned};
+
+/// Settings of a coordinator.
+#[derive(Clone)]
+pub struct Settings {
+    pub nats_url: String,
+    pub api_key: Option<String>,
+    pub limits: IntakeLimits,
+    /// How long a worker may hold a shard without an in-progress ack before it is redelivered.
+    pub ack_wait: Duration,
+    /// Deliveries of a shard before its lines become error lines.
+    pub max_deliver: i64,
+    /// JetStream replicas of streams and buckets (3 on a 3-node NATS cluster).
+    pub replicas: usize,
+    pub tokenizer: Arc<PromptTokens>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("nats_url", &self.nats_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("limits", &self.limits)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_deliver", &self.max_deliver)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
+/// OpenAI's file object, stored in [`FILE_META_BUCKET`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileObject {
+    pub id: String,
+    pub object: String,
+    pub bytes: u64,
+    pub created_at: u64,
+    pub filename: String,
+    pub purpose: String,
+    pub status: String,
+    pub expires_at: Option<u64>,
+    pub status_details: Option<String>,
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct BatchState {
+    rec: BatchRecord,
+    /// Changed since last stored.
+    dirty: bool,
+    /// A finalization task owns the batch.
+    closing: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub results_completed: AtomicU64,
+    pub results_failed: AtomicU64,
+    pub duplicate_results: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub shards_published: AtomicU64,
+    pub dead_shards: AtomicU64,
+}
+
+/// The coordinator's shared state.
+pub struct Coordinator {
+    pub settings: Settings,
+    pub js: jetstream::Context,
+    client: async_nats::Client,
+    batches_kv: kv::Store,
+    files_kv: kv::Store,
+    objects: object_store::ObjectStore,
+    batches: Mutex<HashMap<String, BatchState>>,
+    save_lock: tokio::sync::Mutex<()>,
+    pub counters: Counters,
+    /// (when, completion tokens so far), one sample a second, for tokens/s.
+    rate: Mutex<VecDeque<(Instant, u64)>>,
+    pub ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates (or updates) the streams, the worker consumer and the buckets.
+async fn set_up(
+    js: &jetstream::Context,
+    s: &Settings,
+) -> Result<(kv::Store, kv::Store, object_store::ObjectStore)> {
+    let dedupe = Duration::from_secs(120);
+    js.create_or_update_stream(stream::Config {
+        name: SHARD_STREAM.into(),
+        subjects: vec![format!("{SHARD_SUBJECT_PREFIX}.>")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        duplicate_window: dedupe,
+        ..Default::default()
+    })
+    .await
+    .context("creating the shard stream")?;
+    js.create_or_update_stream(stream::Config {
+        name: RESULT_STREAM.into(),
+        subjects: vec![format!("{RESULT_SUBJECT_PREFIX}.>")],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        duplicate_window: dedupe,
+        // Results of a finished batch are purged; this only bounds what a lost batch leaves.
+        max_age: Duration::from_secs(8 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .context("creating the results stream")?;
+    let shards = js.get_stream(SHARD_STREAM).await?;
+    shards
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(WORKER_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: s.ack_wait,
+            max_deliver: s.max_deliver,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .context("creating the worker consumer")?;
+    let kv_config = |bucket: &str| kv::Config {
+        bucket: bucket.into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        ..Default::default()
+    };
+    let batches = js
+        .create_or_update_key_value(kv_config(BATCH_BUCKET))
+        .await
+        .context("creating the batch bucket")?;
+    let files = js
+        .create_or_update_key_value(kv_config(FILE_META_BUCKET))
+        .await
+        .context("creating the file metadata bucket")?;
+    let objects = match js.get_object_store(FILE_BUCKET).await {
+        Ok(o) => o,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: FILE_BUCKET.into(),
+                storage: stream::StorageType::File,
+                num_replicas: s.replicas,
+                ..Default::default()
+            })
+            .await
+            .context("creating the file object store")?,
+    };
+    Ok((batches, files, objects))
+}
+
+/// Connects to NATS with reconnection forever (a restarted server is waited for).
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+impl Coordinator {
+    /// Connects, sets up JetStream, loads every batch and starts the background loops.
+    pub async fn start(settings: Settings) -> Result<Arc<Self>> {
+        let client = connect(&settings.nats_url, "gristmill-coordinator").await?;
+        let js = jetstream::new(client.clone());
+        let (batches_kv, files_kv, objects) = set_up(&js, &settings).await?;
+        let this = Arc::new(Self {
+            settings,
+            js,
+            client,
+            batches_kv,
+            files_kv,
+            objects,
+            batches: Mutex::new(HashMap::new()),
+            save_lock: tokio::sync::Mutex::new(()),
+            counters: Counters::default(),
+            rate: Mutex::new(VecDeque::new()),
+            ready: AtomicBool::new(false),
+        });
+        let resume = this.load_batches().await?;
+        tokio::spawn(this.clone().collect_results());
+        tokio::spawn(this.clone().watch_dead_shards());
+        tokio::spawn(this.clone().tick());
+        for (id, status) in resume {
+            tracing::info!(batch = %id, ?status, "resuming batch");
+            match status {
+                BatchStatus::Validating => {
+                    tokio::spawn(this.clone().dispatch(id));
+                }
+                BatchStatus::Finalizing | BatchStatus::Cancelling => {
+                    tokio::spawn(this.clone().finalize(id));
+                }
+                _ => {}
+            }
+        }
+        this.ready.store(true, Ordering::SeqCst);
+        Ok(this)
+    }
+
+    /// Loads every stored batch; returns those with work to resume.
+    async fn load_batches(&self) -> Result<Vec<(String, BatchStatus)>> {
+        let mut keys = self.batches_kv.keys().await?;
+        let mut resume = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            let Some(value) = self.batches_kv.get(&key).await? else {
+                continue;
+            };
+            let mut rec: BatchRecord = match serde_json::from_slice(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(batch = %key, error = %e, "unreadable batch record; skipped");
+                    continue;
+                }
+            };
+            let closing = matches!(
+                rec.status,
+                BatchStatus::Finalizing | BatchStatus::Cancelling
+            );
+            if !rec.status.is_terminal() {
+                // Counted again from the results stream.
+                rec.reset_counts();
+                if rec.status != BatchStatus::InProgress {
+                    resume.push((key.clone(), rec.status));
+                }
+            }
+            self.lock().insert(
+                key,
+                BatchState {
+                    rec,
+                    dirty: false,
+                    closing,
+                },
+            );
+        }
+        Ok(resume)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BatchState>> {
+        // A panic while holding the lock would be a bug; the map stays usable.
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The OpenAI batch object of a batch.
+    pub fn batch(&self, id: &str) -> Option<BatchRecord> {
+        self.lock().get(id).map(|s| s.rec.clone())
+    }
+
+    /// Every batch, newest first.
+    pub fn list_batches(&self) -> Vec<BatchRecord> {
+        let mut all: Vec<BatchRecord> = self.lock().values().map(|s| s.rec.clone()).collect();
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        all
+    }
+
+    /// Stores a batch's record (serialised with other saves, so an older snapshot never
+    /// overwrites a newer one).
+    async fn save(&self, id: &str) -> Result<()> {
+        let _guard = self.save_lock.lock().await;
+        let rec = {
+            let mut map = self.lock();
+            let Some(st) = map.get_mut(id) else {
+                return Ok(());
+            };
+            st.dirty = false;
+            st.rec.clone()
+        };
+        let value = serde_json::to_vec(&rec)?;
+        if let Err(e) = self.batches_kv.put(id, value.into()).await {
+            // Try again at the next tick.
+            if let Some(st) = self.lock().get_mut(id) {
+                st.dirty = true;
+            }
+            return Err(anyhow!(e).context(format!("storing batch {id}")));
+        }
+        Ok(())
+    }
+
+    /// Applies `f` to a batch's record, then stores it.
+    async fn update<T>(&self, id: &str, f: impl FnOnce(&mut BatchState) -> T) -> Result<T> {
+        let out = {
+            let mut map = self.lock();
+            let st = map.get_mut(id).ok_or_else(|| anyhow!("no batch {id}"))?;
+            f(st)
+        };
+        self.save(id).await?;
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- files
+
+    pub async fn put_file(
+        &self,
+        filename: String,
+        purpose: String,
+        data: Bytes,
+    ) -> Result<FileObject> {
+        let id = format!("file-{}", nuid::next());
+        self.store_file(id, filename, purpose, data).await
+    }
+
+    async fn store_file(
+        &self,
+        id: String,
+        filename: String,
+        purpose: String,
+        data: Bytes,
+    ) -> Result<FileObject> {
+        let meta = FileObject {
+            id: id.clone(),
+            object: "file".into(),
+            bytes: data.len() as u64,
+            created_at: now_s(),
+            filename,
+            purpose,
+            status: "processed".into(),
+            expires_at: None,
+            status_details: None,
+        };
+        self.objects
+            .put(id.as_str(), &mut data.as_ref())
+            .await
+            .with_context(|| format!("storing file {id}"))?;
+        self.files_kv
+            .put(&id, serde_json::to_vec(&meta)?.into())
+            .await
+            .with_context(|| format!("storing file {id}'s metadata"))?;
+        Ok(meta)
+    }
+
+    pub async fn file(&self, id: &str) -> Result<Option<FileObject>> {
+        if !valid_key(id) {
+            return Ok(None);
+        }
+        Ok(match self.files_kv.get(id).await? {
+            Some(v) => Some(serde_json::from_slice(&v)?),
+            None => None,
+        })
+    }
+
+    pub async fn list_files(&self) -> Result<Vec<FileObject>> {
+        let mut keys = self.files_kv.keys().await?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            if let Some(f) = self.file(&k?).await? {
+                out.push(f);
+            }
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    pub async fn file_content(&self, id: &str) -> Result<Vec<u8>> {
+        let mut obj = self
+            .objects
+            .get(id)
+            .await
+            .with_context(|| format!("reading file {id}"))?;
+        let mut data = Vec::new();
+        obj.read_to_end(&mut data).await?;
+        Ok(data)
+    }
+
+    pub async fn delete_file(&self, id: &str) -> Result<bool> {
+        if self.file(id).await?.is_none() {
+            return Ok(false);
+        }
+        self.files_kv.delete(id).await?;
+        if let Err(e) = self.objects.delete(id).await {
+            tracing::warn!(file = id, error = %e, "file data already gone");
+        }
+        Ok(true)
+    }
+
+    // ---------------------------------------------------------------- batches
+
+    /// Creates a batch in `validating` and starts its intake.
+    pub async fn create_batch(self: &Arc<Self>, rec: BatchRecord) -> Result<BatchRecord> {
+        let id = rec.id.clone();
+        self.lock().insert(
+            id.clone(),
+            BatchState {
+                rec: rec.clone(),
+                dirty: true,
+                closing: false,
+            },
+        );
+        self.save(&id).await?;
+        tokio::spawn(self.clone().dispatch(id));
+        Ok(rec)
+    }
+
+    /// Validates the input file, publishes invalid lines as failed results and the shards,
+    /// then moves the batch to `in_progress`. Safe to run again after a crash: every message
+    /// carries a `Nats-Msg-Id`, and results are counted once per `custom_id` anyway.
+    async fn dispatch(self: Arc<Self>, id: String) {
+        while let Err(e) = self.try_dispatch(&id).await {
+            tracing::error!(batch = %id, error = format!("{e:#}"), "dispatch failed; retrying in 2 s");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn try_dispatch(self: &Arc<Self>, id: &str) -> Result<()> {
+        let Some(rec) = self.batch(id) else {
+            return Ok(());
+        };
+        if rec.status != BatchStatus::Validating {
+            return Ok(());
+        }
+        let data = match self.file_content(&rec.input_file_id).await {
+            Ok(d) => d,
+            Err(e) => {
+                let error = LineError::new(
+                    "file_not_found",
+                    format!("input file {} could not be read: {e:#}", rec.input_file_id),
+                );
+                return self.fail_validation(id, vec![(None, error)]).await;
+            }
+        };
+        let limits = self.settings.limits;
+        let tokenizer = self.settings.tokenizer.clone();
+        let batch_id = id.to_string();
+        let endpoint = rec.endpoint;
+        let planned = tokio::task::spawn_blocking(move || {
+            intake(&batch_id, &data, endpoint, &limits, tokenizer.as_ref())
+        })
+        .await?;
+        let work = match planned {
+            Ok(w) => w,
+            Err(errors) => return self.fail_validation(id, errors).await,
+        };
+        self.update(id, |st| {
+            st.rec.total = work.total;
+            st.rec.tokens = work.tokens;
+            st.rec.shards = work.shards.len() as u32;
+        })
+        .await?;
+        // Publish in windows: JetStream allows a bounded number of outstanding acks.
+        let mut acks = Vec::new();
+        for r in &work.invalid {
+            let msg_id = result_msg_id(id, &result_key(&r.custom_id, r.line));
+            acks.push(publish(&self.js, result_subject(id), msg_id, serde_json::to_vec(r)?).await?);
+            if acks.len() >= 1000 {
+                await_acks(&mut acks).await?;
+            }
+        }
+        for s in &work.shards {
+            let msg_id = shard_msg_id(id, s.shard);
+            acks.push(publish(&self.js, shard_subject(id), msg_id, serde_json::to_vec(s)?).await?);
+            if acks.len() >= 256 {
+                await_acks(&mut acks).await?;
+            }
+        }
+        await_acks(&mut acks).await?;
+        self.counters
+            .shards_published
+            .fetch_add(work.shards.len() as u64, Ordering::Relaxed);
+        let started = self
+            .update(id, |st| {
+                if st.rec.status == BatchStatus::Validating {
+                    st.rec.transition(BatchStatus::InProgress, now_s()).is_ok()
+                } else {
+                    false
+                }
+            })
+            .await?;
+        if !started {
+            // Cancelled while validating: take back what was just published.
+            self.purge_shards(id).await;
+        }
+        tracing::info!(batch = %id, lines = work.total, shards = work.shards.len(), tokens = work.tokens, "dispatched");
+        self.maybe_finish(id);
+        Ok(())
+    }
+
+    async fn fail_validation(
+        &self,
+        id: &str,
+        errors: Vec<(Option<usize>, LineError)>,
+    ) -> Result<()> {
+        tracing::info!(batch = %id, errors = errors.len(), "input file rejected");
+        self.update(id, |st| {
+            st.rec.errors = errors;
+            st.rec.transition(BatchStatus::Failed, now_s())
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// Starts finalization if every line has reported.
+    fn maybe_finish(self: &Arc<Self>, id: &str) {
+        let start = {
+            let mut map = self.lock();
+            match map.get_mut(id) {
+                Some(st)
+                    if st.rec.status == BatchStatus::InProgress
+                        && !st.closing
+                        && st.rec.all_reported() =>
+                {
+                    st.closing = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if start {
+            tokio::spawn(self.clone().finalize(id.to_string()));
+        }
+    }
+
+    /// Cancels a batch: stops dispatch at once and reports unfinished lines as cancelled.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<Option<BatchRecord>> {
+        let outcome = self
+            .update(id, |st| {
+                let s = st.rec.status;
+                if matches!(s, BatchStatus::Validating | BatchStatus::InProgress) {
+                    // Allowed from both states.
+                    let _ = st.rec.transition(BatchStatus::Cancelling, now_s());
+                    st.rec.ending = Some(BatchStatus::Cancelled);
+                    let start = !st.closing;
+                    st.closing = true;
+                    (start, st.rec.clone())
+                } else {
+                    (false, st.rec.clone())
+                }
+            })
+            .await;
+        let (start, rec) = match outcome {
+            Ok(x) => x,
+            Err(_) => return Ok(None),
+        };
+        if start {
+            self.purge_shards(id).await;
+            tokio::spawn(self.clone().finalize(id.to_string()));
+        }
+        Ok(Some(rec))
+    }
+
+    async fn purge_shards(&self, id: &str) {
+        match self.js.get_stream(SHARD_STREAM).await {
+            Ok(s) => {
+                if let Err(e) = s.purge().filter(shard_subject(id)).await {
+                    tracing::warn!(batch = id, error = %e, "could not purge shards");
+                }
+            }
+            Err(e) => tracing::warn!(batch = id, error = %e, "could not purge shards"),
+        }
+    }
+
+    /// Writes the output and error files and ends the batch. Idempotent: file ids derive from
+    /// the batch id, and the results are re-read from the stream.
+    async fn finalize(self: Arc<Self>, id: String) {
+        loop {
+            match self.try_finalize(&id).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(batch = %id, error = format!("{e:#}"), "finalization failed; retrying in 2 s");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+    }
+
+    async fn try_finalize(&self, id: &str) -> Result<()> {
+        let ending = self
+            .update(id, |st| {
+                let ending = st.rec.ending.unwrap_or(BatchStatus::Completed);
+                st.rec.ending = Some(ending);
+                if st.rec.status != BatchStatus::Finalizing {
+                    st.rec.transition(BatchStatus::Finalizing, now_s())?;
+                }
+                Ok::<_, crate::batch::TransitionError>(ending)
+            })
+            .await??;
+        let Some(rec) = self.batch(id) else {
+            bail!("batch {id} vanished");
+        };
+        let results = self.replay_results(id).await?;
+        let data = self.file_content(&rec.input_file_id).await?;
+        let limits = self.settings.limits;
+        let endpoint = rec.endpoint;
+        // A file that fails validation has no lines to report (cancelled while validating).
+        let lines = tokio::task::spawn_blocking(move || scan(&data, endpoint, &limits))
+            .await?
+            .unwrap_or_default();
+        let missing_error = |line: usize| match ending {
+            BatchStatus::Cancelled => LineError::new(
+                codes::CANCELLED,
+                format!("line {line}: the batch was cancelled before this request ran"),
+            ),
+            BatchStatus::Expired => LineError::new(
+                codes::EXPIRED,
+                format!(
+                    "line {line}: the batch's completion window ran out before this request ran"
+                ),
+            ),
+            _ => LineError::new(
+                codes::INTERNAL,
+                format!("line {line}: no result was recorded for this request"),
+            ),
+        };
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let (mut completed, mut failed) = (0u64, 0u64);
+        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+        let mut by_key = results;
+        for s in lines {
+            let (custom_id, line) = match &s {
+                Scanned::Valid(r) => (Some(r.custom_id.clone()), r.line),
+                Scanned::Invalid(bad) => (bad.custom_id.clone(), bad.line),
+            };
+            let key = result_key(custom_id.as_deref().unwrap_or(""), line);
+            let outcome = by_key.remove(&key).map(|r| r.outcome);
+            match outcome {
+                Some(ResultOutcome::Completed { body, usage, .. }) => {
+                    completed += 1;
+                    prompt_tokens += usage.prompt_tokens as u64;
+                    completion_tokens += usage.completion_tokens as u64;
+                    let l = OutputLine {
+                        id: format!("batch_req_{}", nuid::next()),
+                        custom_id: custom_id.unwrap_or_default(),
+                        response: Some(ResponseEnvelope {
+                            status_code: 200,
+                            request_id: format!("req_{}", nuid::next()),
+                            body,
+                        }),
+                        error: None,
+                    };
+                    out.extend(serde_json::to_vec(&l)?);
+                    out.push(b'\n');
+                }
+                other => {
+                    failed += 1;
+                    let error = match other {
+                        Some(ResultOutcome::Failed { error }) => error,
+                        _ => missing_error(line),
+                    };
+                    let l = ErrorLine {
+                        id: format!("batch_req_{}", nuid::next()),
+                        custom_id,
+                        response: None,
+                        error,
+                        line,
+                    };
+                    err.extend(serde_json::to_vec(&l)?);
+                    err.push(b'\n');
+                }
+            }
+        }
+        let output_file_id = if out.is_empty() {
+            None
+        } else {
+            let f = self
+                .store_file(
+                    format!("file-{id}-output"),
+                    format!("{id}_output.jsonl"),
+                    "batch_output".into(),
+                    out.into(),
+                )
+                .await?;
+            Some(f.id)
+        };
+        let error_file_id = if err.is_empty() {
+            None
+        } else {
+            let f = self
+                .store_file(
+                    format!("file-{id}-errors"),
+                    format!("{id}_error.jsonl"),
+                    "batch_output".into(),
+                    err.into(),
+                )
+                .await?;
+            Some(f.id)
+        };
+        self.update(id, |st| {
+            st.rec.output_file_id = output_file_id;
+            st.rec.error_file_id = error_file_id;
+            st.rec.completed = completed;
+            st.rec.failed = failed;
+            st.rec.prompt_tokens = prompt_tokens;
+            st.rec.completion_tokens = completion_tokens;
+            st.rec.total = completed + failed;
+            st.rec.transition(ending, now_s())
+        })
+        .await??;
+        tracing::info!(batch = %id, ?ending, completed, failed, "batch finished");
+        // Nothing of a finished batch is needed any more.
+        self.purge_shards(id).await;
+        if let Ok(s) = self.js.get_stream(RESULT_STREAM).await {
+            if let Err(e) = s.purge().filter(result_subject(id)).await {
+                tracing::warn!(batch = id, error = %e, "could not purge results");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every result of a batch in the results stream, first one per key.
+    async fn replay_results(&self, id: &str) -> Result<HashMap<String, ResultMessage>> {
+        let stream = self.js.get_stream(RESULT_STREAM).await?;
+        let mut consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: result_subject(id),
+                ..Default::default()
+            })
+            .await?;
+        let mut pending = consumer.info().await?.num_pending;
+        let mut found = HashMap::new();
+        if pending == 0 {
+            return Ok(found);
+        }
+        let mut messages = consumer.messages().await?;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            pending = m.info().map(|i| i.pending).unwrap_or(0);
+            match serde_json::from_slice::<ResultMessage>(&m.payload) {
+                Ok(r) => {
+                    found.entry(result_key(&r.custom_id, r.line)).or_insert(r);
+                }
+                Err(e) => tracing::error!(batch = id, error = %e, "unreadable result skipped"),
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Consumes the results stream from the start, forever, counting each line's first result.
+    async fn collect_results(self: Arc<Self>) {
+        let mut next_seq = 1u64;
+        loop {
+            if let Err(e) = self.collect_from(&mut next_seq).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "results consumer stopped; restarting in 1 s"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn collect_from(self: &Arc<Self>, next_seq: &mut u64) -> Result<()> {
+        let stream = self.js.get_stream(RESULT_STREAM).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: *next_seq,
+                },
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        while let Some(m) = messages.next().await {
+            let m = m?;
+            if let Ok(info) = m.info() {
+                *next_seq = info.stream_sequence + 1;
+            }
+            match serde_json::from_slice::<ResultMessage>(&m.payload) {
+                Ok(r) => self.count(r),
+                Err(e) => {
+                    tracing::error!(subject = %m.subject, error = %e, "unreadable result skipped")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count(self: &Arc<Self>, r: ResultMessage) {
+        let (ok, prompt, tokens) = match &r.outcome {
+            ResultOutcome::Completed { usage, .. } => (
+                true,
+                usage.prompt_tokens as u64,
+                usage.completion_tokens as u64,
+            ),
+            ResultOutcome::Failed { .. } => (false, 0, 0),
+        };
+        {
+            let mut map = self.lock();
+            let Some(st) = map.get_mut(&r.batch_id) else {
+                return;
+            };
+            if !matches!(
+                st.rec.status,
+                BatchStatus::Validating | BatchStatus::InProgress
+            ) {
+                return;
+            }
+            if !st.rec.record(&result_key(&r.custom_id, r.line), ok) {
+                self.counters
+                    .duplicate_results
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            st.dirty = true;
+            st.rec.prompt_tokens += prompt;
+            st.rec.completion_tokens += tokens;
+        }
+        let c = &self.counters;
+        if ok {
+            c.results_completed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.results_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
+        self.maybe_finish(&r.batch_id);
+    }
+
+    /// A shard delivered `max_deliver` times without success: its lines that have no result
+    /// yet become error lines, and the shard leaves the stream.
+    async fn bury_shard(&self, seq: u64) -> Result<()> {
+        let stream = self.js.get_stream(SHARD_STREAM).await?;
+        let msg = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            // Already acknowledged or buried.
+            Err(_) => return Ok(()),
+        };
+        let shard: ShardMessage = serde_json::from_slice(&msg.payload)
+            .with_context(|| format!("shard at sequence {seq} is unreadable"))?;
+        let n = self.settings.max_deliver;
+        let mut acks = Vec::new();
+        for r in &shard.requests {
+            let result = ResultMessage {
+                batch_id: shard.batch_id.clone(),
+                custom_id: r.custom_id.clone(),
+                line: r.line,
+                outcome: ResultOutcome::Failed {
+                    error: LineError::new(
+                        codes::SHARD_FAILED,
+                        format!(
+                            "line {}: failed after {n} attempts: the worker holding its shard stopped \
+                             or failed every time",
+                            r.line
+                        ),
+                    ),
+                },
+            };
+            let msg_id = result_msg_id(&shard.batch_id, &r.custom_id);
+            acks.push(
+                publish(
+                    &self.js,
+                    result_subject(&shard.batch_id),
+                    msg_id,
+                    serde_json::to_vec(&result)?,
+                )
+                .await?,
+            );
+        }
+        await_acks(&mut acks).await?;
+        stream.delete_message(seq).await.ok();
+        self.counters.dead_shards.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(batch = %shard.batch_id, shard = shard.shard, "shard failed on every delivery; its lines are error lines");
+        Ok(())
+    }
+
+    /// Listens for JetStream's max-deliveries advisories; a periodic sweep catches those sent
+    /// while no coordinator was listening.
+    async fn watch_dead_shards(self: Arc<Self>) {
+        let subject =
+            format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SHARD_STREAM}.{WORKER_CONSUMER}");
+        let mut sub = match self.client.subscribe(subject).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch for dead shards");
+                return;
+            }
+        };
+        #[derive(Deserialize)]
+        struct Advisory {
+            stream_seq: u64,
+        }
+        while let Some(m) = sub.next().await {
+            match serde_json::from_slice::<Advisory>(&m.payload) {
+                Ok(a) => {
+                    if let Err(e) = self.bury_shard(a.stream_seq).await {
+                        tracing::error!(error = format!("{e:#}"), "burying a dead shard failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable advisory"),
+            }
+        }
+    }
+
+    /// With the worker consumer idle, any shard still in the stream at or below its delivered
+    /// sequence has used up its deliveries.
+    async fn sweep_dead_shards(&self) -> Result<()> {
+        let mut stream = self.js.get_stream(SHARD_STREAM).await?;
+        let mut consumer: consumer::PullConsumer = stream
+            .get_consumer(WORKER_CONSUMER)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let info = consumer.info().await?.clone();
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            return Ok(());
+        }
+        let state = stream.info().await?.state.clone();
+        if state.messages == 0 {
+            return Ok(());
+        }
+        let last = info.delivered.stream_sequence.min(state.last_sequence);
+        for seq in state.first_sequence..=last {
+            self.bury_shard(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Once a second: store changed records, expire overdue batches, sample tokens/s, and
+    /// every 10 s sweep for dead shards.
+    async fn tick(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        let mut n = 0u64;
+        loop {
+            interval.tick().await;
+            n += 1;
+            let dirty: Vec<String> = self
+                .lock()
+                .iter()
+                .filter(|(_, s)| s.dirty)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in dirty {
+                if let Err(e) = self.save(&id).await {
+                    tracing::warn!(batch = %id, error = format!("{e:#}"), "could not store batch");
+                }
+            }
+            let now = now_s();
+            let overdue: Vec<String> = {
+                let mut map = self.lock();
+                map.iter_mut()
+                    .filter(|(_, s)| {
+                        s.rec.status == BatchStatus::InProgress
+                            && !s.closing
+                            && now >= s.rec.expires_at
+                    })
+                    .map(|(k, s)| {
+                        s.closing = true;
+                        s.rec.ending = Some(BatchStatus::Expired);
+                        k.clone()
+                    })
+                    .collect()
+            };
+            for id in overdue {
+                tracing::info!(batch = %id, "completion window ran out");
+                self.purge_shards(&id).await;
+                tokio::spawn(self.clone().finalize(id));
+            }
+            if n.is_multiple_of(2) {
+                let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+                rate.push_back((
+                    Instant::now(),
+                    self.counters.completion_tokens.load(Ordering::Relaxed),
+                ));
+                while rate.len() > 11 {
+                    rate.pop_front();
+                }
+            }
+            if n.is_multiple_of(20) {
+                if let Err(e) = self.sweep_dead_shards().await {
+                    tracing::debug!(error = format!("{e:#}"), "dead shard sweep failed");
+                }
+            }
+        }
+    }
+
+    /// Prometheus text exposition of the coordinator's metrics.
+    pub async fn metrics(&self) -> String {
+        let queue_shards = match self.js.get_stream(SHARD_STREAM).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        };
+        let mut by_status: HashMap<&'static str, u64> = HashMap::new();
+        let mut queue_tokens = 0u64;
+        for s in self.lock().values() {
+            *by_status.entry(status_name(s.rec.status)).or_default() += 1;
+            if s.rec.status == BatchStatus::InProgress && s.rec.total > 0 {
+                let left = s.rec.total.saturating_sub(s.rec.completed + s.rec.failed);
+                queue_tokens += s.rec.tokens * left / s.rec.total;
+            }
+        }
+        let rate = {
+            let r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            match (r.front(), r.back()) {
+                (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+                _ => 0.0,
+            }
+        };
+        let c = &self.counters;
+        let mut m = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, lines: Vec<(String, String)>| {
+            m.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in lines {
+                m.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        gauge(
+            "gristmill_queue_shards",
+            "Shards waiting in or held from the work queue.",
+            "gauge",
+            vec![(String::new(), queue_shards.to_string())],
+        );
+        gauge(
+            "gristmill_queue_tokens",
+            "Prompt plus max_tokens of lines not yet finished (what the autoscaler weighs).",
+            "gauge",
+            vec![(String::new(), queue_tokens.to_string())],
+        );
+        let mut statuses: Vec<_> = ALL_STATUSES
+            .iter()
+            .map(|&s| {
+                (
+                    format!("{{status=\"{}\"}}", status_name(s)),
+                    by_status
+                        .get(status_name(s))
+                        .copied()
+                        .unwrap_or(0)
+                        .to_string(),
+                )
+            })
+            .collect();
+        statuses.sort();
+        gauge("gristmill_batches", "Batches by status.", "gauge", statuses);
+        gauge(
+            "gristmill_results_total",
+            "Line results counted (duplicates excluded).",
+            "counter",
+            vec![
+                (
+                    "{outcome=\"completed\"}".into(),
+                    c.results_completed.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "{outcome=\"failed\"}".into(),
+                    c.results_failed.load(Ordering::Relaxed).to_string(),
+                ),
+            ],
+        );
+        gauge(
+            "gristmill_duplicate_results_total",
+            "Results dropped because their line had already reported (redeliveries).",
+            "counter",
+            vec![(
+                String::new(),
+                c.duplicate_results.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "gristmill_completion_tokens_total",
+            "Tokens generated by workers.",
+            "counter",
+            vec![(
+                String::new(),
+                c.completion_tokens.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "gristmill_completion_tokens_per_second",
+            "Tokens generated per second over the last 10 s.",
+            "gauge",
+            vec![(String::new(), format!("{rate:.1}"))],
+        );
+        gauge(
+            "gristmill_shards_published_total",
+            "Shards published to the work queue.",
+            "counter",
+            vec![(
+                String::new(),
+                c.shards_published.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "gristmill_dead_shards_total",
+            "Shards that failed on every delivery.",
+            "counter",
+            vec![(
+                String::new(),
+                c.dead_shards.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        m
+    }
+
+    /// Whether NATS is reachable now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+const ALL_STATUSES: [BatchStatus; 8] = [
+    BatchStatus::Validating,
+    BatchStatus::Failed,
+    BatchStatus::InProgress,
+    BatchStatus::Finalizing,
+    BatchStatus::Completed,
+    BatchStatus::Expired,
+    BatchStatus::Cancelling,
+    BatchStatus::Cancelled,
+];
+
+pub fn status_name(s: BatchStatus) -> &'static str {
+    match s {
+        BatchStatus::Validating => "validating",
+        BatchStatus::Failed => "failed",
+        BatchStatus::InProgress => "in_progress",
+        BatchStatus::Finalizing => "finalizing",
+        BatchStatus::Completed => "completed",
+        BatchStatus::Expired => "expired",
+        BatchStatus::Cancelling => "cancelling",
+        BatchStatus::Cancelled => "cancelled",
+    }
+}
+
+/// Whether `id` can be a KV key (ids come from URLs).
+fn valid_key(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=' | b'/'))
+        && !id.starts_with('.')
+        && !id.ends_with('.')
+}
+
+/// Publishes with a `Nats-Msg-Id`; returns the ack future.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: String,
+    payload: Vec<u8>,
+) -> Result<jetstream::context::PublishAckFuture> {
+    js.send_publish(
+        subject,
+        jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(msg_id),
+    )
+    .await
+    .context("publishing")
+}
+
+/// Awaits every ack in `acks`.
+pub async fn await_acks(acks: &mut Vec<jetstream::context::PublishAckFuture>) -> Result<()> {
+    for a in acks.drain(..) {
+        a.await.context("waiting for a publish acknowledgement")?;
+    }
+    Ok(())
+}

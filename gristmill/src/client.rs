@@ -1,0 +1,360 @@
+//! `gristmill submit`, `status` and `cancel`: the client side of the coordinator's HTTP API
+//! (the same endpoints the OpenAI SDKs call).
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Base URL of the coordinator.
+    #[arg(long, default_value = "http://127.0.0.1:8000", env = "GRISTMILL_URL")]
+    pub url: String,
+
+    /// API key, sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "GRISTMILL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl Connection {
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let r = ureq::request(method, &url).timeout(Duration::from_secs(300));
+        match &self.api_key {
+            Some(k) if !k.is_empty() => r.set("Authorization", &format!("Bearer {k}")),
+            _ => r,
+        }
+    }
+
+    fn call(&self, req: ureq::Request, body: Option<(&str, &[u8])>) -> Result<ureq::Response> {
+        let url = req.url().to_string();
+        let result = match body {
+            Some((content_type, data)) => req.set("Content-Type", content_type).send_bytes(data),
+            None => req.call(),
+        };
+        match result {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(String::from))
+                    .unwrap_or(text);
+                Err(anyhow!("{url}: HTTP {code}: {message}"))
+            }
+            Err(e) => Err(anyhow!("{url}: {e}")),
+        }
+    }
+
+    fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let req = self.request(method, path);
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let r = self.call(req, bytes.as_deref().map(|b| ("application/json", b)))?;
+        let text = r.into_string().context("reading the response")?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("the coordinator's answer is not JSON: {text}"))
+    }
+
+    fn download(&self, file_id: &str, to: &Path) -> Result<u64> {
+        let r = self.call(
+            self.request("GET", &format!("/v1/files/{file_id}/content")),
+            None,
+        )?;
+        let mut data = Vec::new();
+        r.into_reader().read_to_end(&mut data)?;
+        std::fs::write(to, &data).with_context(|| format!("cannot write {}", to.display()))?;
+        Ok(data.len() as u64)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The batch input: JSONL, one OpenAI batch request per line.
+    pub input: PathBuf,
+
+    /// Endpoint of every line [default: the `url` of the file's first line].
+    #[arg(long)]
+    pub endpoint: Option<String>,
+
+    /// Time the batch may take, e.g. `24h`, `90m`, `3600s`.
+    #[arg(long, default_value = "24h")]
+    pub completion_window: String,
+
+    /// Metadata as KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+
+    /// Wait for the batch to end, showing progress, then download its output and error files.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Where the output file goes with --wait [default: INPUT with `.output.jsonl`].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+
+    /// Where the error file goes with --wait [default: INPUT with `.errors.jsonl`].
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+fn sibling(input: &Path, suffix: &str) -> PathBuf {
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "batch".into());
+    input.with_file_name(format!("{stem}{suffix}"))
+}
+
+fn multipart(filename: &str, data: &[u8]) -> (String, Vec<u8>) {
+    let boundary = format!(
+        "gristmill-{:016x}",
+        data.len() as u64 ^ 0x5bd1_e995_1234_abcd
+    );
+    let mut body = Vec::with_capacity(data.len() + 512);
+    body.extend(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+        )
+        .bytes(),
+    );
+    body.extend(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\nContent-Type: application/jsonl\r\n\r\n",
+            filename.replace('"', "_")
+        )
+        .bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub fn submit(args: SubmitArgs) -> Result<()> {
+    let data = std::fs::read(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let endpoint = match &args.endpoint {
+        Some(e) => e.clone(),
+        None => data
+            .split(|&b| b == b'\n')
+            .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .and_then(|l| serde_json::from_slice::<Value>(l).ok())
+            .and_then(|v| v["url"].as_str().map(String::from))
+            .ok_or_else(|| {
+                anyhow!(
+                    "cannot tell the endpoint from the first line of {}: pass --endpoint",
+                    args.input.display()
+                )
+            })?,
+    };
+    let mut metadata = serde_json::Map::new();
+    for kv in &args.metadata {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--metadata {kv:?}: expected KEY=VALUE"))?;
+        metadata.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    let conn = &args.conn;
+    let filename = args
+        .input
+        .file_name()
+        .map_or("batch.jsonl".into(), |n| n.to_string_lossy().into_owned());
+    let (content_type, body) = multipart(&filename, &data);
+    let file: Value = {
+        let r = conn.call(
+            conn.request("POST", "/v1/files"),
+            Some((&content_type, &body)),
+        )?;
+        serde_json::from_str(&r.into_string()?)?
+    };
+    let file_id = file["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no file id in {file}"))?;
+    let mut create = serde_json::json!({
+        "input_file_id": file_id, "endpoint": endpoint, "completion_window": args.completion_window,
+    });
+    if !metadata.is_empty() {
+        create["metadata"] = Value::Object(metadata);
+    }
+    let batch = conn.json("POST", "/v1/batches", Some(&create))?;
+    let id = batch["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no batch id in {batch}"))?
+        .to_string();
+    println!("{id}");
+    if !args.wait {
+        return Ok(());
+    }
+    let batch = wait(conn, &id)?;
+    let status = batch["status"].as_str().unwrap_or("?");
+    let counts = &batch["request_counts"];
+    eprintln!(
+        "batch {id} {status}: {} completed, {} failed of {}",
+        counts["completed"], counts["failed"], counts["total"]
+    );
+    if let Some(errors) = batch["errors"]["data"].as_array() {
+        for e in errors {
+            let line = e["line"]
+                .as_u64()
+                .map(|l| format!("line {l}: "))
+                .unwrap_or_default();
+            eprintln!(
+                "  {line}{} ({})",
+                e["message"].as_str().unwrap_or(""),
+                e["code"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let output = args
+        .output
+        .unwrap_or_else(|| sibling(&args.input, ".output.jsonl"));
+    let errors = args
+        .errors
+        .unwrap_or_else(|| sibling(&args.input, ".errors.jsonl"));
+    for (key, path) in [("output_file_id", &output), ("error_file_id", &errors)] {
+        if let Some(fid) = batch[key].as_str() {
+            let n = conn.download(fid, path)?;
+            eprintln!("wrote {} ({n} bytes)", path.display());
+        }
+    }
+    match status {
+        "completed" => Ok(()),
+        other => bail!("batch {id} ended {other}"),
+    }
+}
+
+/// Polls a batch until it ends, with a progress bar on a terminal.
+fn wait(conn: &Connection, id: &str) -> Result<Value> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} requests {prefix} | {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(500));
+        bar
+    });
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    loop {
+        let b = conn.json("GET", &format!("/v1/batches/{id}"), None)?;
+        let status = b["status"].as_str().unwrap_or("?").to_string();
+        let c = &b["request_counts"];
+        let (total, done, failed) = (
+            c["total"].as_u64().unwrap_or(0),
+            c["completed"].as_u64().unwrap_or(0) + c["failed"].as_u64().unwrap_or(0),
+            c["failed"].as_u64().unwrap_or(0),
+        );
+        let tokens = b["usage"]["output_tokens"].as_u64().unwrap_or(0);
+        samples.push_back((Instant::now(), tokens));
+        while samples.len() > 20 {
+            samples.pop_front();
+        }
+        let rate = match (samples.front(), samples.back()) {
+            (Some(a), Some(z)) if z.0 > a.0 => {
+                z.1.saturating_sub(a.1) as f64 / (z.0 - a.0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        let msg = format!("{status}, {tokens} tokens, {rate:.1} tok/s");
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+            if failed > 0 {
+                bar.set_prefix(format!("{failed} failed"));
+            }
+            bar.set_message(msg);
+        } else if last_log.elapsed() > Duration::from_secs(5) {
+            last_log = Instant::now();
+            eprintln!(
+                "progress: {done}/{total} requests ({failed} failed), {msg}, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if matches!(
+            status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        ) {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return Ok(b);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A batch id; without one, the latest batches are listed.
+    pub id: Option<String>,
+
+    /// How many batches to list.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    if let Some(id) = &args.id {
+        let b = args.conn.json("GET", &format!("/v1/batches/{id}"), None)?;
+        println!("{}", serde_json::to_string_pretty(&b)?);
+        return Ok(());
+    }
+    let list = args.conn.json(
+        "GET",
+        &format!("/v1/batches?limit={}", args.limit.clamp(1, 100)),
+        None,
+    )?;
+    println!(
+        "{:<34} {:<12} {:>8} {:>9} {:>7}  created",
+        "id", "status", "total", "completed", "failed"
+    );
+    for b in list["data"].as_array().into_iter().flatten() {
+        let c = &b["request_counts"];
+        println!(
+            "{:<34} {:<12} {:>8} {:>9} {:>7}  {}",
+            b["id"].as_str().unwrap_or(""),
+            b["status"].as_str().unwrap_or(""),
+            c["total"],
+            c["completed"],
+            c["failed"],
+            b["created_at"]
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The batch to cancel.
+    pub id: String,
+
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+pub fn cancel(args: CancelArgs) -> Result<()> {
+    let b = args
+        .conn
+        .json("POST", &format!("/v1/batches/{}/cancel", args.id), None)?;
+    println!(
+        "{} {}",
+        b["id"].as_str().unwrap_or(""),
+        b["status"].as_str().unwrap_or("")
+    );
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! `gristmill coordinator` and `gristmill worker`: the two long-running cluster processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use gristmill_coordinator::api;
+use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
+use gristmill_coordinator::server::{Coordinator, Settings};
+use gristmill_coordinator::shard::ShardLimits;
+use gristmill_protocol::{Prompt, Request};
+use gristmill_worker::node::{Generator, WorkerSettings};
+use gristmill_worker::Engine;
+
+use crate::engine_args::EngineArgs;
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address the HTTP API listens on.
+    #[arg(long, default_value = "127.0.0.1:8000", env = "GRISTMILL_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// NATS server URL (JetStream enabled).
+    #[arg(
+        long,
+        default_value = "nats://127.0.0.1:4222",
+        env = "GRISTMILL_NATS_URL"
+    )]
+    pub nats: String,
+
+    /// Require `Authorization: Bearer KEY` on every /v1 request (probes and /metrics stay open).
+    #[arg(long, env = "GRISTMILL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Model file or directory whose tokenizer weighs prompts and orders them by shared token
+    /// prefix. Without it, prompts are weighed as bytes / 4 and ordered by shared text prefix.
+    #[arg(long, env = "GRISTMILL_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// Largest accepted input file, in bytes.
+    #[arg(long, default_value_t = 200 << 20, env = "GRISTMILL_MAX_FILE_BYTES")]
+    pub max_file_bytes: u64,
+
+    /// Most requests in one batch.
+    #[arg(long, default_value_t = 50_000, env = "GRISTMILL_MAX_LINES")]
+    pub max_lines: usize,
+
+    /// Token budget of one shard (prompt plus max_tokens of its lines).
+    #[arg(long, default_value_t = 65_536, env = "GRISTMILL_SHARD_MAX_TOKENS")]
+    pub shard_max_tokens: u64,
+
+    /// Most lines in one shard.
+    #[arg(long, default_value_t = 512, env = "GRISTMILL_SHARD_MAX_LINES")]
+    pub shard_max_lines: usize,
+
+    /// Seconds a worker may hold a shard without an in-progress ack before it is redelivered.
+    #[arg(long, default_value_t = 30.0, env = "GRISTMILL_ACK_WAIT")]
+    pub ack_wait: f64,
+
+    /// Deliveries of a shard before its unfinished lines become error lines.
+    #[arg(long, default_value_t = 3, env = "GRISTMILL_MAX_DELIVER")]
+    pub max_deliver: i64,
+
+    /// JetStream replicas of the streams and buckets (3 on a 3-node NATS cluster).
+    #[arg(long, default_value_t = 1, env = "GRISTMILL_REPLICAS")]
+    pub replicas: usize,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    if args.max_deliver < 1 {
+        bail!("--max-deliver must be at least 1");
+    }
+    if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
+        bail!(
+            "--ack-wait must be at least 1 second, got {}",
+            args.ack_wait
+        );
+    }
+    let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
+        None => Arc::new(byte_tokens),
+        Some(p) => {
+            let tok = gristmill_worker::load_tokenizer(p)
+                .with_context(|| format!("cannot load a tokenizer from {}", p.display()))?;
+            Arc::new(move |r: &Request| {
+                let ids = match &r.prompt {
+                    Prompt::Chat(m) => tok
+                        .apply_chat_template(m)
+                        .ok()
+                        .and_then(|t| tok.encode(&t).ok()),
+                    Prompt::Text(t) => tok.encode_prompt(t).ok(),
+                    Prompt::Tokens(ids) => Some(ids.clone()),
+                };
+                // A prompt the tokenizer refuses fails on the worker; weigh it as bytes here.
+                ids.unwrap_or_else(|| byte_tokens(r))
+            })
+        }
+    };
+    let settings = Settings {
+        nats_url: args.nats.clone(),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        limits: IntakeLimits {
+            max_bytes: args.max_file_bytes,
+            max_lines: args.max_lines,
+            shard: ShardLimits {
+                max_tokens: args.shard_max_tokens.max(1),
+                max_lines: args.shard_max_lines.max(1),
+                ..ShardLimits::default()
+            },
+        },
+        ack_wait: Duration::from_secs_f64(args.ack_wait),
+        max_deliver: args.max_deliver,
+        replicas: args.replicas.max(1),
+        tokenizer,
+    };
+    runtime()?.block_on(async move {
+        let c = Coordinator::start(settings).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to find the port of `--listen 127.0.0.1:0`.
+        eprintln!("gristmill coordinator listening on http://{addr}");
+        axum::serve(listener, api::router(c))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("HTTP server failed")
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The model (`--model`).
+    Model,
+    /// Benchmark mode: answer every request with its own prompt, at once, without a model.
+    Echo,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// NATS server URL (JetStream enabled).
+    #[arg(
+        long,
+        default_value = "nats://127.0.0.1:4222",
+        env = "GRISTMILL_NATS_URL"
+    )]
+    pub nats: String,
+
+    /// What generates completions: the model, or the `echo` benchmark mode.
+    #[arg(long, value_enum, default_value_t = EngineKind::Model, env = "GRISTMILL_ENGINE")]
+    pub engine: EngineKind,
+
+    /// Shards held at once, all feeding one continuous batch.
+    #[arg(long, default_value_t = 4, env = "GRISTMILL_MAX_INFLIGHT_SHARDS")]
+    pub max_inflight_shards: usize,
+
+    /// Seconds after SIGTERM for in-flight shards to finish before they are released to other
+    /// workers.
+    #[arg(long, default_value_t = 60.0, env = "GRISTMILL_GRACE")]
+    pub grace: f64,
+
+    /// Name in logs and in the NATS connection [default: worker-<pid>].
+    #[arg(long, env = "GRISTMILL_WORKER_NAME")]
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub engine_args: EngineArgs,
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    if !args.grace.is_finite() || args.grace < 0.0 {
+        bail!("--grace must be a number of seconds, got {}", args.grace);
+    }
+    let generator = match args.engine {
+        EngineKind::Echo => Generator::Echo,
+        EngineKind::Model => {
+            let opts = args.engine_args.options()?;
+            let path = args.engine_args.model_path();
+            let engine = Engine::load(&path)
+                .with_context(|| format!("cannot load the model {}", path.display()))?;
+            Generator::Model(Arc::new(engine), opts)
+        }
+    };
+    let settings = WorkerSettings {
+        nats_url: args.nats,
+        max_inflight_shards: args.max_inflight_shards.max(1),
+        grace: Duration::from_secs_f64(args.grace),
+        name: args
+            .name
+            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+    };
+    runtime()?.block_on(gristmill_worker::node::serve(settings, generator))
+}

@@ -1,0 +1,448 @@
+//! Distributed batches end to end: a real `nats-server` per test, real coordinator and worker
+//! processes on loopback, the default model. Failures are real too: `kill -9` of a worker, of
+//! nats-server and of the coordinator in the middle of a batch.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{chat_line, ids, Cluster};
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(240);
+
+/// Lines whose lengths differ, so results trickle in while a shard is running.
+fn trickle(n: usize, prefix: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            chat_line(
+                &format!("{prefix}-{i}"),
+                &format!("Write a haiku about the number {i}."),
+                4 + (i * 7) % 40,
+                100 + i as u64,
+            )
+        })
+        .collect()
+}
+
+fn completed(b: &Value) -> u64 {
+    b["request_counts"]["completed"].as_u64().unwrap_or(0)
+}
+
+fn texts(out: &HashMap<String, Value>) -> HashMap<String, String> {
+    out.iter()
+        .map(|(k, v)| {
+            let t = v["response"]["body"]["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no content in {v}"));
+            (k.clone(), t.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_produce_what_gristmill_run_produces() {
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            let template = if i % 2 == 0 {
+                "Scaffold a Go service named"
+            } else {
+                "Scaffold a Rust service named"
+            };
+            chat_line(
+                &format!("svc-{i}"),
+                &format!("{template} svc{i}."),
+                10,
+                7 + i as u64,
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("batch.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").expect("write");
+    let local = dir.path().join("local.jsonl");
+    let status = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args(["run", "-q", "--threads", "1", "--model"])
+        .arg(common::default_model())
+        .arg(&input)
+        .arg("--output")
+        .arg(&local)
+        .status()
+        .expect("gristmill run");
+    assert!(status.success());
+
+    let mut c = Cluster::start(&[
+        "--shard-max-lines",
+        "3",
+        "--tokenizer",
+        common::default_model().to_str().expect("utf-8 path"),
+    ]);
+    c.start_worker(&[], &[]);
+    c.start_worker(&[], &[]);
+    let remote = dir.path().join("remote.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args(["submit", "--wait", "--url", &c.url])
+        .arg(&input)
+        .arg("--output")
+        .arg(&remote)
+        .output()
+        .expect("gristmill submit");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let read = |p: &std::path::Path| -> HashMap<String, Value> {
+        std::fs::read_to_string(p)
+            .expect("output")
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("json");
+                (v["custom_id"].as_str().expect("id").to_string(), v)
+            })
+            .collect()
+    };
+    let (local, remote) = (read(&local), read(&remote));
+    assert_eq!(remote.len(), 12);
+    assert_eq!(
+        texts(&local),
+        texts(&remote),
+        "cluster output differs from gristmill run"
+    );
+    for v in remote.values() {
+        assert_eq!(v["response"]["status_code"], 200);
+        assert!(v["id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("batch_req_")));
+    }
+    // Both workers took shards (4 shards of 3 lines, 4 in flight per worker at most).
+    let busy = c
+        .workers
+        .iter()
+        .filter(|w| w.log_text().contains("worker ready"))
+        .count();
+    assert_eq!(busy, 2);
+    let metrics = ureq::get(&format!("{}/metrics", c.url))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    assert!(
+        metrics.contains("gristmill_batches{status=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gristmill_queue_tokens 0"), "{metrics}");
+    assert!(
+        metrics.contains("gristmill_results_total{outcome=\"completed\"} 12"),
+        "{metrics}"
+    );
+    let list = c.get("/v1/batches?limit=5");
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn a_worker_killed_mid_shard_loses_nothing() {
+    let mut c = Cluster::start(&["--ack-wait", "2", "--shard-max-lines", "8"]);
+    let lines = trickle(16, "k");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&[], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    c.workers[0].kill9();
+    let b = c.batch(&id);
+    assert!(
+        completed(&b) < 16,
+        "the batch finished before the kill; the test proves nothing"
+    );
+    c.start_worker(&[], &[]);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, err) = c.results(&b, &ids(&lines));
+    assert_eq!((out.len(), err.len()), (16, 0), "{err:?}");
+}
+
+#[test]
+fn nats_server_restarted_mid_batch_loses_nothing() {
+    let mut c = Cluster::start(&["--ack-wait", "3", "--shard-max-lines", "6"]);
+    let lines = trickle(12, "n");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&[], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    c.restart_nats();
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, _) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 12);
+}
+
+#[test]
+fn coordinator_restarted_mid_batch_resumes() {
+    let mut c = Cluster::start(&["--ack-wait", "3", "--shard-max-lines", "6"]);
+    let lines = trickle(12, "c");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&[], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    c.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_coordinator();
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, _) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 12);
+}
+
+#[test]
+fn a_shard_that_always_fails_becomes_error_lines_and_the_rest_completes() {
+    let mut c = Cluster::start(&[
+        "--ack-wait",
+        "2",
+        "--max-deliver",
+        "2",
+        "--shard-max-lines",
+        "1",
+    ]);
+    let mut lines = trickle(3, "ok");
+    lines.push(chat_line("poison", "This line's shard always fails.", 4, 1));
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&[], &[("GRISTMILL_CHAOS_FAIL_CUSTOM_ID", "poison")]);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, err) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 3);
+    let e = &err["poison"]["error"];
+    assert_eq!(e["code"], "shard_failed", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("failed after 2 attempts")),
+        "{e}"
+    );
+    assert_eq!(err["poison"]["line"], 4);
+}
+
+#[test]
+fn cancel_stops_dispatch_and_reports_the_rest_as_cancelled() {
+    let mut c = Cluster::start(&["--shard-max-lines", "2"]);
+    let lines = trickle(12, "x");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&["--max-inflight-shards", "1"], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    let (s, b) = c.call(c.request("POST", &format!("/v1/batches/{id}/cancel")), None);
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        matches!(b["status"].as_str(), Some("cancelling" | "cancelled")),
+        "{b}"
+    );
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "cancelled", "{b}");
+    assert!(b["cancelled_at"].as_u64().is_some());
+    let (out, err) = c.results(&b, &ids(&lines));
+    assert!(!out.is_empty(), "finished lines are kept");
+    assert!(
+        err.values()
+            .any(|e| e["error"]["code"] == "batch_cancelled"),
+        "{err:?}"
+    );
+    // Cancelling again is harmless; a finished batch cannot be cancelled.
+    let (s, _) = c.call(c.request("POST", &format!("/v1/batches/{id}/cancel")), None);
+    assert_eq!(s, 200);
+}
+
+#[test]
+fn an_expired_batch_reports_unfinished_lines_as_expired() {
+    // No worker: nothing can run before the window closes.
+    let c = Cluster::start(&[]);
+    let lines = trickle(3, "e");
+    let id = c.create_batch(&lines, "2s");
+    let b = c.wait_done(&id, Duration::from_secs(60));
+    assert_eq!(b["status"], "expired", "{b}");
+    assert!(b["expired_at"].as_u64().is_some());
+    let (out, err) = c.results(&b, &ids(&lines));
+    assert!(out.is_empty());
+    assert!(
+        err.values().all(|e| e["error"]["code"] == "batch_expired"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn bad_files_lines_endpoints_and_keys_get_clear_errors() {
+    let mut c = Cluster::start(&["--api-key", "sekret", "--max-file-bytes", "4000"]);
+    // Keys.
+    let unauth = |key: Option<&str>| {
+        let mut r = ureq::get(&format!("{}/v1/batches", c.url));
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        match r.call() {
+            Ok(r) => (r.status(), Value::Null),
+            Err(ureq::Error::Status(s, r)) => (
+                s,
+                serde_json::from_str(&r.into_string().unwrap_or_default()).unwrap_or(Value::Null),
+            ),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (s, v) = unauth(None);
+    assert_eq!(s, 401);
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert_eq!(unauth(Some("wrong")).0, 401);
+    assert_eq!(unauth(Some("sekret")).0, 200);
+    assert_eq!(
+        ureq::get(&format!("{}/healthz", c.url))
+            .call()
+            .map(|r| r.status())
+            .ok(),
+        Some(200)
+    );
+
+    // Oversized file.
+    let (s, v) = c.upload(&vec![b'x'; 5000]);
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(v["error"]["code"], "file_too_large");
+    // Missing purpose.
+    let (s, v) = c.call(
+        c.request("POST", "/v1/files"),
+        Some(("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nx\r\n--b--\r\n".to_vec())),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("purpose")),
+        "{v}"
+    );
+    // Unknown file, unknown batch, unknown route.
+    let (s, v) = c.call(c.request("GET", "/v1/files/file-nope"), None);
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        c.call(c.request("GET", "/v1/batches/batch_nope"), None).0,
+        404
+    );
+    assert_eq!(c.call(c.request("GET", "/v1/nothing"), None).0, 404);
+
+    let (_, f) = c.upload((chat_line("a", "hi", 2, 1) + "\n").as_bytes());
+    let create = |body: Value| {
+        c.call(
+            c.request("POST", "/v1/batches"),
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+    };
+    // A wrong endpoint, a bad window, a missing file.
+    let (s, v) = create(
+        json!({"input_file_id": f["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("endpoint")),
+        "{v}"
+    );
+    let (s, v) = create(
+        json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "soon"}),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("completion_window")),
+        "{v}"
+    );
+    let (s, v) = create(
+        json!({"input_file_id": "file-missing", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+    );
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (404, Some("input_file_id")),
+        "{v}"
+    );
+    let (s, v) = c.call(
+        c.request("POST", "/v1/batches"),
+        Some(("application/json", b"{not json".to_vec())),
+    );
+    assert_eq!(s, 400, "{v}");
+
+    // File-level problems fail the batch in validating with errors.data.
+    for (file, code, line) in [
+        ("\n\n".to_string(), "empty_file", Value::Null),
+        (
+            [
+                chat_line("a", "hi", 2, 1),
+                json!({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}).to_string(),
+            ]
+            .join("\n"),
+            "mismatched_endpoint",
+            json!(2),
+        ),
+        ([chat_line("a", "hi", 2, 1), chat_line("a", "again", 2, 2)].join("\n"), "duplicate_custom_id", json!(2)),
+    ] {
+        let (_, f) = c.upload(file.as_bytes());
+        let (s, b) = create(json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}));
+        assert_eq!(s, 200, "{b}");
+        let b = c.wait_done(b["id"].as_str().expect("id"), Duration::from_secs(30));
+        assert_eq!(b["status"], "failed", "{b}");
+        assert_eq!(b["errors"]["data"][0]["code"], code, "{b}");
+        assert_eq!(b["errors"]["data"][0]["line"], line, "{b}");
+    }
+
+    // Bad lines fail alone; the others complete.
+    c.start_worker(&[], &[]);
+    let lines = vec![
+        chat_line("good-1", "Say hi.", 3, 1),
+        "{this is not json".to_string(),
+        json!({"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {"max_tokens": 3}}).to_string(),
+        json!({"custom_id": "hot", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "temperature": 9}}).to_string(),
+        chat_line("good-2", "Say bye.", 3, 2),
+    ];
+    let id = c.create_batch(&lines, "24h");
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 5, "completed": 2, "failed": 3})
+    );
+    let err = c.file_lines(&b["error_file_id"]);
+    let mut got: Vec<(u64, String)> = err
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap_or(0),
+                e["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (2, "invalid_json".into()),
+            (3, "invalid_request".into()),
+            (4, "invalid_request".into())
+        ],
+        "{err:?}"
+    );
+    assert!(err.iter().all(|e| e["response"].is_null()
+        && e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("line"))));
+}
+
+#[test]
+fn the_official_openai_python_sdk_works_unchanged() {
+    let mut c = Cluster::start(&["--api-key", "sdk-key"]);
+    c.start_worker(&[], &[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
+    let out = Command::new(common::tools_bin("python"))
+        .arg(script)
+        .env("OPENAI_BASE_URL", format!("{}/v1", c.url))
+        .env("OPENAI_API_KEY", "sdk-key")
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ALL OK"));
+}

@@ -1,0 +1,396 @@
+//! A real cluster on loopback for tests: one `nats-server` per test (its own port and store
+//! folder), coordinator and worker processes of the real `gristmill` binary, HTTP with ureq.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn tools_bin(name: &str) -> PathBuf {
+    let cache = std::env::var_os("GRISTMILL_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/gristmill")
+        });
+    let p = cache.join("tools-venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test` or scripts/fetch-tools.sh first",
+        p.display()
+    );
+    p
+}
+
+pub fn default_model() -> PathBuf {
+    let p = gristmill_worker::model_path_from_env();
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run `make model` first",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nats: Proc,
+    pub nats_url: String,
+    port: u16,
+    pub coordinator: Option<Proc>,
+    pub url: String,
+    pub workers: Vec<Proc>,
+    pub api_key: Option<String>,
+    coordinator_args: Vec<String>,
+    n: usize,
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    /// Starts nats-server and a coordinator with `args` added to its command line.
+    pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (nats, port) = start_nats(dir.path(), None);
+        let mut c = Cluster {
+            nats,
+            nats_url: format!("nats://127.0.0.1:{port}"),
+            port,
+            coordinator: None,
+            url: String::new(),
+            workers: Vec::new(),
+            api_key: None,
+            coordinator_args: args.iter().map(|s| s.to_string()).collect(),
+            n: 0,
+            dir,
+        };
+        if let Some(i) = args.iter().position(|a| *a == "--api-key") {
+            c.api_key = args.get(i + 1).map(|s| s.to_string());
+        }
+        c.start_coordinator();
+        c
+    }
+
+    fn log(&mut self, name: &str) -> PathBuf {
+        self.n += 1;
+        self.dir.path().join(format!("{}-{name}.log", self.n))
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let log = self.log("coordinator");
+        let child = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+            .args([
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--nats",
+                &self.nats_url,
+            ])
+            .args(&self.coordinator_args)
+            .env("GRISTMILL_LOG", "info,async_nats=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("coordinator starts");
+        let proc = Proc { child, log };
+        let url = wait_for("the coordinator to listen", Duration::from_secs(30), || {
+            let text = proc.log_text();
+            text.lines()
+                .find_map(|l| l.split("listening on ").nth(1))
+                .map(|u| u.trim().to_string())
+        });
+        self.url = url;
+        self.coordinator = Some(proc);
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            c.kill9();
+        }
+    }
+
+    /// Starts a worker on the default model with `args` and `env` added.
+    pub fn start_worker(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let log = self.log("worker");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gristmill"));
+        cmd.args(["worker", "--nats", &self.nats_url, "--threads", "1"])
+            .arg("--model")
+            .arg(default_model())
+            .args(args)
+            .env("GRISTMILL_LOG", "info,async_nats=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("worker starts");
+        self.workers.push(Proc { child, log });
+        self.workers.len() - 1
+    }
+
+    /// Kills nats-server (SIGKILL) and starts it again on the same port and store.
+    pub fn restart_nats(&mut self) {
+        self.nats.kill9();
+        let (nats, _) = start_nats(self.dir.path(), Some(self.port));
+        self.nats = nats;
+    }
+
+    pub fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let r =
+            ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(60));
+        match &self.api_key {
+            Some(k) => r.set("Authorization", &format!("Bearer {k}")),
+            None => r,
+        }
+    }
+
+    /// Sends a request; returns status and JSON body (errors included).
+    pub fn call(&self, req: ureq::Request, body: Option<(&str, Vec<u8>)>) -> (u16, Value) {
+        let result = match body {
+            Some((ct, data)) => req.set("Content-Type", ct).send_bytes(&data),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("HTTP transport error: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (s, v) = self.call(self.request("GET", path), None);
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+
+    pub fn upload(&self, data: &[u8]) -> (u16, Value) {
+        let boundary = "gristmilltestboundary";
+        let mut body = Vec::new();
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            )
+            .bytes(),
+        );
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n").bytes());
+        body.extend_from_slice(data);
+        body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+        self.call(
+            self.request("POST", "/v1/files"),
+            Some((&format!("multipart/form-data; boundary={boundary}"), body)),
+        )
+    }
+
+    /// Uploads `lines` and creates a batch; returns the batch id.
+    pub fn create_batch(&self, lines: &[String], window: &str) -> String {
+        let (s, f) = self.upload((lines.join("\n") + "\n").as_bytes());
+        assert_eq!(s, 200, "upload: {f}");
+        let body = json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": window});
+        let (s, b) = self.call(
+            self.request("POST", "/v1/batches"),
+            Some(("application/json", body.to_string().into_bytes())),
+        );
+        assert_eq!(s, 200, "create batch: {b}");
+        b["id"].as_str().expect("batch id").to_string()
+    }
+
+    pub fn batch(&self, id: &str) -> Value {
+        self.get(&format!("/v1/batches/{id}"))
+    }
+
+    /// Polls until `pred` holds for the batch object.
+    pub fn wait_batch(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_for(what, timeout, || {
+            // The coordinator may be restarting: treat transport errors as "not yet".
+            let r = ureq::request("GET", &format!("{}/v1/batches/{id}", self.url))
+                .timeout(Duration::from_secs(5));
+            let r = match &self.api_key {
+                Some(k) => r.set("Authorization", &format!("Bearer {k}")),
+                None => r,
+            };
+            let v: Value = serde_json::from_str(&r.call().ok()?.into_string().ok()?).ok()?;
+            pred(&v).then_some(v)
+        })
+    }
+
+    pub fn wait_done(&self, id: &str, timeout: Duration) -> Value {
+        let b = self.wait_batch(id, timeout, "the batch to end", |b| {
+            matches!(
+                b["status"].as_str(),
+                Some("completed" | "failed" | "expired" | "cancelled")
+            )
+        });
+        b
+    }
+
+    pub fn file_lines(&self, id: &Value) -> Vec<Value> {
+        let Some(id) = id.as_str() else {
+            return Vec::new();
+        };
+        let resp = self
+            .request("GET", &format!("/v1/files/{id}/content"))
+            .call()
+            .expect("file content");
+        resp.into_string()
+            .expect("text")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSONL"))
+            .collect()
+    }
+
+    /// Output and error lines of a finished batch, checking that every `custom_id` of
+    /// `expected` appears exactly once across both files and that the counts add up.
+    pub fn results(
+        &self,
+        b: &Value,
+        expected: &[String],
+    ) -> (HashMap<String, Value>, HashMap<String, Value>) {
+        let out = self.file_lines(&b["output_file_id"]);
+        let err = self.file_lines(&b["error_file_id"]);
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for l in out.iter().chain(&err) {
+            *seen
+                .entry(l["custom_id"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+        for id in expected {
+            assert_eq!(
+                seen.get(id),
+                Some(&1),
+                "custom_id {id} appears {:?} times",
+                seen.get(id)
+            );
+        }
+        assert_eq!(
+            seen.len(),
+            expected.len(),
+            "unexpected custom_ids: {seen:?}"
+        );
+        let c = &b["request_counts"];
+        assert_eq!(c["completed"].as_u64(), Some(out.len() as u64), "{b}");
+        assert_eq!(c["failed"].as_u64(), Some(err.len() as u64), "{b}");
+        assert_eq!(c["total"].as_u64(), Some(expected.len() as u64), "{b}");
+        let by_id = |v: Vec<Value>| {
+            v.into_iter()
+                .map(|l| (l["custom_id"].as_str().unwrap_or("").to_string(), l))
+                .collect::<HashMap<_, _>>()
+        };
+        (by_id(out), by_id(err))
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- nats\n{}", self.nats.log_text());
+        if let Some(c) = &self.coordinator {
+            s += &format!("--- coordinator\n{}", c.log_text());
+        }
+        for w in &self.workers {
+            s += &format!("--- worker\n{}", w.log_text());
+        }
+        s
+    }
+}
+
+fn start_nats(dir: &Path, port: Option<u16>) -> (Proc, u16) {
+    let ports_dir = dir.join(format!("ports-{}", port.unwrap_or(0)));
+    std::fs::create_dir_all(&ports_dir).expect("ports dir");
+    let log = dir.join(format!("nats-{}.log", port.unwrap_or(0)));
+    let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
+    let child = Command::new(tools_bin("nats-server"))
+        .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--ports_file_dir")
+        .arg(&ports_dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("nats-server starts");
+    let proc = Proc { child, log };
+    let port = wait_for("nats-server's ports file", Duration::from_secs(20), || {
+        let entry = std::fs::read_dir(&ports_dir).ok()?.flatten().next()?;
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
+        let url = v["nats"][0].as_str()?;
+        url.rsplit(':').next()?.parse::<u16>().ok()
+    });
+    (proc, port)
+}
+
+/// A chat line with a seed, so its output is reproducible.
+pub fn chat_line(id: &str, content: &str, max_tokens: usize, seed: u64) -> String {
+    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0.7, "seed": seed,
+    }})
+    .to_string()
+}
+
+pub fn ids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("json")["custom_id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
+        .collect()
+}

@@ -1,0 +1,544 @@
+//! The cluster worker: pulls shards from JetStream and feeds them into one engine.
+//!
+//! Several shards are in flight at once (`max_inflight_shards`), all feeding the same
+//! continuous-batching engine, so one shard's tail overlaps the next one's start. Per shard:
+//!
+//! 1. its batch's record is read from the KV bucket: a cancelled or finished batch's shard is
+//!    acknowledged and skipped;
+//! 2. its requests go to the engine; every `ack_wait / 3` an in-progress ack keeps the shard
+//!    from being redelivered, and the batch is checked again (a cancelled batch's requests are
+//!    aborted in the engine);
+//! 3. each finished request is published to the results stream with
+//!    `Nats-Msg-Id = {batch}/{custom_id}` as soon as it finishes;
+//! 4. only after every result's PubAck has arrived is the shard acknowledged (double ack:
+//!    the server confirms it).
+//!
+//! A crash anywhere before 4 leaves the shard unacknowledged: JetStream redelivers it after
+//! `ack_wait`, and the results already published are deduplicated (by JetStream within its
+//! window, by the coordinator beyond). A shard whose processing fails is naked for a retry; on
+//! its last delivery (`max_deliver`) its unfinished lines are published as error lines and the
+//! shard is terminated. On SIGTERM the worker stops pulling, lets in-flight shards finish
+//! within the grace period, and naks the rest so that other workers take them at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use async_nats::jetstream::{self, consumer, AckKind};
+use futures_util::StreamExt;
+use gristmill_protocol::cluster::{
+    result_msg_id, result_subject, ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET,
+    RESULT_STREAM, SHARD_STREAM, WORKER_CONSUMER,
+};
+use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
+use crate::response::{response_body, IdGen};
+
+/// Environment variable naming a `custom_id` whose shard always fails (fault injection for the
+/// delivery tests; never set it in production).
+pub const ENV_CHAOS_FAIL_CUSTOM_ID: &str = "GRISTMILL_CHAOS_FAIL_CUSTOM_ID";
+
+/// What generates the completions.
+#[derive(Debug)]
+pub enum Generator {
+    /// The model.
+    Model(Arc<Engine>, EngineOptions),
+    /// Answers every request at once with its own prompt: a benchmark mode that measures the
+    /// coordinator and NATS without a model. Clearly not generation.
+    Echo,
+}
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub nats_url: String,
+    /// Shards held at once.
+    pub max_inflight_shards: usize,
+    /// After SIGTERM, how long in-flight shards may take before they are released.
+    pub grace: Duration,
+    /// Name in logs and in the NATS connection.
+    pub name: String,
+}
+
+type Tag = u64;
+
+/// Routes engine outcomes back to the shard that sent the request.
+#[derive(Default)]
+struct Router {
+    routes: Mutex<HashMap<Tag, mpsc::UnboundedSender<Outcome>>>,
+    aborted: RwLock<HashSet<Tag>>,
+}
+
+struct Shared {
+    js: jetstream::Context,
+    batches: jetstream::kv::Store,
+    to_engine: std::sync::mpsc::Sender<(Tag, Request)>,
+    router: Arc<Router>,
+    next_tag: AtomicU64,
+    ack_wait: Duration,
+    max_deliver: i64,
+    model_name: String,
+    chaos_fail: Option<String>,
+    /// Fires when in-flight shards must be released.
+    release: watch::Receiver<bool>,
+}
+
+/// Why a shard could not be finished.
+enum ShardError {
+    /// The shard itself failed (counts toward `max_deliver`).
+    Failed(String),
+    /// NATS was unreachable: redelivery will retry; not the shard's fault.
+    Transport(anyhow::Error),
+    /// Released on shutdown.
+    Released,
+}
+
+impl From<anyhow::Error> for ShardError {
+    fn from(e: anyhow::Error) -> Self {
+        ShardError::Transport(e)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs a worker until SIGTERM or Ctrl-C.
+pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name(&settings.name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(&settings.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
+    let js = jetstream::new(client);
+    // The coordinator creates the streams and the consumer; wait for them.
+    let consumer: consumer::PullConsumer = loop {
+        match js.get_stream(SHARD_STREAM).await {
+            Ok(s) => match s.get_consumer(WORKER_CONSUMER).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::info!(error = %e, "waiting for the coordinator to create the worker consumer")
+                }
+            },
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for the coordinator to create the shard stream")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let batches = loop {
+        match js.get_key_value(BATCH_BUCKET).await {
+            Ok(kv) => break kv,
+            Err(e) => tracing::info!(error = %e, "waiting for the batch bucket"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    js.get_stream(RESULT_STREAM)
+        .await
+        .context("the results stream is missing")?;
+    let config = &consumer.cached_info().config;
+    let (ack_wait, max_deliver) = (config.ack_wait, config.max_deliver);
+
+    let router = Arc::new(Router::default());
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(Tag, Outcome)>();
+    let (to_engine, from_workers) = std::sync::mpsc::channel::<(Tag, Request)>();
+    let model_name = match &generator {
+        Generator::Model(e, _) => e.model_name.clone(),
+        Generator::Echo => "echo".to_string(),
+    };
+    {
+        let router = router.clone();
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || match generator {
+                Generator::Model(engine, opts) => {
+                    let stats = engine.run_channel(
+                        from_workers,
+                        opts,
+                        |tag| {
+                            router
+                                .aborted
+                                .read()
+                                .map(|a| a.contains(tag))
+                                .unwrap_or(false)
+                        },
+                        |tag, o| {
+                            let _ = out_tx.send((tag, o));
+                        },
+                    );
+                    tracing::info!(steps = stats.steps, "engine stopped");
+                }
+                Generator::Echo => {
+                    for (tag, req) in from_workers {
+                        let _ = out_tx.send((tag, echo(req)));
+                    }
+                }
+            })
+            .context("starting the engine thread")?;
+    }
+    {
+        let router = router.clone();
+        tokio::spawn(async move {
+            while let Some((tag, o)) = out_rx.recv().await {
+                if let Some(tx) = lock(&router.routes).get(&tag) {
+                    let _ = tx.send(o);
+                }
+            }
+        });
+    }
+    let (release_tx, release) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        js,
+        batches,
+        to_engine,
+        router,
+        next_tag: AtomicU64::new(1),
+        ack_wait,
+        max_deliver,
+        model_name,
+        chaos_fail: std::env::var(ENV_CHAOS_FAIL_CUSTOM_ID)
+            .ok()
+            .filter(|s| !s.is_empty()),
+        release,
+    });
+    tracing::info!(name = %settings.name, ?ack_wait, max_deliver, "worker ready");
+
+    let slots = Arc::new(Semaphore::new(settings.max_inflight_shards.max(1)));
+    let mut stop = Box::pin(shutdown_signal());
+    loop {
+        let permit = tokio::select! {
+            _ = &mut stop => break,
+            p = slots.clone().acquire_owned() => p.context("semaphore closed")?,
+        };
+        let batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(1))
+            .messages();
+        let msg = tokio::select! {
+            _ = &mut stop => break,
+            m = async {
+                let mut b = batch.await?;
+                b.next().await.transpose()
+            } => m,
+        };
+        match msg {
+            Ok(Some(msg)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    handle(shared, msg).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "pulling a shard failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let inflight = settings.max_inflight_shards.max(1) as u32;
+    tracing::info!(grace = ?settings.grace, "stopping: no new shards; finishing those in flight");
+    let drained = tokio::time::timeout(settings.grace, slots.acquire_many(inflight)).await;
+    if drained.is_err() {
+        tracing::warn!("grace period over: releasing unfinished shards");
+        let _ = release_tx.send(true);
+        // Each handler naks its shard and returns.
+        let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(inflight)).await;
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// One shard, from delivery to acknowledgement.
+async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let shard: ShardMessage = match serde_json::from_slice(&msg.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing can be done with it: its lines are unknown. The coordinator's dead-shard
+            // path cannot read it either, so say so loudly.
+            tracing::error!(subject = %msg.subject, error = %e, "unreadable shard terminated");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let (batch_id, shard_no) = (shard.batch_id.clone(), shard.shard);
+    let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+    let mut published = HashSet::new();
+    let result = run_shard(&shared, &msg, &shard, tag, &mut published).await;
+    lock(&shared.router.routes).remove(&tag);
+    if let Ok(mut a) = shared.router.aborted.write() {
+        a.remove(&tag);
+    }
+    match result {
+        Ok(()) => {
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(batch = %batch_id, shard = shard_no, error = %e, "ack failed; the shard will be redelivered and its results deduplicated");
+            }
+        }
+        Err(ShardError::Released) => {
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            tracing::info!(batch = %batch_id, shard = shard_no, "released unfinished shard");
+        }
+        Err(ShardError::Transport(e)) => {
+            tracing::warn!(batch = %batch_id, shard = shard_no, error = format!("{e:#}"), "NATS error; the shard will be redelivered");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        Err(ShardError::Failed(reason))
+            if delivered >= shared.max_deliver && shared.max_deliver > 0 =>
+        {
+            tracing::error!(batch = %batch_id, shard = shard_no, delivered, %reason, "shard failed on its last delivery; its lines become error lines");
+            let outcome = fail_rest(&shared, &shard, &published, delivered, &reason).await;
+            match outcome {
+                Ok(()) => {
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not publish the error lines; the coordinator will"
+                ),
+            }
+        }
+        Err(ShardError::Failed(reason)) => {
+            tracing::warn!(batch = %batch_id, shard = shard_no, delivered, %reason, "shard failed; it will be retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+/// Whether a batch still wants its shards run (not cancelled, not finished).
+async fn batch_is_live(shared: &Shared, batch_id: &str) -> bool {
+    match shared.batches.get(batch_id).await {
+        Ok(Some(v)) => {
+            let status = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(String::from));
+            matches!(status.as_deref(), Some("validating" | "in_progress") | None)
+        }
+        // Unknown batch (deleted) or NATS trouble: run it; results are deduplicated anyway.
+        _ => true,
+    }
+}
+
+async fn run_shard(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    shard: &ShardMessage,
+    tag: Tag,
+    published: &mut HashSet<String>,
+) -> Result<(), ShardError> {
+    if !batch_is_live(shared, &shard.batch_id).await {
+        tracing::info!(batch = %shard.batch_id, shard = shard.shard, "batch no longer running; shard skipped");
+        return Ok(());
+    }
+    if let Some(id) = &shared.chaos_fail {
+        if shard.requests.iter().any(|r| &r.custom_id == id) {
+            return Err(ShardError::Failed(format!(
+                "fault injected by {ENV_CHAOS_FAIL_CUSTOM_ID}={id}"
+            )));
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    lock(&shared.router.routes).insert(tag, tx);
+    let lines: HashMap<&str, &Request> = shard
+        .requests
+        .iter()
+        .map(|r| (r.custom_id.as_str(), r))
+        .collect();
+    for r in &shard.requests {
+        shared
+            .to_engine
+            .send((tag, r.clone()))
+            .map_err(|_| ShardError::Failed("the engine has stopped".into()))?;
+    }
+    let mut ids = IdGen::new();
+    let mut acks = Vec::new();
+    let mut remaining = shard.requests.len();
+    let mut heartbeat =
+        tokio::time::interval((shared.ack_wait / 3).max(Duration::from_millis(100)));
+    heartbeat.tick().await;
+    let mut release = shared.release.clone();
+    while remaining > 0 {
+        tokio::select! {
+            o = rx.recv() => {
+                let Some(o) = o else {
+                    return Err(ShardError::Failed("the engine has stopped".into()));
+                };
+                let result = to_result(shard, o, &shared.model_name, &mut ids);
+                if !lines.contains_key(result.custom_id.as_str()) {
+                    continue;
+                }
+                remaining -= 1;
+                let key = result.custom_id.clone();
+                let payload = serde_json::to_vec(&result).map_err(|e| ShardError::Failed(e.to_string()))?;
+                let ack = shared
+                    .js
+                    .send_publish(
+                        result_subject(&shard.batch_id),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.into())
+                            .message_id(result_msg_id(&shard.batch_id, &key)),
+                    )
+                    .await
+                    .map_err(|e| ShardError::Transport(anyhow!(e)))?;
+                acks.push((key, ack));
+                if acks.len() >= 512 {
+                    await_acks(&mut acks, published).await?;
+                }
+            }
+            _ = heartbeat.tick() => {
+                msg.ack_with(AckKind::Progress).await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
+                if !batch_is_live(shared, &shard.batch_id).await {
+                    if let Ok(mut a) = shared.router.aborted.write() {
+                        a.insert(tag);
+                    }
+                }
+            }
+            _ = release.changed() => return Err(ShardError::Released),
+        }
+    }
+    await_acks(&mut acks, published).await
+}
+
+async fn await_acks(
+    acks: &mut Vec<(String, jetstream::context::PublishAckFuture)>,
+    published: &mut HashSet<String>,
+) -> Result<(), ShardError> {
+    for (key, ack) in acks.drain(..) {
+        ack.await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
+        published.insert(key);
+    }
+    Ok(())
+}
+
+/// Publishes an error line for every line of the shard without a result.
+async fn fail_rest(
+    shared: &Shared,
+    shard: &ShardMessage,
+    published: &HashSet<String>,
+    delivered: i64,
+    reason: &str,
+) -> Result<()> {
+    let mut acks = Vec::new();
+    for r in shard
+        .requests
+        .iter()
+        .filter(|r| !published.contains(&r.custom_id))
+    {
+        let result = ResultMessage {
+            batch_id: shard.batch_id.clone(),
+            custom_id: r.custom_id.clone(),
+            line: r.line,
+            outcome: ResultOutcome::Failed {
+                error: LineError::new(
+                    codes::SHARD_FAILED,
+                    format!(
+                        "line {}: failed after {delivered} attempts: {reason}",
+                        r.line
+                    ),
+                ),
+            },
+        };
+        let ack = shared
+            .js
+            .send_publish(
+                result_subject(&shard.batch_id),
+                jetstream::message::PublishMessage::build()
+                    .payload(serde_json::to_vec(&result)?.into())
+                    .message_id(result_msg_id(&shard.batch_id, &r.custom_id)),
+            )
+            .await?;
+        acks.push(ack);
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+fn to_result(shard: &ShardMessage, o: Outcome, model_name: &str, ids: &mut IdGen) -> ResultMessage {
+    match o {
+        Outcome::Done(c) => ResultMessage {
+            batch_id: shard.batch_id.clone(),
+            custom_id: c.custom_id.clone(),
+            line: c.line,
+            outcome: ResultOutcome::Completed {
+                body: response_body(&c, model_name, ids),
+                finish_reason: c
+                    .choices
+                    .first()
+                    .map_or(FinishReason::Stop, |ch| ch.finish_reason),
+                usage: c.usage,
+            },
+        },
+        Outcome::Failed {
+            custom_id,
+            line,
+            error,
+        } => ResultMessage {
+            batch_id: shard.batch_id.clone(),
+            custom_id,
+            line,
+            outcome: ResultOutcome::Failed { error },
+        },
+    }
+}
+
+/// The echo generator's answer: the prompt itself, as one choice per `n`.
+fn echo(req: Request) -> Outcome {
+    let text = match &req.prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+        Prompt::Tokens(ids) => ids
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let words = text.split_whitespace().count();
+    let n = req.params.n.max(1);
+    Outcome::Done(Completion {
+        custom_id: req.custom_id,
+        line: req.line,
+        endpoint: req.endpoint,
+        model: req.model,
+        choices: (0..n)
+            .map(|_| Choice {
+                text: text.clone(),
+                token_ids: Vec::new(),
+                finish_reason: FinishReason::Stop,
+                logprobs: None,
+            })
+            .collect(),
+        usage: Usage::new(words, words * n),
+        time_to_first_token: Duration::ZERO,
+        decode_time: Duration::ZERO,
+    })
+}
