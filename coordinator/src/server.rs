@@ -18,8 +18,8 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    result_msg_id, result_subject, shard_msg_id, shard_subject, ResultMessage, ResultOutcome,
-    ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET, RESULT_STREAM,
+    decode_results, result_msg_id, result_subject, shard_msg_id, shard_subject, ResultMessage,
+    ResultOutcome, ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET, RESULT_STREAM,
     RESULT_SUBJECT_PREFIX, SHARD_STREAM, SHARD_SUBJECT_PREFIX, WORKER_CONSUMER,
 };
 use gristmill_protocol::{codes, ErrorLine, LineError, OutputLine, ResponseEnvelope};
@@ -83,6 +83,11 @@ struct BatchState {
     dirty: bool,
     /// A finalization task owns the batch.
     closing: bool,
+    /// The first result of each line, as counted: what the output and error files are written
+    /// from (bounded by the batch limits; a batch's results are also in the stream).
+    results: Vec<ResultMessage>,
+    /// Loaded mid-finalization after a restart: `results` is incomplete, re-read the stream.
+    replay: bool,
 }
 
 /// Counters for `/metrics`.
@@ -276,6 +281,8 @@ impl Coordinator {
                     rec,
                     dirty: false,
                     closing,
+                    results: Vec::new(),
+                    replay: closing,
                 },
             );
         }
@@ -363,8 +370,14 @@ impl Coordinator {
             expires_at: None,
             status_details: None,
         };
+        let meta_obj = object_store::ObjectMetadata {
+            name: id.clone(),
+            // Fewer, larger chunks store a 30 MB output file in a fraction of the time.
+            chunk_size: Some(512 * 1024),
+            ..Default::default()
+        };
         self.objects
-            .put(id.as_str(), &mut data.as_ref())
+            .put(meta_obj, &mut data.as_ref())
             .await
             .with_context(|| format!("storing file {id}"))?;
         self.files_kv
@@ -429,6 +442,8 @@ impl Coordinator {
                 rec: rec.clone(),
                 dirty: true,
                 closing: false,
+                results: Vec::new(),
+                replay: false,
             },
         );
         self.save(&id).await?;
@@ -453,6 +468,7 @@ impl Coordinator {
         if rec.status != BatchStatus::Validating {
             return Ok(());
         }
+        tracing::info!(batch = %id, "validating");
         let data = match self.file_content(&rec.input_file_id).await {
             Ok(d) => d,
             Err(e) => {
@@ -621,14 +637,62 @@ impl Coordinator {
         let Some(rec) = self.batch(id) else {
             bail!("batch {id} vanished");
         };
-        let results = self.replay_results(id).await?;
-        let data = self.file_content(&rec.input_file_id).await?;
-        let limits = self.settings.limits;
-        let endpoint = rec.endpoint;
-        // A file that fails validation has no lines to report (cancelled while validating).
-        let lines = tokio::task::spawn_blocking(move || scan(&data, endpoint, &limits))
-            .await?
-            .unwrap_or_default();
+        let (replay, kept) = {
+            let mut map = self.lock();
+            match map.get_mut(id) {
+                Some(st) => {
+                    let kept = std::mem::take(&mut st.results);
+                    // Taken: a retry of this finalization must read the stream.
+                    let replay = std::mem::replace(&mut st.replay, true);
+                    (replay, kept)
+                }
+                None => (true, Vec::new()),
+            }
+        };
+        let results = if replay {
+            self.replay_results(id).await?
+        } else {
+            kept
+        };
+        tracing::debug!(batch = %id, results = results.len(), replayed = replay, "results gathered");
+        // Every line with its result, in line order. When every line reported, the results say
+        // it all; otherwise the input file names the lines without one.
+        let slots: Vec<(Option<String>, usize, Option<ResultOutcome>)> =
+            if results.len() as u64 == rec.total {
+                let mut slots: Vec<_> = results
+                    .into_iter()
+                    .map(|r| {
+                        let id = (!r.custom_id.is_empty()).then_some(r.custom_id);
+                        (id, r.line, Some(r.outcome))
+                    })
+                    .collect();
+                slots.sort_by_key(|s| s.1);
+                slots
+            } else {
+                let data = self.file_content(&rec.input_file_id).await?;
+                let limits = self.settings.limits;
+                let endpoint = rec.endpoint;
+                // A file that fails validation has no lines (cancelled while validating).
+                let lines = tokio::task::spawn_blocking(move || scan(&data, endpoint, &limits))
+                    .await?
+                    .unwrap_or_default();
+                let mut by_key: HashMap<String, ResultMessage> = results
+                    .into_iter()
+                    .map(|r| (result_key(&r.custom_id, r.line), r))
+                    .collect();
+                lines
+                    .into_iter()
+                    .map(|s| {
+                        let (custom_id, line) = match s {
+                            Scanned::Valid(r) => (Some(r.custom_id), r.line),
+                            Scanned::Invalid(bad) => (bad.custom_id, bad.line),
+                        };
+                        let key = result_key(custom_id.as_deref().unwrap_or(""), line);
+                        let outcome = by_key.remove(&key).map(|r| r.outcome);
+                        (custom_id, line, outcome)
+                    })
+                    .collect()
+            };
         let missing_error = |line: usize| match ending {
             BatchStatus::Cancelled => LineError::new(
                 codes::CANCELLED,
@@ -649,14 +713,7 @@ impl Coordinator {
         let mut err = Vec::new();
         let (mut completed, mut failed) = (0u64, 0u64);
         let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
-        let mut by_key = results;
-        for s in lines {
-            let (custom_id, line) = match &s {
-                Scanned::Valid(r) => (Some(r.custom_id.clone()), r.line),
-                Scanned::Invalid(bad) => (bad.custom_id.clone(), bad.line),
-            };
-            let key = result_key(custom_id.as_deref().unwrap_or(""), line);
-            let outcome = by_key.remove(&key).map(|r| r.outcome);
+        for (custom_id, line, outcome) in slots {
             match outcome {
                 Some(ResultOutcome::Completed { body, usage, .. }) => {
                     completed += 1;
@@ -726,6 +783,8 @@ impl Coordinator {
             st.rec.failed = failed;
             st.rec.prompt_tokens = prompt_tokens;
             st.rec.completion_tokens = completion_tokens;
+            st.results = Vec::new();
+            st.replay = false;
             st.rec.total = completed + failed;
             st.rec.transition(ending, now_s())
         })
@@ -742,7 +801,7 @@ impl Coordinator {
     }
 
     /// Every result of a batch in the results stream, first one per key.
-    async fn replay_results(&self, id: &str) -> Result<HashMap<String, ResultMessage>> {
+    async fn replay_results(&self, id: &str) -> Result<Vec<ResultMessage>> {
         let stream = self.js.get_stream(RESULT_STREAM).await?;
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -751,25 +810,22 @@ impl Coordinator {
             })
             .await?;
         let mut pending = consumer.info().await?.num_pending;
-        let mut found = HashMap::new();
         if pending == 0 {
-            return Ok(found);
+            return Ok(Vec::new());
         }
+        let mut payloads = Vec::new();
         let mut messages = consumer.messages().await?;
         while let Some(m) = messages.next().await {
             let m = m?;
             pending = m.info().map(|i| i.pending).unwrap_or(0);
-            match serde_json::from_slice::<ResultMessage>(&m.payload) {
-                Ok(r) => {
-                    found.entry(result_key(&r.custom_id, r.line)).or_insert(r);
-                }
-                Err(e) => tracing::error!(batch = id, error = %e, "unreadable result skipped"),
-            }
+            payloads.push(m.payload.clone());
             if pending == 0 {
                 break;
             }
         }
-        Ok(found)
+        Ok(first_results(payloads.iter().map(|p| p.as_ref()))
+            .into_values()
+            .collect())
     }
 
     /// Consumes the results stream from the start, forever, counting each line's first result.
@@ -802,8 +858,8 @@ impl Coordinator {
             if let Ok(info) = m.info() {
                 *next_seq = info.stream_sequence + 1;
             }
-            match serde_json::from_slice::<ResultMessage>(&m.payload) {
-                Ok(r) => self.count(r),
+            match decode_results(&m.payload) {
+                Ok(rs) => self.count(rs),
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "unreadable result skipped")
                 }
@@ -812,44 +868,56 @@ impl Coordinator {
         Ok(())
     }
 
-    fn count(self: &Arc<Self>, r: ResultMessage) {
-        let (ok, prompt, tokens) = match &r.outcome {
-            ResultOutcome::Completed { usage, .. } => (
-                true,
-                usage.prompt_tokens as u64,
-                usage.completion_tokens as u64,
-            ),
-            ResultOutcome::Failed { .. } => (false, 0, 0),
-        };
-        {
-            let mut map = self.lock();
-            let Some(st) = map.get_mut(&r.batch_id) else {
-                return;
+    /// Counts a message's results, each line once, and keeps the first result of each line.
+    fn count(self: &Arc<Self>, results: Vec<ResultMessage>) {
+        let mut finished = Vec::new();
+        for r in results {
+            let (ok, prompt, tokens) = match &r.outcome {
+                ResultOutcome::Completed { usage, .. } => (
+                    true,
+                    usage.prompt_tokens as u64,
+                    usage.completion_tokens as u64,
+                ),
+                ResultOutcome::Failed { .. } => (false, 0, 0),
             };
-            if !matches!(
-                st.rec.status,
-                BatchStatus::Validating | BatchStatus::InProgress
-            ) {
-                return;
+            {
+                let mut map = self.lock();
+                let Some(st) = map.get_mut(&r.batch_id) else {
+                    continue;
+                };
+                if !matches!(
+                    st.rec.status,
+                    BatchStatus::Validating | BatchStatus::InProgress
+                ) {
+                    continue;
+                }
+                if !st.rec.record(&result_key(&r.custom_id, r.line), ok) {
+                    self.counters
+                        .duplicate_results
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                st.dirty = true;
+                st.rec.prompt_tokens += prompt;
+                st.rec.completion_tokens += tokens;
             }
-            if !st.rec.record(&result_key(&r.custom_id, r.line), ok) {
-                self.counters
-                    .duplicate_results
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
+            let c = &self.counters;
+            if ok {
+                c.results_completed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.results_failed.fetch_add(1, Ordering::Relaxed);
             }
-            st.dirty = true;
-            st.rec.prompt_tokens += prompt;
-            st.rec.completion_tokens += tokens;
+            c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
+            if !finished.contains(&r.batch_id) {
+                finished.push(r.batch_id.clone());
+            }
+            if let Some(st) = self.lock().get_mut(&r.batch_id) {
+                st.results.push(r);
+            }
         }
-        let c = &self.counters;
-        if ok {
-            c.results_completed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.results_failed.fetch_add(1, Ordering::Relaxed);
+        for id in finished {
+            self.maybe_finish(&id);
         }
-        c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
-        self.maybe_finish(&r.batch_id);
     }
 
     /// A shard delivered `max_deliver` times without success: its lines that have no result
@@ -1129,6 +1197,22 @@ impl Coordinator {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// The first result of each line among results-stream messages in stream order.
+fn first_results<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> HashMap<String, ResultMessage> {
+    let mut found = HashMap::new();
+    for p in payloads {
+        match decode_results(p) {
+            Ok(rs) => {
+                for r in rs {
+                    found.entry(result_key(&r.custom_id, r.line)).or_insert(r);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "unreadable result skipped"),
+        }
+    }
+    found
 }
 
 const ALL_STATUSES: [BatchStatus; 8] = [

@@ -47,6 +47,32 @@ pub fn result_msg_id(batch_id: &str, custom_id: &str) -> String {
     format!("{batch_id}/{custom_id}")
 }
 
+/// Most results in one results-stream message: a worker publishes the results that are ready
+/// together (an echo worker finishes a whole shard at once; a model finishes a few per step).
+pub const MAX_RESULTS_PER_MESSAGE: usize = 64;
+/// Stop adding results to a message past this many bytes (NATS's default payload limit is 1 MB).
+pub const MAX_RESULT_MESSAGE_BYTES: usize = 512 * 1024;
+
+/// `Nats-Msg-Id` of a message holding `n` results starting with `first_custom_id`: a single
+/// result keeps [`result_msg_id`]. A redelivered shard that republishes the same group is
+/// dropped by JetStream; any other repeat is dropped by the coordinator, which counts each
+/// `custom_id` once.
+pub fn result_group_msg_id(batch_id: &str, first_custom_id: &str, n: usize) -> String {
+    if n == 1 {
+        result_msg_id(batch_id, first_custom_id)
+    } else {
+        format!("{batch_id}/{first_custom_id}+{n}")
+    }
+}
+
+/// Reads a results-stream message: a JSON array of results, or a single result object.
+pub fn decode_results(payload: &[u8]) -> Result<Vec<ResultMessage>, serde_json::Error> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice(payload).map(|r| vec![r]),
+    }
+}
+
 /// A unit of work: some validated lines of one batch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShardMessage {
@@ -94,6 +120,25 @@ mod tests {
         assert_eq!(result_subject("batch_1"), "gristmill.results.batch_1");
         assert_eq!(shard_msg_id("batch_1", 7), "batch_1/7");
         assert_eq!(result_msg_id("batch_1", "a/b"), "batch_1/a/b");
+    }
+
+    #[test]
+    fn results_decode_as_a_group_or_alone() {
+        let r = ResultMessage {
+            batch_id: "b".into(),
+            custom_id: "a".into(),
+            line: 3,
+            outcome: ResultOutcome::Failed {
+                error: LineError::new("x", "y"),
+            },
+        };
+        let one = serde_json::to_vec(&r).expect("serialises");
+        let many = serde_json::to_vec(&vec![r.clone(), r.clone()]).expect("serialises");
+        assert_eq!(decode_results(&one).expect("one"), vec![r.clone()]);
+        assert_eq!(decode_results(&many).expect("many"), vec![r.clone(), r]);
+        assert!(decode_results(b"nonsense").is_err());
+        assert_eq!(result_group_msg_id("b", "a", 1), "b/a");
+        assert_eq!(result_group_msg_id("b", "a", 5), "b/a+5");
     }
 
     #[test]

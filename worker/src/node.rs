@@ -29,8 +29,9 @@ use anyhow::{anyhow, Context as _, Result};
 use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    result_msg_id, result_subject, ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET,
-    RESULT_STREAM, SHARD_STREAM, WORKER_CONSUMER,
+    result_group_msg_id, result_msg_id, result_subject, ResultMessage, ResultOutcome, ShardMessage,
+    BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
+    WORKER_CONSUMER,
 };
 use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -391,25 +392,39 @@ async fn run_shard(
                 let Some(o) = o else {
                     return Err(ShardError::Failed("the engine has stopped".into()));
                 };
-                let result = to_result(shard, o, &shared.model_name, &mut ids);
-                if !lines.contains_key(result.custom_id.as_str()) {
-                    continue;
+                // Everything finished by now travels in one message.
+                let mut group = Vec::new();
+                let mut bytes = 0;
+                let mut next = Some(o);
+                while let Some(o) = next.take() {
+                    let result = to_result(shard, o, &shared.model_name, &mut ids);
+                    if lines.contains_key(result.custom_id.as_str()) {
+                        bytes += serde_json::to_vec(&result).map_or(0, |v| v.len());
+                        group.push(result);
+                    }
+                    if group.len() < MAX_RESULTS_PER_MESSAGE && bytes < MAX_RESULT_MESSAGE_BYTES {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                remaining -= 1;
-                let key = result.custom_id.clone();
-                let payload = serde_json::to_vec(&result).map_err(|e| ShardError::Failed(e.to_string()))?;
+                let Some(first) = group.first() else {
+                    continue;
+                };
+                remaining = remaining.saturating_sub(group.len());
+                let msg_id = result_group_msg_id(&shard.batch_id, &first.custom_id, group.len());
+                let keys: Vec<String> = group.iter().map(|r| r.custom_id.clone()).collect();
+                let payload = serde_json::to_vec(&group).map_err(|e| ShardError::Failed(e.to_string()))?;
                 let ack = shared
                     .js
                     .send_publish(
                         result_subject(&shard.batch_id),
                         jetstream::message::PublishMessage::build()
                             .payload(payload.into())
-                            .message_id(result_msg_id(&shard.batch_id, &key)),
+                            .message_id(msg_id),
                     )
                     .await
                     .map_err(|e| ShardError::Transport(anyhow!(e)))?;
-                acks.push((key, ack));
-                if acks.len() >= 512 {
+                acks.push((keys, ack));
+                if acks.len() >= 256 {
                     await_acks(&mut acks, published).await?;
                 }
             }
@@ -428,12 +443,12 @@ async fn run_shard(
 }
 
 async fn await_acks(
-    acks: &mut Vec<(String, jetstream::context::PublishAckFuture)>,
+    acks: &mut Vec<(Vec<String>, jetstream::context::PublishAckFuture)>,
     published: &mut HashSet<String>,
 ) -> Result<(), ShardError> {
-    for (key, ack) in acks.drain(..) {
+    for (keys, ack) in acks.drain(..) {
         ack.await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
-        published.insert(key);
+        published.extend(keys);
     }
     Ok(())
 }
