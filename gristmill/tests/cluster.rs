@@ -446,3 +446,50 @@ fn the_official_openai_python_sdk_works_unchanged() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ALL OK"));
 }
+
+#[test]
+fn sigterm_releases_unfinished_shards_to_other_workers_at_once() {
+    // A long ack_wait: only an explicit release (nak) lets another worker take the shards soon.
+    let mut c = Cluster::start(&["--ack-wait", "300", "--shard-max-lines", "4"]);
+    let lines = trickle(12, "t");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&["--grace", "0"], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    c.workers[0].sigterm();
+    let status = c.workers[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", c.logs());
+    assert!(
+        completed(&c.batch(&id)) < 12,
+        "the batch finished before SIGTERM; the test proves nothing"
+    );
+    assert!(
+        c.workers[0]
+            .log_text()
+            .contains("released unfinished shard"),
+        "{}",
+        c.logs()
+    );
+    c.start_worker(&[], &[]);
+    // Far sooner than the 300 s ack_wait would redeliver.
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, _) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 12);
+}
+
+#[test]
+fn sigterm_lets_in_flight_shards_finish_within_the_grace_period() {
+    let mut c = Cluster::start(&["--shard-max-lines", "4"]);
+    let lines = trickle(8, "g");
+    let id = c.create_batch(&lines, "24h");
+    // Both shards in flight at once; no other worker will ever come.
+    c.start_worker(&["--grace", "120", "--max-inflight-shards", "4"], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    c.workers[0].sigterm();
+    let status = c.workers[0].wait_exit(LONG);
+    assert!(status.success(), "{}", c.logs());
+    let b = c.wait_done(&id, Duration::from_secs(30));
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, _) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 8);
+}
