@@ -59,13 +59,15 @@ for p in "${echo_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 sleep 1
 
 echo "== overhead: gristmill run vs submit --wait with one model worker"
-"$g" bench dataset --num-prompts 32 --input-len 128 --output-len 64 -o "$work/over.jsonl"
 "$g" worker --nats "$url" 2>"$work/model-worker.log" &
 pids+=($!)
 sleep 2
 runs=(); subs=()
 for r in $(seq "$repeat"); do
-  t0=$(now); "$g" run "$work/over.jsonl" -o "$work/run.out.jsonl" -q; t1=$(now)
+  # Fresh prompts each round: the worker's prefix cache outlives a batch, and a repeated file
+  # would be served from it.
+  "$g" bench dataset --num-prompts 32 --input-len 128 --output-len 64 --seed "$r" -o "$work/over.jsonl"
+  t0=$(now); "$g" run "$work/over.jsonl" -o "$work/run.out.jsonl" -q 2>/dev/null; t1=$(now)
   "$g" submit "$work/over.jsonl" --url "$api" --wait -o "$work/sub.out.jsonl" --errors "$work/sub.err.jsonl" >/dev/null 2>&1; t2=$(now)
   a=$(python3 -c "print(round($t1-$t0,2))"); b=$(python3 -c "print(round($t2-$t1,2))")
   echo "round $r: run $a s, submit --wait $b s"

@@ -493,3 +493,41 @@ fn sigterm_lets_in_flight_shards_finish_within_the_grace_period() {
     let (out, _) = c.results(&b, &ids(&lines));
     assert_eq!(out.len(), 8);
 }
+
+#[test]
+fn a_shard_whose_worker_dies_on_every_delivery_is_buried_by_the_coordinator() {
+    let mut c = Cluster::start(&[
+        "--ack-wait",
+        "2",
+        "--max-deliver",
+        "2",
+        "--shard-max-lines",
+        "1",
+    ]);
+    let mut lines = trickle(2, "ok");
+    lines.push(chat_line("crash", "Whoever takes this shard dies.", 4, 1));
+    let id = c.create_batch(&lines, "24h");
+    // Each worker that picks up the shard aborts; after two deliveries JetStream gives up.
+    for _ in 0..2 {
+        // One shard at a time, so the crash takes no other shard down with it.
+        let w = c.start_worker(
+            &["--max-inflight-shards", "1"],
+            &[("GRISTMILL_CHAOS_CRASH_CUSTOM_ID", "crash")],
+        );
+        let status = c.workers[w].wait_exit(LONG);
+        assert!(!status.success());
+    }
+    c.start_worker(&[], &[]);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    let (out, err) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 2, "{err:?}");
+    let e = &err["crash"]["error"];
+    assert_eq!(e["code"], "shard_failed", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("failed after 2 attempts")),
+        "{e}"
+    );
+}

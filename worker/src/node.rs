@@ -42,6 +42,10 @@ use crate::response::{response_body, IdGen};
 /// Environment variable naming a `custom_id` whose shard always fails (fault injection for the
 /// delivery tests; never set it in production).
 pub const ENV_CHAOS_FAIL_CUSTOM_ID: &str = "GRISTMILL_CHAOS_FAIL_CUSTOM_ID";
+/// Environment variable naming a `custom_id` whose shard makes the worker process abort on
+/// pick-up, as a crash would (fault injection for the delivery tests; never set it in
+/// production).
+pub const ENV_CHAOS_CRASH_CUSTOM_ID: &str = "GRISTMILL_CHAOS_CRASH_CUSTOM_ID";
 
 /// What generates the completions.
 #[derive(Debug)]
@@ -358,6 +362,12 @@ async fn run_shard(
     if !batch_is_live(shared, &shard.batch_id).await {
         tracing::info!(batch = %shard.batch_id, shard = shard.shard, "batch no longer running; shard skipped");
         return Ok(());
+    }
+    if let Ok(id) = std::env::var(ENV_CHAOS_CRASH_CUSTOM_ID) {
+        if shard.requests.iter().any(|r| r.custom_id == id) {
+            tracing::error!("fault injected by {ENV_CHAOS_CRASH_CUSTOM_ID}={id}: aborting");
+            std::process::abort();
+        }
     }
     if let Some(id) = &shared.chaos_fail {
         if shard.requests.iter().any(|r| &r.custom_id == id) {
