@@ -27,7 +27,7 @@ mkdir -p "$work/ports" "$root/out"
 pids+=($!)
 for _ in $(seq 50); do ls "$work"/ports/* >/dev/null 2>&1 && break; sleep 0.1; done
 url="$(python3 -c 'import json,glob,sys; print(json.load(open(glob.glob(sys.argv[1]+"/*")[0]))["nats"][0])' "$work/ports")"
-"$g" coordinator --listen 127.0.0.1:0 --nats "$url" 2>"$work/coordinator.log" &
+GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --listen 127.0.0.1:0 --nats "$url" 2>"$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$work/coordinator.log" && break; sleep 0.1; done
 api="$(sed -n 's/.*listening on //p' "$work/coordinator.log" | head -1)"
@@ -43,18 +43,31 @@ for i in $(seq "$workers"); do
   echo_pids+=($!); pids+=($!)
 done
 sleep 1
-rates=()
+rates=(); crates=()
 for r in $(seq "$repeat"); do
   t0=$(now)
   "$g" submit "$work/route.jsonl" --url "$api" --wait -o "$work/route.out.jsonl" --errors "$work/route.err.jsonl" >/dev/null 2>&1
   t1=$(now)
   lines=$(wc -l <"$work/route.out.jsonl")
   rate=$(python3 -c "print(round($lines/($t1-$t0)))")
-  echo "run $r: $lines lines in $(python3 -c "print(round($t1-$t0,2))") s = $rate requests/s"
-  rates+=("$rate")
+  # Coordinator side: from the batch's "validating" log line to its "batch finished" line.
+  inside=$(python3 - "$work/coordinator.log" <<'PY'
+import datetime, re, sys
+t = {}
+for l in open(sys.argv[1]):
+    m = re.match(r"(\S+Z)\s+INFO .*?: (validating|batch finished)", l)
+    if m:
+        t[m.group(2)] = datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
+print(round((t["batch finished"] - t["validating"]).total_seconds(), 3))
+PY
+)
+  crate=$(python3 -c "print(round($lines/$inside))")
+  echo "run $r: $lines lines in $(python3 -c "print(round($t1-$t0,2))") s end to end = $rate requests/s; coordinator from validation to finished $inside s = $crate requests/s"
+  rates+=("$rate"); crates+=("$crate")
 done
 route_median=$(printf '%s\n' "${rates[@]}" | median)
-echo "median: $route_median requests/s (upload, validation, sharding, routing, result collection, files, download)"
+coord_median=$(printf '%s\n' "${crates[@]}" | median)
+echo "median: $route_median requests/s end to end (upload, validation, sharding, routing, result collection, files, download); $coord_median requests/s inside the coordinator"
 for p in "${echo_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 sleep 1
 
@@ -79,6 +92,7 @@ echo "median: run $rm s, submit --wait $sm s, ratio $ratio"
 cat >"$root/out/bench-cluster.json" <<JSON
 {"commit": "$(git -C "$root" rev-parse --short HEAD)", "cores": $(nproc), "echo_workers": $workers,
  "routing_requests_per_s": [$(IFS=,; echo "${rates[*]}")], "routing_median": $route_median,
+ "coordinator_requests_per_s": [$(IFS=,; echo "${crates[*]}")], "coordinator_median": $coord_median,
  "run_s": [$(IFS=,; echo "${runs[*]}")], "submit_wait_s": [$(IFS=,; echo "${subs[*]}")],
  "run_median_s": $rm, "submit_wait_median_s": $sm, "ratio": $ratio}
 JSON

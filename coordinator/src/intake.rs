@@ -11,7 +11,9 @@
 //! repeated `custom_id` (the join key of the output must be unique; it is also what makes
 //! redelivered results countable exactly once).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+
+use rayon::prelude::*;
 
 use gristmill_protocol::cluster::{ResultMessage, ResultOutcome, ShardMessage};
 use gristmill_protocol::{codes, Endpoint, LineError, Request};
@@ -92,31 +94,31 @@ pub fn scan(
             ),
         )]);
     }
-    let mut validator = LineValidator::new();
-    let mut lines = Vec::new();
+    // Lines are validated in parallel (each on its own), then checked together in order.
+    let mut raw_lines: Vec<(usize, &[u8])> = data
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, raw)| (i + 1, raw.strip_suffix(b"\r").unwrap_or(raw)))
+        .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
+        .collect();
     let mut errors = FileErrors::new();
-    let mut ids = HashSet::new();
-    for (i, raw) in data.split(|&b| b == b'\n').enumerate() {
-        let line = i + 1;
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if lines.len() == limits.max_lines {
-            errors.push((
-                Some(line),
-                LineError::new(
-                    "too_many_lines",
-                    format!(
-                        "the input file has more than {} requests (line {line} is over the limit): \
-                         split it into several batches",
-                        limits.max_lines
-                    ),
+    if let Some(&(line, _)) = raw_lines.get(limits.max_lines) {
+        errors.push((
+            Some(line),
+            LineError::new(
+                "too_many_lines",
+                format!(
+                    "the input file has more than {} requests (line {line} is over the limit): \
+                     split it into several batches",
+                    limits.max_lines
                 ),
-            ));
-            break;
-        }
-        let scanned = match std::str::from_utf8(raw) {
+            ),
+        ));
+        raw_lines.truncate(limits.max_lines);
+    }
+    let lines: Vec<Scanned> = raw_lines
+        .par_iter()
+        .map(|&(line, raw)| match std::str::from_utf8(raw) {
             Err(e) => Scanned::Invalid(InvalidLine {
                 line,
                 custom_id: None,
@@ -125,17 +127,35 @@ pub fn scan(
                     format!("line {line} is not UTF-8 text: {e}"),
                 ),
             }),
-            Ok(text) => match validator.validate(line, text) {
+            Ok(text) => match LineValidator::new().validate(line, text) {
                 Ok(req) => Scanned::Valid(req),
-                Err(bad) if bad.error.code == codes::DUPLICATE_CUSTOM_ID => {
-                    errors.push((Some(line), bad.error));
-                    continue;
-                }
                 Err(bad) => Scanned::Invalid(bad),
             },
+        })
+        .collect();
+    // custom_ids are the join key of the output and what results are counted by: unique.
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(lines.len());
+    for s in &lines {
+        let (id, line) = match s {
+            Scanned::Valid(r) => (Some(r.custom_id.as_str()), r.line),
+            Scanned::Invalid(bad) => (bad.custom_id.as_deref(), bad.line),
         };
-        if let Scanned::Valid(req) = &scanned {
-            ids.insert(req.custom_id.clone());
+        if let Some(id) = id {
+            if let Some(first) = ids.insert(id, line) {
+                errors.push((
+                    Some(line),
+                    LineError::new(
+                        codes::DUPLICATE_CUSTOM_ID,
+                        format!(
+                            "line {line}: custom_id {id:?} was already used by line {first}; \
+                             custom_ids must be unique within a batch"
+                        ),
+                    )
+                    .with_param("custom_id"),
+                ));
+            }
+        }
+        if let Scanned::Valid(req) = s {
             if req.endpoint != endpoint {
                 errors.push((
                     Some(line),
@@ -150,27 +170,6 @@ pub fn scan(
                     )
                     .with_param("url"),
                 ));
-            }
-        }
-        lines.push(scanned);
-    }
-    // An invalid line with a custom_id that a valid line also uses would be counted twice.
-    for s in &lines {
-        if let Scanned::Invalid(bad) = s {
-            if let Some(id) = &bad.custom_id {
-                if ids.contains(id) {
-                    errors.push((
-                        Some(bad.line),
-                        LineError::new(
-                            codes::DUPLICATE_CUSTOM_ID,
-                            format!(
-                                "line {}: custom_id {id:?} is used by another line",
-                                bad.line
-                            ),
-                        )
-                        .with_param("custom_id"),
-                    ));
-                }
             }
         }
     }
@@ -215,7 +214,7 @@ pub fn intake(
         }
     }
     let plan_lines: Vec<PlanLine> = valid
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(index, r)| PlanLine {
             index,
@@ -396,7 +395,7 @@ mod tests {
                 "{} tokens",
                 s.tokens
             );
-            let firsts: HashSet<bool> = s
+            let firsts: std::collections::HashSet<bool> = s
                 .requests
                 .iter()
                 .map(|r| r.custom_id[1..].parse::<u32>().unwrap_or(0) % 2 == 0)
