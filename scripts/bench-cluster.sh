@@ -19,7 +19,11 @@ nats="$cache/tools-venv/bin/nats-server"
 [ -x "$nats" ] || "$root/scripts/fetch-tools.sh"
 work="$(mktemp -d)"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 mkdir -p "$work/ports" "$root/out"
 
