@@ -13,7 +13,6 @@ use gristmill_coordinator::server::{Coordinator, Settings};
 use gristmill_coordinator::shard::ShardLimits;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
-use gristmill_worker::Engine;
 
 use crate::engine_args::EngineArgs;
 
@@ -186,9 +185,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         EngineKind::Echo => Generator::Echo,
         EngineKind::Model => {
             let opts = args.engine_args.options()?;
-            let path = args.engine_args.model_path();
-            let engine = Engine::load(&path)
-                .with_context(|| format!("cannot load the model {}", path.display()))?;
+            let engine = args.engine_args.load_engine()?;
             Generator::Model(Arc::new(engine), opts)
         }
     };

@@ -37,9 +37,25 @@ pub struct EngineArgs {
     /// Compute threads [default: all cores].
     #[arg(long, env = "GRISTMILL_THREADS")]
     pub threads: Option<usize>,
+
+    /// Split the model over this many ranks (Megatron-style tensor parallelism; one thread per
+    /// rank on the CPU). Must divide the model's heads, FFN and vocabulary; an impossible size
+    /// gets an error listing those that work.
+    #[arg(long, default_value_t = 1, env = "GRISTMILL_TENSOR_PARALLEL_SIZE")]
+    pub tensor_parallel_size: usize,
 }
 
 impl EngineArgs {
+    /// Loads the model (`--model`, or the default one) at `--tensor-parallel-size`.
+    pub fn load_engine(&self) -> Result<gristmill_worker::Engine> {
+        if self.tensor_parallel_size == 0 {
+            bail!("--tensor-parallel-size must be at least 1");
+        }
+        let path = self.model_path();
+        gristmill_worker::Engine::load_parallel(&path, self.tensor_parallel_size)
+            .with_context(|| format!("cannot load the model {}", path.display()))
+    }
+
     pub fn model_path(&self) -> PathBuf {
         self.model
             .clone()

@@ -11,7 +11,7 @@ use clap::Args;
 use gristmill_coordinator::LineValidator;
 use gristmill_protocol::{LineError, Request};
 use gristmill_worker::response::{error_line, output_line, IdGen};
-use gristmill_worker::{Engine, Outcome};
+use gristmill_worker::Outcome;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine_args::EngineArgs;
@@ -141,15 +141,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let total = count_lines(&args.input)?;
     let model_path = args.engine.model_path();
     let load_start = Instant::now();
-    let engine = Engine::load(&model_path)
-        .with_context(|| format!("cannot load the model {}", model_path.display()))?;
+    let engine = args.engine.load_engine()?;
     if !args.quiet {
         eprintln!(
             "loaded {} ({} layers, {} heads, vocab {}) in {:.1} s",
             model_path.display(),
-            engine.model.cfg.num_layers,
-            engine.model.cfg.num_heads,
-            engine.model.cfg.vocab_size,
+            engine.model.cfg().num_layers,
+            engine.model.cfg().num_heads,
+            engine.model.cfg().vocab_size,
             load_start.elapsed().as_secs_f64()
         );
     }

@@ -175,9 +175,7 @@ fn one_run(
 
 pub fn run(a: ThroughputArgs) -> Result<()> {
     a.engine.options()?; // validates flags and sets up the thread pool once
-    let path = a.engine.model_path();
-    let engine =
-        Engine::load(&path).with_context(|| format!("cannot load the model {}", path.display()))?;
+    let engine = a.engine.load_engine()?;
     let model = engine.model_name.clone();
     let points: Vec<(usize, usize)> = if a.sweep_num_seqs.is_empty() {
         vec![(a.engine.max_num_seqs, a.synthetic.num_prompts)]

@@ -566,3 +566,37 @@ fn logprobs_match_transformers_in_both_formats() {
     }
     assert_eq!(two["usage"]["completion_tokens"], 6);
 }
+
+#[test]
+fn tensor_parallel_size_splits_the_model_and_refuses_impossible_splits() {
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            json!({"custom_id": format!("tp-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": format!("Name a fruit ({i}).")}],
+                         "max_tokens": 6, "temperature": 0.8, "seed": i}})
+            .to_string()
+        })
+        .collect();
+    let r = run_lines(&lines, &["--tensor-parallel-size", "3"]);
+    assert_eq!(r.outputs.len(), 3, "{:?}", r.errors);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, lines.join("\n")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .arg("run")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("out.jsonl"))
+        .arg("--model")
+        .arg(default_model())
+        .args(["--tensor-parallel-size", "2"])
+        .output()
+        .expect("gristmill runs");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("num_attention_heads = 9 is not divisible by 2")
+            && stderr.contains("sizes that work for this model: 1, 3"),
+        "{stderr}"
+    );
+}

@@ -7,6 +7,8 @@
 use gristmill_kernels::cpu::{self, PackedMatrix};
 use gristmill_kernels::GgmlType;
 
+use crate::parallel::Collective;
+
 pub use gristmill_kernels::cpu::AttentionShape;
 
 /// One sequence's rows in a step, for attention.
@@ -60,7 +62,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         width: usize,
     ) -> Self::KvStore;
     /// Rows `ids[i]` of an embedding table.
-    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Self::Buf;
+    /// Rows of `table` for `ids`, where `table` holds the ids `first_id ..` (a vocabulary shard);
+    /// ids outside it give zero rows.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], first_id: u32) -> Self::Buf;
+    /// Element-wise sum of `x` over the ranks of `c` (tensor parallelism).
+    fn all_reduce_sum(&self, x: &mut Self::Buf, c: &dyn Collective);
+    /// Every rank's columns side by side, in rank order: `[rows, cols]` → `[rows, cols × world]`.
+    fn all_gather_cols(&self, x: &Self::Buf, c: &dyn Collective) -> Self::Buf;
     fn rms_norm(&self, x: &Self::Buf, weight: &Self::Vector, eps: f32) -> Self::Buf;
     /// `x · Wᵀ (+ bias)`.
     fn linear(&self, x: &Self::Buf, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Buf;
@@ -172,13 +180,40 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn embed(&self, table: &PackedMatrix, ids: &[u32]) -> CpuTensor {
+    fn embed(&self, table: &PackedMatrix, ids: &[u32], first_id: u32) -> CpuTensor {
         let d = table.cols();
         let mut data = vec![0f32; ids.len() * d];
         for (row, &id) in data.chunks_exact_mut(d).zip(ids) {
-            table.row_into(id as usize, row);
+            if let Some(local) = id
+                .checked_sub(first_id)
+                .filter(|&i| (i as usize) < table.rows())
+            {
+                table.row_into(local as usize, row);
+            }
         }
         CpuTensor { data, cols: d }
+    }
+
+    fn all_reduce_sum(&self, x: &mut CpuTensor, c: &dyn Collective) {
+        c.all_reduce_sum(&mut x.data);
+    }
+
+    fn all_gather_cols(&self, x: &CpuTensor, c: &dyn Collective) -> CpuTensor {
+        let world = c.world_size();
+        let all = c.all_gather(&x.data);
+        let (rows, cols) = (x.rows(), x.cols);
+        let part = rows * cols;
+        let mut data = vec![0f32; part * world];
+        for r in 0..rows {
+            for k in 0..world {
+                let src = &all[k * part + r * cols..k * part + (r + 1) * cols];
+                data[(r * world + k) * cols..(r * world + k + 1) * cols].copy_from_slice(src);
+            }
+        }
+        CpuTensor {
+            data,
+            cols: cols * world,
+        }
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> CpuTensor {

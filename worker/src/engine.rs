@@ -23,6 +23,7 @@ use crate::kv_cache::BlockPool;
 use crate::model::llama::{Llama, Logits, StepSeq};
 use crate::sampler::{token_logprob, Sampler, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SeqId, Sequence};
+use crate::tensor_parallel::{load_model, Model};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -118,7 +119,7 @@ pub enum Outcome {
 /// A loaded model with its tokenizer.
 #[derive(Debug)]
 pub struct Engine<B: Backend = CpuBackend> {
-    pub model: Llama<B>,
+    pub model: Model<B>,
     pub tokenizer: Tokenizer,
     /// Name reported in responses when a request names none (the file or directory stem).
     pub model_name: String,
@@ -222,6 +223,16 @@ impl Engine<CpuBackend> {
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, CpuBackend)
     }
+
+    /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1).
+    pub fn load_parallel(path: &Path, tensor_parallel_size: usize) -> Result<Self> {
+        if tensor_parallel_size <= 1 {
+            return Self::load(path);
+        }
+        let tokenizer = checkpoint_tokenizer(&Checkpoint::open(path)?)?;
+        let model = load_model(path, tensor_parallel_size)?;
+        Ok(Self::assemble(path, model, tokenizer))
+    }
 }
 
 impl<B: Backend> Engine<B> {
@@ -236,7 +247,11 @@ impl<B: Backend> Engine<B> {
                 "the tokenizer knows more tokens than the model has embeddings"
             );
         }
-        let model = Llama::load(&ckpt, backend)?;
+        let model = Model::Single(Llama::load(&ckpt, backend)?);
+        Ok(Self::assemble(path, model, tokenizer))
+    }
+
+    fn assemble(path: &Path, model: Model<B>, tokenizer: Tokenizer) -> Self {
         let stem = path
             .file_stem()
             .or(path.file_name())
@@ -245,13 +260,13 @@ impl<B: Backend> Engine<B> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Ok(Self {
+        Self {
             model,
             tokenizer,
             model_name: stem.unwrap_or_else(|| "model".into()),
             seed_base,
             generated_tokens: AtomicU64::new(0),
-        })
+        }
     }
 
     /// Tokenizes a request and checks it against the model's context.
@@ -267,7 +282,7 @@ impl<B: Backend> Engine<B> {
             }
             Prompt::Text(text) => self.tokenizer.encode_prompt(text),
             Prompt::Tokens(ids) => {
-                let vocab = self.model.cfg.vocab_size;
+                let vocab = self.model.cfg().vocab_size;
                 if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
                     return Err(LineError::new(
                         codes::INVALID_REQUEST,
@@ -279,9 +294,9 @@ impl<B: Backend> Engine<B> {
             }
         }
         .map_err(|e| LineError::new(codes::INVALID_REQUEST, format!("line {line}: {e}")))?;
-        let ctx = self.model.cfg.max_position_embeddings;
+        let ctx = self.model.cfg().max_position_embeddings;
         // The tokenizer may know more tokens than the model embeds (a mismatched checkpoint).
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.model.cfg().vocab_size;
         if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(LineError::new(
                 codes::INVALID_REQUEST,
@@ -395,11 +410,19 @@ impl<B: Backend> Engine<B> {
         A: FnMut(&T) -> bool,
         F: FnMut(T, Outcome),
     {
-        let ctx = self.model.cfg.max_position_embeddings;
+        let ctx = self.model.cfg().max_position_embeddings;
         let block_size = opts.block_size.max(1);
         let num_blocks =
             (opts.kv_cache_bytes / (block_size * self.model.kv_bytes_per_token())).max(1);
-        let mut kv = self.model.kv_cache(num_blocks, block_size);
+        // A failed tensor-parallel group (or KV allocation) fails every request from then on.
+        let mut broken: Option<String> = None;
+        let mut kv = match self.model.kv_cache(num_blocks, block_size) {
+            Ok(kv) => Some(kv),
+            Err(e) => {
+                broken = Some(e.to_string());
+                None
+            }
+        };
         let max_seqs = opts.max_num_seqs.max(1);
         let mut sched = Scheduler::new(
             SchedulerConfig {
@@ -428,6 +451,21 @@ impl<B: Backend> Engine<B> {
                         break;
                     }
                 };
+                if let Some(why) = &broken {
+                    let error = LineError::new(
+                        codes::INTERNAL,
+                        format!("line {}: the engine failed: {why}", req.line),
+                    );
+                    on_outcome(
+                        tag,
+                        Outcome::Failed {
+                            custom_id: req.custom_id,
+                            line: req.line,
+                            error,
+                        },
+                    );
+                    continue;
+                }
                 let prompt = match self.prompt_ids(&req) {
                     Ok(p) => p,
                     Err(error) => {
@@ -576,7 +614,36 @@ impl<B: Backend> Engine<B> {
                         })
                     })
                     .collect();
-                self.model.forward(&mut kv, &steps)
+                match kv.as_mut() {
+                    Some(kv) => self.model.forward(kv, &steps).map_err(|e| e.to_string()),
+                    None => Err("no KV cache".to_string()),
+                }
+            };
+            let logits = match logits {
+                Ok(l) => l,
+                Err(why) => {
+                    tracing::error!(error = %why, "engine step failed; failing every request");
+                    for id in live.keys().copied().collect::<Vec<_>>() {
+                        sched.finish(id);
+                    }
+                    live.clear();
+                    for (_, g) in groups.drain() {
+                        let error = LineError::new(
+                            codes::INTERNAL,
+                            format!("line {}: the engine failed: {why}", g.req.line),
+                        );
+                        on_outcome(
+                            g.tag,
+                            Outcome::Failed {
+                                custom_id: g.req.custom_id,
+                                line: g.req.line,
+                                error,
+                            },
+                        );
+                    }
+                    broken = Some(why);
+                    continue;
+                }
             };
             let mut done = Vec::new();
             for (c, row) in plan.chunks.iter().zip(logits) {

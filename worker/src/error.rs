@@ -55,6 +55,9 @@ pub enum Error {
 
     #[error("no model at {path}: {hint}")]
     ModelNotFound { path: PathBuf, hint: String },
+
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
 }
 
 impl Error {
@@ -92,6 +95,7 @@ impl Error {
             Self::Tokenizer { .. } => "tokenizer",
             Self::Template(_) => "template",
             Self::ModelNotFound { .. } => "model_not_found",
+            Self::TensorParallel(_) => "tensor_parallel",
         }
     }
 }

@@ -9,9 +9,11 @@ pub mod error;
 pub mod kv_cache;
 pub mod model;
 pub mod node;
+pub mod parallel;
 pub mod response;
 pub mod sampler;
 pub mod scheduler;
+pub mod tensor_parallel;
 pub mod tokenizer;
 pub mod weights;
 

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use gristmill_protocol::ChatMessage;
 use gristmill_worker::backend::CpuBackend;
-use gristmill_worker::model::llama::{Llama, Logits, StepSeq};
+use gristmill_worker::model::llama::{Logits, StepSeq};
+use gristmill_worker::tensor_parallel::Model;
 use gristmill_worker::Engine;
 use serde_json::Value;
 
@@ -59,20 +60,21 @@ fn check_logit(ours: f32, reference: &Value, what: impl Fn() -> String) -> f32 {
     (ours - r).abs()
 }
 
-fn all_logits(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let vocab = model.cfg.vocab_size;
+fn all_logits(model: &Model<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let vocab = model.cfg().vocab_size;
     model
         .score(tokens)
+        .expect("scores")
         .chunks_exact(vocab)
         .map(<[f32]>::to_vec)
         .collect()
 }
 
 /// Greedy decoding one token per step through the paged cache.
-fn greedy(model: &Llama<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
+fn greedy(model: &Model<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
     let block_size = 16;
     let blocks = (prompt.len() + steps).div_ceil(block_size);
-    let mut kv = model.kv_cache(blocks, block_size);
+    let mut kv = model.kv_cache(blocks, block_size).expect("KV cache");
     // A scrambled block table: positions need not live in consecutive blocks.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let mut tokens = prompt.to_vec();
@@ -85,7 +87,7 @@ fn greedy(model: &Llama<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
             block_table: &table,
             logits: Logits::Last,
         };
-        let logits = model.forward(&mut kv, &[seq]);
+        let logits = model.forward(&mut kv, &[seq]).expect("step");
         start += tokens.len();
         let next = gristmill_kernels::cpu::argmax(&logits[0]) as u32;
         out.push(next);

@@ -242,6 +242,7 @@ fn logits(engine: &Engine, text: &str) -> Vec<f32> {
     engine
         .model
         .score(&engine.tokenizer.encode(text).expect("encodes"))
+        .expect("scores")
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //! sequences go through every linear layer together as one matrix, attention runs per sequence
 //! over its own KV cache.
 
+use std::sync::Arc;
+
 use crate::backend::{AttentionShape, AttnSeq, Backend};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::parallel::{plan, Collective, Local, TpPlan};
 use crate::weights::Checkpoint;
 
 #[derive(Debug)]
@@ -49,6 +52,9 @@ pub struct Llama<B: Backend> {
     /// `None` when the embeddings are tied.
     lm_head: Option<B::Matrix>,
     inv_freq: Vec<f32>,
+    /// This rank's slice of the model (everything at world size 1).
+    pub tp: TpPlan,
+    collective: Arc<dyn Collective>,
 }
 
 /// Paged KV memory for every layer: `num_blocks` blocks of `block_size` positions. Which block
@@ -87,28 +93,110 @@ struct Loader<'a, B: Backend> {
     backend: &'a B,
 }
 
+/// Which part of a `[rows, cols]` weight a rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    All,
+    /// Rows `start .. start + n` (column-parallel layers, vocabulary shards).
+    Rows(usize, usize),
+    /// Columns `start .. start + n` of every row (row-parallel layers).
+    Cols(usize, usize),
+}
+
+impl Part {
+    fn shape(self, rows: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Part::All => (rows, cols),
+            Part::Rows(_, n) => (n, cols),
+            Part::Cols(_, n) => (rows, n),
+        }
+    }
+}
+
+/// The `part` of a row-major `[rows, row_len]` matrix of units (elements, or the bytes of ggml
+/// blocks when `unit` is a block's bytes and `per_unit` its columns). `None` if a column split
+/// does not fall on whole units.
+pub fn slice_matrix<T: Copy>(
+    data: &[T],
+    rows: usize,
+    row_len: usize,
+    unit: usize,
+    per_unit: usize,
+    part: Part,
+) -> Option<Vec<T>> {
+    match part {
+        Part::All => Some(data.to_vec()),
+        Part::Rows(start, n) => Some(data[start * row_len..(start + n) * row_len].to_vec()),
+        Part::Cols(start, n) => {
+            if start % per_unit != 0 || n % per_unit != 0 {
+                return None;
+            }
+            let (a, b) = (start / per_unit * unit, (start + n) / per_unit * unit);
+            Some(
+                (0..rows)
+                    .flat_map(|r| data[r * row_len + a..r * row_len + b].iter().copied())
+                    .collect(),
+            )
+        }
+    }
+}
+
 impl<B: Backend> Loader<'_, B> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
-        // Quantised GGUF weights stay quantised where the backend computes on them exactly.
+    fn matrix(&self, name: &str, rows: usize, cols: usize, part: Part) -> Result<B::Matrix> {
+        let (out_rows, out_cols) = part.shape(rows, cols);
+        // Quantised GGUF weights stay quantised where the backend computes on them exactly (and
+        // the slice falls on whole blocks).
         if let Some((ty, bytes)) = self.ckpt.quantized(name, &[rows, cols], self.cfg)? {
-            if let Some(m) = self.backend.quantized_matrix(ty, &bytes, rows, cols) {
-                return Ok(m);
+            let row_bytes = cols / ty.block_len() * ty.block_bytes();
+            let sliced = slice_matrix(
+                &bytes,
+                rows,
+                row_bytes,
+                ty.block_bytes(),
+                ty.block_len(),
+                part,
+            );
+            if let Some(sliced) = sliced {
+                if let Some(m) = self
+                    .backend
+                    .quantized_matrix(ty, &sliced, out_rows, out_cols)
+                {
+                    return Ok(m);
+                }
             }
         }
         let data = self.ckpt.tensor(name, &[rows, cols], self.cfg)?;
-        Ok(self.backend.matrix(data, rows, cols))
+        let data = slice_matrix(&data, rows, cols, 1, 1, part)
+            .ok_or_else(|| Error::TensorParallel(format!("cannot slice {name} by {part:?}")))?;
+        Ok(self.backend.matrix(data, out_rows, out_cols))
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<B::Vector> {
+    fn vector(&self, name: &str, len: usize, range: Option<(usize, usize)>) -> Result<B::Vector> {
         let data = self.ckpt.tensor(name, &[len], self.cfg)?;
+        let data = match range {
+            Some((start, n)) => data[start..start + n].to_vec(),
+            None => data,
+        };
         Ok(self.backend.vector(data))
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
+    /// A linear layer `[out, inp]`; a bias, when there is one, follows a row split.
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        part: Part,
+    ) -> Result<Linear<B>> {
+        let bias_range = match part {
+            Part::Rows(start, n) => Some((start, n)),
+            _ => None,
+        };
         Ok(Linear {
-            weight: self.matrix(&format!("{prefix}.weight"), out, inp)?,
+            weight: self.matrix(&format!("{prefix}.weight"), out, inp, part)?,
             bias: if bias {
-                Some(self.vector(&format!("{prefix}.bias"), out)?)
+                Some(self.vector(&format!("{prefix}.bias"), out, bias_range)?)
             } else {
                 None
             },
@@ -119,7 +207,19 @@ impl<B: Backend> Loader<'_, B> {
 impl<B: Backend> Llama<B> {
     /// Loads every weight of the checkpoint onto the backend.
     pub fn load(ckpt: &Checkpoint, backend: B) -> Result<Self> {
+        Self::load_rank(ckpt, backend, Arc::new(Local))
+    }
+
+    /// Loads this rank's slice of every weight (see [`crate::parallel`]); the whole model at
+    /// world size 1. Errors if the model does not split over the collective's world size.
+    pub fn load_rank(
+        ckpt: &Checkpoint,
+        backend: B,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
         let cfg = ckpt.config()?;
+        let tp = plan(&cfg, collective.rank(), collective.world_size())
+            .map_err(Error::TensorParallel)?;
         let l = Loader {
             ckpt,
             cfg: &cfg,
@@ -127,65 +227,101 @@ impl<B: Backend> Llama<B> {
         };
         let (h, kv, hd) = (cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim);
         let q_out = cfg.num_heads * hd;
+        let whole = tp.world == 1;
+        let rows = |start: usize, n: usize| {
+            if whole {
+                Part::All
+            } else {
+                Part::Rows(start, n)
+            }
+        };
+        let cols = |start: usize, n: usize| {
+            if whole {
+                Part::All
+            } else {
+                Part::Cols(start, n)
+            }
+        };
+        let q_part = rows(tp.heads_start * hd, tp.heads * hd);
+        let kv_part = rows(tp.kv_heads_start * hd, tp.kv_heads * hd);
+        let o_part = cols(tp.heads_start * hd, tp.heads * hd);
+        let ffn_rows = rows(tp.ffn_start, tp.ffn);
+        let ffn_cols = cols(tp.ffn_start, tp.ffn);
+        let vocab_part = rows(tp.vocab_start, tp.vocab);
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(DecoderLayer {
-                    input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                    input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h, None)?,
                     self_attn: Attention {
                         q_proj: l.linear(
                             &format!("{p}.self_attn.q_proj"),
                             q_out,
                             h,
                             cfg.attention_bias,
+                            q_part,
                         )?,
                         k_proj: l.linear(
                             &format!("{p}.self_attn.k_proj"),
                             kv * hd,
                             h,
                             cfg.attention_bias,
+                            kv_part,
                         )?,
                         v_proj: l.linear(
                             &format!("{p}.self_attn.v_proj"),
                             kv * hd,
                             h,
                             cfg.attention_bias,
+                            kv_part,
                         )?,
-                        o_proj: l.linear(&format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                        o_proj: l.linear(
+                            &format!("{p}.self_attn.o_proj"),
+                            h,
+                            q_out,
+                            false,
+                            o_part,
+                        )?,
                     },
-                    post_attention_layernorm: l
-                        .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                    post_attention_layernorm: l.vector(
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        h,
+                        None,
+                    )?,
                     mlp: Mlp {
                         gate_proj: l.linear(
                             &format!("{p}.mlp.gate_proj"),
                             cfg.intermediate_size,
                             h,
                             false,
+                            ffn_rows,
                         )?,
                         up_proj: l.linear(
                             &format!("{p}.mlp.up_proj"),
                             cfg.intermediate_size,
                             h,
                             false,
+                            ffn_rows,
                         )?,
                         down_proj: l.linear(
                             &format!("{p}.mlp.down_proj"),
                             h,
                             cfg.intermediate_size,
                             false,
+                            ffn_cols,
                         )?,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed_tokens = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let embed_tokens = l.matrix("model.embed_tokens.weight", cfg.vocab_size, h, vocab_part)?;
         // Some checkpoints say "untied" yet ship no lm_head; tie them then, as HF does.
         let lm_head = if cfg.tie_word_embeddings || !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(l.matrix("lm_head.weight", cfg.vocab_size, h)?)
+            Some(l.matrix("lm_head.weight", cfg.vocab_size, h, vocab_part)?)
         };
-        let norm = l.vector("model.norm.weight", h)?;
+        let norm = l.vector("model.norm.weight", h, None)?;
         let mut inv_freq = cfg.rope_inv_freq();
         if let Some(factors) = ckpt.rope_freq_factors(&cfg)? {
             for (f, d) in inv_freq.iter_mut().zip(factors) {
@@ -200,6 +336,8 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             inv_freq,
+            tp,
+            collective,
         })
     }
 
@@ -207,17 +345,15 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
-    /// Bytes of KV memory one token position takes over all layers (f32 keys and values).
+    /// Bytes of KV memory one token position takes over all layers on this rank (f32 keys and
+    /// values of its KV heads).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_layers
-            * self.cfg.num_kv_heads
-            * self.cfg.head_dim
-            * std::mem::size_of::<f32>()
+        2 * self.cfg.num_layers * self.tp.kv_heads * self.cfg.head_dim * std::mem::size_of::<f32>()
     }
 
     /// Allocates paged KV memory of `num_blocks` blocks of `block_size` positions.
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache<B> {
-        let width = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let width = self.tp.kv_heads * self.cfg.head_dim;
         KvCache {
             store: self
                 .backend
@@ -275,29 +411,30 @@ impl<B: Backend> Llama<B> {
                 block_table: s.block_table,
             })
             .collect();
+        let tp = self.tp;
+        let c = self.collective.as_ref();
+        let parallel = tp.world > 1;
         let shape = AttentionShape {
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
+            heads: tp.heads,
+            kv_heads: tp.kv_heads,
             head_dim: cfg.head_dim,
         };
-        let mut hidden = b.embed(&self.embed_tokens, &ids);
+        // Vocabulary-parallel: each rank embeds the ids in its shard (zeros elsewhere).
+        let mut hidden = b.embed(&self.embed_tokens, &ids, tp.vocab_start as u32);
+        if parallel {
+            b.all_reduce_sum(&mut hidden, c);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let x = b.rms_norm(&hidden, &layer.input_layernorm, cfg.rms_norm_eps);
             let att = &layer.self_attn;
             let mut q = self.linear(&x, &att.q_proj);
             let mut k = self.linear(&x, &att.k_proj);
             let v = self.linear(&x, &att.v_proj);
-            b.rope(
-                &mut q,
-                &positions,
-                cfg.num_heads,
-                cfg.head_dim,
-                &self.inv_freq,
-            );
+            b.rope(&mut q, &positions, tp.heads, cfg.head_dim, &self.inv_freq);
             b.rope(
                 &mut k,
                 &positions,
-                cfg.num_kv_heads,
+                tp.kv_heads,
                 cfg.head_dim,
                 &self.inv_freq,
             );
@@ -305,13 +442,19 @@ impl<B: Backend> Llama<B> {
             // sequences sharing prefix blocks within one step see complete blocks.
             b.write_kv(&mut kv.store, li, &k, &v, &slots);
             let attn = b.attention(&q, &kv.store, li, &attn_seqs, shape);
-            let attn = self.linear(&attn, &att.o_proj);
+            let mut attn = self.linear(&attn, &att.o_proj);
+            if parallel {
+                b.all_reduce_sum(&mut attn, c);
+            }
             b.add(&mut hidden, &attn);
             let x = b.rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let mut gate = self.linear(&x, &layer.mlp.gate_proj);
             let up = self.linear(&x, &layer.mlp.up_proj);
             b.silu_mul(&mut gate, &up);
-            let down = self.linear(&gate, &layer.mlp.down_proj);
+            let mut down = self.linear(&gate, &layer.mlp.down_proj);
+            if parallel {
+                b.all_reduce_sum(&mut down, c);
+            }
             b.add(&mut hidden, &down);
         }
         // Only the rows whose logits are wanted go through the final norm and the LM head.
@@ -331,12 +474,17 @@ impl<B: Backend> Llama<B> {
             counts.push(count);
             row += n;
         }
+        // Every rank sees the same `seqs`, so all take this branch together.
         if wanted.is_empty() {
             return counts.iter().map(|_| Vec::new()).collect();
         }
         let x = b.rms_norm(&b.concat_rows(wanted), &self.norm, cfg.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = b.to_host(&b.linear(&x, head, None));
+        let mut logits = b.linear(&x, head, None);
+        if parallel {
+            logits = b.all_gather_cols(&logits, c);
+        }
+        let logits = b.to_host(&logits);
         let vocab = cfg.vocab_size;
         let mut at = 0;
         counts

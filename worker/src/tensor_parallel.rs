@@ -1,0 +1,342 @@
+//! A model on one backend instance, or split over a tensor-parallel group of rank threads.
+//!
+//! With `--tensor-parallel-size N` (N > 1) the engine's scheduler still runs once; every step is
+//! sent to N OS threads, one per rank, each owning its slice of the weights and of the KV cache
+//! ([`crate::parallel`]) and talking to the others through an in-process
+//! [`ThreadCollective`]. Rank 0 returns the logits. A rank that panics poisons the group, so the
+//! others stop at their next collective instead of waiting, and the step returns an error that
+//! names the failed rank; the group is then unusable and the engine fails its requests.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::backend::{Backend, CpuBackend};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::{KvCache, Llama, Logits, StepSeq};
+use crate::parallel::{plan, Collective, ThreadCollective, TpPlan};
+use crate::weights::Checkpoint;
+
+/// The engine's model: whole, or split over rank threads.
+#[derive(Debug)]
+pub enum Model<B: Backend> {
+    Single(Llama<B>),
+    Parallel(TpGroup),
+}
+
+/// KV memory matching a [`Model`]: in the caller's hands, or inside the rank threads.
+#[derive(Debug)]
+pub enum ModelKv<B: Backend> {
+    Single(KvCache<B>),
+    Parallel,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn cfg(&self) -> &ModelConfig {
+        match self {
+            Model::Single(m) => &m.cfg,
+            Model::Parallel(g) => &g.cfg,
+        }
+    }
+
+    /// Tensor-parallel degree.
+    pub fn world_size(&self) -> usize {
+        match self {
+            Model::Single(_) => 1,
+            Model::Parallel(g) => g.world,
+        }
+    }
+
+    /// Bytes of KV memory one token position takes, summed over the ranks.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Model::Single(m) => m.kv_bytes_per_token(),
+            Model::Parallel(g) => g.kv_bytes_per_token,
+        }
+    }
+
+    /// Allocates `num_blocks` KV blocks of `block_size` positions (on every rank).
+    pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<ModelKv<B>> {
+        match self {
+            Model::Single(m) => Ok(ModelKv::Single(m.kv_cache(num_blocks, block_size))),
+            Model::Parallel(g) => {
+                g.run(Job::Kv {
+                    num_blocks,
+                    block_size,
+                })?;
+                Ok(ModelKv::Parallel)
+            }
+        }
+    }
+
+    /// Logits at every position of one sequence, computed from scratch in its own cache
+    /// (scoring and tests).
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let block_size = 16;
+        let blocks = tokens.len().div_ceil(block_size);
+        let mut kv = self.kv_cache(blocks, block_size)?;
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let seq = StepSeq {
+            tokens,
+            start: 0,
+            block_table: &table,
+            logits: Logits::All,
+        };
+        Ok(self.forward(&mut kv, &[seq])?.remove(0))
+    }
+
+    /// One engine step: the logits each sequence asked for.
+    pub fn forward(&self, kv: &mut ModelKv<B>, seqs: &[StepSeq<'_>]) -> Result<Vec<Vec<f32>>> {
+        match (self, kv) {
+            (Model::Single(m), ModelKv::Single(kv)) => Ok(m.forward(kv, seqs)),
+            (Model::Parallel(g), ModelKv::Parallel) => {
+                let owned = seqs
+                    .iter()
+                    .map(|s| OwnedSeq {
+                        tokens: s.tokens.to_vec(),
+                        start: s.start,
+                        block_table: s.block_table.to_vec(),
+                        logits: s.logits,
+                    })
+                    .collect();
+                g.run(Job::Step(Arc::new(owned)))
+            }
+            _ => Err(Error::TensorParallel(
+                "KV cache and model do not match (single vs parallel)".into(),
+            )),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct OwnedSeq {
+    tokens: Vec<u32>,
+    start: usize,
+    block_table: Vec<u32>,
+    logits: Logits,
+}
+
+#[derive(Debug, Clone)]
+enum Job {
+    Kv {
+        num_blocks: usize,
+        block_size: usize,
+    },
+    Step(Arc<Vec<OwnedSeq>>),
+}
+
+type Reply = (usize, std::result::Result<Vec<Vec<f32>>, String>);
+
+/// Rank threads of one tensor-parallel group on the CPU backend.
+#[derive(Debug)]
+pub struct TpGroup {
+    pub cfg: ModelConfig,
+    pub world: usize,
+    kv_bytes_per_token: usize,
+    jobs: Vec<Sender<Job>>,
+    replies: Mutex<Receiver<Reply>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Set once a rank failed: the group cannot run another step.
+    failed: Mutex<Option<String>>,
+}
+
+impl TpGroup {
+    /// Loads a checkpoint split over `world` rank threads. Fails early, naming the dimension,
+    /// if the model does not split that way.
+    pub fn load(path: &Path, world: usize) -> Result<Self> {
+        let cfg = Checkpoint::open(path)?.config()?;
+        let plans: Vec<TpPlan> = (0..world)
+            .map(|r| plan(&cfg, r, world))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::TensorParallel)?;
+        let (reply_tx, replies) = channel::<Reply>();
+        let (ready_tx, ready) = channel::<(usize, std::result::Result<(), String>)>();
+        let mut jobs = Vec::new();
+        let mut threads = Vec::new();
+        for c in ThreadCollective::group(world) {
+            let (tx, rx) = channel::<Job>();
+            jobs.push(tx);
+            let (path, reply_tx, ready_tx) =
+                (path.to_path_buf(), reply_tx.clone(), ready_tx.clone());
+            let rank = c.rank();
+            let handle = std::thread::Builder::new()
+                .name(format!("tp-rank-{rank}"))
+                .spawn(move || rank_main(path, c, rx, reply_tx, ready_tx))
+                .map_err(|e| Error::TensorParallel(format!("cannot start rank {rank}: {e}")))?;
+            threads.push(handle);
+        }
+        drop(ready_tx);
+        for _ in 0..world {
+            match ready.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((rank, Err(e))) => {
+                    return Err(Error::TensorParallel(format!(
+                        "rank {rank} failed to load: {e}"
+                    )))
+                }
+                Err(_) => return Err(Error::TensorParallel("a rank exited while loading".into())),
+            }
+        }
+        let kv_bytes_per_token = 2
+            * cfg.num_layers
+            * plans[0].kv_heads
+            * cfg.head_dim
+            * std::mem::size_of::<f32>()
+            * world;
+        Ok(Self {
+            cfg,
+            world,
+            kv_bytes_per_token,
+            jobs,
+            replies: Mutex::new(replies),
+            threads,
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Sends a job to every rank and waits for all of them; rank 0's logits come back.
+    fn run(&self, job: Job) -> Result<Vec<Vec<f32>>> {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = failed.as_ref() {
+            return Err(Error::TensorParallel(why.clone()));
+        }
+        let replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        for (rank, tx) in self.jobs.iter().enumerate() {
+            if tx.send(job.clone()).is_err() {
+                let why = format!("rank {rank} has exited");
+                *failed = Some(why.clone());
+                return Err(Error::TensorParallel(why));
+            }
+        }
+        let mut logits = Vec::new();
+        let mut first_error: Option<(usize, String)> = None;
+        for _ in 0..self.world {
+            match replies.recv() {
+                Ok((0, Ok(l))) => logits = l,
+                Ok((_, Ok(_))) => {}
+                Ok((rank, Err(e))) => {
+                    // The rank that failed first explains; the others only saw its poison.
+                    let secondary = e.contains("another rank failed");
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|(_, f)| f.contains("another rank failed") && !secondary)
+                    {
+                        first_error = Some((rank, e));
+                    }
+                }
+                Err(_) => {
+                    first_error.get_or_insert((usize::MAX, "a rank thread exited".into()));
+                    break;
+                }
+            }
+        }
+        if let Some((rank, e)) = first_error {
+            let why = if rank == usize::MAX {
+                e
+            } else {
+                format!("rank {rank} failed: {e}")
+            };
+            *failed = Some(why.clone());
+            return Err(Error::TensorParallel(why));
+        }
+        Ok(logits)
+    }
+}
+
+impl Drop for TpGroup {
+    fn drop(&mut self) {
+        // Closing the job channels ends the rank loops.
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
+fn rank_main(
+    path: std::path::PathBuf,
+    c: ThreadCollective,
+    jobs: Receiver<Job>,
+    replies: Sender<Reply>,
+    ready: Sender<(usize, std::result::Result<(), String>)>,
+) {
+    let rank = c.rank();
+    let loaded = Checkpoint::open(&path)
+        .and_then(|ckpt| Llama::load_rank(&ckpt, CpuBackend, Arc::new(c.clone())));
+    let model = match loaded {
+        Ok(m) => {
+            let _ = ready.send((rank, Ok(())));
+            m
+        }
+        Err(e) => {
+            c.poison(format!("rank {rank} failed to load: {e}"));
+            let _ = ready.send((rank, Err(e.to_string())));
+            return;
+        }
+    };
+    drop(ready);
+    let mut kv: Option<KvCache<CpuBackend>> = None;
+    for job in jobs {
+        let result = catch_unwind(AssertUnwindSafe(|| match &job {
+            Job::Kv {
+                num_blocks,
+                block_size,
+            } => {
+                kv = Some(model.kv_cache(*num_blocks, *block_size));
+                Vec::new()
+            }
+            Job::Step(seqs) => {
+                let Some(kv) = kv.as_mut() else {
+                    panic!("step before the KV cache was allocated");
+                };
+                let steps: Vec<StepSeq<'_>> = seqs
+                    .iter()
+                    .map(|s| StepSeq {
+                        tokens: &s.tokens,
+                        start: s.start,
+                        block_table: &s.block_table,
+                        logits: s.logits,
+                    })
+                    .collect();
+                let logits = model.forward(kv, &steps);
+                if rank == 0 {
+                    logits
+                } else {
+                    Vec::new()
+                }
+            }
+        }));
+        let reply = match result {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                let why = panic_text(e.as_ref());
+                c.poison(format!("rank {rank}: {why}"));
+                Err(why)
+            }
+        };
+        let failed = reply.is_err();
+        if replies.send((rank, reply)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Loads a model whole (`world` 1) or split over `world` rank threads.
+pub fn load_model(path: &Path, world: usize) -> Result<Model<CpuBackend>> {
+    if world <= 1 {
+        let ckpt = Checkpoint::open(path)?;
+        Ok(Model::Single(Llama::load(&ckpt, CpuBackend)?))
+    } else {
+        Ok(Model::Parallel(TpGroup::load(path, world)?))
+    }
+}
