@@ -210,28 +210,28 @@ fn check(cfg: &ModelConfig, world: usize) -> Result<(), String> {
     if world == 0 {
         return Err("the tensor-parallel size must be at least 1".into());
     }
-    if h % world != 0 {
+    if !h.is_multiple_of(world) {
         return Err(format!(
             "num_attention_heads = {h} is not divisible by {world}"
         ));
     }
-    if kv >= world && kv % world != 0 {
+    if kv >= world && !kv.is_multiple_of(world) {
         return Err(format!(
             "num_key_value_heads = {kv} is not divisible by {world}"
         ));
     }
-    if kv < world && world % kv != 0 {
+    if kv < world && !world.is_multiple_of(kv.max(1)) {
         return Err(format!(
             "num_key_value_heads = {kv} cannot be replicated evenly over {world} ranks ({world} is not a multiple of {kv})"
         ));
     }
-    if cfg.intermediate_size % world != 0 {
+    if !cfg.intermediate_size.is_multiple_of(world) {
         return Err(format!(
             "intermediate_size = {} is not divisible by {world}",
             cfg.intermediate_size
         ));
     }
-    if cfg.vocab_size % world != 0 {
+    if !cfg.vocab_size.is_multiple_of(world) {
         return Err(format!(
             "vocab_size = {} is not divisible by {world}",
             cfg.vocab_size
