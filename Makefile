@@ -27,6 +27,7 @@ build:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p gristmill-worker --all-targets --features cuda --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -90,6 +90,8 @@ struct Shared {
     chaos_fail: Option<String>,
     /// Fires when in-flight shards must be released.
     release: watch::Receiver<bool>,
+    /// Reply subjects of the shards held now: naked at exit if their handler has not finished.
+    held: Mutex<HashMap<Tag, async_nats::Subject>>,
 }
 
 /// Why a shard could not be finished.
@@ -211,6 +213,7 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
             .ok()
             .filter(|s| !s.is_empty()),
         release,
+        held: Mutex::new(HashMap::new()),
     });
     tracing::info!(name = %settings.name, ?ack_wait, max_deliver, "worker ready");
 
@@ -226,13 +229,22 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
             .max_messages(1)
             .expires(Duration::from_secs(1))
             .messages();
-        let msg = tokio::select! {
-            _ = &mut stop => break,
-            m = async {
-                let mut b = batch.await?;
-                b.next().await.transpose()
-            } => m,
+        let mut pull = Box::pin(async {
+            let mut b = batch.await?;
+            b.next().await.transpose()
+        });
+        let (msg, stopping) = tokio::select! {
+            // The pull request stays open on the server until it expires: wait for it, so that a
+            // shard delivered into it is released rather than left to time out.
+            _ = &mut stop => (pull.await, true),
+            m = &mut pull => (m, false),
         };
+        if stopping {
+            if let Ok(Some(m)) = msg {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            break;
+        }
         match msg {
             Ok(Some(msg)) => {
                 let shared = shared.clone();
@@ -256,6 +268,18 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         let _ = release_tx.send(true);
         // Each handler naks its shard and returns.
         let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(inflight)).await;
+    }
+    // Shards whose handler is still busy (in a publish, say) are released here.
+    let client = shared.js.client();
+    let left: Vec<async_nats::Subject> = lock(&shared.held).drain().map(|(_, r)| r).collect();
+    for reply in left {
+        let _ = client
+            .publish(reply, bytes::Bytes::from_static(b"-NAK"))
+            .await;
+    }
+    // Acks and naks are buffered by the client: send them before the process exits.
+    if let Err(e) = shared.js.client().flush().await {
+        tracing::warn!(error = %e, "could not flush the last acknowledgements");
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -292,8 +316,12 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
     };
     let (batch_id, shard_no) = (shard.batch_id.clone(), shard.shard);
     let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
+    if let Some(reply) = msg.reply.clone() {
+        lock(&shared.held).insert(tag, reply);
+    }
     let mut published = HashSet::new();
     let result = run_shard(&shared, &msg, &shard, tag, &mut published).await;
+    lock(&shared.held).remove(&tag);
     lock(&shared.router.routes).remove(&tag);
     if let Ok(mut a) = shared.router.aborted.write() {
         a.remove(&tag);

@@ -14,6 +14,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::config::ModelConfig;
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
 /// Communication among the ranks of one tensor-parallel group. Every rank calls the same
 /// operations in the same order.
 pub trait Collective: Send + Sync + std::fmt::Debug {
