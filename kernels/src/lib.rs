@@ -6,6 +6,8 @@
 //! request's result does not depend on what it was batched with.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod quant;
 
 pub use quant::GgmlType;

@@ -1,0 +1,43 @@
+// Decode attention over a paged KV cache: one query row per sequence, grouped-query heads.
+// q: [seqs, heads, head_dim]; caches: [blocks * block_size, kv_heads * head_dim];
+// block_tables: [seqs, max_blocks]; context_lens: [seqs] positions to attend (the new one
+// included, already written). Online softmax in f32 (one pass over the context).
+// Grid: (seqs, heads); blockDim.x == head_dim (<= 256, a power of two);
+// shared memory: head_dim floats.
+#include <cuda_bf16.h>
+
+extern "C" __global__ void paged_attention_decode_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+    const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,
+    const int* __restrict__ context_lens, __nv_bfloat16* __restrict__ out, int heads,
+    int kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+  extern __shared__ float red[];
+  const int seq = blockIdx.x;
+  const int head = blockIdx.y;
+  const int d = threadIdx.x;
+  const int kv_head = head / (heads / kv_heads);
+  const int width = kv_heads * head_dim;
+  const int len = context_lens[seq];
+  const float qd = __bfloat162float(q[((size_t)seq * heads + head) * head_dim + d]);
+  float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
+  for (int p = 0; p < len; ++p) {
+    const long long slot =
+        (long long)block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size;
+    const size_t at = (size_t)slot * width + (size_t)kv_head * head_dim + d;
+    red[d] = qd * __bfloat162float(k_cache[at]);
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (d < stride) red[d] += red[d + stride];
+      __syncthreads();
+    }
+    const float s = red[0] * scale;
+    __syncthreads();
+    const float m_new = fmaxf(m, s);
+    const float correction = expf(m - m_new);
+    const float w = expf(s - m_new);
+    l = l * correction + w;
+    acc = acc * correction + w * __bfloat162float(v_cache[at]);
+    m = m_new;
+  }
+  out[((size_t)seq * heads + head) * head_dim + d] = __float2bfloat16(len > 0 ? acc / l : 0.0f);
+}
