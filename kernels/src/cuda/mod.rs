@@ -2,11 +2,13 @@
 //!
 //! The sources are embedded (`include_str!`); [`compile`] turns one into PTX. Without a GPU,
 //! every source is still compiled for sm_80 and sm_90 in the tests (`tests/nvrtc.rs`), with
-//! NVRTC and the CUDA headers from pinned pip wheels (`scripts/fetch-tools.sh`). The launch
-//! wrappers and the CUDA backend that uses these kernels are the CUDA issue's next step; each
-//! kernel's comment states its grid, block and shared-memory contract.
+//! NVRTC and the CUDA headers from pinned pip wheels (`scripts/fetch-tools.sh`). Typed launch
+//! wrappers are in [`launch`]; each kernel's comment states its grid, block and shared-memory
+//! contract. The CUDA backend (cuBLAS GEMMs, prefill attention, graphs) is still to come.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+pub mod launch;
 
 /// One `.cu` file and the `extern "C"` kernels it defines.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds, on this x86-64 machine, what scripts/gpu-check.sh runs on a GPU machine that has no
+# Rust toolchain and no network: the GPU test binaries (CUDA feature), stripped, into
+# out/gpu-check/. Carry that folder and scripts/gpu-check.sh to the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest=out/gpu-check
+rm -rf "$dest" && mkdir -p "$dest"
+json=$(cargo test -p gristmill-kernels --features cuda --release --locked --no-run --message-format=json 2>/dev/null)
+for name in gpu_kernels nvrtc; do
+  bin=$(printf '%s\n' "$json" | python3 -c '
+import json, sys
+name = sys.argv[1]
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == name and m.get("executable"):
+        print(m["executable"])
+' "$name" | tail -1)
+  cp "$bin" "$dest/$name"
+  strip "$dest/$name"
+done
+git rev-parse --short HEAD >"$dest/commit"
+ls -la "$dest"
