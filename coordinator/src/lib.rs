@@ -3,6 +3,7 @@
 //! Batches HTTP API ([`api`]) over JetStream ([`server`]).
 
 pub mod api;
+pub mod autoscale;
 pub mod batch;
 pub mod intake;
 pub mod server;

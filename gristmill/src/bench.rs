@@ -15,6 +15,9 @@ pub enum BenchCommand {
     /// latency percentiles, prefix-cache hit rate and preemptions (flags follow vLLM's
     /// `benchmark_throughput`).
     Throughput(crate::throughput::ThroughputArgs),
+    /// Replay a synthetic day of batch arrivals against the autoscaling policy and KEDA's
+    /// message-count rule: GPU-hours, deadline misses, peak replicas, and a plot.
+    Autoscale(crate::autoscale_bench::AutoscaleArgs),
 }
 
 /// The shape of a synthetic workload (shared by `dataset` and `throughput`).
@@ -73,6 +76,7 @@ pub struct DatasetArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Throughput(a) => crate::throughput::run(a),
+        BenchCommand::Autoscale(a) => crate::autoscale_bench::run(a),
         BenchCommand::Dataset(a) => {
             let w = a.workload.workload(a.workload.num_prompts, !a.allow_eos)?;
             let text = w.lines().join("\n") + "\n";

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod autoscale_bench;
 mod bench;
 mod client;
 mod cluster;
