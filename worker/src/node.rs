@@ -67,6 +67,9 @@ pub struct WorkerSettings {
     pub grace: Duration,
     /// Name in logs and in the NATS connection.
     pub name: String,
+    /// Where to answer health probes (`GET /healthz`: 200 while connected to NATS and not
+    /// stopping, 503 otherwise), if anywhere.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 type Tag = u64;
@@ -215,6 +218,13 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         release,
         held: Mutex::new(HashMap::new()),
     });
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = settings.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for health probes on {addr}"))?;
+        tokio::spawn(health(listener, shared.js.client(), stopping.clone()));
+    }
     tracing::info!(name = %settings.name, ?ack_wait, max_deliver, "worker ready");
 
     let slots = Arc::new(Semaphore::new(settings.max_inflight_shards.max(1)));
@@ -260,6 +270,7 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
             }
         }
     }
+    stopping.store(true, Ordering::SeqCst);
     let inflight = settings.max_inflight_shards.max(1) as u32;
     tracing::info!(grace = ?settings.grace, "stopping: no new shards; finishing those in flight");
     let drained = tokio::time::timeout(settings.grace, slots.acquire_many(inflight)).await;
@@ -283,6 +294,40 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// A minimal HTTP health endpoint for the kubelet's probes: any request gets 200 while the
+/// worker is connected to NATS and not stopping, 503 otherwise.
+async fn health(
+    listener: tokio::net::TcpListener,
+    client: async_nats::Client,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let ok = client.connection_state() == async_nats::connection::State::Connected
+            && !stopping.load(Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
+            let (status, body) = if ok {
+                ("200 OK", "ok")
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "not connected to NATS, or stopping",
+                )
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(reply.as_bytes()).await;
+        });
+    }
 }
 
 async fn shutdown_signal() {
