@@ -42,6 +42,9 @@ pub struct Settings {
     /// JetStream replicas of streams and buckets (3 on a 3-node NATS cluster).
     pub replicas: usize,
     pub tokenizer: Arc<PromptTokens>,
+    /// Run the autoscaling policy in dry-run mode: log each change of the desired worker
+    /// count and export it as `gristmill_autoscale_desired_replicas` (not applied).
+    pub autoscale_dry_run: Option<crate::autoscale::Policy>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -114,6 +117,8 @@ pub struct Coordinator {
     pub counters: Counters,
     /// (when, completion tokens so far), one sample a second, for tokens/s.
     rate: Mutex<VecDeque<(Instant, u64)>>,
+    /// The dry-run autoscaler's memory and last answer.
+    autoscale: Mutex<(crate::autoscale::Memory, u32)>,
     pub ready: AtomicBool,
 }
 
@@ -226,6 +231,7 @@ impl Coordinator {
             save_lock: tokio::sync::Mutex::new(()),
             counters: Counters::default(),
             rate: Mutex::new(VecDeque::new()),
+            autoscale: Mutex::new((crate::autoscale::Memory::default(), 0)),
             ready: AtomicBool::new(false),
         });
         let resume = this.load_batches().await?;
@@ -1069,11 +1075,47 @@ impl Coordinator {
                 }
             }
             if n.is_multiple_of(20) {
+                self.autoscale_dry_run();
+            }
+            if n.is_multiple_of(20) {
                 if let Err(e) = self.sweep_dead_shards().await {
                     tracing::debug!(error = format!("{e:#}"), "dead shard sweep failed");
                 }
             }
         }
+    }
+
+    /// One decision of the autoscaling policy from the batches in memory, logged when it
+    /// changes (dry run: nothing is applied).
+    fn autoscale_dry_run(&self) {
+        let Some(policy) = self.settings.autoscale_dry_run else {
+            return;
+        };
+        let batches: Vec<crate::autoscale::PendingBatch> = self
+            .lock()
+            .values()
+            .filter(|s| s.rec.status == BatchStatus::InProgress && s.rec.total > 0)
+            .map(|s| {
+                let left = s.rec.total.saturating_sub(s.rec.completed + s.rec.failed);
+                crate::autoscale::PendingBatch {
+                    tokens: (s.rec.tokens * left / s.rec.total) as f64,
+                    deadline_s: s.rec.expires_at as f64,
+                }
+            })
+            .collect();
+        let mut state = self.autoscale.lock().unwrap_or_else(|p| p.into_inner());
+        let current = state.1;
+        let obs = crate::autoscale::Observation {
+            now_s: now_s() as f64,
+            batches,
+            current_replicas: current,
+            tokens_per_s_per_worker: None,
+        };
+        let d = crate::autoscale::decide(&policy, &obs, &mut state.0);
+        if d.replicas != current {
+            tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale (dry run): would scale the workers");
+        }
+        state.1 = d.replicas;
     }
 
     /// Prometheus text exposition of the coordinator's metrics.
@@ -1181,6 +1223,15 @@ impl Coordinator {
                 c.shards_published.load(Ordering::Relaxed).to_string(),
             )],
         );
+        if self.settings.autoscale_dry_run.is_some() {
+            let desired = self.autoscale.lock().map(|s| s.1).unwrap_or(0);
+            gauge(
+                "gristmill_autoscale_desired_replicas",
+                "Workers the autoscaling policy asks for (dry run: not applied).",
+                "gauge",
+                vec![(String::new(), desired.to_string())],
+            );
+        }
         gauge(
             "gristmill_dead_shards_total",
             "Shards that failed on every delivery.",

@@ -66,6 +66,23 @@ pub struct CoordinatorArgs {
     /// JetStream replicas of the streams and buckets (3 on a 3-node NATS cluster).
     #[arg(long, default_value_t = 1, env = "GRISTMILL_REPLICAS")]
     pub replicas: usize,
+
+    /// Run the autoscaling policy without applying it: log every change of the desired worker
+    /// count and export `gristmill_autoscale_desired_replicas` on /metrics.
+    #[arg(long, env = "GRISTMILL_AUTOSCALE_DRY_RUN")]
+    pub autoscale_dry_run: bool,
+
+    /// Autoscaling: most workers.
+    #[arg(long, default_value_t = 16, env = "GRISTMILL_AUTOSCALE_MAX_REPLICAS")]
+    pub autoscale_max_replicas: u32,
+
+    /// Autoscaling: tokens per second of one worker (prompt plus generated).
+    #[arg(
+        long,
+        default_value_t = 1000.0,
+        env = "GRISTMILL_AUTOSCALE_WORKER_TOKENS_PER_S"
+    )]
+    pub autoscale_worker_tokens_per_s: f64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -120,6 +137,13 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         max_deliver: args.max_deliver,
         replicas: args.replicas.max(1),
         tokenizer,
+        autoscale_dry_run: args.autoscale_dry_run.then(|| {
+            gristmill_coordinator::autoscale::Policy {
+                max_replicas: args.autoscale_max_replicas.max(1),
+                default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),
+                ..Default::default()
+            }
+        }),
     };
     runtime()?.block_on(async move {
         let c = Coordinator::start(settings).await?;

@@ -74,6 +74,7 @@ fn two_workers_produce_what_gristmill_run_produces() {
     assert!(status.success());
 
     let mut c = Cluster::start(&[
+        "--autoscale-dry-run",
         "--shard-max-lines",
         "3",
         "--tokenizer",
@@ -135,6 +136,10 @@ fn two_workers_produce_what_gristmill_run_produces() {
         "{metrics}"
     );
     assert!(metrics.contains("gristmill_queue_tokens 0"), "{metrics}");
+    assert!(
+        metrics.contains("gristmill_autoscale_desired_replicas "),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("gristmill_results_total{outcome=\"completed\"} 12"),
         "{metrics}"
