@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoscale;
 pub mod batch;
 pub mod intake;
+pub mod kube_scale;
 pub mod server;
 pub mod shard;
 pub mod validate;

@@ -45,6 +45,9 @@ pub struct Settings {
     /// Run the autoscaling policy in dry-run mode: log each change of the desired worker
     /// count and export it as `gristmill_autoscale_desired_replicas` (not applied).
     pub autoscale_dry_run: Option<crate::autoscale::Policy>,
+    /// Apply the policy's decisions to this worker StatefulSet (`namespace`, `name`) through
+    /// the Kubernetes API (requires `autoscale_dry_run`'s policy to be set).
+    pub autoscale_apply: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -117,8 +120,10 @@ pub struct Coordinator {
     pub counters: Counters,
     /// (when, completion tokens so far), one sample a second, for tokens/s.
     rate: Mutex<VecDeque<(Instant, u64)>>,
-    /// The dry-run autoscaler's memory and last answer.
+    /// The autoscaler's memory and last answer.
     autoscale: Mutex<(crate::autoscale::Memory, u32)>,
+    /// Applies decisions to the worker StatefulSet, when `--autoscale` is on.
+    scaler: Option<crate::kube_scale::WorkerScaler>,
     pub ready: AtomicBool,
 }
 
@@ -220,6 +225,17 @@ impl Coordinator {
         let client = connect(&settings.nats_url, "gristmill-coordinator").await?;
         let js = jetstream::new(client.clone());
         let (batches_kv, files_kv, objects) = set_up(&js, &settings).await?;
+        let scaler = match &settings.autoscale_apply {
+            Some((namespace, name)) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("--autoscale needs the Kubernetes API (in-cluster service account or a kubeconfig)")?;
+                Some(crate::kube_scale::WorkerScaler::new(
+                    client, namespace, name,
+                ))
+            }
+            None => None,
+        };
         let this = Arc::new(Self {
             settings,
             js,
@@ -232,6 +248,7 @@ impl Coordinator {
             counters: Counters::default(),
             rate: Mutex::new(VecDeque::new()),
             autoscale: Mutex::new((crate::autoscale::Memory::default(), 0)),
+            scaler,
             ready: AtomicBool::new(false),
         });
         let resume = this.load_batches().await?;
@@ -1075,7 +1092,7 @@ impl Coordinator {
                 }
             }
             if n.is_multiple_of(20) {
-                self.autoscale_dry_run();
+                self.autoscale_tick().await;
             }
             if n.is_multiple_of(20) {
                 if let Err(e) = self.sweep_dead_shards().await {
@@ -1085,11 +1102,21 @@ impl Coordinator {
         }
     }
 
-    /// One decision of the autoscaling policy from the batches in memory, logged when it
-    /// changes (dry run: nothing is applied).
-    fn autoscale_dry_run(&self) {
+    /// One decision of the autoscaling policy from the batches in memory: applied to the worker
+    /// StatefulSet with `--autoscale`, only logged (when it changes) in a dry run.
+    async fn autoscale_tick(&self) {
         let Some(policy) = self.settings.autoscale_dry_run else {
             return;
+        };
+        let live = match &self.scaler {
+            Some(scaler) => match scaler.replicas().await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "autoscale: cannot read the worker replicas");
+                    return;
+                }
+            },
+            None => None,
         };
         let batches: Vec<crate::autoscale::PendingBatch> = self
             .lock()
@@ -1103,19 +1130,33 @@ impl Coordinator {
                 }
             })
             .collect();
-        let mut state = self.autoscale.lock().unwrap_or_else(|p| p.into_inner());
-        let current = state.1;
-        let obs = crate::autoscale::Observation {
-            now_s: now_s() as f64,
-            batches,
-            current_replicas: current,
-            tokens_per_s_per_worker: None,
+        let (current, d) = {
+            let mut state = self.autoscale.lock().unwrap_or_else(|p| p.into_inner());
+            let current = live.unwrap_or(state.1);
+            let obs = crate::autoscale::Observation {
+                now_s: now_s() as f64,
+                batches,
+                current_replicas: current,
+                tokens_per_s_per_worker: None,
+            };
+            let d = crate::autoscale::decide(&policy, &obs, &mut state.0);
+            state.1 = d.replicas;
+            (current, d)
         };
-        let d = crate::autoscale::decide(&policy, &obs, &mut state.0);
-        if d.replicas != current {
-            tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale (dry run): would scale the workers");
+        if d.replicas == current {
+            return;
         }
-        state.1 = d.replicas;
+        match &self.scaler {
+            None => {
+                tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale (dry run): would scale the workers")
+            }
+            Some(scaler) => match scaler.scale_to(d.replicas).await {
+                Ok(_) => {
+                    tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale: scaled the workers")
+                }
+                Err(e) => tracing::error!(error = %e, to = d.replicas, "autoscale: scaling failed"),
+            },
+        }
     }
 
     /// Prometheus text exposition of the coordinator's metrics.
@@ -1227,7 +1268,7 @@ impl Coordinator {
             let desired = self.autoscale.lock().map(|s| s.1).unwrap_or(0);
             gauge(
                 "gristmill_autoscale_desired_replicas",
-                "Workers the autoscaling policy asks for (dry run: not applied).",
+                "Workers the autoscaling policy asks for (applied with --autoscale, logged only with --autoscale-dry-run).",
                 "gauge",
                 vec![(String::new(), desired.to_string())],
             );

@@ -72,6 +72,19 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "GRISTMILL_AUTOSCALE_DRY_RUN")]
     pub autoscale_dry_run: bool,
 
+    /// Apply the autoscaling policy: scale the worker StatefulSet (`--autoscale-statefulset`)
+    /// through the Kubernetes API (in-cluster service account or kubeconfig). Run one coordinator.
+    #[arg(long, env = "GRISTMILL_AUTOSCALE")]
+    pub autoscale: bool,
+
+    /// Autoscaling: the worker StatefulSet, as NAMESPACE/NAME.
+    #[arg(
+        long,
+        default_value = "gristmill/gristmill-worker",
+        env = "GRISTMILL_AUTOSCALE_STATEFULSET"
+    )]
+    pub autoscale_statefulset: String,
+
     /// Autoscaling: most workers.
     #[arg(long, default_value_t = 16, env = "GRISTMILL_AUTOSCALE_MAX_REPLICAS")]
     pub autoscale_max_replicas: u32,
@@ -137,7 +150,18 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         max_deliver: args.max_deliver,
         replicas: args.replicas.max(1),
         tokenizer,
-        autoscale_dry_run: args.autoscale_dry_run.then(|| {
+        autoscale_apply: if args.autoscale {
+            let (ns, name) = args.autoscale_statefulset.split_once('/').ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--autoscale-statefulset {:?}: expected NAMESPACE/NAME",
+                    args.autoscale_statefulset
+                )
+            })?;
+            Some((ns.to_string(), name.to_string()))
+        } else {
+            None
+        },
+        autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
             gristmill_coordinator::autoscale::Policy {
                 max_replicas: args.autoscale_max_replicas.max(1),
                 default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),
