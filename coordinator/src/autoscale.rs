@@ -172,12 +172,10 @@ pub fn decide(p: &Policy, obs: &Observation, memory: &mut Memory) -> Decision {
         memory.recent.pop_front();
     }
     let window_max = memory.recent.iter().map(|&(_, r)| r).max().unwrap_or(raw);
+    // An idle queue's release has had its own wait (`scale_to_zero_after_s`).
     let (replicas, reason) =
         if raw < obs.current_replicas && reason != Reason::Idle && window_max > raw {
             (window_max.min(obs.current_replicas), Reason::Stabilizing)
-        } else if raw < obs.current_replicas && reason == Reason::Idle {
-            // Idle long enough: the idle timer was the stabilization.
-            (raw, reason)
         } else {
             (raw, reason)
         };

@@ -893,18 +893,20 @@ impl Coordinator {
 
     /// Counts a message's results, each line once, and keeps the first result of each line.
     fn count(self: &Arc<Self>, results: Vec<ResultMessage>) {
-        let mut finished = Vec::new();
-        for r in results {
-            let (ok, prompt, tokens) = match &r.outcome {
-                ResultOutcome::Completed { usage, .. } => (
-                    true,
-                    usage.prompt_tokens as u64,
-                    usage.completion_tokens as u64,
-                ),
-                ResultOutcome::Failed { .. } => (false, 0, 0),
-            };
-            {
-                let mut map = self.lock();
+        let mut finished: Vec<String> = Vec::new();
+        let c = &self.counters;
+        {
+            // One lock for the whole message.
+            let mut map = self.lock();
+            for r in results {
+                let (ok, prompt, tokens) = match &r.outcome {
+                    ResultOutcome::Completed { usage, .. } => (
+                        true,
+                        usage.prompt_tokens as u64,
+                        usage.completion_tokens as u64,
+                    ),
+                    ResultOutcome::Failed { .. } => (false, 0, 0),
+                };
                 let Some(st) = map.get_mut(&r.batch_id) else {
                     continue;
                 };
@@ -915,26 +917,21 @@ impl Coordinator {
                     continue;
                 }
                 if !st.rec.record(&result_key(&r.custom_id, r.line), ok) {
-                    self.counters
-                        .duplicate_results
-                        .fetch_add(1, Ordering::Relaxed);
+                    c.duplicate_results.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 st.dirty = true;
                 st.rec.prompt_tokens += prompt;
                 st.rec.completion_tokens += tokens;
-            }
-            let c = &self.counters;
-            if ok {
-                c.results_completed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                c.results_failed.fetch_add(1, Ordering::Relaxed);
-            }
-            c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
-            if !finished.contains(&r.batch_id) {
-                finished.push(r.batch_id.clone());
-            }
-            if let Some(st) = self.lock().get_mut(&r.batch_id) {
+                if ok {
+                    c.results_completed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.results_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
+                if !finished.contains(&r.batch_id) {
+                    finished.push(r.batch_id.clone());
+                }
                 st.results.push(r);
             }
         }
@@ -957,21 +954,11 @@ impl Coordinator {
         let n = self.settings.max_deliver;
         let mut acks = Vec::new();
         for r in &shard.requests {
-            let result = ResultMessage {
-                batch_id: shard.batch_id.clone(),
-                custom_id: r.custom_id.clone(),
-                line: r.line,
-                outcome: ResultOutcome::Failed {
-                    error: LineError::new(
-                        codes::SHARD_FAILED,
-                        format!(
-                            "line {}: failed after {n} attempts: the worker holding its shard stopped \
-                             or failed every time",
-                            r.line
-                        ),
-                    ),
-                },
-            };
+            let result = shard.failed_line(
+                r,
+                n,
+                "the worker holding its shard stopped or failed every time",
+            );
             let msg_id = result_msg_id(&shard.batch_id, &r.custom_id);
             acks.push(
                 publish(

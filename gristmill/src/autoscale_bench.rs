@@ -223,6 +223,26 @@ fn svg(title: &str, series: &[Series<'_>], y_label: &str) -> String {
     s + "</svg>\n"
 }
 
+/// The day under the coordinator's policy, configured from the flags.
+fn simulate_policy(a: &AutoscaleArgs) -> Outcome {
+    let policy = Policy {
+        max_replicas: a.max_replicas,
+        startup_s: a.startup_s,
+        default_tokens_per_s: a.worker_tokens_per_s,
+        ..Policy::default()
+    };
+    let mut memory = Memory::default();
+    simulate(a, |now, batches, current| {
+        let obs = Observation {
+            now_s: now,
+            batches: batches.to_vec(),
+            current_replicas: current,
+            tokens_per_s_per_worker: Some(a.worker_tokens_per_s),
+        };
+        decide(&policy, &obs, &mut memory).replicas
+    })
+}
+
 pub fn run(a: AutoscaleArgs) -> Result<()> {
     if a.worker_tokens_per_s <= 0.0
         || a.step_s <= 0.0
@@ -233,26 +253,7 @@ pub fn run(a: AutoscaleArgs) -> Result<()> {
             "--worker-tokens-per-s, --step-s, --max-replicas and --shard-tokens must be positive"
         );
     }
-    let policy = Policy {
-        max_replicas: a.max_replicas,
-        startup_s: a.startup_s,
-        default_tokens_per_s: a.worker_tokens_per_s,
-        ..Policy::default()
-    };
-    let mut memory = Memory::default();
-    let ours = simulate(&a, |now, batches, current| {
-        decide(
-            &policy,
-            &Observation {
-                now_s: now,
-                batches: batches.to_vec(),
-                current_replicas: current,
-                tokens_per_s_per_worker: Some(a.worker_tokens_per_s),
-            },
-            &mut memory,
-        )
-        .replicas
-    });
+    let ours = simulate_policy(&a);
     // KEDA: messages = shards still queued; HPA's default 300 s scale-down stabilization and
     // KEDA's default 300 s cooldown before scaling to zero.
     let mut recent: std::collections::VecDeque<(f64, u32)> = Default::default();
@@ -359,22 +360,7 @@ mod tests {
     #[test]
     fn the_default_day_meets_every_deadline_with_fewer_gpu_hours_than_keda() {
         let a = Cli::parse_from(["bench"]).a;
-        let policy = Policy {
-            max_replicas: a.max_replicas,
-            startup_s: a.startup_s,
-            default_tokens_per_s: a.worker_tokens_per_s,
-            ..Policy::default()
-        };
-        let mut memory = Memory::default();
-        let ours = simulate(&a, |now, batches, current| {
-            let o = Observation {
-                now_s: now,
-                batches: batches.to_vec(),
-                current_replicas: current,
-                tokens_per_s_per_worker: Some(a.worker_tokens_per_s),
-            };
-            decide(&policy, &o, &mut memory).replicas
-        });
+        let ours = simulate_policy(&a);
         assert!(ours.misses.is_empty(), "{:?}", ours.misses);
         assert!(ours.peak <= a.max_replicas);
         // KEDA without its stabilization, the plain message rule.

@@ -4,18 +4,8 @@
 
 #![cfg(feature = "cuda")]
 
+use gristmill_kernels::cuda::launch::include_dirs;
 use gristmill_kernels::cuda::{compile, nvrtc_available, SOURCES};
-
-fn include_dirs() -> Vec<String> {
-    std::env::var("GRISTMILL_CUDA_INCLUDE")
-        .map(|v| {
-            v.split(':')
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {

@@ -84,6 +84,28 @@ pub struct ShardMessage {
     pub requests: Vec<Request>,
 }
 
+impl ShardMessage {
+    /// The error result of one of this shard's lines after the shard failed on every one of
+    /// its `attempts` deliveries (published by the worker on the last one, or by the coordinator
+    /// when the worker died each time).
+    pub fn failed_line(&self, req: &Request, attempts: i64, reason: &str) -> ResultMessage {
+        ResultMessage {
+            batch_id: self.batch_id.clone(),
+            custom_id: req.custom_id.clone(),
+            line: req.line,
+            outcome: ResultOutcome::Failed {
+                error: LineError::new(
+                    crate::codes::SHARD_FAILED,
+                    format!(
+                        "line {}: failed after {attempts} attempts: {reason}",
+                        req.line
+                    ),
+                ),
+            },
+        }
+    }
+}
+
 /// What became of one line, published by a worker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResultMessage {

@@ -167,6 +167,34 @@ struct Group<T> {
     error: Option<LineError>,
 }
 
+/// The outcome of a request that failed with `error`.
+fn failed(req: Request, error: LineError) -> Outcome {
+    Outcome::Failed {
+        custom_id: req.custom_id,
+        line: req.line,
+        error,
+    }
+}
+
+/// Fails every request in flight with `message(line)` and frees its sequences (the engine
+/// cannot go on with them).
+fn fail_all<T>(
+    sched: &mut Scheduler,
+    live: &mut HashMap<SeqId, Live>,
+    groups: &mut HashMap<u64, Group<T>>,
+    on_outcome: &mut impl FnMut(T, Outcome),
+    message: impl Fn(usize) -> String,
+) {
+    for id in live.keys().copied().collect::<Vec<_>>() {
+        sched.finish(id);
+    }
+    live.clear();
+    for (_, g) in groups.drain() {
+        let error = LineError::new(codes::INTERNAL, message(g.req.line));
+        on_outcome(g.tag, failed(g.req, error));
+    }
+}
+
 impl<T> Group<T> {
     fn remaining(&self) -> usize {
         self.choices.iter().filter(|c| c.is_none()).count()
@@ -175,12 +203,7 @@ impl<T> Group<T> {
     fn into_outcome(self) -> (T, Outcome) {
         let req = self.req;
         if let Some(error) = self.error {
-            let failed = Outcome::Failed {
-                custom_id: req.custom_id,
-                line: req.line,
-                error,
-            };
-            return (self.tag, failed);
+            return (self.tag, failed(req, error));
         }
         let choices: Vec<Choice> = self.choices.into_iter().flatten().collect();
         let now = Instant::now();
@@ -456,27 +479,13 @@ impl<B: Backend> Engine<B> {
                         codes::INTERNAL,
                         format!("line {}: the engine failed: {why}", req.line),
                     );
-                    on_outcome(
-                        tag,
-                        Outcome::Failed {
-                            custom_id: req.custom_id,
-                            line: req.line,
-                            error,
-                        },
-                    );
+                    on_outcome(tag, failed(req, error));
                     continue;
                 }
                 let prompt = match self.prompt_ids(&req) {
                     Ok(p) => p,
                     Err(error) => {
-                        on_outcome(
-                            tag,
-                            Outcome::Failed {
-                                custom_id: req.custom_id,
-                                line: req.line,
-                                error,
-                            },
-                        );
+                        on_outcome(tag, failed(req, error));
                         continue;
                     }
                 };
@@ -515,14 +524,7 @@ impl<B: Backend> Engine<B> {
                         codes::CONTEXT_LENGTH_EXCEEDED,
                         format!("line {}: {e}", req.line),
                     );
-                    on_outcome(
-                        tag,
-                        Outcome::Failed {
-                            custom_id: req.custom_id,
-                            line: req.line,
-                            error,
-                        },
-                    );
+                    on_outcome(tag, failed(req, error));
                     continue;
                 }
                 groups.insert(
@@ -558,14 +560,7 @@ impl<B: Backend> Engine<B> {
                         codes::CANCELLED,
                         format!("line {}: stopped before it finished", g.req.line),
                     );
-                    on_outcome(
-                        g.tag,
-                        Outcome::Failed {
-                            custom_id: g.req.custom_id,
-                            line: g.req.line,
-                            error,
-                        },
-                    );
+                    on_outcome(g.tag, failed(g.req, error));
                 }
             }
             if sched.is_idle() {
@@ -578,24 +573,13 @@ impl<B: Backend> Engine<B> {
             if plan.chunks.is_empty() {
                 // Cannot happen while `add` refuses sequences larger than the pool; fail the rest
                 // loudly rather than spin.
-                for id in live.keys().copied().collect::<Vec<_>>() {
-                    sched.finish(id);
-                }
-                live.clear();
-                for (_, g) in groups.drain() {
-                    let error = LineError::new(
-                        codes::INTERNAL,
-                        format!("line {}: the scheduler could not make progress", g.req.line),
-                    );
-                    on_outcome(
-                        g.tag,
-                        Outcome::Failed {
-                            custom_id: g.req.custom_id,
-                            line: g.req.line,
-                            error,
-                        },
-                    );
-                }
+                fail_all(
+                    &mut sched,
+                    &mut live,
+                    &mut groups,
+                    &mut on_outcome,
+                    |line| format!("line {line}: the scheduler could not make progress"),
+                );
                 continue;
             }
             stats.steps += 1;
@@ -623,24 +607,13 @@ impl<B: Backend> Engine<B> {
                 Ok(l) => l,
                 Err(why) => {
                     tracing::error!(error = %why, "engine step failed; failing every request");
-                    for id in live.keys().copied().collect::<Vec<_>>() {
-                        sched.finish(id);
-                    }
-                    live.clear();
-                    for (_, g) in groups.drain() {
-                        let error = LineError::new(
-                            codes::INTERNAL,
-                            format!("line {}: the engine failed: {why}", g.req.line),
-                        );
-                        on_outcome(
-                            g.tag,
-                            Outcome::Failed {
-                                custom_id: g.req.custom_id,
-                                line: g.req.line,
-                                error,
-                            },
-                        );
-                    }
+                    fail_all(
+                        &mut sched,
+                        &mut live,
+                        &mut groups,
+                        &mut on_outcome,
+                        |line| format!("line {line}: the engine failed: {why}"),
+                    );
                     broken = Some(why);
                     continue;
                 }

@@ -33,7 +33,7 @@ use gristmill_protocol::cluster::{
     BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
     WORKER_CONSUMER,
 };
-use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
+use gristmill_protocol::{FinishReason, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
@@ -550,20 +550,7 @@ async fn fail_rest(
         .iter()
         .filter(|r| !published.contains(&r.custom_id))
     {
-        let result = ResultMessage {
-            batch_id: shard.batch_id.clone(),
-            custom_id: r.custom_id.clone(),
-            line: r.line,
-            outcome: ResultOutcome::Failed {
-                error: LineError::new(
-                    codes::SHARD_FAILED,
-                    format!(
-                        "line {}: failed after {delivered} attempts: {reason}",
-                        r.line
-                    ),
-                ),
-            },
-        };
+        let result = shard.failed_line(r, delivered, reason);
         let ack = shared
             .js
             .send_publish(
