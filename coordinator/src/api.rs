@@ -3,12 +3,18 @@
 //!
 //! With an API key set, every `/v1` request must carry `Authorization: Bearer <key>` (compared
 //! in constant time); the probes and `/metrics` stay open for the kubelet and Prometheus.
+//!
+//! The API is served from the moment the process starts, through a [`Gate`]: while this
+//! coordinator stands by for the leader lease, `/readyz` and every `/v1` route answer 503 naming
+//! the leader, and `/metrics` reports `gristmill_coordinator_leader 0`.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
+use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +25,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::batch::{parse_completion_window, BatchRecord, BatchStatus};
-use crate::server::{now_s, Coordinator};
+use crate::lease::Lease;
+use crate::server::{now_s, Coordinator, Settings};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -77,12 +84,71 @@ impl From<anyhow::Error> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-type AppState = Arc<Coordinator>;
+type AppState = Arc<Gate>;
+
+/// What the API serves from: nothing but standby answers until this process leads, then the
+/// coordinator.
+#[derive(Debug)]
+pub struct Gate {
+    api_key: Option<String>,
+    max_bytes: u64,
+    lease: Arc<Lease>,
+    coordinator: OnceLock<Arc<Coordinator>>,
+}
+
+impl Gate {
+    pub fn new(settings: &Settings, lease: Arc<Lease>) -> Arc<Self> {
+        Arc::new(Self {
+            api_key: settings.api_key.clone(),
+            max_bytes: settings.limits.max_bytes,
+            lease,
+            coordinator: OnceLock::new(),
+        })
+    }
+
+    /// Starts serving from `c` (once this process holds the lease).
+    pub fn open(&self, c: Arc<Coordinator>) {
+        if self.coordinator.set(c).is_err() {
+            tracing::error!("the API gate was opened twice; the first coordinator stays");
+        }
+    }
+
+    fn standby_message(&self) -> String {
+        format!(
+            "coordinator {} is standing by; the leader is {}",
+            self.lease.identity(),
+            self.lease
+                .holder()
+                .unwrap_or_else(|| "being elected".into())
+        )
+    }
+}
+
+/// The leading coordinator, or a 503 from a standby.
+#[derive(Debug)]
+pub struct Leader(pub Arc<Coordinator>);
+
+impl FromRequestParts<AppState> for Leader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, g: &AppState) -> Result<Self, ApiError> {
+        match g.coordinator.get() {
+            Some(c) => Ok(Leader(c.clone())),
+            None => Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: g.standby_message(),
+                kind: "server_error",
+                param: None,
+                code: Some("standby"),
+            }),
+        }
+    }
+}
 
 /// The router of the coordinator's HTTP API.
-pub fn router(c: Arc<Coordinator>) -> Router {
+pub fn router(c: Arc<Gate>) -> Router {
     // Room for the multipart framing around the largest accepted file.
-    let body_limit = c.settings.limits.max_bytes as usize + (1 << 20);
+    let body_limit = c.max_bytes as usize + (1 << 20);
     let v1 = Router::new()
         .route("/v1/files", post(upload_file).get(list_files))
         .route("/v1/files/{id}", get(get_file).delete(delete_file))
@@ -117,7 +183,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &c.settings.api_key {
+    if let Some(key) = &c.api_key {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -143,27 +209,31 @@ async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Res
     next.run(req).await
 }
 
-async fn ready(State(c): State<AppState>) -> Response {
-    if c.ready.load(Ordering::SeqCst) && c.connected() {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response()
+async fn ready(State(g): State<AppState>) -> Response {
+    match g.coordinator.get() {
+        Some(c) if c.ready.load(Ordering::SeqCst) && c.connected() => "ready".into_response(),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, g.standby_message()).into_response(),
     }
 }
 
-async fn metrics(State(c): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics().await,
-    )
-        .into_response()
+async fn metrics(State(g): State<AppState>) -> Response {
+    let leader = g.coordinator.get();
+    let mut text = format!(
+        "# HELP gristmill_coordinator_leader 1 on the coordinator that holds the leader lease, 0 on a standby.\n# TYPE gristmill_coordinator_leader gauge\ngristmill_coordinator_leader {}\n",
+        u8::from(leader.is_some())
+    );
+    if let Some(c) = leader {
+        text.push_str(&c.metrics().await);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 // -------------------------------------------------------------------- files
 
 const PURPOSES: [&str; 4] = ["batch", "batch_output", "user_data", "evals"];
 
-async fn upload_file(State(c): State<AppState>, mut form: Multipart) -> ApiResult<Json<Value>> {
+async fn upload_file(Leader(c): Leader, mut form: Multipart) -> ApiResult<Json<Value>> {
     let max = c.settings.limits.max_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -271,10 +341,7 @@ fn page(items: Vec<(String, Value)>, after: Option<&str>, limit: usize) -> ApiRe
     }))
 }
 
-async fn list_files(
-    State(c): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<Value>> {
+async fn list_files(Leader(c): Leader, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = parse_limit(&q, 10_000, 10_000)?;
     let mut files = c.list_files().await?;
     if let Some(p) = &q.purpose {
@@ -294,19 +361,19 @@ fn no_file(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}"), Some("id"))
 }
 
-async fn get_file(State(c): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_file(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let f = c.file(&id).await?.ok_or_else(|| no_file(&id))?;
     Ok(Json(serde_json::to_value(f).map_err(anyhow::Error::from)?))
 }
 
-async fn delete_file(State(c): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn delete_file(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     if !c.delete_file(&id).await? {
         return Err(no_file(&id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-async fn file_content(State(c): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn file_content(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Response> {
     c.file(&id).await?.ok_or_else(|| no_file(&id))?;
     let data = c.file_content(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
@@ -314,7 +381,7 @@ async fn file_content(State(c): State<AppState>, Path(id): Path<String>) -> ApiR
 
 // -------------------------------------------------------------------- batches
 
-async fn create_batch(State(c): State<AppState>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_batch(Leader(c): Leader, body: Bytes) -> ApiResult<Json<Value>> {
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     let field = |name: &'static str| -> ApiResult<String> {
@@ -399,15 +466,12 @@ fn no_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}"), Some("id"))
 }
 
-async fn get_batch(State(c): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_batch(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
     Ok(Json(rec.to_openai()))
 }
 
-async fn list_batches(
-    State(c): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<Value>> {
+async fn list_batches(Leader(c): Leader, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = parse_limit(&q, 20, 100)?;
     let items = c
         .list_batches()
@@ -417,7 +481,7 @@ async fn list_batches(
     Ok(Json(page(items, q.after.as_deref(), limit)?))
 }
 
-async fn cancel_batch(State(c): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn cancel_batch(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
     if rec.status.is_terminal() && rec.status != BatchStatus::Cancelled {
         return Err(ApiError {

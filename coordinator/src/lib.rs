@@ -7,6 +7,7 @@ pub mod autoscale;
 pub mod batch;
 pub mod intake;
 pub mod kube_scale;
+pub mod lease;
 pub mod server;
 pub mod shard;
 pub mod validate;

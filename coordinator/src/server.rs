@@ -6,7 +6,8 @@
 //! [`FILE_META_BUCKET`]), shards in the work-queue stream, results in the results stream. The
 //! in-memory map of batches is a cache of the KV bucket plus the set of counted result keys,
 //! which a restarted coordinator rebuilds by replaying the results stream from the start.
-//! One coordinator runs at a time (run it as a single-replica Deployment).
+//! One coordinator acts at a time: it is started once this process holds the leader lease
+//! ([`crate::lease`]) and checks the lease before each durable write.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,6 +125,8 @@ pub struct Coordinator {
     autoscale: Mutex<(crate::autoscale::Memory, u32)>,
     /// Applies decisions to the worker StatefulSet, when `--autoscale` is on.
     scaler: Option<crate::kube_scale::WorkerScaler>,
+    /// The leader lease this coordinator acts under.
+    pub lease: Arc<crate::lease::Lease>,
     pub ready: AtomicBool,
 }
 
@@ -220,9 +223,13 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
 }
 
 impl Coordinator {
-    /// Connects, sets up JetStream, loads every batch and starts the background loops.
-    pub async fn start(settings: Settings) -> Result<Arc<Self>> {
-        let client = connect(&settings.nats_url, "gristmill-coordinator").await?;
+    /// Sets up JetStream, loads every batch and starts the background loops. Call it once this
+    /// process holds `lease` ([`crate::lease::Lease::acquire`]).
+    pub async fn start(
+        client: async_nats::Client,
+        settings: Settings,
+        lease: Arc<crate::lease::Lease>,
+    ) -> Result<Arc<Self>> {
         let js = jetstream::new(client.clone());
         let (batches_kv, files_kv, objects) = set_up(&js, &settings).await?;
         let scaler = match &settings.autoscale_apply {
@@ -249,6 +256,7 @@ impl Coordinator {
             rate: Mutex::new(VecDeque::new()),
             autoscale: Mutex::new((crate::autoscale::Memory::default(), 0)),
             scaler,
+            lease,
             ready: AtomicBool::new(false),
         });
         let resume = this.load_batches().await?;
@@ -333,6 +341,7 @@ impl Coordinator {
     /// overwrites a newer one).
     async fn save(&self, id: &str) -> Result<()> {
         let _guard = self.save_lock.lock().await;
+        self.lease.fence();
         let rec = {
             let mut map = self.lock();
             let Some(st) = map.get_mut(id) else {
@@ -382,6 +391,7 @@ impl Coordinator {
         purpose: String,
         data: Bytes,
     ) -> Result<FileObject> {
+        self.lease.fence();
         let meta = FileObject {
             id: id.clone(),
             object: "file".into(),
@@ -447,6 +457,7 @@ impl Coordinator {
         if self.file(id).await?.is_none() {
             return Ok(false);
         }
+        self.lease.fence();
         self.files_kv.delete(id).await?;
         if let Err(e) = self.objects.delete(id).await {
             tracing::warn!(file = id, error = %e, "file data already gone");
@@ -529,6 +540,7 @@ impl Coordinator {
                 await_acks(&mut acks).await?;
             }
         }
+        self.lease.fence();
         for s in &work.shards {
             let msg_id = shard_msg_id(id, s.shard);
             acks.push(publish(&self.js, shard_subject(id), msg_id, serde_json::to_vec(s)?).await?);
@@ -622,6 +634,7 @@ impl Coordinator {
     }
 
     async fn purge_shards(&self, id: &str) {
+        self.lease.fence();
         match self.js.get_stream(SHARD_STREAM).await {
             Ok(s) => {
                 if let Err(e) = s.purge().filter(shard_subject(id)).await {
@@ -952,6 +965,7 @@ impl Coordinator {
         let shard: ShardMessage = serde_json::from_slice(&msg.payload)
             .with_context(|| format!("shard at sequence {seq} is unreadable"))?;
         let n = self.settings.max_deliver;
+        self.lease.fence();
         let mut acks = Vec::new();
         for r in &shard.requests {
             let result = shard.failed_line(
@@ -1137,12 +1151,17 @@ impl Coordinator {
             None => {
                 tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale (dry run): would scale the workers")
             }
-            Some(scaler) => match scaler.scale_to(d.replicas).await {
-                Ok(_) => {
-                    tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale: scaled the workers")
+            Some(scaler) => {
+                self.lease.fence();
+                match scaler.scale_to(d.replicas).await {
+                    Ok(_) => {
+                        tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale: scaled the workers")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, to = d.replicas, "autoscale: scaling failed")
+                    }
                 }
-                Err(e) => tracing::error!(error = %e, to = d.replicas, "autoscale: scaling failed"),
-            },
+            }
         }
     }
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use gristmill_coordinator::api;
+use gristmill_coordinator::api::Gate;
 use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
-use gristmill_coordinator::server::{Coordinator, Settings};
+use gristmill_coordinator::lease::Lease;
+use gristmill_coordinator::server::{connect, Coordinator, Settings};
 use gristmill_coordinator::shard::ShardLimits;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
@@ -73,7 +75,8 @@ pub struct CoordinatorArgs {
     pub autoscale_dry_run: bool,
 
     /// Apply the autoscaling policy: scale the worker StatefulSet (`--autoscale-statefulset`)
-    /// through the Kubernetes API (in-cluster service account or kubeconfig). Run one coordinator.
+    /// through the Kubernetes API (in-cluster service account or kubeconfig). Only the leader
+    /// coordinator scales.
     #[arg(long, env = "GRISTMILL_AUTOSCALE")]
     pub autoscale: bool,
 
@@ -96,6 +99,48 @@ pub struct CoordinatorArgs {
         env = "GRISTMILL_AUTOSCALE_WORKER_TOKENS_PER_S"
     )]
     pub autoscale_worker_tokens_per_s: f64,
+
+    /// Name of this coordinator in the leader lease; must differ between coordinators and stay
+    /// the same across restarts of one [default: $POD_NAME or the host name, then the port].
+    #[arg(long, env = "GRISTMILL_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Seconds a leader lease lives without renewal: how long standbys wait before taking over
+    /// from a leader that died (a leader that shuts down cleanly hands over at once). The same
+    /// on every coordinator of a cluster.
+    #[arg(long, default_value_t = 15.0, env = "GRISTMILL_LEASE_TTL")]
+    pub lease_ttl: f64,
+}
+
+/// This coordinator's name in the leader lease: `POD_NAME`, else `HOSTNAME`, else the
+/// machine's host name, followed by the port it listens on.
+fn default_identity(port: u16) -> String {
+    let host = ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|h| !h.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "coordinator".into());
+    format!("{host}:{port}")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -108,6 +153,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.max_deliver < 1 {
         bail!("--max-deliver must be at least 1");
+    }
+    if !args.lease_ttl.is_finite() || args.lease_ttl < 1.0 {
+        bail!(
+            "--lease-ttl must be at least 1 second, got {}",
+            args.lease_ttl
+        );
     }
     if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
         bail!(
@@ -170,19 +221,46 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         }),
     };
     runtime()?.block_on(async move {
-        let c = Coordinator::start(settings).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let identity = args
+            .instance_id
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| default_identity(addr.port()));
+        let client = connect(&settings.nats_url, "gristmill-coordinator").await?;
+        let lease = Arc::new(
+            Lease::open(
+                &client,
+                identity.clone(),
+                Duration::from_secs_f64(args.lease_ttl),
+                settings.replicas,
+            )
+            .await?,
+        );
+        let gate = Gate::new(&settings, lease.clone());
         // Tests and scripts read this line to find the port of `--listen 127.0.0.1:0`.
         eprintln!("gristmill coordinator listening on http://{addr}");
-        axum::serve(listener, api::router(c))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("HTTP server failed")
+        let serve = axum::serve(listener, api::router(gate.clone()))
+            .with_graceful_shutdown(shutdown_signal());
+        let server = tokio::spawn(async move { serve.await });
+        let lead = async {
+            lease.acquire().await;
+            tracing::info!(identity = %identity, "holding the leader lease: this coordinator acts");
+            let c = Coordinator::start(client, settings, lease.clone()).await?;
+            gate.open(c);
+            Err::<(), _>(lease.keep().await)
+        };
+        tokio::select! {
+            r = server => {
+                // Clean shutdown: hand the lease over at once.
+                lease.release().await;
+                r.context("HTTP server stopped")?.context("HTTP server failed")
+            }
+            r = lead => r.context("stopped leading; exiting so that only one coordinator acts"),
+        }
     })
 }
 

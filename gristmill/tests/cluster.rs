@@ -199,6 +199,90 @@ fn coordinator_restarted_mid_batch_resumes() {
     assert_eq!(out.len(), 12);
 }
 
+/// GET `url` without failing on 503; returns status and body text.
+fn get_text(url: &str) -> (u16, String) {
+    match ureq::get(url).timeout(Duration::from_secs(10)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+#[test]
+fn a_standby_coordinator_takes_over_and_a_stale_leader_stops() {
+    let mut c = Cluster::start(&[
+        "--ack-wait",
+        "3",
+        "--shard-max-lines",
+        "6",
+        "--lease-ttl",
+        "3",
+    ]);
+    let (b, b_url) = c.spawn_coordinator("standby-b", &[]);
+    // The standby answers, but sends traffic to the leader.
+    let (status, text) = get_text(&format!("{b_url}/readyz"));
+    assert_eq!(status, 503, "{text}");
+    let standby_message =
+        "coordinator standby-b is standing by; the leader is test-coordinator".to_string();
+    // The standby may not have read the lease's holder yet on its first attempt.
+    for _ in 0..50 {
+        if get_text(&format!("{b_url}/readyz")).1 == standby_message {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, text) = get_text(&format!("{b_url}/v1/batches"));
+    assert_eq!(status, 503, "{text}");
+    let err: Value = serde_json::from_str(&text).expect("OpenAI error JSON");
+    assert_eq!(err["error"]["code"], "standby", "{err}");
+    assert_eq!(err["error"]["message"], standby_message, "{err}");
+    assert!(get_text(&format!("{b_url}/metrics"))
+        .1
+        .contains("gristmill_coordinator_leader 0"));
+    assert!(get_text(&format!("{}/metrics", c.url))
+        .1
+        .contains("gristmill_coordinator_leader 1"));
+
+    let lines = trickle(12, "f");
+    let id = c.create_batch(&lines, "24h");
+    c.start_worker(&[], &[]);
+    c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
+
+    // Pause the leader past its lease: the standby takes over; the old leader, resumed, finds
+    // its lease gone and exits instead of acting beside the new one.
+    let mut a = c.coordinator.take().expect("leader");
+    a.signal("STOP");
+    c.coordinator = Some(b);
+    c.url = b_url.clone();
+    c.wait_ready(&b_url, Duration::from_secs(60));
+    a.signal("CONT");
+    let exit = a.wait_exit(Duration::from_secs(30));
+    assert!(!exit.success(), "the stale leader exited with {exit}");
+    let a_log = a.log_text();
+    assert!(
+        a_log.contains("took the leader lease") || a_log.contains("lease ran out"),
+        "{a_log}"
+    );
+    let done = c.wait_done(&id, LONG);
+    assert_eq!(done["status"], "completed", "{done}\n{}", c.logs());
+    let (out, _) = c.results(&done, &ids(&lines));
+    assert_eq!(out.len(), 12);
+
+    // A clean shutdown hands the lease over at once, without waiting for it to expire.
+    let (d, d_url) = c.spawn_coordinator("standby-d", &[]);
+    let b = c.coordinator.take().expect("leader");
+    b.sigterm();
+    c.wait_ready(&d_url, Duration::from_secs(60));
+    assert!(
+        b.log_text().contains("released the leader lease"),
+        "{}",
+        b.log_text()
+    );
+    c.coordinator = Some(d);
+    c.url = d_url;
+    assert_eq!(c.batch(&id)["status"], "completed");
+}
+
 #[test]
 fn a_shard_that_always_fails_becomes_error_lines_and_the_rest_completes() {
     let mut c = Cluster::start(&[

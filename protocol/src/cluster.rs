@@ -26,6 +26,12 @@ pub const BATCH_BUCKET: &str = "gristmill_batches";
 pub const FILE_BUCKET: &str = "gristmill_files";
 /// Key-value bucket of file metadata (OpenAI's file object), keyed by file id.
 pub const FILE_META_BUCKET: &str = "gristmill_file_meta";
+/// Key-value bucket of the coordinators' leader lease (`max_age` = the lease's TTL).
+pub const LEADER_BUCKET: &str = "gristmill_leader";
+/// The lease's key in [`LEADER_BUCKET`]; its value is the leader's identity.
+pub const LEASE_KEY: &str = "coordinator";
+/// NATS header on results messages naming the worker that produced them.
+pub const WORKER_HEADER: &str = "Gristmill-Worker";
 
 /// Subject a batch's shards are published on.
 pub fn shard_subject(batch_id: &str) -> String {

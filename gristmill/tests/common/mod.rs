@@ -48,8 +48,13 @@ impl Proc {
     }
 
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status();
     }
@@ -136,7 +141,29 @@ impl Cluster {
         self.dir.path().join(format!("{}-{name}.log", self.n))
     }
 
+    /// Starts the coordinator (identity `test-coordinator`, the same across restarts) and
+    /// waits until it leads.
     pub fn start_coordinator(&mut self) {
+        let (proc, url) = self.spawn_coordinator("test-coordinator", &[]);
+        self.url = url;
+        self.coordinator = Some(proc);
+        self.wait_ready(&self.url.clone(), Duration::from_secs(60));
+    }
+
+    /// Waits until the coordinator at `url` answers `/readyz` with 200 (it leads).
+    pub fn wait_ready(&self, url: &str, timeout: Duration) {
+        wait_for("the coordinator to lead", timeout, || {
+            ureq::get(&format!("{url}/readyz"))
+                .timeout(Duration::from_secs(5))
+                .call()
+                .ok()
+                .filter(|r| r.status() == 200)
+        });
+    }
+
+    /// Starts another coordinator process named `id` with the cluster's and `extra` arguments;
+    /// returns it with its URL once it listens (it may stand by).
+    pub fn spawn_coordinator(&mut self, id: &str, extra: &[&str]) -> (Proc, String) {
         let log = self.log("coordinator");
         let child = Command::new(env!("CARGO_BIN_EXE_gristmill"))
             .args([
@@ -145,8 +172,11 @@ impl Cluster {
                 "127.0.0.1:0",
                 "--nats",
                 &self.nats_url,
+                "--instance-id",
+                id,
             ])
             .args(&self.coordinator_args)
+            .args(extra)
             .env("GRISTMILL_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -160,8 +190,7 @@ impl Cluster {
                 .find_map(|l| l.split("listening on ").nth(1))
                 .map(|u| u.trim().to_string())
         });
-        self.url = url;
-        self.coordinator = Some(proc);
+        (proc, url)
     }
 
     pub fn kill_coordinator(&mut self) {

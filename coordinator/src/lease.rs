@@ -1,0 +1,278 @@
+//! Leader election among coordinators: a lease held in a NATS KV bucket.
+//!
+//! Several coordinators may run against one NATS (a Deployment with two replicas, or a rolling
+//! update); exactly one of them — the leader — acts: it serves the API, dispatches, collects,
+//! finalizes and autoscales. The others stand by, answer `/readyz` with 503 (so a Service sends
+//! them no traffic) and try to take the lease every `ttl / 4`.
+//!
+//! The lease is the key [`LEASE_KEY`] of the bucket [`LEADER_BUCKET`], whose `max_age` is the
+//! lease's time to live: a value not rewritten within `ttl` expires on the server. The leader
+//! rewrites it every `ttl / 3` with compare-and-set on its revision, so it can never overwrite a
+//! lease another coordinator took after an expiry. A standby takes the lease with `create`, which
+//! succeeds only once the key is gone (expired, or deleted by a leader shutting down cleanly).
+//!
+//! Fencing: the leader counts its lease as valid until `sent + 0.9 · ttl`, where `sent` is the
+//! monotonic time at which it sent its last successful renewal. The server stores that renewal
+//! after `sent`, so it expires no earlier than `sent + ttl`: by the time a standby can take the
+//! lease, the old leader's own clock already says it lost it. The old leader checks
+//! [`Lease::fence`] before each durable write and exits when the lease ran out (a process paused
+//! for longer than the lease, a network partition), and [`Lease::keep`] returns when a renewal
+//! fails past the deadline. The process then exits; Kubernetes restarts it as a standby.
+//!
+//! A coordinator restarted under the same identity (the pod name, unchanged across container
+//! restarts) takes its own unexpired lease over at once instead of waiting for it to expire.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use async_nats::jetstream::{self, kv, stream};
+use gristmill_protocol::cluster::{LEADER_BUCKET, LEASE_KEY};
+
+/// A coordinator's view of the leader lease.
+#[derive(Debug)]
+pub struct Lease {
+    kv: kv::Store,
+    identity: String,
+    ttl: Duration,
+    /// Reference point of the monotonic deadlines below.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which this process may act as leader (0: it may not).
+    valid_until: AtomicU64,
+    /// Revision of our last write of the lease key.
+    revision: AtomicU64,
+    /// Who held the lease when we last looked (for standby messages).
+    holder: Mutex<Option<String>>,
+}
+
+impl Lease {
+    /// Opens (or creates) the lease bucket. Every coordinator of a cluster must use the same
+    /// `ttl`: it is the bucket's `max_age`.
+    pub async fn open(
+        client: &async_nats::Client,
+        identity: String,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Self> {
+        anyhow::ensure!(
+            ttl >= Duration::from_secs(1),
+            "the lease TTL must be at least 1 s, got {ttl:?}"
+        );
+        anyhow::ensure!(!identity.is_empty(), "the coordinator identity is empty");
+        let kv = jetstream::new(client.clone())
+            .create_or_update_key_value(kv::Config {
+                bucket: LEADER_BUCKET.into(),
+                description: "Leader lease of the Gristmill coordinators".into(),
+                history: 1,
+                max_age: ttl,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .context("creating the leader lease bucket")?;
+        Ok(Self {
+            kv,
+            identity,
+            ttl,
+            epoch: Instant::now(),
+            valid_until: AtomicU64::new(0),
+            revision: AtomicU64::new(0),
+            holder: Mutex::new(None),
+        })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Who held the lease when this coordinator last looked, if another one did.
+    pub fn holder(&self) -> Option<String> {
+        self.holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_holder(&self, h: Option<String>) {
+        *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    fn grant(&self, revision: u64, sent: Instant) {
+        self.revision.store(revision, Ordering::SeqCst);
+        let until = sent + self.ttl.mul_f64(0.9);
+        self.valid_until.store(self.nanos(until), Ordering::SeqCst);
+        self.set_holder(None);
+    }
+
+    fn revoke(&self) {
+        self.valid_until.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether this process holds the lease now.
+    pub fn is_valid(&self) -> bool {
+        self.nanos(Instant::now()) < self.valid_until.load(Ordering::SeqCst)
+    }
+
+    /// Stops the process when its lease ran out, so that a coordinator that lost the lease
+    /// (paused, partitioned) never writes beside the new leader. Called before durable writes.
+    pub fn fence(&self) {
+        if !self.is_valid() {
+            tracing::error!(
+                identity = %self.identity,
+                "the leader lease ran out before this write; exiting so that only the new leader acts"
+            );
+            std::process::exit(3);
+        }
+    }
+
+    /// Waits until this coordinator holds the lease.
+    pub async fn acquire(&self) {
+        let mut announced = false;
+        loop {
+            match self.try_acquire().await {
+                Ok(true) => return,
+                Ok(false) => {
+                    if !announced {
+                        tracing::info!(
+                            identity = %self.identity,
+                            leader = self.holder().as_deref().unwrap_or("?"),
+                            "standing by: another coordinator holds the leader lease"
+                        );
+                        announced = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot read the leader lease")
+                }
+            }
+            tokio::time::sleep(self.ttl / 4).await;
+        }
+    }
+
+    /// One attempt to take the lease.
+    pub async fn try_acquire(&self) -> Result<bool> {
+        let sent = Instant::now();
+        match self
+            .kv
+            .create(LEASE_KEY, self.identity.clone().into())
+            .await
+        {
+            Ok(rev) => {
+                self.grant(rev, sent);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(anyhow!(e).context("creating the lease key")),
+        }
+        let Some(entry) = self.kv.entry(LEASE_KEY).await? else {
+            return Ok(false);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(false);
+        }
+        let holder = String::from_utf8_lossy(&entry.value).into_owned();
+        if holder != self.identity {
+            self.set_holder(Some(holder));
+            return Ok(false);
+        }
+        // Our own lease from before a restart: take it over.
+        let sent = Instant::now();
+        match self
+            .kv
+            .update(LEASE_KEY, self.identity.clone().into(), entry.revision)
+            .await
+        {
+            Ok(rev) => {
+                self.grant(rev, sent);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(anyhow!(e).context("renewing the lease key")),
+        }
+    }
+
+    /// One renewal. `Ok(false)`: another coordinator holds the lease now.
+    async fn renew(&self) -> Result<bool> {
+        let sent = Instant::now();
+        let rev = self.revision.load(Ordering::SeqCst);
+        let value: bytes::Bytes = self.identity.clone().into();
+        match self.kv.update(LEASE_KEY, value.clone(), rev).await {
+            Ok(new) => {
+                self.grant(new, sent);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Either another coordinator took it, or our previous renewal was stored but
+                // its answer lost: the key's value says which.
+                match self.kv.entry(LEASE_KEY).await? {
+                    Some(entry)
+                        if entry.operation == kv::Operation::Put && entry.value == value =>
+                    {
+                        let sent = Instant::now();
+                        let new = self
+                            .kv
+                            .update(LEASE_KEY, value, entry.revision)
+                            .await
+                            .context("renewing the lease key")?;
+                        self.grant(new, sent);
+                        Ok(true)
+                    }
+                    Some(entry) if entry.operation == kv::Operation::Put => {
+                        self.set_holder(Some(String::from_utf8_lossy(&entry.value).into_owned()));
+                        Ok(false)
+                    }
+                    _ => Ok(false),
+                }
+            }
+            Err(e) => Err(anyhow!(e).context("renewing the lease key")),
+        }
+    }
+
+    /// Renews the lease every `ttl / 3` while this coordinator leads; returns why it stopped
+    /// leading (another coordinator took the lease, or no renewal got through in time).
+    pub async fn keep(&self) -> anyhow::Error {
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            let last_error = match tokio::time::timeout(self.ttl / 3, self.renew()).await {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => {
+                    self.revoke();
+                    return anyhow!(
+                        "coordinator {} took the leader lease",
+                        self.holder().as_deref().unwrap_or("?")
+                    );
+                }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => format!("no answer within {:?}", self.ttl / 3),
+            };
+            tracing::warn!(error = %last_error, "cannot renew the leader lease");
+            if !self.is_valid() {
+                self.revoke();
+                return anyhow!(
+                    "the leader lease ran out: no renewal got through within {:?} ({last_error})",
+                    self.ttl.mul_f64(0.9)
+                );
+            }
+        }
+    }
+
+    /// Gives the lease up (clean shutdown), so that a standby takes over without waiting for
+    /// it to expire.
+    pub async fn release(&self) {
+        if !self.is_valid() {
+            return;
+        }
+        self.revoke();
+        let rev = self.revision.load(Ordering::SeqCst);
+        match self.kv.delete_expect_revision(LEASE_KEY, Some(rev)).await {
+            Ok(()) => tracing::info!(identity = %self.identity, "released the leader lease"),
+            Err(e) => tracing::warn!(error = %e, "could not release the leader lease; it expires"),
+        }
+    }
+}
