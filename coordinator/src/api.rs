@@ -5,22 +5,27 @@
 //! in constant time); the probes and `/metrics` stay open for the kubelet and Prometheus.
 //!
 //! The API is served from the moment the process starts, through a [`Gate`]: while this
-//! coordinator stands by for the leader lease, `/readyz` and every `/v1` route answer 503 naming
-//! the leader, and `/metrics` reports `gristmill_coordinator_leader 0`.
+//! coordinator stands by for the leader lease it forwards every `/v1` request to the leader
+//! named in the lease (503 naming the problem when there is none, or it does not answer),
+//! `/readyz` says whether it has a leader to forward to, and `/metrics` reports
+//! `gristmill_coordinator_leader 0`.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gristmill_protocol::Endpoint;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -88,21 +93,34 @@ type AppState = Arc<Gate>;
 
 /// What the API serves from: nothing but standby answers until this process leads, then the
 /// coordinator.
-#[derive(Debug)]
 pub struct Gate {
     api_key: Option<String>,
     max_bytes: u64,
     lease: Arc<Lease>,
     coordinator: OnceLock<Arc<Coordinator>>,
+    /// Forwards a standby's requests to the leader.
+    client: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("lease", &self.lease)
+            .field("leading", &self.coordinator.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Gate {
     pub fn new(settings: &Settings, lease: Arc<Lease>) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         Arc::new(Self {
             api_key: settings.api_key.clone(),
             max_bytes: settings.limits.max_bytes,
             lease,
             coordinator: OnceLock::new(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
         })
     }
 
@@ -113,14 +131,110 @@ impl Gate {
         }
     }
 
-    fn standby_message(&self) -> String {
-        format!(
-            "coordinator {} is standing by; the leader is {}",
-            self.lease.identity(),
-            self.lease
-                .holder()
-                .unwrap_or_else(|| "being elected".into())
-        )
+    /// A standby's 503, code `no_leader`: the request went nowhere and is safe to send again
+    /// (`leader_unreachable` replaces the code when a forwarded request's answer was lost).
+    fn standby_error(&self, why: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "coordinator {} is standing by and {why}; retry shortly",
+                self.lease.identity()
+            ),
+            kind: "server_error",
+            param: None,
+            code: Some("no_leader"),
+        }
+    }
+}
+
+/// How long a standby waits for the leader's answer to start (a paused leader accepts
+/// connections but never answers; the largest upload must fit).
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Marks a request a standby forwarded (a standby never forwards one again).
+const FORWARDED_BY: &str = "gristmill-forwarded-by";
+
+/// Headers of one connection, not of the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The leader answers `/v1` itself; a standby forwards to the leader in the lease.
+async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Response {
+    if g.coordinator.get().is_some() {
+        return next.run(req).await;
+    }
+    if req.headers().contains_key(FORWARDED_BY) {
+        return g
+            .standby_error("received a request another standby forwarded")
+            .into_response();
+    }
+    let Some(leader) = g.lease.holder().filter(|h| !h.url.is_empty()) else {
+        return g.standby_error("knows no leader yet").into_response();
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = match format!("{}{path}", leader.url.trim_end_matches('/')).parse::<Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            return g
+                .standby_error(&format!(
+                    "the leader's URL {:?} is unusable ({e})",
+                    leader.url
+                ))
+                .into_response()
+        }
+    };
+    for h in HOP_BY_HOP.iter().chain(&["host"]) {
+        parts.headers.remove(*h);
+    }
+    if let Ok(v) = HeaderValue::from_str(g.lease.identity()) {
+        parts.headers.insert(FORWARDED_BY, v);
+    }
+    let answer = tokio::time::timeout(
+        FORWARD_TIMEOUT,
+        g.client.request(Request::from_parts(parts, body)),
+    )
+    .await;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(_) => {
+            let mut err = g.standby_error(&format!(
+                "the leader {} at {} did not answer within {} s",
+                leader.identity,
+                leader.url,
+                FORWARD_TIMEOUT.as_secs()
+            ));
+            err.code = Some("leader_unreachable");
+            return err.into_response();
+        }
+    };
+    match answer {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            for h in HOP_BY_HOP {
+                parts.headers.remove(h);
+            }
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(e) => {
+            let mut err = g.standby_error(&format!(
+                "the leader {} at {} did not answer ({e})",
+                leader.identity, leader.url
+            ));
+            if !e.is_connect() {
+                // The request may have reached the leader: only the client knows whether
+                // sending it again is safe.
+                err.code = Some("leader_unreachable");
+            }
+            err.into_response()
+        }
     }
 }
 
@@ -132,16 +246,11 @@ impl FromRequestParts<AppState> for Leader {
     type Rejection = ApiError;
 
     async fn from_request_parts(_: &mut Parts, g: &AppState) -> Result<Self, ApiError> {
-        match g.coordinator.get() {
-            Some(c) => Ok(Leader(c.clone())),
-            None => Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: g.standby_message(),
-                kind: "server_error",
-                param: None,
-                code: Some("standby"),
-            }),
-        }
+        // `to_leader` sends a standby's requests elsewhere before they get here.
+        g.coordinator
+            .get()
+            .map(|c| Leader(c.clone()))
+            .ok_or_else(|| g.standby_error("cannot answer this itself"))
     }
 }
 
@@ -157,6 +266,7 @@ pub fn router(c: Arc<Gate>) -> Router {
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .fallback(unknown_route)
+        .layer(middleware::from_fn_with_state(c.clone(), to_leader))
         .layer(middleware::from_fn_with_state(c.clone(), require_key))
         .layer(DefaultBodyLimit::max(body_limit));
     Router::new()
@@ -213,14 +323,25 @@ async fn ready(State(g): State<AppState>) -> Response {
     match g.coordinator.get() {
         Some(c) if c.ready.load(Ordering::SeqCst) && c.connected() => "ready".into_response(),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, g.standby_message()).into_response(),
+        None => match g.lease.holder() {
+            Some(h) if !h.url.is_empty() => format!(
+                "standby: forwarding to the leader {} at {}",
+                h.identity, h.url
+            )
+            .into_response(),
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "standby: no leader to forward to yet",
+            )
+                .into_response(),
+        },
     }
 }
 
 async fn metrics(State(g): State<AppState>) -> Response {
     let leader = g.coordinator.get();
     let mut text = format!(
-        "# HELP gristmill_coordinator_leader 1 on the coordinator that holds the leader lease, 0 on a standby.\n# TYPE gristmill_coordinator_leader gauge\ngristmill_coordinator_leader {}\n",
+        "# HELP gristmill_coordinator_leader Whether this coordinator holds the leader lease (standbys forward to the leader).\n# TYPE gristmill_coordinator_leader gauge\ngristmill_coordinator_leader {}\n",
         u8::from(leader.is_some())
     );
     if let Some(c) = leader {

@@ -186,6 +186,121 @@ pub fn decide(p: &Policy, obs: &Observation, memory: &mut Memory) -> Decision {
     }
 }
 
+/// Measures the tokens per second one worker retires, from results as they arrive.
+///
+/// The unit is the queue's: each finished line retires its share of its batch's weight (prompt
+/// plus `max_tokens`), whatever it really generated, so that pending tokens divided by this rate
+/// is a time. Only spans in which shards waited undelivered count (every worker was busy: an
+/// idle worker says nothing about its speed). Over the last `window_s` of such a span, each
+/// worker counts from the start of the span if it reported before it, else from its first
+/// report (whose own weight, earned before, is left out); the estimate is the retired weight
+/// over the summed worker time. The last estimate stays when the queue has no backlog.
+#[derive(Debug, Clone)]
+pub struct RateMeter {
+    window_s: f64,
+    min_span_s: f64,
+    /// `(time, worker, weight)` of the results of the last two windows.
+    events: VecDeque<(f64, u32, f64)>,
+    names: Vec<String>,
+    backlogged_since: Option<f64>,
+    estimate: Option<f64>,
+}
+
+impl RateMeter {
+    /// A meter over the last `window_s` seconds that needs `min_span_s` of backlog to measure.
+    pub fn new(window_s: f64, min_span_s: f64) -> Self {
+        Self {
+            window_s,
+            min_span_s,
+            events: VecDeque::new(),
+            names: Vec::new(),
+            backlogged_since: None,
+            estimate: None,
+        }
+    }
+
+    /// Results of `weight` queue tokens reported by `worker` at `t` (their publish time).
+    pub fn record(&mut self, t: f64, worker: &str, weight: f64, now: f64) {
+        if t < now - 2.0 * self.window_s || weight <= 0.0 {
+            // Replayed history: says nothing about today's speed.
+            return;
+        }
+        let w = match self.names.iter().position(|n| n == worker) {
+            Some(i) => i,
+            None => {
+                self.names.push(worker.to_string());
+                self.names.len() - 1
+            }
+        } as u32;
+        self.events.push_back((t, w, weight));
+    }
+
+    /// Workers that reported within the last window.
+    pub fn active_workers(&self, now: f64) -> usize {
+        let mut seen: Vec<u32> = self
+            .events
+            .iter()
+            .filter(|e| e.0 >= now - self.window_s)
+            .map(|e| e.1)
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
+    }
+
+    /// The last estimate, without updating it.
+    pub fn estimate(&self) -> Option<f64> {
+        self.estimate
+    }
+
+    /// The current estimate, updated from the results so far when `backlogged` (shards wait
+    /// undelivered now).
+    pub fn sample(&mut self, now: f64, backlogged: bool) -> Option<f64> {
+        while self
+            .events
+            .front()
+            .is_some_and(|e| e.0 < now - 2.0 * self.window_s)
+        {
+            self.events.pop_front();
+        }
+        if !backlogged {
+            self.backlogged_since = None;
+            return self.estimate;
+        }
+        let since = *self.backlogged_since.get_or_insert(now);
+        let start = since.max(now - self.window_s);
+        if now - start < self.min_span_s {
+            return self.estimate;
+        }
+        // Per worker: (reported before `start`, first report in the span, weight after it).
+        let mut per: Vec<(bool, Option<f64>, f64)> = vec![(false, None, 0.0); self.names.len()];
+        for &(t, w, weight) in &self.events {
+            let p = &mut per[w as usize];
+            if t < start {
+                p.0 = true;
+            } else if t <= now {
+                if p.0 || p.1.is_some() {
+                    p.2 += weight;
+                }
+                p.1.get_or_insert(t);
+            }
+        }
+        let (mut weight, mut time) = (0.0, 0.0);
+        for (before, first, w) in per {
+            match (before, first) {
+                (true, _) => time += now - start,
+                (false, Some(t)) => time += now - t,
+                (false, None) => continue,
+            }
+            weight += w;
+        }
+        if time >= self.min_span_s && weight > 0.0 {
+            self.estimate = Some(weight / time);
+        }
+        self.estimate
+    }
+}
+
 /// KEDA's NATS JetStream scaler for comparison: `ceil(pending messages / lagThreshold)`,
 /// clamped, 0 when nothing is pending. It sees message counts, not tokens or deadlines.
 pub fn keda_lag_rule(pending_messages: u64, lag_threshold: u64, min: u32, max: u32) -> u32 {
@@ -354,6 +469,45 @@ mod tests {
             let changes = answers.windows(2).filter(|w| w[0] != w[1]).count();
             assert!(changes <= 1, "flapping on a steady queue: {answers:?}");
         }
+    }
+
+    #[test]
+    fn the_rate_meter_measures_busy_workers_only() {
+        let mut m = RateMeter::new(60.0, 10.0);
+        assert_eq!(m.sample(0.0, true), None);
+        // Two workers, 500 and 1500 tokens/s, a report every second from t = 1.
+        for t in 1..=30 {
+            m.record(t as f64, "a", 500.0, t as f64);
+            m.record(t as f64, "b", 1500.0, t as f64);
+        }
+        // Backlogged since t = 0: both count from their first report (weight after it).
+        let e = m.sample(30.0, true).expect("measured");
+        assert!((e - 1000.0).abs() < 1e-9, "{e}");
+        assert_eq!(m.active_workers(30.0), 2);
+        // A third worker joins at t = 40 at 1000 tokens/s; the others go on.
+        for t in 31..=60 {
+            m.record(t as f64, "a", 500.0, t as f64);
+            m.record(t as f64, "b", 1500.0, t as f64);
+            if t >= 40 {
+                m.record(t as f64, "c", 1000.0, t as f64);
+            }
+        }
+        let e = m.sample(60.0, true).expect("measured");
+        // Worker time: a and b from their first reports at t = 1 (59 s each, 59 reports after
+        // the first), c from t = 40 (20 s, 20 reports after its first).
+        let want = (59.0 * 2000.0 + 20.0 * 1000.0) / (59.0 * 2.0 + 20.0);
+        assert!((e - want).abs() < 1e-9, "{e} vs {want}");
+        // No backlog: workers may idle; the estimate stays, the span restarts.
+        assert_eq!(m.sample(70.0, false), Some(e));
+        for t in 71..=75 {
+            m.record(t as f64, "a", 5.0, t as f64);
+        }
+        assert_eq!(m.sample(75.0, true), Some(e), "a 0 s span measures nothing");
+        // Replayed results from long ago are ignored.
+        let mut fresh = RateMeter::new(60.0, 10.0);
+        fresh.record(0.0, "a", 1e9, 1000.0);
+        assert_eq!(fresh.active_workers(1000.0), 0);
+        assert_eq!(fresh.sample(1000.0, true), None);
     }
 
     #[test]

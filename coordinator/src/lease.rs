@@ -1,12 +1,13 @@
 //! Leader election among coordinators: a lease held in a NATS KV bucket.
 //!
 //! Several coordinators may run against one NATS (a Deployment with two replicas, or a rolling
-//! update); exactly one of them — the leader — acts: it serves the API, dispatches, collects,
-//! finalizes and autoscales. The others stand by, answer `/readyz` with 503 (so a Service sends
-//! them no traffic) and try to take the lease every `ttl / 4`.
+//! update); exactly one of them — the leader — acts: it dispatches, collects, finalizes,
+//! autoscales and answers the API. The others stand by: they forward API requests to the leader
+//! (its URL is in the lease) and try to take the lease every `ttl / 4`.
 //!
 //! The lease is the key [`LEASE_KEY`] of the bucket [`LEADER_BUCKET`], whose `max_age` is the
-//! lease's time to live: a value not rewritten within `ttl` expires on the server. The leader
+//! lease's time to live: a value (a [`Holder`], JSON) not rewritten within `ttl` expires on the
+//! server. The leader
 //! rewrites it every `ttl / 3` with compare-and-set on its revision, so it can never overwrite a
 //! lease another coordinator took after an expiry. A standby takes the lease with `create`, which
 //! succeeds only once the key is gone (expired, or deleted by a leader shutting down cleanly).
@@ -29,12 +30,32 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _, Result};
 use async_nats::jetstream::{self, kv, stream};
 use gristmill_protocol::cluster::{LEADER_BUCKET, LEASE_KEY};
+use serde::{Deserialize, Serialize};
+
+/// The value of the lease: who leads, and where its API answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub identity: String,
+    /// Base URL of the leader's HTTP API, e.g. `http://10.0.3.7:8000`.
+    pub url: String,
+}
+
+impl Holder {
+    fn parse(value: &[u8]) -> Self {
+        serde_json::from_slice(value).unwrap_or_else(|_| Holder {
+            identity: String::from_utf8_lossy(value).into_owned(),
+            url: String::new(),
+        })
+    }
+}
 
 /// A coordinator's view of the leader lease.
 #[derive(Debug)]
 pub struct Lease {
     kv: kv::Store,
-    identity: String,
+    me: Holder,
+    /// `me` as stored in the lease key.
+    value: bytes::Bytes,
     ttl: Duration,
     /// Reference point of the monotonic deadlines below.
     epoch: Instant,
@@ -42,16 +63,18 @@ pub struct Lease {
     valid_until: AtomicU64,
     /// Revision of our last write of the lease key.
     revision: AtomicU64,
-    /// Who held the lease when we last looked (for standby messages).
-    holder: Mutex<Option<String>>,
+    /// Who held the lease when we last looked, if another coordinator did.
+    holder: Mutex<Option<Holder>>,
 }
 
 impl Lease {
-    /// Opens (or creates) the lease bucket. Every coordinator of a cluster must use the same
-    /// `ttl`: it is the bucket's `max_age`.
+    /// Opens (or creates) the lease bucket for a coordinator named `identity` whose API answers
+    /// at `url`. Every coordinator of a cluster must use the same `ttl`: it is the bucket's
+    /// `max_age`.
     pub async fn open(
         client: &async_nats::Client,
         identity: String,
+        url: String,
         ttl: Duration,
         replicas: usize,
     ) -> Result<Self> {
@@ -72,9 +95,11 @@ impl Lease {
             })
             .await
             .context("creating the leader lease bucket")?;
+        let me = Holder { identity, url };
         Ok(Self {
             kv,
-            identity,
+            value: serde_json::to_vec(&me)?.into(),
+            me,
             ttl,
             epoch: Instant::now(),
             valid_until: AtomicU64::new(0),
@@ -84,19 +109,23 @@ impl Lease {
     }
 
     pub fn identity(&self) -> &str {
-        &self.identity
+        &self.me.identity
     }
 
     /// Who held the lease when this coordinator last looked, if another one did.
-    pub fn holder(&self) -> Option<String> {
+    pub fn holder(&self) -> Option<Holder> {
         self.holder
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn set_holder(&self, h: Option<String>) {
+    fn set_holder(&self, h: Option<Holder>) {
         *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+
+    fn holder_name(&self) -> String {
+        self.holder().map_or_else(|| "?".into(), |h| h.identity)
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -124,7 +153,7 @@ impl Lease {
     pub fn fence(&self) {
         if !self.is_valid() {
             tracing::error!(
-                identity = %self.identity,
+                identity = %self.me.identity,
                 "the leader lease ran out before this write; exiting so that only the new leader acts"
             );
             std::process::exit(3);
@@ -140,15 +169,17 @@ impl Lease {
                 Ok(false) => {
                     if !announced {
                         tracing::info!(
-                            identity = %self.identity,
-                            leader = self.holder().as_deref().unwrap_or("?"),
+                            identity = %self.me.identity,
+                            leader = %self.holder_name(),
                             "standing by: another coordinator holds the leader lease"
                         );
                         announced = true;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "cannot read the leader lease")
+                    // Nobody to forward to until the lease can be read again.
+                    self.set_holder(None);
+                    tracing::warn!(error = format!("{e:#}"), "cannot read the leader lease");
                 }
             }
             tokio::time::sleep(self.ttl / 4).await;
@@ -158,11 +189,7 @@ impl Lease {
     /// One attempt to take the lease.
     pub async fn try_acquire(&self) -> Result<bool> {
         let sent = Instant::now();
-        match self
-            .kv
-            .create(LEASE_KEY, self.identity.clone().into())
-            .await
-        {
+        match self.kv.create(LEASE_KEY, self.value.clone()).await {
             Ok(rev) => {
                 self.grant(rev, sent);
                 return Ok(true);
@@ -171,13 +198,15 @@ impl Lease {
             Err(e) => return Err(anyhow!(e).context("creating the lease key")),
         }
         let Some(entry) = self.kv.entry(LEASE_KEY).await? else {
+            self.set_holder(None);
             return Ok(false);
         };
         if entry.operation != kv::Operation::Put {
+            self.set_holder(None);
             return Ok(false);
         }
-        let holder = String::from_utf8_lossy(&entry.value).into_owned();
-        if holder != self.identity {
+        let holder = Holder::parse(&entry.value);
+        if holder.identity != self.me.identity {
             self.set_holder(Some(holder));
             return Ok(false);
         }
@@ -185,7 +214,7 @@ impl Lease {
         let sent = Instant::now();
         match self
             .kv
-            .update(LEASE_KEY, self.identity.clone().into(), entry.revision)
+            .update(LEASE_KEY, self.value.clone(), entry.revision)
             .await
         {
             Ok(rev) => {
@@ -201,9 +230,9 @@ impl Lease {
     async fn renew(&self) -> Result<bool> {
         let sent = Instant::now();
         let rev = self.revision.load(Ordering::SeqCst);
-        let value: bytes::Bytes = self.identity.clone().into();
-        match self.kv.update(LEASE_KEY, value.clone(), rev).await {
+        match self.kv.update(LEASE_KEY, self.value.clone(), rev).await {
             Ok(new) => {
+                tracing::debug!(revision = new, "renewed the leader lease");
                 self.grant(new, sent);
                 Ok(true)
             }
@@ -212,19 +241,19 @@ impl Lease {
                 // its answer lost: the key's value says which.
                 match self.kv.entry(LEASE_KEY).await? {
                     Some(entry)
-                        if entry.operation == kv::Operation::Put && entry.value == value =>
+                        if entry.operation == kv::Operation::Put && entry.value == self.value =>
                     {
                         let sent = Instant::now();
                         let new = self
                             .kv
-                            .update(LEASE_KEY, value, entry.revision)
+                            .update(LEASE_KEY, self.value.clone(), entry.revision)
                             .await
                             .context("renewing the lease key")?;
                         self.grant(new, sent);
                         Ok(true)
                     }
                     Some(entry) if entry.operation == kv::Operation::Put => {
-                        self.set_holder(Some(String::from_utf8_lossy(&entry.value).into_owned()));
+                        self.set_holder(Some(Holder::parse(&entry.value)));
                         Ok(false)
                     }
                     _ => Ok(false),
@@ -243,10 +272,7 @@ impl Lease {
                 Ok(Ok(true)) => continue,
                 Ok(Ok(false)) => {
                     self.revoke();
-                    return anyhow!(
-                        "coordinator {} took the leader lease",
-                        self.holder().as_deref().unwrap_or("?")
-                    );
+                    return anyhow!("coordinator {} took the leader lease", self.holder_name());
                 }
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(_) => format!("no answer within {:?}", self.ttl / 3),
@@ -271,7 +297,7 @@ impl Lease {
         self.revoke();
         let rev = self.revision.load(Ordering::SeqCst);
         match self.kv.delete_expect_revision(LEASE_KEY, Some(rev)).await {
-            Ok(()) => tracing::info!(identity = %self.identity, "released the leader lease"),
+            Ok(()) => tracing::info!(identity = %self.me.identity, "released the leader lease"),
             Err(e) => tracing::warn!(error = %e, "could not release the leader lease; it expires"),
         }
     }

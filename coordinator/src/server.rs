@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
     decode_results, result_msg_id, result_subject, shard_msg_id, shard_subject, ResultMessage,
     ResultOutcome, ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET, RESULT_STREAM,
-    RESULT_SUBJECT_PREFIX, SHARD_STREAM, SHARD_SUBJECT_PREFIX, WORKER_CONSUMER,
+    RESULT_SUBJECT_PREFIX, SHARD_STREAM, SHARD_SUBJECT_PREFIX, WORKER_CONSUMER, WORKER_HEADER,
 };
 use gristmill_protocol::{codes, ErrorLine, LineError, OutputLine, ResponseEnvelope};
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,8 @@ pub struct Settings {
     /// Apply the policy's decisions to this worker StatefulSet (`namespace`, `name`) through
     /// the Kubernetes API (requires `autoscale_dry_run`'s policy to be set).
     pub autoscale_apply: Option<(String, String)>,
+    /// How often the worker throughput is measured and the policy decides.
+    pub autoscale_interval: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -123,6 +125,8 @@ pub struct Coordinator {
     rate: Mutex<VecDeque<(Instant, u64)>>,
     /// The autoscaler's memory and last answer.
     autoscale: Mutex<(crate::autoscale::Memory, u32)>,
+    /// Tokens per second of one worker, measured from live results.
+    meter: Mutex<crate::autoscale::RateMeter>,
     /// Applies decisions to the worker StatefulSet, when `--autoscale` is on.
     scaler: Option<crate::kube_scale::WorkerScaler>,
     /// The leader lease this coordinator acts under.
@@ -243,6 +247,7 @@ impl Coordinator {
             }
             None => None,
         };
+        let interval_s = settings.autoscale_interval.as_secs_f64();
         let this = Arc::new(Self {
             settings,
             js,
@@ -255,6 +260,11 @@ impl Coordinator {
             counters: Counters::default(),
             rate: Mutex::new(VecDeque::new()),
             autoscale: Mutex::new((crate::autoscale::Memory::default(), 0)),
+            // Six decisions' worth of results, at least three of backlog before a measurement.
+            meter: Mutex::new(crate::autoscale::RateMeter::new(
+                6.0 * interval_s,
+                3.0 * interval_s,
+            )),
             scaler,
             lease,
             ready: AtomicBool::new(false),
@@ -894,8 +904,19 @@ impl Coordinator {
             if let Ok(info) = m.info() {
                 *next_seq = info.stream_sequence + 1;
             }
+            // Who produced the results and when, for the throughput meter.
+            let worker = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(WORKER_HEADER))
+                .map(|v| v.as_str().to_string());
+            let published = m
+                .info()
+                .map(|i| i.published.unix_timestamp_nanos() as f64 / 1e9)
+                .ok();
+            let source = worker.as_deref().zip(published);
             match decode_results(&m.payload) {
-                Ok(rs) => self.count(rs),
+                Ok(rs) => self.count(rs, source),
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "unreadable result skipped")
                 }
@@ -905,9 +926,12 @@ impl Coordinator {
     }
 
     /// Counts a message's results, each line once, and keeps the first result of each line.
-    fn count(self: &Arc<Self>, results: Vec<ResultMessage>) {
+    /// `source` (worker, publish time) feeds the throughput meter.
+    fn count(self: &Arc<Self>, results: Vec<ResultMessage>, source: Option<(&str, f64)>) {
         let mut finished: Vec<String> = Vec::new();
         let c = &self.counters;
+        // Queue tokens these results retire: each line its share of its batch's weight.
+        let mut retired = 0.0;
         {
             // One lock for the whole message.
             let mut map = self.lock();
@@ -934,6 +958,9 @@ impl Coordinator {
                     continue;
                 }
                 st.dirty = true;
+                if st.rec.total > 0 {
+                    retired += st.rec.tokens as f64 / st.rec.total as f64;
+                }
                 st.rec.prompt_tokens += prompt;
                 st.rec.completion_tokens += tokens;
                 if ok {
@@ -947,6 +974,14 @@ impl Coordinator {
                 }
                 st.results.push(r);
             }
+        }
+        if let Some((worker, t)) = source {
+            self.meter.lock().unwrap_or_else(|p| p.into_inner()).record(
+                t,
+                worker,
+                retired,
+                now_s() as f64,
+            );
         }
         for id in finished {
             self.maybe_finish(&id);
@@ -1047,6 +1082,7 @@ impl Coordinator {
     async fn tick(self: Arc<Self>) {
         let mut interval = tokio::time::interval(Duration::from_millis(500));
         let mut n = 0u64;
+        let autoscale_every = (self.settings.autoscale_interval.as_millis() / 500).max(1) as u64;
         loop {
             interval.tick().await;
             n += 1;
@@ -1092,8 +1128,9 @@ impl Coordinator {
                     rate.pop_front();
                 }
             }
-            if n.is_multiple_of(20) {
-                self.autoscale_tick().await;
+            if n.is_multiple_of(autoscale_every) {
+                let rate = self.measure().await;
+                self.autoscale_tick(rate).await;
             }
             if n.is_multiple_of(20) {
                 if let Err(e) = self.sweep_dead_shards().await {
@@ -1105,7 +1142,26 @@ impl Coordinator {
 
     /// One decision of the autoscaling policy from the batches in memory: applied to the worker
     /// StatefulSet with `--autoscale`, only logged (when it changes) in a dry run.
-    async fn autoscale_tick(&self) {
+    /// Samples the throughput meter: measured while shards wait undelivered.
+    async fn measure(&self) -> Option<f64> {
+        let backlogged = match self.js.get_stream(SHARD_STREAM).await {
+            Ok(s) => s
+                .consumer_info(WORKER_CONSUMER)
+                .await
+                .map(|i| i.num_pending > 0)
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.meter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sample(now, backlogged)
+    }
+
+    async fn autoscale_tick(&self, measured_tokens_per_s: Option<f64>) {
         let Some(policy) = self.settings.autoscale_dry_run else {
             return;
         };
@@ -1138,7 +1194,7 @@ impl Coordinator {
                 now_s: now_s() as f64,
                 batches,
                 current_replicas: current,
-                tokens_per_s_per_worker: None,
+                tokens_per_s_per_worker: measured_tokens_per_s,
             };
             let d = crate::autoscale::decide(&policy, &obs, &mut state.0);
             state.1 = d.replicas;
@@ -1270,6 +1326,27 @@ impl Coordinator {
                 c.shards_published.load(Ordering::Relaxed).to_string(),
             )],
         );
+        let (measured, active) = {
+            let m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            (m.estimate(), m.active_workers(now))
+        };
+        gauge(
+            "gristmill_workers_active",
+            "Workers that published results in the throughput meter's window.",
+            "gauge",
+            vec![(String::new(), active.to_string())],
+        );
+        if let Some(rate) = measured {
+            gauge(
+                "gristmill_worker_tokens_per_second",
+                "Queue tokens (prompt plus max_tokens) one worker retires per second, measured while shards wait (what the autoscaler divides by).",
+                "gauge",
+                vec![(String::new(), format!("{rate:.1}"))],
+            );
+        }
         if self.settings.autoscale_dry_run.is_some() {
             let desired = self.autoscale.lock().map(|s| s.1).unwrap_or(0);
             gauge(

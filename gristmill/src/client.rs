@@ -10,6 +10,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+/// How long a request is retried while the coordinators fail over.
+const RETRY_FOR: Duration = Duration::from_secs(60);
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Base URL of the coordinator.
@@ -31,23 +35,53 @@ impl Connection {
         }
     }
 
+    /// Sends a request. While coordinators fail over (a standby without a leader answers 503
+    /// `no_leader`; a restarting coordinator refuses connections) it tries again for up to a
+    /// minute: any request the coordinator says went nowhere, and reads (GET) after any 503 or
+    /// connection error.
     fn call(&self, req: ureq::Request, body: Option<(&str, &[u8])>) -> Result<ureq::Response> {
         let url = req.url().to_string();
-        let result = match body {
-            Some((content_type, data)) => req.set("Content-Type", content_type).send_bytes(data),
-            None => req.call(),
-        };
-        match result {
-            Ok(r) => Ok(r),
-            Err(ureq::Error::Status(code, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v["error"]["message"].as_str().map(String::from))
-                    .unwrap_or(text);
-                Err(anyhow!("{url}: HTTP {code}: {message}"))
+        let idempotent = req.method() == "GET";
+        let deadline = Instant::now() + RETRY_FOR;
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let attempt = req.clone();
+            let result = match body {
+                Some((content_type, data)) => {
+                    attempt.set("Content-Type", content_type).send_bytes(data)
+                }
+                None => attempt.call(),
+            };
+            let (error, retry) = match result {
+                Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(code, r)) => {
+                    let text = r.into_string().unwrap_or_default();
+                    let v = serde_json::from_str::<Value>(&text).ok();
+                    let went_nowhere =
+                        v.as_ref().and_then(|v| v["error"]["code"].as_str()) == Some("no_leader");
+                    let message = v
+                        .as_ref()
+                        .and_then(|v| v["error"]["message"].as_str().map(String::from))
+                        .unwrap_or(text);
+                    (
+                        anyhow!("{url}: HTTP {code}: {message}"),
+                        code == 503 && (went_nowhere || idempotent),
+                    )
+                }
+                // ureq's message names the URL.
+                Err(e) => (anyhow!("{e}"), idempotent),
+            };
+            if !retry || Instant::now() + pause > deadline {
+                return Err(error);
             }
-            Err(e) => Err(anyhow!("{url}: {e}")),
+            if pause == FIRST_PAUSE {
+                eprintln!(
+                    "{error:#}; trying again for up to {} s",
+                    RETRY_FOR.as_secs()
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(4));
         }
     }
 

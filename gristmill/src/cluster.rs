@@ -92,7 +92,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 16, env = "GRISTMILL_AUTOSCALE_MAX_REPLICAS")]
     pub autoscale_max_replicas: u32,
 
-    /// Autoscaling: tokens per second of one worker (prompt plus generated).
+    /// Autoscaling: tokens per second of one worker (prompt plus max_tokens of the lines it
+    /// finishes) until one has been measured.
     #[arg(
         long,
         default_value_t = 1000.0,
@@ -100,10 +101,22 @@ pub struct CoordinatorArgs {
     )]
     pub autoscale_worker_tokens_per_s: f64,
 
+    /// Autoscaling: seconds between decisions. Worker throughput is measured over the last six
+    /// intervals in which shards waited (every worker busy), once three such intervals have
+    /// passed, and then replaces `--autoscale-worker-tokens-per-s`.
+    #[arg(long, default_value_t = 10.0, env = "GRISTMILL_AUTOSCALE_INTERVAL")]
+    pub autoscale_interval: f64,
+
     /// Name of this coordinator in the leader lease; must differ between coordinators and stay
     /// the same across restarts of one [default: $POD_NAME or the host name, then the port].
     #[arg(long, env = "GRISTMILL_INSTANCE_ID")]
     pub instance_id: Option<String>,
+
+    /// Base URL at which other coordinators reach this one's API, to forward requests to it
+    /// while it leads [default: http://$POD_IP:PORT when listening on all addresses, else the
+    /// listen address].
+    #[arg(long, env = "GRISTMILL_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 
     /// Seconds a leader lease lives without renewal: how long standbys wait before taking over
     /// from a leader that died (a leader that shuts down cleanly hands over at once). The same
@@ -125,6 +138,28 @@ fn default_identity(port: u16) -> String {
         })
         .unwrap_or_else(|| "coordinator".into());
     format!("{host}:{port}")
+}
+
+/// Where other coordinators reach this one: the listen address, or `POD_IP` (else the host
+/// name) when it listens on every address.
+fn default_advertise_url(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("http://{addr}");
+    }
+    let host = std::env::var("POD_IP")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map(|ip| match ip.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{ip}]"),
+            Err(_) => ip,
+        })
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "localhost".into());
+    format!("http://{host}:{}", addr.port())
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -154,10 +189,21 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if args.max_deliver < 1 {
         bail!("--max-deliver must be at least 1");
     }
+    if let Some(u) = args.advertise_url.as_deref().filter(|u| !u.is_empty()) {
+        if !u.starts_with("http://") {
+            bail!("--advertise-url must be an http:// URL (coordinators talk plain HTTP to each other), got {u:?}");
+        }
+    }
     if !args.lease_ttl.is_finite() || args.lease_ttl < 1.0 {
         bail!(
             "--lease-ttl must be at least 1 second, got {}",
             args.lease_ttl
+        );
+    }
+    if !args.autoscale_interval.is_finite() || args.autoscale_interval < 0.5 {
+        bail!(
+            "--autoscale-interval must be at least 0.5 seconds, got {}",
+            args.autoscale_interval
         );
     }
     if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
@@ -212,6 +258,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         } else {
             None
         },
+        autoscale_interval: Duration::from_secs_f64(args.autoscale_interval),
         autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
             gristmill_coordinator::autoscale::Policy {
                 max_replicas: args.autoscale_max_replicas.max(1),
@@ -235,6 +282,10 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             Lease::open(
                 &client,
                 identity.clone(),
+                args.advertise_url
+                    .clone()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| default_advertise_url(addr)),
                 Duration::from_secs_f64(args.lease_ttl),
                 settings.replicas,
             )

@@ -31,7 +31,7 @@ use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
     result_group_msg_id, result_msg_id, result_subject, ResultMessage, ResultOutcome, ShardMessage,
     BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
-    WORKER_CONSUMER,
+    WORKER_CONSUMER, WORKER_HEADER,
 };
 use gristmill_protocol::{FinishReason, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -90,6 +90,8 @@ struct Shared {
     ack_wait: Duration,
     max_deliver: i64,
     model_name: String,
+    /// This worker's name, sent with its results (the coordinator measures throughput by it).
+    name: String,
     chaos_fail: Option<String>,
     /// Fires when in-flight shards must be released.
     release: watch::Receiver<bool>,
@@ -212,6 +214,7 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         ack_wait,
         max_deliver,
         model_name,
+        name: settings.name.clone(),
         chaos_fail: std::env::var(ENV_CHAOS_FAIL_CUSTOM_ID)
             .ok()
             .filter(|s| !s.is_empty()),
@@ -502,7 +505,8 @@ async fn run_shard(
                         result_subject(&shard.batch_id),
                         jetstream::message::PublishMessage::build()
                             .payload(payload.into())
-                            .message_id(msg_id),
+                            .message_id(msg_id)
+                            .header(WORKER_HEADER, shared.name.as_str()),
                     )
                     .await
                     .map_err(|e| ShardError::Transport(anyhow!(e)))?;

@@ -68,7 +68,8 @@ impl Proc {
             }
             assert!(
                 start.elapsed() < timeout,
-                "process did not exit within {timeout:?}"
+                "process did not exit within {timeout:?}; its log:\n{}",
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -147,17 +148,19 @@ impl Cluster {
         let (proc, url) = self.spawn_coordinator("test-coordinator", &[]);
         self.url = url;
         self.coordinator = Some(proc);
-        self.wait_ready(&self.url.clone(), Duration::from_secs(60));
+        self.wait_leading(&self.url.clone(), Duration::from_secs(60));
     }
 
-    /// Waits until the coordinator at `url` answers `/readyz` with 200 (it leads).
-    pub fn wait_ready(&self, url: &str, timeout: Duration) {
+    /// Waits until the coordinator at `url` holds the leader lease (its /metrics say so).
+    pub fn wait_leading(&self, url: &str, timeout: Duration) {
         wait_for("the coordinator to lead", timeout, || {
-            ureq::get(&format!("{url}/readyz"))
+            ureq::get(&format!("{url}/metrics"))
                 .timeout(Duration::from_secs(5))
                 .call()
+                .ok()?
+                .into_string()
                 .ok()
-                .filter(|r| r.status() == 200)
+                .filter(|m| m.lines().any(|l| l == "gristmill_coordinator_leader 1"))
         });
     }
 
@@ -301,7 +304,7 @@ impl Cluster {
         id: &str,
         timeout: Duration,
         what: &str,
-        pred: impl Fn(&Value) -> bool,
+        mut pred: impl FnMut(&Value) -> bool,
     ) -> Value {
         wait_for(what, timeout, || {
             // The coordinator may be restarting: treat transport errors as "not yet".
