@@ -92,6 +92,36 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 16, env = "GRISTMILL_AUTOSCALE_MAX_REPLICAS")]
     pub autoscale_max_replicas: u32,
 
+    /// Autoscaling: fewest workers (0 lets an idle cluster release every GPU).
+    #[arg(long, default_value_t = 0, env = "GRISTMILL_AUTOSCALE_MIN_REPLICAS")]
+    pub autoscale_min_replicas: u32,
+
+    /// Autoscaling: seconds an idle queue keeps its workers before going to the minimum.
+    #[arg(long, default_value_t = 600.0, env = "GRISTMILL_AUTOSCALE_IDLE_S")]
+    pub autoscale_idle_s: f64,
+
+    /// Autoscaling: scale down only to the largest recommendation of this many seconds (as
+    /// Kubernetes' HPA does), so a queue that dips briefly keeps its workers.
+    #[arg(
+        long,
+        default_value_t = 300.0,
+        env = "GRISTMILL_AUTOSCALE_STABILIZATION_S"
+    )]
+    pub autoscale_stabilization_s: f64,
+
+    /// Autoscaling: seconds from a scale-up to a new worker taking work (node provisioning,
+    /// image pull, model load); deadlines count it.
+    #[arg(long, default_value_t = 180.0, env = "GRISTMILL_AUTOSCALE_STARTUP_S")]
+    pub autoscale_startup_s: f64,
+
+    /// Autoscaling: empty the queue within this many seconds even when no deadline asks for it.
+    #[arg(
+        long,
+        default_value_t = 3600.0,
+        env = "GRISTMILL_AUTOSCALE_TARGET_DRAIN_S"
+    )]
+    pub autoscale_target_drain_s: f64,
+
     /// Autoscaling: tokens per second of one worker (prompt plus max_tokens of the lines it
     /// finishes) until one has been measured.
     #[arg(
@@ -200,6 +230,26 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             args.lease_ttl
         );
     }
+    for (flag, v) in [
+        ("--autoscale-idle-s", args.autoscale_idle_s),
+        (
+            "--autoscale-stabilization-s",
+            args.autoscale_stabilization_s,
+        ),
+        ("--autoscale-startup-s", args.autoscale_startup_s),
+        ("--autoscale-target-drain-s", args.autoscale_target_drain_s),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            bail!("{flag} must be a number of seconds, got {v}");
+        }
+    }
+    if args.autoscale_min_replicas > args.autoscale_max_replicas {
+        bail!(
+            "--autoscale-min-replicas ({}) is above --autoscale-max-replicas ({})",
+            args.autoscale_min_replicas,
+            args.autoscale_max_replicas
+        );
+    }
     if !args.autoscale_interval.is_finite() || args.autoscale_interval < 0.5 {
         bail!(
             "--autoscale-interval must be at least 0.5 seconds, got {}",
@@ -261,9 +311,13 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         autoscale_interval: Duration::from_secs_f64(args.autoscale_interval),
         autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
             gristmill_coordinator::autoscale::Policy {
+                min_replicas: args.autoscale_min_replicas,
                 max_replicas: args.autoscale_max_replicas.max(1),
                 default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),
-                ..Default::default()
+                scale_to_zero_after_s: args.autoscale_idle_s,
+                scale_down_stabilization_s: args.autoscale_stabilization_s,
+                startup_s: args.autoscale_startup_s,
+                target_drain_s: args.autoscale_target_drain_s,
             }
         }),
     };

@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{chat_line, ids, Cluster};
@@ -355,6 +356,191 @@ fn the_autoscaler_measures_worker_throughput_from_live_results() {
         c.logs()
     );
     assert_eq!(metric(&c, "gristmill_workers_active"), Some(1.0));
+}
+
+/// What the fake API server saw: (method, path, content type, body).
+type ApiLog = Arc<Mutex<(i64, Vec<(String, String, String, String)>)>>;
+
+const SCALE_PATH: &str = "/apis/apps/v1/namespaces/test/statefulsets/gristmill-worker/scale";
+
+/// A stand-in for the Kubernetes API server, which cannot run here: the `scale` subresource of
+/// one StatefulSet over plain HTTP, answering GET and merge-PATCH as the real one does and
+/// recording every request. The test plays the StatefulSet controller.
+fn fake_scale_api() -> (u16, ApiLog) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let log: ApiLog = Arc::new(Mutex::new((0, Vec::new())));
+    let state = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let state = state.clone();
+            std::thread::spawn(move || serve_scale_api(stream, &state));
+        }
+    });
+    (port, log)
+}
+
+fn serve_scale_api(stream: std::net::TcpStream, state: &ApiLog) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut out = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts
+            .next()
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let (mut length, mut content_type) = (0usize, String::new());
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    "content-type" => content_type = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let (status, answer) = {
+            let mut st = state.lock().expect("state");
+            st.1.push((method.clone(), path.clone(), content_type, body.clone()));
+            if path != SCALE_PATH {
+                (
+                    404,
+                    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                             "reason": "NotFound", "code": 404, "message": "not found"}),
+                )
+            } else {
+                if method == "PATCH" {
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    if let Some(n) = v["spec"]["replicas"].as_i64() {
+                        st.0 = n;
+                    }
+                }
+                (
+                    200,
+                    json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                    "metadata": {"name": "gristmill-worker", "namespace": "test",
+                                 "resourceVersion": st.1.len().to_string()},
+                    "spec": {"replicas": st.0}, "status": {"replicas": st.0}}),
+                )
+            }
+        };
+        let text = answer.to_string();
+        let reply = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_autoscaler_scales_workers_from_zero_and_back_through_the_kubernetes_api() {
+    let (port, api) = fake_scale_api();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let mut c = Cluster::start_with_env(
+        &[
+            "--autoscale",
+            "--autoscale-statefulset",
+            "test/gristmill-worker",
+            "--autoscale-interval",
+            "1",
+            "--autoscale-idle-s",
+            "3",
+            "--autoscale-stabilization-s",
+            "2",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))],
+    );
+    let replicas = || api.lock().expect("state").0;
+    let wait_replicas = |want: i64| {
+        let start = std::time::Instant::now();
+        while replicas() != want {
+            assert!(
+                start.elapsed() < LONG,
+                "the autoscaler never scaled to {want}: {:?}",
+                api.lock().expect("state").1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Nothing pending: the policy leaves the StatefulSet at 0.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replicas(), 0);
+
+    // A batch arrives: one worker is asked for; the "controller" (this test) starts it.
+    let lines = trickle(6, "s");
+    let id = c.create_batch(&lines, "24h");
+    wait_replicas(1);
+    c.start_worker(&[], &[]);
+    let done = c.wait_done(&id, LONG);
+    assert_eq!(done["status"], "completed", "{done}");
+    let (out, _) = c.results(&done, &ids(&lines));
+    assert_eq!(out.len(), 6);
+
+    // Idle past --autoscale-idle-s: back to zero; the worker drains and leaves.
+    wait_replicas(0);
+    c.workers[0].sigterm();
+    c.workers[0].wait_exit(LONG);
+
+    // Exactly the requests kube makes for statefulsets/scale: reads, and two merge patches.
+    let log = api.lock().expect("state").1.clone();
+    let patches: Vec<&str> = log
+        .iter()
+        .filter(|r| r.0 == "PATCH")
+        .map(|r| r.3.as_str())
+        .collect();
+    assert_eq!(
+        patches,
+        [r#"{"spec":{"replicas":1}}"#, r#"{"spec":{"replicas":0}}"#],
+        "{log:?}"
+    );
+    for (method, path, content_type, _) in &log {
+        assert_eq!(path, SCALE_PATH, "{log:?}");
+        assert!(method == "GET" || method == "PATCH", "{log:?}");
+        if method == "PATCH" {
+            assert_eq!(content_type, "application/merge-patch+json");
+        }
+    }
+    let coordinator_log = c.coordinator.as_ref().expect("coordinator").log_text();
+    assert!(
+        coordinator_log.contains("autoscale: scaled the workers"),
+        "{coordinator_log}"
+    );
 }
 
 #[test]

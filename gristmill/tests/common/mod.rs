@@ -96,6 +96,8 @@ pub struct Cluster {
     pub workers: Vec<Proc>,
     pub api_key: Option<String>,
     coordinator_args: Vec<String>,
+    /// Environment variables of every coordinator started.
+    pub coordinator_env: Vec<(String, String)>,
     n: usize,
 }
 
@@ -116,6 +118,11 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 impl Cluster {
     /// Starts nats-server and a coordinator with `args` added to its command line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// As [`Cluster::start`], with environment variables for the coordinator.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (nats, port) = start_nats(dir.path(), None);
         let mut c = Cluster {
@@ -127,9 +134,14 @@ impl Cluster {
             workers: Vec::new(),
             api_key: None,
             coordinator_args: args.iter().map(|s| s.to_string()).collect(),
+            coordinator_env: Vec::new(),
             n: 0,
             dir,
         };
+        c.coordinator_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         if let Some(i) = args.iter().position(|a| *a == "--api-key") {
             c.api_key = args.get(i + 1).map(|s| s.to_string());
         }
@@ -180,6 +192,7 @@ impl Cluster {
             ])
             .args(&self.coordinator_args)
             .args(extra)
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
             .env("GRISTMILL_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
