@@ -170,6 +170,14 @@ async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Respo
     if g.coordinator.get().is_some() {
         return next.run(req).await;
     }
+    if g.lease.is_valid() {
+        let mut err = g.standby_error("");
+        err.message = format!(
+            "coordinator {} leads and is still loading its batches; retry shortly",
+            g.lease.identity()
+        );
+        return err.into_response();
+    }
     if req.headers().contains_key(FORWARDED_BY) {
         return g
             .standby_error("received a request another standby forwarded")
@@ -323,6 +331,11 @@ async fn ready(State(g): State<AppState>) -> Response {
     match g.coordinator.get() {
         Some(c) if c.ready.load(Ordering::SeqCst) && c.connected() => "ready".into_response(),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS").into_response(),
+        None if g.lease.is_valid() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "leader: loading batches from NATS",
+        )
+            .into_response(),
         None => match g.lease.holder() {
             Some(h) if !h.url.is_empty() => format!(
                 "standby: forwarding to the leader {} at {}",
