@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use async_nats::jetstream::{self, kv, stream};
+use futures_util::StreamExt;
 use gristmill_protocol::cluster::{LEADER_BUCKET, LEASE_KEY};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,9 @@ pub struct Lease {
     revision: AtomicU64,
     /// Who held the lease when we last looked, if another coordinator did.
     holder: Mutex<Option<Holder>>,
+    /// When the holder's last renewal expires on the server (its wall-clock timestamp plus the
+    /// TTL): when to try next. Only a hint; taking the lease stays a compare-and-set.
+    expires_at_ns: Mutex<Option<i128>>,
 }
 
 impl Lease {
@@ -105,6 +109,7 @@ impl Lease {
             valid_until: AtomicU64::new(0),
             revision: AtomicU64::new(0),
             holder: Mutex::new(None),
+            expires_at_ns: Mutex::new(None),
         })
     }
 
@@ -160,9 +165,11 @@ impl Lease {
         }
     }
 
-    /// Waits until this coordinator holds the lease.
+    /// Waits until this coordinator holds the lease: tries every `ttl / 4`, and at once when the
+    /// lease key changes (a leader that shuts down deletes it).
     pub async fn acquire(&self) {
         let mut announced = false;
+        let mut watch = self.kv.watch(LEASE_KEY).await.ok();
         loop {
             match self.try_acquire().await {
                 Ok(true) => return,
@@ -182,8 +189,41 @@ impl Lease {
                     tracing::warn!(error = format!("{e:#}"), "cannot read the leader lease");
                 }
             }
-            tokio::time::sleep(self.ttl / 4).await;
+            let pause = tokio::time::sleep(self.next_try());
+            match watch.as_mut() {
+                Some(w) => {
+                    tokio::select! {
+                        _ = pause => {}
+                        change = w.next() => {
+                            if !matches!(change, Some(Ok(_))) {
+                                // The watch ended (NATS reconnecting): poll until it is back.
+                                watch = None;
+                            }
+                        }
+                    }
+                }
+                None => {
+                    pause.await;
+                    watch = self.kv.watch(LEASE_KEY).await.ok();
+                }
+            }
         }
+    }
+
+    /// How long to wait before the next attempt: `ttl / 4`, or less when the holder's lease
+    /// expires sooner (a dead leader is replaced right after its lease runs out).
+    fn next_try(&self) -> Duration {
+        let poll = self.ttl / 4;
+        let Some(expires) = *self.expires_at_ns.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return poll;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        // A little after the expiry, for the server's expiry timer.
+        let wait = Duration::from_nanos((expires - now).clamp(0, i64::MAX as i128) as u64)
+            + Duration::from_millis(100);
+        wait.min(poll)
     }
 
     /// One attempt to take the lease.
@@ -207,6 +247,8 @@ impl Lease {
         }
         let holder = Holder::parse(&entry.value);
         if holder.identity != self.me.identity {
+            *self.expires_at_ns.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(entry.created.unix_timestamp_nanos() + self.ttl.as_nanos() as i128);
             self.set_holder(Some(holder));
             return Ok(false);
         }
