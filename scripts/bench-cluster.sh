@@ -11,27 +11,9 @@
 set -euo pipefail
 workers="${1:-4}"
 repeat="${2:-3}"
-root="$(cd "$(dirname "$0")/.." && pwd)"
-g="$root/target/release/gristmill"
-cache="${GRISTMILL_CACHE_DIR:-$HOME/.cache/gristmill}"
-nats="$cache/tools-venv/bin/nats-server"
-[ -x "$g" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-[ -x "$nats" ] || "$root/scripts/fetch-tools.sh"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/ports" "$root/out"
-
-"$nats" -js -a 127.0.0.1 -p -1 -sd "$work/js" --ports_file_dir "$work/ports" 2>"$work/nats.log" &
-pids+=($!)
-for _ in $(seq 50); do ls "$work"/ports/* >/dev/null 2>&1 && break; sleep 0.1; done
-url="$(python3 -c 'import json,glob,sys; print(json.load(open(glob.glob(sys.argv[1]+"/*")[0]))["nats"][0])' "$work/ports")"
-GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --listen 127.0.0.1:0 --nats "$url" 2>"$work/coordinator.log" &
+# shellcheck source=scripts/loopback-nats.sh
+. "$(dirname "$0")/loopback-nats.sh"
+GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --listen 127.0.0.1:0 --nats "$nats_url" 2>"$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$work/coordinator.log" && break; sleep 0.1; done
 api="$(sed -n 's/.*listening on //p' "$work/coordinator.log" | head -1)"
@@ -43,7 +25,7 @@ echo "== routing: 50,000 requests, $workers echo workers (commit $(git -C "$root
 "$g" bench dataset --num-prompts 50000 --input-len 32 --output-len 16 -o "$work/route.jsonl"
 echo_pids=()
 for i in $(seq "$workers"); do
-  "$g" worker --engine echo --nats "$url" --max-inflight-shards 8 2>"$work/echo$i.log" &
+  "$g" worker --engine echo --nats "$nats_url" --max-inflight-shards 8 2>"$work/echo$i.log" &
   echo_pids+=($!); pids+=($!)
 done
 sleep 1
@@ -76,7 +58,7 @@ for p in "${echo_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 sleep 1
 
 echo "== overhead: gristmill run vs submit --wait with one model worker"
-"$g" worker --nats "$url" 2>"$work/model-worker.log" &
+"$g" worker --nats "$nats_url" 2>"$work/model-worker.log" &
 pids+=($!)
 sleep 2
 runs=(); subs=()
