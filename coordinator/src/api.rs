@@ -61,6 +61,16 @@ impl ApiError {
         }
     }
 
+    fn unavailable(message: String, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message,
+            kind: "server_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
     fn internal(e: anyhow::Error) -> Self {
         tracing::error!(error = format!("{e:#}"), "request failed");
         Self {
@@ -134,16 +144,13 @@ impl Gate {
     /// A standby's 503, code `no_leader`: the request went nowhere and is safe to send again
     /// (`leader_unreachable` replaces the code when a forwarded request's answer was lost).
     fn standby_error(&self, why: &str) -> ApiError {
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!(
+        ApiError::unavailable(
+            format!(
                 "coordinator {} is standing by and {why}; retry shortly",
                 self.lease.identity()
             ),
-            kind: "server_error",
-            param: None,
-            code: Some("no_leader"),
-        }
+            "no_leader",
+        )
     }
 }
 
@@ -171,12 +178,14 @@ async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Respo
         return next.run(req).await;
     }
     if g.lease.is_valid() {
-        let mut err = g.standby_error("");
-        err.message = format!(
-            "coordinator {} leads and is still loading its batches; retry shortly",
-            g.lease.identity()
-        );
-        return err.into_response();
+        return ApiError::unavailable(
+            format!(
+                "coordinator {} leads and is still loading its batches; retry shortly",
+                g.lease.identity()
+            ),
+            "no_leader",
+        )
+        .into_response();
     }
     if req.headers().contains_key(FORWARDED_BY) {
         return g
@@ -213,14 +222,17 @@ async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Respo
     let answer = match answer {
         Ok(a) => a,
         Err(_) => {
-            let mut err = g.standby_error(&format!(
-                "the leader {} at {} did not answer within {} s",
-                leader.identity,
-                leader.url,
-                FORWARD_TIMEOUT.as_secs()
-            ));
-            err.code = Some("leader_unreachable");
-            return err.into_response();
+            return ApiError::unavailable(
+                format!(
+                    "coordinator {} forwarded the request to the leader {} at {}, which did not answer within {} s",
+                    g.lease.identity(),
+                    leader.identity,
+                    leader.url,
+                    FORWARD_TIMEOUT.as_secs()
+                ),
+                "leader_unreachable",
+            )
+            .into_response();
         }
     };
     match answer {
@@ -231,18 +243,24 @@ async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Respo
             }
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => {
-            let mut err = g.standby_error(&format!(
-                "the leader {} at {} did not answer ({e})",
+        Err(e) if e.is_connect() => g
+            .standby_error(&format!(
+                "cannot reach the leader {} at {} ({e})",
                 leader.identity, leader.url
-            ));
-            if !e.is_connect() {
-                // The request may have reached the leader: only the client knows whether
-                // sending it again is safe.
-                err.code = Some("leader_unreachable");
-            }
-            err.into_response()
-        }
+            ))
+            .into_response(),
+        // The request may have reached the leader: only the client knows whether sending it
+        // again is safe.
+        Err(e) => ApiError::unavailable(
+            format!(
+                "coordinator {} forwarded the request to the leader {} at {}, whose answer was lost ({e})",
+                g.lease.identity(),
+                leader.identity,
+                leader.url
+            ),
+            "leader_unreachable",
+        )
+        .into_response(),
     }
 }
 
