@@ -227,7 +227,7 @@ impl Lease {
     }
 
     /// One attempt to take the lease.
-    pub async fn try_acquire(&self) -> Result<bool> {
+    async fn try_acquire(&self) -> Result<bool> {
         let sent = Instant::now();
         match self.kv.create(LEASE_KEY, self.value.clone()).await {
             Ok(rev) => {

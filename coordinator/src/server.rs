@@ -80,6 +80,13 @@ pub struct FileObject {
     pub status_details: Option<String>,
 }
 
+/// Seconds since the Unix epoch, with the fraction (the throughput meter's clock).
+pub fn now_s_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 pub fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -901,19 +908,17 @@ impl Coordinator {
         let mut messages = consumer.messages().await?;
         while let Some(m) = messages.next().await {
             let m = m?;
-            if let Ok(info) = m.info() {
+            // When the results were published, for the throughput meter.
+            let published = m.info().ok().map(|info| {
                 *next_seq = info.stream_sequence + 1;
-            }
-            // Who produced the results and when, for the throughput meter.
+                info.published.unix_timestamp_nanos() as f64 / 1e9
+            });
+            // And by whom.
             let worker = m
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(WORKER_HEADER))
                 .map(|v| v.as_str().to_string());
-            let published = m
-                .info()
-                .map(|i| i.published.unix_timestamp_nanos() as f64 / 1e9)
-                .ok();
             let source = worker.as_deref().zip(published);
             match decode_results(&m.payload) {
                 Ok(rs) => self.count(rs, source),
@@ -980,7 +985,7 @@ impl Coordinator {
                 t,
                 worker,
                 retired,
-                now_s() as f64,
+                now_s_f64(),
             );
         }
         for id in finished {
@@ -1140,8 +1145,6 @@ impl Coordinator {
         }
     }
 
-    /// One decision of the autoscaling policy from the batches in memory: applied to the worker
-    /// StatefulSet with `--autoscale`, only logged (when it changes) in a dry run.
     /// Samples the throughput meter: measured while shards wait undelivered.
     async fn measure(&self) -> Option<f64> {
         let backlogged = match self.js.get_stream(SHARD_STREAM).await {
@@ -1152,15 +1155,15 @@ impl Coordinator {
                 .unwrap_or(false),
             Err(_) => false,
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let now = now_s_f64();
         self.meter
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .sample(now, backlogged)
     }
 
+    /// One decision of the autoscaling policy from the batches in memory: applied to the worker
+    /// StatefulSet with `--autoscale`, only logged (when it changes) in a dry run.
     async fn autoscale_tick(&self, measured_tokens_per_s: Option<f64>) {
         let Some(policy) = self.settings.autoscale_dry_run else {
             return;
@@ -1328,9 +1331,7 @@ impl Coordinator {
         );
         let (measured, active) = {
             let m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64());
+            let now = now_s_f64();
             (m.estimate(), m.active_workers(now))
         };
         gauge(

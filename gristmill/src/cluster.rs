@@ -155,18 +155,21 @@ pub struct CoordinatorArgs {
     pub lease_ttl: f64,
 }
 
-/// This coordinator's name in the leader lease: `POD_NAME`, else `HOSTNAME`, else the
-/// machine's host name, followed by the port it listens on.
-fn default_identity(port: u16) -> String {
-    let host = ["POD_NAME", "HOSTNAME"]
-        .iter()
+/// The first of the environment variables `vars` that is set, else the machine's host name.
+fn env_or_host_name(vars: &[&str]) -> Option<String> {
+    vars.iter()
         .find_map(|v| std::env::var(v).ok().filter(|h| !h.is_empty()))
         .or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()
                 .map(|h| h.trim().to_string())
         })
-        .unwrap_or_else(|| "coordinator".into());
+}
+
+/// This coordinator's name in the leader lease: `POD_NAME`, else `HOSTNAME`, else the
+/// machine's host name, followed by the port it listens on.
+fn default_identity(port: u16) -> String {
+    let host = env_or_host_name(&["POD_NAME", "HOSTNAME"]).unwrap_or_else(|| "coordinator".into());
     format!("{host}:{port}")
 }
 
@@ -176,19 +179,11 @@ fn default_advertise_url(addr: SocketAddr) -> String {
     if !addr.ip().is_unspecified() {
         return format!("http://{addr}");
     }
-    let host = std::env::var("POD_IP")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .map(|ip| match ip.parse::<std::net::Ipv6Addr>() {
-            Ok(_) => format!("[{ip}]"),
-            Err(_) => ip,
-        })
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .unwrap_or_else(|| "localhost".into());
+    let host = match env_or_host_name(&["POD_IP"]) {
+        Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{ip}]"),
+        Some(host) => host,
+        None => "localhost".into(),
+    };
     format!("http://{host}:{}", addr.port())
 }
 

@@ -363,22 +363,6 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Logits at every position of one sequence, computed from scratch in its own cache
-    /// (scoring and tests).
-    pub fn score(&self, tokens: &[u32]) -> Vec<f32> {
-        let block_size = 16;
-        let blocks = tokens.len().div_ceil(block_size);
-        let mut kv = self.kv_cache(blocks, block_size);
-        let table: Vec<u32> = (0..blocks as u32).collect();
-        let seq = StepSeq {
-            tokens,
-            start: 0,
-            block_table: &table,
-            logits: Logits::All,
-        };
-        self.forward(&mut kv, &[seq]).remove(0)
-    }
-
     fn linear(&self, x: &B::Buf, l: &Linear<B>) -> B::Buf {
         self.backend.linear(x, &l.weight, l.bias.as_ref())
     }
