@@ -14,22 +14,36 @@
 //!   released order (LRU eviction).
 //!
 //! A full block's hash chains its parent's hash with its token ids, so equal hashes mean equal
-//! whole prefixes, not just equal blocks.
+//! whole prefixes, not just equal blocks. The hash is SHA-256: a hit is trusted without
+//! comparing tokens, so the hash must be collision-resistant — a 64-bit hash can collide by
+//! accident at scale or on purpose (vLLM's CVE-2025-25183), and a collision would serve one
+//! prompt's KV to another (another tenant's, even) and silently change its output.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
 
-/// Hash of a full block: parent block's hash and the block's tokens.
-pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    // SipHash with fixed zero keys: stable within a build, which is all the cache needs.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+/// The prefix hash of a full block (SHA-256).
+pub type BlockHash = [u8; 32];
+
+/// Hash of a full block: SHA-256 over the parent block's hash (none for the first block) and
+/// the block's token ids, little-endian.
+pub fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    match parent {
+        Some(p) => {
+            ctx.update(&[1]);
+            ctx.update(&p);
+        }
+        None => ctx.update(&[0]),
+    }
+    for t in tokens {
+        ctx.update(&t.to_le_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// Reference-counted KV blocks with an LRU prefix cache. Pure bookkeeping: no KV data lives here.
@@ -37,8 +51,8 @@ pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
 pub struct BlockPool {
     block_size: usize,
     ref_count: Vec<u32>,
-    hash_of: Vec<Option<u64>>,
-    cached: HashMap<u64, BlockId>,
+    hash_of: Vec<Option<BlockHash>>,
+    cached: HashMap<BlockHash, BlockId>,
     /// Free blocks ordered by (release stamp, id); stamp 0 for blocks without a hash.
     free: BTreeSet<(u64, BlockId)>,
     stamp_of: Vec<u64>,
@@ -89,7 +103,7 @@ impl BlockPool {
     }
 
     /// Takes a reference to the cached block with this prefix hash, if there is one.
-    pub fn lookup(&mut self, hash: u64) -> Option<BlockId> {
+    pub fn lookup(&mut self, hash: BlockHash) -> Option<BlockId> {
         let b = *self.cached.get(&hash)?;
         let i = b as usize;
         if self.ref_count[i] == 0 {
@@ -100,13 +114,13 @@ impl BlockPool {
     }
 
     /// Whether a block with this prefix hash is cached (no reference taken).
-    pub fn is_cached(&self, hash: u64) -> bool {
+    pub fn is_cached(&self, hash: BlockHash) -> bool {
         self.cached.contains_key(&hash)
     }
 
     /// Records that an in-use block is full and holds the prefix with this hash. If another block
     /// already holds it, this one stays unhashed (it is freed normally later).
-    pub fn commit(&mut self, block: BlockId, hash: u64) {
+    pub fn commit(&mut self, block: BlockId, hash: BlockHash) {
         let i = block as usize;
         debug_assert!(self.ref_count[i] > 0, "commit of a free block");
         if self.hash_of[i].is_some() || self.cached.contains_key(&hash) {
@@ -172,6 +186,9 @@ impl BlockPool {
 mod tests {
     use super::*;
 
+    /// `sha256(00 01000000 02000000)`, computed with Python's hashlib.
+    const HASH_OF_1_2: &str = "f64ec6aeff74ab2ec8b028c776a3b3f9be625617a26723900b440416ba72c7ec";
+
     #[test]
     fn allocate_release_and_exhaustion() {
         let mut p = BlockPool::new(3, 4);
@@ -219,6 +236,20 @@ mod tests {
         let a = block_hash(Some(block_hash(None, &[1, 2])), &[3, 4]);
         let b = block_hash(Some(block_hash(None, &[9, 9])), &[3, 4]);
         assert_ne!(a, b, "same block after different prefixes must differ");
+        // The first block and a block after a parent never share a hash, nor do blocks whose
+        // tokens differ only in how they split into bytes.
+        assert_ne!(
+            block_hash(None, &[1, 2]),
+            block_hash(Some([0; 32]), &[1, 2])
+        );
+        assert_ne!(block_hash(None, &[0x0100]), block_hash(None, &[0x01, 0x00]));
+        // SHA-256 of 0x00 then 1u32, 2u32 little-endian: the hash is a known one, not a 64-bit
+        // SipHash (whose collisions served one prompt's KV to another).
+        let hex: String = block_hash(None, &[1, 2])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, HASH_OF_1_2);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::kv_cache::{block_hash, BlockId, BlockPool};
+use crate::kv_cache::{block_hash, BlockHash, BlockId, BlockPool};
 
 /// Caller-chosen id of a sequence.
 pub type SeqId = u64;
@@ -45,7 +45,7 @@ pub struct Sequence {
     pub num_computed: usize,
     blocks: Vec<BlockId>,
     /// Chained hashes of the full blocks whose hashes are known.
-    hashes: Vec<u64>,
+    hashes: Vec<BlockHash>,
 }
 
 impl Sequence {
