@@ -14,6 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use axum::body::{Body, Bytes};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -71,15 +73,51 @@ impl ApiError {
         }
     }
 
+    /// An internal failure: the details go to the log under a request id, the client gets
+    /// the id (internal error text can name NATS subjects, keys and servers).
     fn internal(e: anyhow::Error) -> Self {
-        tracing::error!(error = format!("{e:#}"), "request failed");
+        let request_id = format!("req_{}", nuid::next());
+        tracing::error!(request_id, error = format!("{e:#}"), "request failed");
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("internal error: {e:#}"),
+            message: format!(
+                "the coordinator failed to serve this request; quote request id {request_id} to its operator"
+            ),
             kind: "server_error",
             param: None,
-            code: None,
+            code: Some("internal_error"),
         }
+    }
+
+    /// The store (NATS) did not take a change; nothing changed and the request may be sent
+    /// again.
+    fn store_unavailable(e: anyhow::Error, what: &str) -> Self {
+        let request_id = format!("req_{}", nuid::next());
+        tracing::error!(
+            request_id,
+            error = format!("{e:#}"),
+            "{what} failed: the store did not take the change"
+        );
+        Self::unavailable(
+            format!("{what} could not be stored (request id {request_id}); nothing changed: retry shortly"),
+            "store_unavailable",
+        )
+    }
+
+    fn conflict(message: String, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message,
+            kind: "invalid_request_error",
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    /// A request the framework could not read (query string, path, multipart framing), in
+    /// OpenAI's shape rather than plain text.
+    fn rejected(r: impl std::fmt::Display, param: Option<&'static str>) -> Self {
+        Self::invalid(format!("the request could not be read: {r}"), param)
     }
 }
 
@@ -264,6 +302,29 @@ async fn to_leader(State(g): State<AppState>, req: Request, next: Next) -> Respo
     }
 }
 
+/// The `{id}` of a path: one of our ids (`file-…`, `batch_…`; letters, digits, `-`, `_`), or
+/// a 404 in OpenAI's shape before anything is looked up (an id never reaches NATS unchecked).
+#[derive(Debug)]
+pub struct Id(pub String);
+
+impl FromRequestParts<AppState> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, g: &AppState) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, g)
+            .await
+            .map_err(|r| ApiError::rejected(r.body_text(), Some("id")))?;
+        if !crate::server::valid_id(&id) {
+            let shown: String = id.chars().take(80).collect();
+            return Err(ApiError::not_found(
+                format!("No such object: {shown:?} is not a file or batch id"),
+                Some("id"),
+            ));
+        }
+        Ok(Id(id))
+    }
+}
+
 /// The leading coordinator, or a 503 from a standby.
 #[derive(Debug)]
 pub struct Leader(pub Arc<Coordinator>);
@@ -292,6 +353,7 @@ pub fn router(c: Arc<Gate>) -> Router {
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(c.clone(), to_leader))
         .layer(middleware::from_fn_with_state(c.clone(), require_key))
         .layer(DefaultBodyLimit::max(body_limit));
@@ -303,6 +365,13 @@ pub fn router(c: Arc<Gate>) -> Router {
         .with_state(c)
 }
 
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid(format!("{method} is not allowed on {}", uri.path()), None)
+    }
+}
+
 async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(
         format!("Unknown request URL: {method} {}", uri.path()),
@@ -310,27 +379,34 @@ async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// Equal-length byte strings compared without an early exit.
+/// Byte strings compared in time that depends on neither their contents nor the given key's
+/// length: both are hashed (SHA-256) first and the digests compared without an early exit.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let da = ring::digest::digest(&ring::digest::SHA256, a);
+    let db = ring::digest::digest(&ring::digest::SHA256, b);
+    da.as_ref()
+        .iter()
+        .zip(db.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &c.api_key {
-        let given = req
+        let header = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
-            let message = if given.is_empty() {
-                "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`."
-            } else {
-                "Incorrect API key provided."
+            .map(|v| v.to_str().unwrap_or("?"));
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let given = header.and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        });
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            let message = match (header, given) {
+                (None, _) => "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
+                (Some(_), None) => "The Authorization header must be `Bearer <key>`.",
+                (Some(_), Some(_)) => "Incorrect API key provided.",
             };
             return ApiError {
                 status: StatusCode::UNAUTHORIZED,
@@ -385,7 +461,11 @@ async fn metrics(State(g): State<AppState>) -> Response {
 
 const PURPOSES: [&str; 4] = ["batch", "batch_output", "user_data", "evals"];
 
-async fn upload_file(Leader(c): Leader, mut form: Multipart) -> ApiResult<Json<Value>> {
+async fn upload_file(
+    Leader(c): Leader,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Json<Value>> {
+    let mut form = form.map_err(|r| ApiError::rejected(r.body_text(), None))?;
     let max = c.settings.limits.max_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -410,14 +490,26 @@ async fn upload_file(Leader(c): Leader, mut form: Multipart) -> ApiResult<Json<V
                 ))
             }
         };
+        let twice = |name: &'static str| {
+            ApiError::invalid(
+                format!("the form has more than one {name:?} part; send exactly one"),
+                Some(name),
+            )
+        };
         match field.name() {
             Some("purpose") => {
+                if purpose.is_some() {
+                    return Err(twice("purpose"));
+                }
                 let text = field.text().await.map_err(|e| {
                     ApiError::invalid(format!("unreadable purpose: {e}"), Some("purpose"))
                 })?;
                 purpose = Some(text);
             }
             Some("file") => {
+                if file.is_some() {
+                    return Err(twice("file"));
+                }
                 let name = field.file_name().unwrap_or("upload.jsonl").to_string();
                 let data = field.bytes().await.map_err(|e| {
                     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -493,7 +585,11 @@ fn page(items: Vec<(String, Value)>, after: Option<&str>, limit: usize) -> ApiRe
     }))
 }
 
-async fn list_files(Leader(c): Leader, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+async fn list_files(
+    Leader(c): Leader,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|r| ApiError::rejected(r.body_text(), None))?;
     let limit = parse_limit(&q, 10_000, 10_000)?;
     let mut files = c.list_files().await?;
     if let Some(p) = &q.purpose {
@@ -513,19 +609,25 @@ fn no_file(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}"), Some("id"))
 }
 
-async fn get_file(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_file(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
     let f = c.file(&id).await?.ok_or_else(|| no_file(&id))?;
     Ok(Json(serde_json::to_value(f).map_err(anyhow::Error::from)?))
 }
 
-async fn delete_file(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn delete_file(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
+    if let Some(batch) = c.batch_using(&id) {
+        return Err(ApiError::conflict(
+            format!("file {id} is the input of batch {batch}, which is still running; delete it once the batch has ended (or cancel the batch)"),
+            "file_in_use",
+        ));
+    }
     if !c.delete_file(&id).await? {
         return Err(no_file(&id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-async fn file_content(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Response> {
+async fn file_content(Leader(c): Leader, Id(id): Id) -> ApiResult<Response> {
     c.file(&id).await?.ok_or_else(|| no_file(&id))?;
     let data = c.file_content(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
@@ -618,12 +720,16 @@ fn no_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}"), Some("id"))
 }
 
-async fn get_batch(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_batch(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
     let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
     Ok(Json(rec.to_openai()))
 }
 
-async fn list_batches(Leader(c): Leader, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+async fn list_batches(
+    Leader(c): Leader,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|r| ApiError::rejected(r.body_text(), None))?;
     let limit = parse_limit(&q, 20, 100)?;
     let items = c
         .list_batches()
@@ -633,7 +739,7 @@ async fn list_batches(Leader(c): Leader, Query(q): Query<ListQuery>) -> ApiResul
     Ok(Json(page(items, q.after.as_deref(), limit)?))
 }
 
-async fn cancel_batch(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn cancel_batch(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
     let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
     if rec.status.is_terminal() && rec.status != BatchStatus::Cancelled {
         return Err(ApiError {
@@ -647,7 +753,11 @@ async fn cancel_batch(Leader(c): Leader, Path(id): Path<String>) -> ApiResult<Js
             code: None,
         });
     }
-    let rec = c.cancel(&id).await?.ok_or_else(|| no_batch(&id))?;
+    let rec = c
+        .cancel(&id)
+        .await
+        .map_err(|e| ApiError::store_unavailable(e, "cancelling the batch"))?
+        .ok_or_else(|| no_batch(&id))?;
     Ok(Json(rec.to_openai()))
 }
 
@@ -661,6 +771,7 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //!
 //! `validating → in_progress → finalizing → completed`, with `failed` (validation),
 //! `cancelling → cancelled` and `expired` (the completion window ran out) on the side. Terminal
-//! states never change again. Results are counted once per `custom_id`, so a result delivered
-//! twice (a worker crashed after publishing, its shard went to another worker) is not counted
-//! twice, and `completed + failed == total` holds once every line has reported.
+//! states never change again. Results are counted once per line through the batch's
+//! [`Ledger`], so a result delivered twice (a worker crashed after publishing, its shard went to
+//! another worker) is not counted twice, a result for a line the batch does not have is not
+//! counted at all, and `completed + failed == total` holds once every line has reported.
 
-use std::collections::HashSet;
+use crate::ledger::{Ledger, Recorded};
 
 use gristmill_protocol::{Endpoint, LineError};
 use serde::{Deserialize, Serialize};
@@ -125,10 +126,10 @@ pub struct BatchRecord {
     /// Where `finalizing` or `cancelling` ends: `completed`, `cancelled` or `expired`.
     #[serde(default)]
     pub ending: Option<BatchStatus>,
-    /// Result keys counted so far. Not stored: a restarted coordinator rebuilds it (and the
-    /// counts) by replaying the results stream.
+    /// The batch's lines and which have reported. Not stored here: its lines come from the
+    /// batch's index object, its reports (and the counts) from replaying the results stream.
     #[serde(skip)]
-    seen: HashSet<String>,
+    pub ledger: Ledger,
 }
 
 impl BatchRecord {
@@ -169,7 +170,7 @@ impl BatchRecord {
             completion_tokens: 0,
             shards: 0,
             ending: None,
-            seen: HashSet::new(),
+            ledger: Ledger::open(),
         }
     }
 
@@ -203,23 +204,29 @@ impl BatchRecord {
         Ok(())
     }
 
-    /// Counts one line's result; `false` (and nothing counted) if that `custom_id` already
-    /// reported.
-    pub fn record(&mut self, custom_id: &str, ok: bool) -> bool {
-        if !self.seen.insert(custom_id.to_string()) {
-            return false;
+    /// Counts one line's result (line `line`, from `shard`) if it is the line's first; a repeat
+    /// or a foreign result counts nothing.
+    pub fn record(
+        &mut self,
+        custom_id: &str,
+        line: usize,
+        shard: Option<u32>,
+        ok: bool,
+    ) -> Recorded {
+        let r = self.ledger.record(custom_id, line, shard);
+        if r == Recorded::New {
+            if ok {
+                self.completed += 1;
+            } else {
+                self.failed += 1;
+            }
         }
-        if ok {
-            self.completed += 1;
-        } else {
-            self.failed += 1;
-        }
-        true
+        r
     }
 
     /// Forgets every counted result (before replaying them after a restart).
     pub fn reset_counts(&mut self) {
-        self.seen.clear();
+        self.ledger.reset();
         self.completed = 0;
         self.failed = 0;
         self.prompt_tokens = 0;
@@ -231,9 +238,9 @@ impl BatchRecord {
         self.completed + self.failed >= self.total
     }
 
-    /// Whether the line with this `custom_id` has reported.
-    pub fn has_reported(&self, custom_id: &str) -> bool {
-        self.seen.contains(custom_id)
+    /// Whether the line with this `custom_id` (or number, without one) has reported.
+    pub fn has_reported(&self, custom_id: &str, line: usize) -> bool {
+        self.ledger.has_reported(custom_id, line)
     }
 
     /// The OpenAI `batch` object.
@@ -355,14 +362,34 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_results_are_counted_once() {
+    fn duplicate_and_foreign_results_are_not_counted() {
+        use crate::ledger::{IndexEntry, Recorded::*};
         let mut b = batch();
         b.total = 3;
-        assert!(b.record("a", true));
-        assert!(!b.record("a", false), "a redelivered result is ignored");
-        assert!(b.record("b", false));
+        let entries: Vec<IndexEntry> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| IndexEntry {
+                custom_id: Some(id.to_string()),
+                line: i + 1,
+                shard: Some(0),
+            })
+            .collect();
+        b.ledger = Ledger::from_index(&entries);
+        assert_eq!(b.record("a", 1, Some(0), true), New);
+        assert_eq!(
+            b.record("a", 1, Some(0), false),
+            Repeat,
+            "a redelivered result"
+        );
+        assert_eq!(
+            b.record("x", 4, Some(0), true),
+            Foreign,
+            "not a line of the batch"
+        );
+        assert_eq!(b.record("b", 2, Some(0), false), New);
         assert!(!b.all_reported());
-        assert!(b.record("c", true));
+        assert_eq!(b.record("c", 3, Some(0), true), New);
         assert!(b.all_reported());
         assert_eq!((b.completed, b.failed), (2, 1));
     }

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use gristmill_protocol::cluster::{ResultMessage, ResultOutcome, ShardMessage};
 use gristmill_protocol::{codes, Endpoint, LineError, Request};
 
+use crate::ledger::IndexEntry;
 use crate::shard::{plan_shards, PlanLine, ShardLimits};
 use crate::validate::{InvalidLine, LineValidator};
 
@@ -26,6 +27,8 @@ use crate::validate::{InvalidLine, LineValidator};
 pub struct IntakeLimits {
     pub max_bytes: u64,
     pub max_lines: usize,
+    /// Largest request (as it travels in a shard) accepted; a larger line is an error line.
+    pub max_line_bytes: usize,
     pub shard: ShardLimits,
 }
 
@@ -35,8 +38,23 @@ impl Default for IntakeLimits {
         Self {
             max_bytes: 200 << 20,
             max_lines: 50_000,
+            max_line_bytes: usize::MAX,
             shard: ShardLimits::default(),
         }
+    }
+}
+
+/// Room left in a NATS message for the shard's own fields and the headers.
+const SHARD_ENVELOPE_BYTES: usize = 64 * 1024;
+
+impl IntakeLimits {
+    /// These limits with shards and lines that fit one NATS message of `max_payload` bytes (the
+    /// server's limit, read at connect).
+    pub fn within_max_payload(mut self, max_payload: usize) -> Self {
+        let room = max_payload.saturating_sub(SHARD_ENVELOPE_BYTES).max(1024);
+        self.shard.max_bytes = self.shard.max_bytes.min(room);
+        self.max_line_bytes = self.max_line_bytes.min(self.shard.max_bytes);
+        self
     }
 }
 
@@ -56,6 +74,8 @@ pub struct Intake {
     pub shards: Vec<ShardMessage>,
     /// One failed result per invalid line.
     pub invalid: Vec<ResultMessage>,
+    /// Every line, in line order, with the shard that carries it (the batch's ledger).
+    pub index: Vec<IndexEntry>,
 }
 
 /// One non-blank line of an input file.
@@ -63,16 +83,6 @@ pub struct Intake {
 pub enum Scanned {
     Valid(Request),
     Invalid(InvalidLine),
-}
-
-/// The key a line's result is counted under: its `custom_id`, or its line number when it has
-/// none (a line that is not JSON, say). `custom_id`s are unique per batch (a file-level check).
-pub fn result_key(custom_id: &str, line: usize) -> String {
-    if custom_id.is_empty() {
-        format!("\u{1}line {line}")
-    } else {
-        custom_id.to_string()
-    }
 }
 
 /// Validates every line; file-level errors if the file as a whole is unacceptable.
@@ -202,31 +212,58 @@ pub fn intake(
     let total = lines.len() as u64;
     let mut valid = Vec::new();
     let mut invalid = Vec::new();
+    let fail = |custom_id: Option<String>, line: usize, error: LineError| ResultMessage {
+        batch_id: batch_id.to_string(),
+        custom_id: custom_id.unwrap_or_default(),
+        line,
+        shard: None,
+        outcome: ResultOutcome::Failed { error },
+    };
     for s in lines {
         match s {
             Scanned::Valid(r) => valid.push(r),
-            Scanned::Invalid(bad) => invalid.push(ResultMessage {
-                batch_id: batch_id.to_string(),
-                custom_id: bad.custom_id.unwrap_or_default(),
-                line: bad.line,
-                outcome: ResultOutcome::Failed { error: bad.error },
-            }),
+            Scanned::Invalid(bad) => invalid.push(fail(bad.custom_id, bad.line, bad.error)),
         }
     }
+    // Each valid line's size as it travels in a shard: one over the limit cannot travel.
+    let sizes: Vec<usize> = valid
+        .par_iter()
+        .map(|r| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len() + 1))
+        .collect();
+    let (valid, sizes): (Vec<Request>, Vec<usize>) = valid
+        .into_iter()
+        .zip(sizes)
+        .filter_map(|(r, bytes)| {
+            if bytes <= limits.max_line_bytes {
+                return Some((r, bytes));
+            }
+            let error = LineError::new(
+                codes::LINE_TOO_LARGE,
+                format!(
+                    "line {}: the request is {bytes} bytes; the limit is {} bytes (what one NATS \
+                     message carries): shorten the prompt",
+                    r.line, limits.max_line_bytes
+                ),
+            );
+            invalid.push(fail(Some(r.custom_id), r.line, error));
+            None
+        })
+        .unzip();
     let plan_lines: Vec<PlanLine> = valid
         .par_iter()
+        .zip(&sizes)
         .enumerate()
-        .map(|(index, r)| PlanLine {
+        .map(|(index, (r, &bytes))| PlanLine {
             index,
             prompt: tokens(r),
             max_new_tokens: r.params.max_tokens.unwrap_or(256) as u64 * r.params.n.max(1) as u64,
-            bytes: serde_json::to_vec(r).map_or(1024, |v| v.len() + 1),
+            bytes,
         })
         .collect();
     let plans = plan_shards(plan_lines, limits.shard);
     let mut slots: Vec<Option<Request>> = valid.into_iter().map(Some).collect();
     let mut all_tokens = 0;
-    let shards = plans
+    let shards: Vec<ShardMessage> = plans
         .into_iter()
         .enumerate()
         .map(|(i, p)| {
@@ -240,11 +277,28 @@ pub fn intake(
             }
         })
         .collect();
+    let mut index: Vec<IndexEntry> = invalid
+        .iter()
+        .map(|r| IndexEntry {
+            custom_id: (!r.custom_id.is_empty()).then(|| r.custom_id.clone()),
+            line: r.line,
+            shard: None,
+        })
+        .chain(shards.iter().flat_map(|s| {
+            s.requests.iter().map(|r| IndexEntry {
+                custom_id: Some(r.custom_id.clone()),
+                line: r.line,
+                shard: Some(s.shard),
+            })
+        }))
+        .collect();
+    index.sort_by_key(|e| e.line);
     Ok(Intake {
         total,
         tokens: all_tokens,
         shards,
         invalid,
+        index,
     })
 }
 
@@ -286,6 +340,7 @@ mod tests {
         IntakeLimits {
             max_bytes: 1 << 20,
             max_lines: 10,
+            max_line_bytes: usize::MAX,
             shard: ShardLimits {
                 max_tokens: 40,
                 max_lines: 100,
@@ -333,6 +388,67 @@ mod tests {
         );
         assert_eq!(got.tokens, got.shards.iter().map(|s| s.tokens).sum::<u64>());
         assert!(got.shards.iter().all(|s| s.batch_id == "batch_x"));
+        // The index names every line once, in order, with the shard that carries it.
+        let index: Vec<(usize, Option<&str>, bool)> = got
+            .index
+            .iter()
+            .map(|e| (e.line, e.custom_id.as_deref(), e.shard.is_some()))
+            .collect();
+        assert_eq!(
+            index,
+            vec![
+                (1, Some("a"), true),
+                (2, None, false),
+                (4, Some("b"), true),
+                (5, Some("c"), false)
+            ]
+        );
+        for s in &got.shards {
+            for r in &s.requests {
+                assert!(got
+                    .index
+                    .iter()
+                    .any(|e| e.line == r.line && e.shard == Some(s.shard)));
+            }
+        }
+    }
+
+    /// A line larger than one NATS message is an error line of its own; the rest still runs
+    /// (it once kept the batch in `validating` forever, failing to publish every 2 s).
+    #[test]
+    fn a_line_over_the_message_limit_is_an_error_line() {
+        let file = [
+            chat_line("small", "hello"),
+            chat_line("huge", &"x".repeat(300_000)),
+            chat_line("small2", "there"),
+        ]
+        .join("\n");
+        let limits = limits().within_max_payload(256 * 1024);
+        assert_eq!(limits.max_line_bytes, 192 * 1024);
+        assert_eq!(limits.shard.max_bytes, 192 * 1024);
+        let got = intake(
+            "b",
+            file.as_bytes(),
+            Endpoint::ChatCompletions,
+            &limits,
+            &byte_tokens,
+        )
+        .expect("file is acceptable");
+        assert_eq!(got.total, 3);
+        assert_eq!(got.invalid.len(), 1);
+        let bad = &got.invalid[0];
+        assert_eq!((bad.line, bad.custom_id.as_str()), (2, "huge"));
+        let ResultOutcome::Failed { error } = &bad.outcome else {
+            panic!("a failed result")
+        };
+        assert_eq!(error.code, codes::LINE_TOO_LARGE);
+        assert!(error.message.starts_with("line 2:"), "{}", error.message);
+        let shipped: usize = got.shards.iter().map(|s| s.requests.len()).sum();
+        assert_eq!(shipped, 2);
+        assert!(got
+            .shards
+            .iter()
+            .all(|s| serde_json::to_vec(s).expect("json").len() < 256 * 1024));
     }
 
     #[test]

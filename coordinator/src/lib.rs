@@ -5,11 +5,14 @@
 pub mod api;
 pub mod autoscale;
 pub mod batch;
+pub mod http;
 pub mod intake;
 pub mod kube_scale;
 pub mod lease;
+pub mod ledger;
 pub mod server;
 pub mod shard;
+pub mod tasks;
 pub mod validate;
 
 pub use validate::{InvalidLine, LineValidator};

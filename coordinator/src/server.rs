@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::ledger::{decode_index, encode_index, IndexEntry, Ledger, Recorded};
+use crate::tasks::{supervise, Lifetime, TaskPanics};
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use bytes::Bytes;
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use crate::batch::{BatchRecord, BatchStatus};
-use crate::intake::{intake, result_key, scan, IntakeLimits, PromptTokens, Scanned};
+use crate::intake::{intake, IntakeLimits, PromptTokens};
 
 /// Settings of a coordinator.
 #[derive(Clone)]
@@ -51,6 +53,11 @@ pub struct Settings {
     pub autoscale_apply: Option<(String, String)>,
     /// How often the worker throughput is measured and the policy decides.
     pub autoscale_interval: Duration,
+    /// Limits on HTTP connections.
+    pub http: crate::http::HttpLimits,
+    /// Most bytes the file object store may hold (uploads, outputs, batch indexes); `None`:
+    /// only the server's own limits.
+    pub file_store_max_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -112,6 +119,12 @@ pub struct Counters {
     pub results_completed: AtomicU64,
     pub results_failed: AtomicU64,
     pub duplicate_results: AtomicU64,
+    /// Results for lines a batch does not have, or from a shard that did not carry the line.
+    pub rejected_results: AtomicU64,
+    /// Finalization attempts that failed (the store full or unreachable); each is retried.
+    pub finalize_failures: AtomicU64,
+    /// Dispatch attempts that failed; a batch whose dispatch keeps failing is failed.
+    pub dispatch_failures: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub shards_published: AtomicU64,
     pub dead_shards: AtomicU64,
@@ -139,6 +152,10 @@ pub struct Coordinator {
     /// The leader lease this coordinator acts under.
     pub lease: Arc<crate::lease::Lease>,
     pub ready: AtomicBool,
+    /// Panics of supervised background tasks.
+    pub panics: Arc<TaskPanics>,
+    /// Where the results collector resumes in the results stream (kept across its restarts).
+    next_result_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -206,13 +223,37 @@ async fn set_up(
         .create_or_update_key_value(kv_config(FILE_META_BUCKET))
         .await
         .context("creating the file metadata bucket")?;
+    let max_bytes = s
+        .file_store_max_bytes
+        .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
     let objects = match js.get_object_store(FILE_BUCKET).await {
-        Ok(o) => o,
+        Ok(o) => {
+            // The limit may have changed since the bucket was made.
+            let name = format!("OBJ_{FILE_BUCKET}");
+            let mut st = js
+                .get_stream(&name)
+                .await
+                .context("reading the file store")?;
+            let mut config = st
+                .info()
+                .await
+                .context("reading the file store")?
+                .config
+                .clone();
+            if config.max_bytes != max_bytes {
+                config.max_bytes = max_bytes;
+                js.update_stream(config)
+                    .await
+                    .context("setting the file store's size limit")?;
+            }
+            o
+        }
         Err(_) => js
             .create_object_store(object_store::Config {
                 bucket: FILE_BUCKET.into(),
                 storage: stream::StorageType::File,
                 num_replicas: s.replicas,
+                max_bytes,
                 ..Default::default()
             })
             .await
@@ -238,9 +279,17 @@ impl Coordinator {
     /// process holds `lease` ([`crate::lease::Lease::acquire`]).
     pub async fn start(
         client: async_nats::Client,
-        settings: Settings,
+        mut settings: Settings,
         lease: Arc<crate::lease::Lease>,
     ) -> Result<Arc<Self>> {
+        // Shards and lines must fit in one message of this server.
+        let max_payload = client.server_info().max_payload;
+        settings.limits = settings.limits.within_max_payload(max_payload);
+        tracing::info!(
+            max_payload,
+            max_line_bytes = settings.limits.max_line_bytes,
+            "NATS message limit read"
+        );
         let js = jetstream::new(client.clone());
         let (batches_kv, files_kv, objects) = set_up(&js, &settings).await?;
         let scaler = match &settings.autoscale_apply {
@@ -275,25 +324,56 @@ impl Coordinator {
             scaler,
             lease,
             ready: AtomicBool::new(false),
+            panics: Arc::new(TaskPanics::default()),
+            next_result_seq: AtomicU64::new(1),
         });
         let resume = this.load_batches().await?;
-        tokio::spawn(this.clone().collect_results());
-        tokio::spawn(this.clone().watch_dead_shards());
-        tokio::spawn(this.clone().tick());
+        this.spawn_forever("results", |c| c.collect_results());
+        this.spawn_forever("dead_shards", |c| c.watch_dead_shards());
+        this.spawn_forever("tick", |c| c.tick());
         for (id, status) in resume {
             tracing::info!(batch = %id, ?status, "resuming batch");
             match status {
-                BatchStatus::Validating => {
-                    tokio::spawn(this.clone().dispatch(id));
-                }
-                BatchStatus::Finalizing | BatchStatus::Cancelling => {
-                    tokio::spawn(this.clone().finalize(id));
-                }
+                BatchStatus::Validating => this.spawn_dispatch(id),
+                BatchStatus::Finalizing | BatchStatus::Cancelling => this.spawn_finalize(id),
                 _ => {}
             }
         }
         this.ready.store(true, Ordering::SeqCst);
         Ok(this)
+    }
+
+    /// Runs a background loop of this coordinator under supervision.
+    fn spawn_forever<Fut>(self: &Arc<Self>, task: &'static str, f: fn(Arc<Self>) -> Fut)
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let this = self.clone();
+        supervise(task, Lifetime::Forever, self.panics.clone(), move || {
+            f(this.clone())
+        });
+    }
+
+    /// Validates and dispatches a batch in the background (supervised).
+    fn spawn_dispatch(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        supervise(
+            "dispatch",
+            Lifetime::OneShot,
+            self.panics.clone(),
+            move || this.clone().dispatch(id.clone()),
+        );
+    }
+
+    /// Finalizes a batch in the background (supervised).
+    fn spawn_finalize(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        supervise(
+            "finalize",
+            Lifetime::OneShot,
+            self.panics.clone(),
+            move || this.clone().finalize(id.clone()),
+        );
     }
 
     /// Loads every stored batch; returns those with work to resume.
@@ -317,8 +397,11 @@ impl Coordinator {
                 BatchStatus::Finalizing | BatchStatus::Cancelling
             );
             if !rec.status.is_terminal() {
-                // Counted again from the results stream.
+                // Counted again from the results stream, against the batch's own lines.
                 rec.reset_counts();
+                if rec.status != BatchStatus::Validating {
+                    rec.ledger = self.load_ledger(&key).await?;
+                }
                 if rec.status != BatchStatus::InProgress {
                     resume.push((key.clone(), rec.status));
                 }
@@ -335,6 +418,34 @@ impl Coordinator {
             );
         }
         Ok(resume)
+    }
+
+    /// The ledger of a dispatched batch, from its index object (an open one, which counts any
+    /// line once, for a batch dispatched before indexes existed).
+    async fn load_ledger(&self, id: &str) -> Result<Ledger> {
+        match self.read_index(id).await? {
+            Some(entries) => Ok(Ledger::from_index(&entries)),
+            None => {
+                tracing::warn!(batch = %id, "no index object: results are counted without checking their lines");
+                Ok(Ledger::open())
+            }
+        }
+    }
+
+    /// The index object of a batch, if it has one.
+    async fn read_index(&self, id: &str) -> Result<Option<Vec<IndexEntry>>> {
+        let mut obj = match self.objects.get(index_object(id)).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(anyhow!(e).context(format!("reading batch {id}'s index"))),
+        };
+        let mut data = Vec::new();
+        obj.read_to_end(&mut data)
+            .await
+            .with_context(|| format!("reading batch {id}'s index"))?;
+        let entries = decode_index(&data)
+            .with_context(|| format!("batch {id}'s index object is unreadable"))?;
+        Ok(Some(entries))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BatchState>> {
@@ -389,6 +500,29 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// Changes a batch's record only once the change is stored: `f` runs on a copy, the copy
+    /// is written, and only then does `f` run on the live record (so `f` must decide the same
+    /// way twice; counts that change in between are kept). `None` if there is no such batch.
+    async fn update_durably<T>(
+        &self,
+        id: &str,
+        f: impl Fn(&mut BatchRecord) -> T,
+    ) -> Result<Option<T>> {
+        let _guard = self.save_lock.lock().await;
+        self.lease.fence();
+        let Some(mut copy) = self.batch(id) else {
+            return Ok(None);
+        };
+        f(&mut copy);
+        let value = serde_json::to_vec(&copy)?;
+        self.batches_kv
+            .put(id, value.into())
+            .await
+            .map_err(|e| anyhow!(e).context(format!("storing batch {id}")))?;
+        let mut map = self.lock();
+        Ok(map.get_mut(id).map(|st| f(&mut st.rec)))
+    }
+
     // ---------------------------------------------------------------- files
 
     pub async fn put_file(
@@ -438,7 +572,7 @@ impl Coordinator {
     }
 
     pub async fn file(&self, id: &str) -> Result<Option<FileObject>> {
-        if !valid_key(id) {
+        if !valid_id(id) {
             return Ok(None);
         }
         Ok(match self.files_kv.get(id).await? {
@@ -470,6 +604,14 @@ impl Coordinator {
         Ok(data)
     }
 
+    /// A batch that is still running on this input file, if any.
+    pub fn batch_using(&self, file_id: &str) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|s| !s.rec.status.is_terminal() && s.rec.input_file_id == file_id)
+            .map(|s| s.rec.id.clone())
+    }
+
     pub async fn delete_file(&self, id: &str) -> Result<bool> {
         if self.file(id).await?.is_none() {
             return Ok(false);
@@ -498,17 +640,38 @@ impl Coordinator {
             },
         );
         self.save(&id).await?;
-        tokio::spawn(self.clone().dispatch(id));
+        self.spawn_dispatch(id);
         Ok(rec)
     }
 
     /// Validates the input file, publishes invalid lines as failed results and the shards,
     /// then moves the batch to `in_progress`. Safe to run again after a crash: every message
-    /// carries a `Nats-Msg-Id`, and results are counted once per `custom_id` anyway.
+    /// carries a `Nats-Msg-Id`, and results are counted once per line anyway. A dispatch that
+    /// keeps failing is retried with a growing pause, at most [`DISPATCH_ATTEMPTS`] times,
+    /// then the batch fails with the last error (it never waits in `validating` for ever).
     async fn dispatch(self: Arc<Self>, id: String) {
-        while let Err(e) = self.try_dispatch(&id).await {
-            tracing::error!(batch = %id, error = format!("{e:#}"), "dispatch failed; retrying in 2 s");
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut pause = Duration::from_secs(1);
+        for attempt in 1..=DISPATCH_ATTEMPTS {
+            let Err(e) = self.try_dispatch(&id).await else {
+                return;
+            };
+            self.counters
+                .dispatch_failures
+                .fetch_add(1, Ordering::Relaxed);
+            if attempt == DISPATCH_ATTEMPTS {
+                tracing::error!(batch = %id, attempt, error = format!("{e:#}"), "dispatch failed for the last time; the batch fails");
+                let error = LineError::new(
+                    "dispatch_failed",
+                    format!("the batch could not be dispatched after {attempt} attempts: {e:#}"),
+                );
+                if let Err(e) = self.fail_validation(&id, vec![(None, error)]).await {
+                    tracing::error!(batch = %id, error = format!("{e:#}"), "could not store the failed batch; a restarted coordinator will dispatch it again");
+                }
+                return;
+            }
+            tracing::error!(batch = %id, attempt, error = format!("{e:#}"), pause_s = pause.as_secs(), "dispatch failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(60));
         }
     }
 
@@ -542,16 +705,33 @@ impl Coordinator {
             Ok(w) => w,
             Err(errors) => return self.fail_validation(id, errors).await,
         };
+        // The ledger first: it is what results are counted against, after a restart too.
+        self.lease.fence();
+        let index = encode_index(&work.index);
+        self.objects
+            .put(
+                object_store::ObjectMetadata {
+                    name: index_object(id),
+                    chunk_size: Some(512 * 1024),
+                    ..Default::default()
+                },
+                &mut index.as_slice(),
+            )
+            .await
+            .with_context(|| format!("storing batch {id}'s index"))?;
+        drop(index);
+        let ledger = Ledger::from_index(&work.index);
         self.update(id, |st| {
             st.rec.total = work.total;
             st.rec.tokens = work.tokens;
             st.rec.shards = work.shards.len() as u32;
+            st.rec.ledger = ledger;
         })
         .await?;
         // Publish in windows: JetStream allows a bounded number of outstanding acks.
         let mut acks = Vec::new();
         for r in &work.invalid {
-            let msg_id = result_msg_id(id, &result_key(&r.custom_id, r.line));
+            let msg_id = result_msg_id(id, &r.custom_id, r.line);
             acks.push(publish(&self.js, result_subject(id), msg_id, serde_json::to_vec(r)?).await?);
             if acks.len() >= 1000 {
                 await_acks(&mut acks).await?;
@@ -594,8 +774,9 @@ impl Coordinator {
     ) -> Result<()> {
         tracing::info!(batch = %id, errors = errors.len(), "input file rejected");
         self.update(id, |st| {
+            st.rec.transition(BatchStatus::Failed, now_s())?;
             st.rec.errors = errors;
-            st.rec.transition(BatchStatus::Failed, now_s())
+            Ok::<_, crate::batch::TransitionError>(())
         })
         .await??;
         Ok(())
@@ -618,34 +799,47 @@ impl Coordinator {
             }
         };
         if start {
-            tokio::spawn(self.clone().finalize(id.to_string()));
+            self.spawn_finalize(id.to_string());
         }
     }
 
     /// Cancels a batch: stops dispatch at once and reports unfinished lines as cancelled.
+    /// `Ok(None)`: no such batch. An error (the store did not take the change) leaves the
+    /// batch as it was, in memory too; the caller may try again.
     pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<Option<BatchRecord>> {
-        let outcome = self
-            .update(id, |st| {
-                let s = st.rec.status;
-                if matches!(s, BatchStatus::Validating | BatchStatus::InProgress) {
+        let now = now_s();
+        let cancelled = self
+            .update_durably(id, |rec| {
+                if matches!(
+                    rec.status,
+                    BatchStatus::Validating | BatchStatus::InProgress
+                ) {
                     // Allowed from both states.
-                    let _ = st.rec.transition(BatchStatus::Cancelling, now_s());
-                    st.rec.ending = Some(BatchStatus::Cancelled);
-                    let start = !st.closing;
-                    st.closing = true;
-                    (start, st.rec.clone())
+                    let _ = rec.transition(BatchStatus::Cancelling, now);
+                    rec.ending = Some(BatchStatus::Cancelled);
+                    true
                 } else {
-                    (false, st.rec.clone())
+                    false
                 }
             })
-            .await;
-        let (start, rec) = match outcome {
-            Ok(x) => x,
-            Err(_) => return Ok(None),
+            .await?;
+        let Some(cancelled) = cancelled else {
+            return Ok(None);
+        };
+        let (start, rec) = {
+            let mut map = self.lock();
+            let Some(st) = map.get_mut(id) else {
+                return Ok(None);
+            };
+            let start = cancelled && !st.closing;
+            if cancelled {
+                st.closing = true;
+            }
+            (start, st.rec.clone())
         };
         if start {
             self.purge_shards(id).await;
-            tokio::spawn(self.clone().finalize(id.to_string()));
+            self.spawn_finalize(id.to_string());
         }
         Ok(Some(rec))
     }
@@ -663,14 +857,44 @@ impl Coordinator {
     }
 
     /// Writes the output and error files and ends the batch. Idempotent: file ids derive from
-    /// the batch id, and the results are re-read from the stream.
+    /// the batch id, and the results are re-read from the stream. Every result is already
+    /// durable in the results stream, so a finalization that fails (the store is full, say) is
+    /// never given up: it is logged, counted (`gristmill_finalize_failures_total`) and retried
+    /// with a growing pause (2 s, doubling to 60 s) until the store takes the files.
     async fn finalize(self: Arc<Self>, id: String) {
+        let mut pause = Duration::from_secs(2);
         loop {
             match self.try_finalize(&id).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(batch = %id, error = format!("{e:#}"), "finalization failed; retrying in 2 s");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    self.counters
+                        .finalize_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(batch = %id, error = format!("{e:#}"), pause_s = pause.as_secs(), "finalization failed; retrying");
+                    // Said on the batch object too, while it lasts (not the internal text).
+                    let note = LineError::new(
+                        FINALIZE_PENDING,
+                        format!(
+                            "the batch's results are all in, but its output files could not be \
+                             stored yet (the file store may be full or unreachable); retrying every \
+                             {} s at most",
+                            pause.as_secs().max(60)
+                        ),
+                    );
+                    if let Some(st) = self.lock().get_mut(&id) {
+                        if !st.rec.status.is_terminal()
+                            && !st
+                                .rec
+                                .errors
+                                .iter()
+                                .any(|(_, e)| e.code == FINALIZE_PENDING)
+                        {
+                            st.rec.errors.push((None, note));
+                            st.dirty = true;
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(60));
                 }
             }
         }
@@ -709,7 +933,7 @@ impl Coordinator {
         };
         tracing::debug!(batch = %id, results = results.len(), replayed = replay, "results gathered");
         // Every line with its result, in line order. When every line reported, the results say
-        // it all; otherwise the input file names the lines without one.
+        // it all; otherwise the batch's index names the lines without one.
         let slots: Vec<(Option<String>, usize, Option<ResultOutcome>)> =
             if results.len() as u64 == rec.total {
                 let mut slots: Vec<_> = results
@@ -722,29 +946,24 @@ impl Coordinator {
                 slots.sort_by_key(|s| s.1);
                 slots
             } else {
-                let data = self.file_content(&rec.input_file_id).await?;
-                let limits = self.settings.limits;
-                let endpoint = rec.endpoint;
-                // A file that fails validation has no lines (cancelled while validating).
-                let lines = tokio::task::spawn_blocking(move || scan(&data, endpoint, &limits))
-                    .await?
-                    .unwrap_or_default();
-                let mut by_key: HashMap<String, ResultMessage> = results
+                // No index: cancelled while validating (no lines), or a batch from before
+                // indexes existed — its results are all there is.
+                let index = self.read_index(id).await?.unwrap_or_default();
+                let mut by_line: HashMap<usize, ResultMessage> =
+                    results.into_iter().map(|r| (r.line, r)).collect();
+                let mut slots: Vec<_> = index
                     .into_iter()
-                    .map(|r| (result_key(&r.custom_id, r.line), r))
-                    .collect();
-                lines
-                    .into_iter()
-                    .map(|s| {
-                        let (custom_id, line) = match s {
-                            Scanned::Valid(r) => (Some(r.custom_id), r.line),
-                            Scanned::Invalid(bad) => (bad.custom_id, bad.line),
-                        };
-                        let key = result_key(custom_id.as_deref().unwrap_or(""), line);
-                        let outcome = by_key.remove(&key).map(|r| r.outcome);
-                        (custom_id, line, outcome)
+                    .map(|e| {
+                        let outcome = by_line.remove(&e.line).map(|r| r.outcome);
+                        (e.custom_id, e.line, outcome)
                     })
-                    .collect()
+                    .collect();
+                slots.extend(by_line.into_values().map(|r| {
+                    let id = (!r.custom_id.is_empty()).then_some(r.custom_id);
+                    (id, r.line, Some(r.outcome))
+                }));
+                slots.sort_by_key(|s| s.1);
+                slots
             };
         let missing_error = |line: usize| match ending {
             BatchStatus::Cancelled => LineError::new(
@@ -838,7 +1057,10 @@ impl Coordinator {
             st.rec.completion_tokens = completion_tokens;
             st.results = Vec::new();
             st.replay = false;
+            st.rec.errors.retain(|(_, e)| e.code != FINALIZE_PENDING);
             st.rec.total = completed + failed;
+            // A finished batch's lines are not needed in memory any more.
+            st.rec.ledger.clear();
             st.rec.transition(ending, now_s())
         })
         .await??;
@@ -849,6 +1071,9 @@ impl Coordinator {
             if let Err(e) = s.purge().filter(result_subject(id)).await {
                 tracing::warn!(batch = id, error = %e, "could not purge results");
             }
+        }
+        if let Err(e) = self.objects.delete(index_object(id)).await {
+            tracing::debug!(batch = id, error = %e, "no index to delete");
         }
         Ok(())
     }
@@ -876,16 +1101,15 @@ impl Coordinator {
                 break;
             }
         }
-        Ok(first_results(payloads.iter().map(|p| p.as_ref()))
-            .into_values()
-            .collect())
+        let ledger = self.lock().get(id).map(|st| st.rec.ledger.clone());
+        let ledger = ledger.unwrap_or_else(Ledger::open);
+        Ok(first_results(&ledger, payloads.iter().map(|p| p.as_ref())))
     }
 
     /// Consumes the results stream from the start, forever, counting each line's first result.
     async fn collect_results(self: Arc<Self>) {
-        let mut next_seq = 1u64;
         loop {
-            if let Err(e) = self.collect_from(&mut next_seq).await {
+            if let Err(e) = self.collect_from().await {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "results consumer stopped; restarting in 1 s"
@@ -895,12 +1119,12 @@ impl Coordinator {
         }
     }
 
-    async fn collect_from(self: &Arc<Self>, next_seq: &mut u64) -> Result<()> {
+    async fn collect_from(self: &Arc<Self>) -> Result<()> {
         let stream = self.js.get_stream(RESULT_STREAM).await?;
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: *next_seq,
+                    start_sequence: self.next_result_seq.load(Ordering::SeqCst),
                 },
                 ..Default::default()
             })
@@ -910,7 +1134,8 @@ impl Coordinator {
             let m = m?;
             // When the results were published, for the throughput meter.
             let published = m.info().ok().map(|info| {
-                *next_seq = info.stream_sequence + 1;
+                self.next_result_seq
+                    .store(info.stream_sequence + 1, Ordering::SeqCst);
                 info.published.unix_timestamp_nanos() as f64 / 1e9
             });
             // And by whom.
@@ -958,9 +1183,20 @@ impl Coordinator {
                 ) {
                     continue;
                 }
-                if !st.rec.record(&result_key(&r.custom_id, r.line), ok) {
-                    c.duplicate_results.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                match st.rec.record(&r.custom_id, r.line, r.shard, ok) {
+                    Recorded::New => {}
+                    Recorded::Repeat => {
+                        c.duplicate_results.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Recorded::Foreign => {
+                        let n = c.rejected_results.fetch_add(1, Ordering::Relaxed) + 1;
+                        // Logged while few; the metric counts them all.
+                        if n <= 100 || n.is_power_of_two() {
+                            tracing::warn!(batch = %r.batch_id, line = r.line, shard = ?r.shard, rejected = n, "a result for a line this batch does not have (or from a shard that did not carry it) was rejected");
+                        }
+                        continue;
+                    }
                 }
                 st.dirty = true;
                 if st.rec.total > 0 {
@@ -1013,7 +1249,7 @@ impl Coordinator {
                 n,
                 "the worker holding its shard stopped or failed every time",
             );
-            let msg_id = result_msg_id(&shard.batch_id, &r.custom_id);
+            let msg_id = result_msg_id(&shard.batch_id, &r.custom_id, r.line);
             acks.push(
                 publish(
                     &self.js,
@@ -1121,7 +1357,25 @@ impl Coordinator {
             for id in overdue {
                 tracing::info!(batch = %id, "completion window ran out");
                 self.purge_shards(&id).await;
-                tokio::spawn(self.clone().finalize(id));
+                self.spawn_finalize(id);
+            }
+            // A batch whose window runs out before it was dispatched fails (it has no lines
+            // to report as expired).
+            let stuck: Vec<String> = self
+                .lock()
+                .iter()
+                .filter(|(_, s)| s.rec.status == BatchStatus::Validating && now >= s.rec.expires_at)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in stuck {
+                tracing::warn!(batch = %id, "completion window ran out while validating");
+                let error = LineError::new(
+                    "expired_while_validating",
+                    "the batch's completion window ran out before its input file was dispatched",
+                );
+                if let Err(e) = self.fail_validation(&id, vec![(None, error)]).await {
+                    tracing::warn!(batch = %id, error = format!("{e:#}"), "could not fail the batch; retrying at the next tick");
+                }
             }
             if n.is_multiple_of(2) {
                 let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
@@ -1306,6 +1560,51 @@ impl Coordinator {
             )],
         );
         gauge(
+            "gristmill_rejected_results_total",
+            "Results dropped because their batch has no such line, or because they did not come from the shard that carried it (forged or misrouted).",
+            "counter",
+            vec![(
+                String::new(),
+                c.rejected_results.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "gristmill_finalize_failures_total",
+            "Finalization attempts that failed (the store full or unreachable); each batch is retried until its files are stored.",
+            "counter",
+            vec![(
+                String::new(),
+                c.finalize_failures.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        gauge(
+            "gristmill_dispatch_failures_total",
+            "Dispatch attempts that failed; a batch whose dispatch fails every time is failed.",
+            "counter",
+            vec![(
+                String::new(),
+                c.dispatch_failures.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        let mut panics: Vec<(String, String)> =
+            ["results", "dead_shards", "tick", "dispatch", "finalize"]
+                .iter()
+                .map(|t| (format!("{{task=\"{t}\"}}"), "0".to_string()))
+                .collect();
+        for (task, n) in self.panics.snapshot() {
+            let label = format!("{{task=\"{task}\"}}");
+            match panics.iter_mut().find(|(l, _)| *l == label) {
+                Some(entry) => entry.1 = n.to_string(),
+                None => panics.push((label, n.to_string())),
+            }
+        }
+        gauge(
+            "gristmill_task_panics_total",
+            "Background tasks that panicked (each was started again).",
+            "counter",
+            panics,
+        );
+        gauge(
             "gristmill_completion_tokens_total",
             "Tokens generated by workers.",
             "counter",
@@ -1375,14 +1674,26 @@ impl Coordinator {
     }
 }
 
-/// The first result of each line among results-stream messages in stream order.
-fn first_results<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> HashMap<String, ResultMessage> {
-    let mut found = HashMap::new();
+/// The first result of each of the batch's lines among results-stream messages in stream order
+/// (`ledger` says which lines the batch has; its reports are not touched).
+fn first_results<'a>(
+    ledger: &Ledger,
+    payloads: impl Iterator<Item = &'a [u8]>,
+) -> Vec<ResultMessage> {
+    let mut fresh = if ledger.is_open() {
+        Ledger::open()
+    } else {
+        ledger.clone()
+    };
+    fresh.reset();
+    let mut found = Vec::new();
     for p in payloads {
         match decode_results(p) {
             Ok(rs) => {
                 for r in rs {
-                    found.entry(result_key(&r.custom_id, r.line)).or_insert(r);
+                    if fresh.record(&r.custom_id, r.line, r.shard) == Recorded::New {
+                        found.push(r);
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "unreadable result skipped"),
@@ -1390,6 +1701,17 @@ fn first_results<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> HashMap<String
     }
     found
 }
+
+/// Name of a batch's index object in the file object store (not a file of the Files API).
+fn index_object(batch_id: &str) -> String {
+    format!("index-{batch_id}")
+}
+
+/// Code of the note a batch carries while its output files cannot be stored.
+const FINALIZE_PENDING: &str = "output_not_stored_yet";
+
+/// Attempts at dispatching a batch before it fails (about 4 minutes of pauses).
+const DISPATCH_ATTEMPTS: u32 = 8;
 
 const ALL_STATUSES: [BatchStatus; 8] = [
     BatchStatus::Validating,
@@ -1415,15 +1737,15 @@ pub fn status_name(s: BatchStatus) -> &'static str {
     }
 }
 
-/// Whether `id` can be a KV key (ids come from URLs).
-fn valid_key(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 200
+/// Whether `id` can be an id of ours (they come from URLs): `file-` or `batch_` and then
+/// letters, digits, `-` and `_` only — nothing NATS would read as a token separator, wildcard
+/// or path.
+pub fn valid_id(id: &str) -> bool {
+    (id.starts_with("file-") || id.starts_with("batch_"))
+        && id.len() <= 128
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'=' | b'/'))
-        && !id.starts_with('.')
-        && !id.ends_with('.')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// Publishes with a `Nats-Msg-Id`; returns the ack future.

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 
+use gristmill_protocol::cluster::MAX_CUSTOM_ID_BYTES;
 use gristmill_protocol::{
     codes, ChatMessage, Endpoint, GenerationParams, LineError, Prompt, Request,
 };
@@ -91,6 +92,20 @@ impl LineValidator {
                 ))
             }
         };
+        if custom_id.len() > MAX_CUSTOM_ID_BYTES {
+            // The id itself is not kept: the error line names the line.
+            return Err(fail(
+                None,
+                invalid(
+                    line,
+                    "custom_id",
+                    format!(
+                        "is {} bytes long; the limit is {MAX_CUSTOM_ID_BYTES} bytes",
+                        custom_id.len()
+                    ),
+                ),
+            ));
+        }
         let id = Some(custom_id.clone());
         if !self.seen.insert(custom_id.clone()) {
             return Err(fail(
@@ -629,6 +644,31 @@ mod tests {
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn custom_ids_over_the_limit_fail_their_line_and_hostile_text_is_kept_as_is() {
+        let line = |id: &str| {
+            serde_json::json!({"custom_id": id, "url": "/v1/completions", "body": {"prompt": "x"}})
+                .to_string()
+        };
+        let long = "x".repeat(MAX_CUSTOM_ID_BYTES + 1);
+        let fits = "y".repeat(MAX_CUSTOM_ID_BYTES);
+        let out = check(&[&line(&long), &line(&fits), &line("a\r\nX-Evil: 1\u{0}")]);
+        let e = out[0].as_ref().expect_err("too long");
+        assert_eq!(e.error.param.as_deref(), Some("custom_id"));
+        assert!(
+            e.error.message.contains("513 bytes"),
+            "{:?}",
+            e.error.message
+        );
+        assert_eq!(e.custom_id, None, "a too-long id is not carried around");
+        assert_eq!(out[1].as_ref().expect("at the limit").custom_id, fits);
+        // Control characters are legal JSON text: the id is data, never a header.
+        assert_eq!(
+            out[2].as_ref().expect("valid").custom_id,
+            "a\r\nX-Evil: 1\u{0}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use gristmill_coordinator::api;
 use gristmill_coordinator::api::Gate;
+use gristmill_coordinator::http::HttpLimits;
 use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
 use gristmill_coordinator::lease::Lease;
 use gristmill_coordinator::server::{connect, Coordinator, Settings};
@@ -153,6 +154,27 @@ pub struct CoordinatorArgs {
     /// on every coordinator of a cluster.
     #[arg(long, default_value_t = 15.0, env = "GRISTMILL_LEASE_TTL")]
     pub lease_ttl: f64,
+
+    /// Seconds an HTTP client has to send a whole request head, counted from when the
+    /// coordinator starts waiting for one: a connection that sends nothing, or leaves a
+    /// keep-alive connection idle this long, is closed.
+    #[arg(long, default_value_t = 30.0, env = "GRISTMILL_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: f64,
+
+    /// Seconds an HTTP connection may send and receive nothing while the coordinator waits to
+    /// read from it (a stalled request body) before it is closed.
+    #[arg(long, default_value_t = 120.0, env = "GRISTMILL_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: f64,
+
+    /// Most bytes the file store in NATS may hold (uploads, output and error files, batch
+    /// indexes); 0 means no limit but the server's. When it is full, uploads fail and finished
+    /// batches wait in `finalizing` (saying so) until space is freed.
+    #[arg(long, default_value_t = 0, env = "GRISTMILL_FILE_STORE_MAX_BYTES")]
+    pub file_store_max_bytes: u64,
+
+    /// HTTP connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 1024, env = "GRISTMILL_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: usize,
 }
 
 /// The first of the environment variables `vars` that is set, else the machine's host name.
@@ -251,6 +273,17 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             args.autoscale_interval
         );
     }
+    for (flag, v) in [
+        ("--http-header-timeout", args.http_header_timeout),
+        ("--http-idle-timeout", args.http_idle_timeout),
+    ] {
+        if !v.is_finite() || v < 0.1 {
+            bail!("{flag} must be at least 0.1 seconds, got {v}");
+        }
+    }
+    if args.http_max_connections == 0 {
+        bail!("--http-max-connections must be at least 1");
+    }
     if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
         bail!(
             "--ack-wait must be at least 1 second, got {}",
@@ -282,6 +315,8 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         limits: IntakeLimits {
             max_bytes: args.max_file_bytes,
             max_lines: args.max_lines,
+            // Set from the NATS server's max_payload once connected.
+            max_line_bytes: usize::MAX,
             shard: ShardLimits {
                 max_tokens: args.shard_max_tokens.max(1),
                 max_lines: args.shard_max_lines.max(1),
@@ -304,6 +339,12 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             None
         },
         autoscale_interval: Duration::from_secs_f64(args.autoscale_interval),
+        http: HttpLimits {
+            header_timeout: Duration::from_secs_f64(args.http_header_timeout),
+            idle_timeout: Duration::from_secs_f64(args.http_idle_timeout),
+            max_connections: args.http_max_connections,
+        },
+        file_store_max_bytes: (args.file_store_max_bytes > 0).then_some(args.file_store_max_bytes),
         autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
             gristmill_coordinator::autoscale::Policy {
                 min_replicas: args.autoscale_min_replicas,
@@ -343,9 +384,13 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let gate = Gate::new(&settings, lease.clone());
         // Tests and scripts read this line to find the port of `--listen 127.0.0.1:0`.
         eprintln!("gristmill coordinator listening on http://{addr}");
-        let serve = axum::serve(listener, api::router(gate.clone()))
-            .with_graceful_shutdown(shutdown_signal());
-        let server = tokio::spawn(async move { serve.await });
+        let serve = gristmill_coordinator::http::serve(
+            listener,
+            api::router(gate.clone()),
+            settings.http,
+            shutdown_signal(),
+        );
+        let server = tokio::spawn(serve);
         let lead = async {
             lease.acquire().await;
             tracing::info!(identity = %identity, "holding the leader lease: this coordinator acts");
@@ -357,7 +402,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             r = server => {
                 // Clean shutdown: hand the lease over at once.
                 lease.release().await;
-                r.context("HTTP server stopped")?.context("HTTP server failed")
+                r.context("HTTP server stopped")
             }
             r = lead => r.context("stopped leading; exiting so that only one coordinator acts"),
         }
@@ -420,13 +465,18 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             Generator::Model(Arc::new(engine), opts)
         }
     };
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    // The name travels in a NATS header of every results message.
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!("--name must be 1 to 128 printable ASCII characters without spaces, got {name:?}");
+    }
     let settings = WorkerSettings {
         nats_url: args.nats,
         max_inflight_shards: args.max_inflight_shards.max(1),
         grace: Duration::from_secs_f64(args.grace),
-        name: args
-            .name
-            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+        name,
         health_listen: args.health_listen,
     };
     runtime()?.block_on(gristmill_worker::node::serve(settings, generator))

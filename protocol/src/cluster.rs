@@ -2,9 +2,10 @@
 //! the streams, subjects, consumers and buckets it travels on.
 //!
 //! Delivery rules these types serve (DESIGN §4): a shard is published with
-//! `Nats-Msg-Id` = [`shard_msg_id`], each result with [`result_msg_id`], so JetStream drops
-//! duplicates of either within its dedupe window, and the coordinator drops duplicate results by
-//! `custom_id` beyond it.
+//! `Nats-Msg-Id` = [`shard_msg_id`], each group of results with [`result_group_msg_id`] (a hash
+//! of the lines it reports), so JetStream drops repeats of either within its dedupe window, and
+//! the coordinator drops repeated results by line beyond it. No user text goes into a header or
+//! a subject: batch ids are the coordinator's own, `custom_id`s only ever enter a hash.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,27 +49,44 @@ pub fn shard_msg_id(batch_id: &str, shard: u32) -> String {
     format!("{batch_id}/{shard}")
 }
 
-/// `Nats-Msg-Id` of a result: a worker that republishes after redelivery is deduplicated.
-pub fn result_msg_id(batch_id: &str, custom_id: &str) -> String {
-    format!("{batch_id}/{custom_id}")
-}
-
 /// Most results in one results-stream message: a worker publishes the results that are ready
 /// together (an echo worker finishes a whole shard at once; a model finishes a few per step).
 pub const MAX_RESULTS_PER_MESSAGE: usize = 64;
 /// Stop adding results to a message past this many bytes (NATS's default payload limit is 1 MB).
 pub const MAX_RESULT_MESSAGE_BYTES: usize = 512 * 1024;
 
-/// `Nats-Msg-Id` of a message holding `n` results starting with `first_custom_id`: a single
-/// result keeps [`result_msg_id`]. A redelivered shard that republishes the same group is
-/// dropped by JetStream; any other repeat is dropped by the coordinator, which counts each
-/// `custom_id` once.
-pub fn result_group_msg_id(batch_id: &str, first_custom_id: &str, n: usize) -> String {
-    if n == 1 {
-        result_msg_id(batch_id, first_custom_id)
-    } else {
-        format!("{batch_id}/{first_custom_id}+{n}")
+/// Longest `custom_id` accepted, in bytes (UTF-8). It travels in every shard and result and is
+/// kept per line by the coordinator; a longer one is an error line for that line only.
+pub const MAX_CUSTOM_ID_BYTES: usize = 512;
+
+/// `Nats-Msg-Id` of a results message: `{batch}/r-{sha256}` over the `(custom_id, line)` of
+/// every result it holds, in order, each length-prefixed — one-to-one with the lines it
+/// reports, whatever text a `custom_id` holds (user text never reaches a header), so two
+/// different groups never share an id and JetStream drops only a true repeat (a redelivered
+/// shard publishing the same group again).
+pub fn result_group_msg_id<'a>(
+    batch_id: &str,
+    lines: impl IntoIterator<Item = (&'a str, usize)>,
+) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (custom_id, line) in lines {
+        ctx.update(&(custom_id.len() as u64).to_le_bytes());
+        ctx.update(custom_id.as_bytes());
+        ctx.update(&(line as u64).to_le_bytes());
     }
+    let digest = ctx.finish();
+    let mut id = String::with_capacity(batch_id.len() + 3 + 64);
+    id.push_str(batch_id);
+    id.push_str("/r-");
+    for b in digest.as_ref() {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+/// `Nats-Msg-Id` of a message holding one result (a group of one).
+pub fn result_msg_id(batch_id: &str, custom_id: &str, line: usize) -> String {
+    result_group_msg_id(batch_id, [(custom_id, line)])
 }
 
 /// Reads a results-stream message: a JSON array of results, or a single result object.
@@ -99,6 +117,7 @@ impl ShardMessage {
             batch_id: self.batch_id.clone(),
             custom_id: req.custom_id.clone(),
             line: req.line,
+            shard: Some(self.shard),
             outcome: ResultOutcome::Failed {
                 error: LineError::new(
                     crate::codes::SHARD_FAILED,
@@ -119,6 +138,11 @@ pub struct ResultMessage {
     pub custom_id: String,
     /// 1-based line in the batch's input file.
     pub line: usize,
+    /// The shard that carried the line (`None` for lines rejected at intake, which the
+    /// coordinator publishes itself). The coordinator counts a result only for a line of the
+    /// batch, from the shard that carried it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
     pub outcome: ResultOutcome,
 }
 
@@ -142,12 +166,45 @@ mod tests {
     use super::*;
     use crate::{Endpoint, GenerationParams, Prompt};
 
+    /// The ids that once collided (`{first}+{n}` against a `custom_id` spelled like one), and
+    /// hostile ids: every distinct group gets its own id, and no id holds a control character.
+    #[test]
+    fn result_ids_are_one_to_one_with_the_lines_they_report() {
+        let groups: Vec<Vec<(&str, usize)>> = vec![
+            vec![("c0", 1), ("d0", 2)],
+            vec![("c0+2", 3)],
+            vec![("c0", 1)],
+            vec![("c0", 2)],
+            vec![("d0", 2), ("c0", 1)],
+            vec![("a", 1), ("c", 3)],
+            vec![("a", 1), ("b", 2)],
+            vec![("a\r\nX-Evil: 1", 1)],
+            vec![("", 7)],
+            vec![("", 8)],
+            vec![("ab", 1), ("", 1)],
+            vec![("a", 1), ("b", 1)],
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for g in &groups {
+            let id = result_group_msg_id("batch_1", g.iter().copied());
+            assert!(id.bytes().all(|b| b.is_ascii_graphic()), "{id:?}");
+            assert!(id.len() < 128);
+            if let Some(other) = seen.insert(id.clone(), g) {
+                panic!("{g:?} and {other:?} share the id {id}");
+            }
+        }
+    }
+
     #[test]
     fn names_are_stable() {
         assert_eq!(shard_subject("batch_1"), "gristmill.shards.batch_1");
         assert_eq!(result_subject("batch_1"), "gristmill.results.batch_1");
         assert_eq!(shard_msg_id("batch_1", 7), "batch_1/7");
-        assert_eq!(result_msg_id("batch_1", "a/b"), "batch_1/a/b");
+        // sha256 of le64(3) "a/b" le64(1)
+        assert_eq!(
+            result_msg_id("batch_1", "a/b", 1),
+            "batch_1/r-c253020ff932fd58100c4cbfe5cc230fe46b89f7f8d45ff7578edee86b541f9d"
+        );
     }
 
     #[test]
@@ -156,6 +213,7 @@ mod tests {
             batch_id: "b".into(),
             custom_id: "a".into(),
             line: 3,
+            shard: Some(2),
             outcome: ResultOutcome::Failed {
                 error: LineError::new("x", "y"),
             },
@@ -165,8 +223,10 @@ mod tests {
         assert_eq!(decode_results(&one).expect("one"), vec![r.clone()]);
         assert_eq!(decode_results(&many).expect("many"), vec![r.clone(), r]);
         assert!(decode_results(b"nonsense").is_err());
-        assert_eq!(result_group_msg_id("b", "a", 1), "b/a");
-        assert_eq!(result_group_msg_id("b", "a", 5), "b/a+5");
+        assert_eq!(
+            result_group_msg_id("b", [("a", 1)]),
+            result_msg_id("b", "a", 1)
+        );
     }
 
     #[test]
@@ -193,12 +253,14 @@ mod tests {
             batch_id: "batch_1".into(),
             custom_id: "a".into(),
             line: 1,
+            shard: None,
             outcome: ResultOutcome::Failed {
                 error: LineError::new("invalid_request", "bad"),
             },
         };
         let v = serde_json::to_value(&result).expect("serialises");
         assert_eq!(v["outcome"]["kind"], "failed");
+        assert!(v.get("shard").is_none(), "no shard, no field: {v}");
         assert_eq!(
             serde_json::from_value::<ResultMessage>(v).expect("parses"),
             result

@@ -115,4 +115,8 @@ pub mod codes {
     pub const EXPIRED: &str = "batch_expired";
     /// The line's shard failed on every delivery (`max_deliver`).
     pub const SHARD_FAILED: &str = "shard_failed";
+    /// The line is larger than one NATS message can carry.
+    pub const LINE_TOO_LARGE: &str = "line_too_large";
+    /// The line's response is larger than one NATS message can carry.
+    pub const RESPONSE_TOO_LARGE: &str = "response_too_large";
 }

@@ -8,8 +8,10 @@
 //! 2. its requests go to the engine; every `ack_wait / 3` an in-progress ack keeps the shard
 //!    from being redelivered, and the batch is checked again (a cancelled batch's requests are
 //!    aborted in the engine);
-//! 3. each finished request is published to the results stream with
-//!    `Nats-Msg-Id = {batch}/{custom_id}` as soon as it finishes;
+//! 3. finished requests are published to the results stream as soon as they finish, those
+//!    ready together in one message whose `Nats-Msg-Id` is a hash of the lines it reports
+//!    ([`result_group_msg_id`]); a PubAck that says "duplicate" is accepted only if the stored
+//!    message it names reports exactly the same lines;
 //! 4. only after every result's PubAck has arrived is the shard acknowledged (double ack:
 //!    the server confirms it).
 //!
@@ -18,7 +20,10 @@
 //! window, by the coordinator beyond). A shard whose processing fails is naked for a retry; on
 //! its last delivery (`max_deliver`) its unfinished lines are published as error lines and the
 //! shard is terminated. On SIGTERM the worker stops pulling, lets in-flight shards finish
-//! within the grace period, and naks the rest so that other workers take them at once.
+//! within the grace period, and naks the rest so that other workers take them at once; with
+//! nothing in flight it exits at once (NATS reachable or not), and a second SIGTERM or SIGINT
+//! exits immediately. A shard handler that panics naks its shard and is counted; an engine
+//! thread that panics ends the process (exit code 70) so that the orchestrator restarts it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,13 +32,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
 use async_nats::jetstream::{self, consumer, AckKind};
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    result_group_msg_id, result_msg_id, result_subject, ResultMessage, ResultOutcome, ShardMessage,
-    BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
-    WORKER_CONSUMER, WORKER_HEADER,
+    decode_results, result_group_msg_id, result_msg_id, result_subject, ResultMessage,
+    ResultOutcome, ShardMessage, BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES,
+    RESULT_STREAM, SHARD_STREAM, WORKER_CONSUMER, WORKER_HEADER,
 };
-use gristmill_protocol::{FinishReason, Prompt, Request, Usage};
+use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
@@ -83,6 +89,12 @@ struct Router {
 
 struct Shared {
     js: jetstream::Context,
+    /// The results stream, to read back a message a "duplicate" PubAck names.
+    results: jetstream::stream::Stream,
+    /// Largest results message the server takes (its `max_payload`, less room for headers).
+    max_message_bytes: usize,
+    /// Shard handlers that panicked (their shards were released).
+    panics: AtomicU64,
     batches: jetstream::kv::Store,
     to_engine: std::sync::mpsc::Sender<(Tag, Request)>,
     router: Arc<Router>,
@@ -151,9 +163,11 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    js.get_stream(RESULT_STREAM)
+    let results = js
+        .get_stream(RESULT_STREAM)
         .await
         .context("the results stream is missing")?;
+    let max_message_bytes = max_message_bytes(&js.client());
     let config = &consumer.cached_info().config;
     let (ack_wait, max_deliver) = (config.ack_wait, config.max_deliver);
 
@@ -168,28 +182,38 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         let router = router.clone();
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || match generator {
-                Generator::Model(engine, opts) => {
-                    let stats = engine.run_channel(
-                        from_workers,
-                        opts,
-                        |tag| {
-                            router
-                                .aborted
-                                .read()
-                                .map(|a| a.contains(tag))
-                                .unwrap_or(false)
-                        },
-                        |tag, o| {
-                            let _ = out_tx.send((tag, o));
-                        },
-                    );
-                    tracing::info!(steps = stats.steps, "engine stopped");
-                }
-                Generator::Echo => {
-                    for (tag, req) in from_workers {
-                        let _ = out_tx.send((tag, echo(req)));
+            .spawn(move || {
+                // A panic in the engine leaves every shard of this worker without results: end
+                // the process so that the orchestrator restarts it, rather than limp on.
+                let run = std::panic::AssertUnwindSafe(move || match generator {
+                    Generator::Model(engine, opts) => {
+                        let stats = engine.run_channel(
+                            from_workers,
+                            opts,
+                            |tag| {
+                                router
+                                    .aborted
+                                    .read()
+                                    .map(|a| a.contains(tag))
+                                    .unwrap_or(false)
+                            },
+                            |tag, o| {
+                                let _ = out_tx.send((tag, o));
+                            },
+                        );
+                        tracing::info!(steps = stats.steps, "engine stopped");
                     }
+                    Generator::Echo => {
+                        for (tag, req) in from_workers {
+                            let _ = out_tx.send((tag, echo(req)));
+                        }
+                    }
+                });
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!(
+                        "the engine thread panicked; exiting so that the worker is restarted"
+                    );
+                    std::process::exit(70);
                 }
             })
             .context("starting the engine thread")?;
@@ -207,6 +231,9 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
     let (release_tx, release) = watch::channel(false);
     let shared = Arc::new(Shared {
         js,
+        results,
+        max_message_bytes,
+        panics: AtomicU64::new(0),
         batches,
         to_engine,
         router,
@@ -231,7 +258,15 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
     tracing::info!(name = %settings.name, ?ack_wait, max_deliver, "worker ready");
 
     let slots = Arc::new(Semaphore::new(settings.max_inflight_shards.max(1)));
-    let mut stop = Box::pin(shutdown_signal());
+    let mut stop = Box::pin(async {
+        shutdown_signal().await;
+        // A second SIGTERM or SIGINT ends the process at once, whatever it is waiting for.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second stop signal: exiting now");
+            std::process::exit(130);
+        });
+    });
     loop {
         let permit = tokio::select! {
             _ = &mut stop => break,
@@ -248,13 +283,21 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
         });
         let (msg, stopping) = tokio::select! {
             // The pull request stays open on the server until it expires: wait for it, so that a
-            // shard delivered into it is released rather than left to time out.
-            _ = &mut stop => (pull.await, true),
+            // shard delivered into it is released rather than left to time out (but not for
+            // long: a server that is gone answers nothing).
+            _ = &mut stop => (
+                tokio::time::timeout(Duration::from_secs(2), pull)
+                    .await
+                    .unwrap_or(Ok(None)),
+                true,
+            ),
             m = &mut pull => (m, false),
         };
         if stopping {
             if let Ok(Some(m)) = msg {
-                let _ = m.ack_with(AckKind::Nak(None)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), m.ack_with(AckKind::Nak(None)))
+                        .await;
             }
             break;
         }
@@ -262,7 +305,25 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
             Ok(Some(msg)) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    handle(shared, msg).await;
+                    let reply = msg.reply.clone();
+                    let handled = std::panic::AssertUnwindSafe(handle(shared.clone(), msg))
+                        .catch_unwind()
+                        .await;
+                    if handled.is_err() {
+                        // The shard goes back to the queue (and counts toward max_deliver).
+                        let n = shared.panics.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::error!(
+                            panics = n,
+                            "a shard handler panicked; its shard is released"
+                        );
+                        if let Some(reply) = reply {
+                            let _ = shared
+                                .js
+                                .client()
+                                .publish(reply, bytes::Bytes::from_static(b"-NAK"))
+                                .await;
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -287,13 +348,15 @@ pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()>
     let client = shared.js.client();
     let left: Vec<async_nats::Subject> = lock(&shared.held).drain().map(|(_, r)| r).collect();
     for reply in left {
-        let _ = client
-            .publish(reply, bytes::Bytes::from_static(b"-NAK"))
-            .await;
+        let nak = client.publish(reply, bytes::Bytes::from_static(b"-NAK"));
+        let _ = tokio::time::timeout(Duration::from_secs(1), nak).await;
     }
-    // Acks and naks are buffered by the client: send them before the process exits.
-    if let Err(e) = shared.js.client().flush().await {
-        tracing::warn!(error = %e, "could not flush the last acknowledgements");
+    // Acks and naks are buffered by the client: send them before the process exits (if the
+    // server is there to take them; unacknowledged shards are redelivered after ack_wait).
+    match tokio::time::timeout(Duration::from_secs(5), shared.js.client().flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not flush the last acknowledgements"),
+        Err(_) => tracing::warn!("NATS did not take the last acknowledgements within 5 s"),
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -485,19 +548,25 @@ async fn run_shard(
                 while let Some(o) = next.take() {
                     let result = to_result(shard, o, &shared.model_name, &mut ids);
                     if lines.contains_key(result.custom_id.as_str()) {
-                        bytes += serde_json::to_vec(&result).map_or(0, |v| v.len());
+                        let (result, size) = fit_result(result, shared.max_message_bytes);
+                        bytes += size;
                         group.push(result);
                     }
-                    if group.len() < MAX_RESULTS_PER_MESSAGE && bytes < MAX_RESULT_MESSAGE_BYTES {
+                    let budget = MAX_RESULT_MESSAGE_BYTES.min(shared.max_message_bytes / 2);
+                    if group.len() < MAX_RESULTS_PER_MESSAGE && bytes < budget {
                         next = rx.try_recv().ok();
                     }
                 }
-                let Some(first) = group.first() else {
+                if group.is_empty() {
                     continue;
-                };
+                }
                 remaining = remaining.saturating_sub(group.len());
-                let msg_id = result_group_msg_id(&shard.batch_id, &first.custom_id, group.len());
-                let keys: Vec<String> = group.iter().map(|r| r.custom_id.clone()).collect();
+                let keys: Vec<(String, usize)> =
+                    group.iter().map(|r| (r.custom_id.clone(), r.line)).collect();
+                let msg_id = result_group_msg_id(
+                    &shard.batch_id,
+                    keys.iter().map(|(c, l)| (c.as_str(), *l)),
+                );
                 let payload = serde_json::to_vec(&group).map_err(|e| ShardError::Failed(e.to_string()))?;
                 let ack = shared
                     .js
@@ -512,7 +581,7 @@ async fn run_shard(
                     .map_err(|e| ShardError::Transport(anyhow!(e)))?;
                 acks.push((keys, ack));
                 if acks.len() >= 256 {
-                    await_acks(&mut acks, published).await?;
+                    await_acks(shared, &mut acks, published).await?;
                 }
             }
             _ = heartbeat.tick() => {
@@ -526,18 +595,78 @@ async fn run_shard(
             _ = release.changed() => return Err(ShardError::Released),
         }
     }
-    await_acks(&mut acks, published).await
+    await_acks(shared, &mut acks, published).await
 }
 
+type PendingAck = (Vec<(String, usize)>, jetstream::context::PublishAckFuture);
+
+/// Awaits the PubAcks of published results messages. JetStream answers "duplicate" when a
+/// message with the same id is in its dedupe window; the id is a hash of the lines the message
+/// reports, so that is a redelivered shard's repeat — unless the stored message says otherwise,
+/// which is checked (it is rare) and is an error: the lines were never published.
 async fn await_acks(
-    acks: &mut Vec<(Vec<String>, jetstream::context::PublishAckFuture)>,
+    shared: &Shared,
+    acks: &mut Vec<PendingAck>,
     published: &mut HashSet<String>,
 ) -> Result<(), ShardError> {
     for (keys, ack) in acks.drain(..) {
-        ack.await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
-        published.extend(keys);
+        let ack = ack.await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
+        if ack.duplicate {
+            let stored = shared
+                .results
+                .get_raw_message(ack.sequence)
+                .await
+                .map_err(|e| ShardError::Transport(anyhow!(e)))?;
+            let same = decode_results(&stored.payload).is_ok_and(|rs| {
+                rs.len() == keys.len()
+                    && rs
+                        .iter()
+                        .zip(&keys)
+                        .all(|(r, (c, l))| &r.custom_id == c && r.line == *l)
+            });
+            if !same {
+                return Err(ShardError::Failed(format!(
+                    "JetStream called results message {} a duplicate of sequence {}, which \
+                     reports other lines; these results were not stored",
+                    keys.len(),
+                    ack.sequence
+                )));
+            }
+        }
+        published.extend(keys.into_iter().map(|(c, _)| c));
     }
     Ok(())
+}
+
+/// The server's `max_payload` less room for headers: the largest results message to send.
+fn max_message_bytes(client: &async_nats::Client) -> usize {
+    (client.server_info().max_payload)
+        .saturating_sub(16 * 1024)
+        .max(4096)
+}
+
+/// A result and its serialised size; a result too large for one message becomes an error
+/// result for its line (it could never be published, and retrying would not shrink it).
+fn fit_result(result: ResultMessage, max_bytes: usize) -> (ResultMessage, usize) {
+    let size = serde_json::to_vec(&result).map_or(usize::MAX, |v| v.len());
+    if size <= max_bytes {
+        return (result, size);
+    }
+    let failed = ResultMessage {
+        outcome: ResultOutcome::Failed {
+            error: LineError::new(
+                codes::RESPONSE_TOO_LARGE,
+                format!(
+                    "line {}: the response is {size} bytes, more than the {max_bytes} bytes one \
+                     NATS message can carry; lower max_tokens or n",
+                    result.line
+                ),
+            ),
+        },
+        ..result
+    };
+    let size = serde_json::to_vec(&failed).map_or(0, |v| v.len());
+    (failed, size)
 }
 
 /// Publishes an error line for every line of the shard without a result.
@@ -561,7 +690,7 @@ async fn fail_rest(
                 result_subject(&shard.batch_id),
                 jetstream::message::PublishMessage::build()
                     .payload(serde_json::to_vec(&result)?.into())
-                    .message_id(result_msg_id(&shard.batch_id, &r.custom_id)),
+                    .message_id(result_msg_id(&shard.batch_id, &r.custom_id, r.line)),
             )
             .await?;
         acks.push(ack);
@@ -578,6 +707,7 @@ fn to_result(shard: &ShardMessage, o: Outcome, model_name: &str, ids: &mut IdGen
             batch_id: shard.batch_id.clone(),
             custom_id: c.custom_id.clone(),
             line: c.line,
+            shard: Some(shard.shard),
             outcome: ResultOutcome::Completed {
                 body: response_body(&c, model_name, ids),
                 finish_reason: c
@@ -595,6 +725,7 @@ fn to_result(shard: &ShardMessage, o: Outcome, model_name: &str, ids: &mut IdGen
             batch_id: shard.batch_id.clone(),
             custom_id,
             line,
+            shard: Some(shard.shard),
             outcome: ResultOutcome::Failed { error },
         },
     }
