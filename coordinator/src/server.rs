@@ -35,6 +35,7 @@ use crate::intake::{intake, IntakeLimits, PromptTokens};
 /// Settings of a coordinator.
 #[derive(Clone)]
 pub struct Settings {
+    /// The NATS URL, without credentials (for logs).
     pub nats_url: String,
     pub api_key: Option<String>,
     pub limits: IntakeLimits,
@@ -260,18 +261,6 @@ async fn set_up(
             .context("creating the file object store")?,
     };
     Ok((batches, files, objects))
-}
-
-/// Connects to NATS with reconnection forever (a restarted server is waited for).
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))
 }
 
 impl Coordinator {

@@ -12,10 +12,12 @@ use gristmill_coordinator::api::Gate;
 use gristmill_coordinator::http::HttpLimits;
 use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
 use gristmill_coordinator::lease::Lease;
-use gristmill_coordinator::server::{connect, Coordinator, Settings};
+use gristmill_coordinator::server::{Coordinator, Settings};
 use gristmill_coordinator::shard::ShardLimits;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
+
+use crate::nats::NatsArgs;
 
 use crate::engine_args::EngineArgs;
 
@@ -25,13 +27,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "127.0.0.1:8000", env = "GRISTMILL_LISTEN")]
     pub listen: SocketAddr,
 
-    /// NATS server URL (JetStream enabled).
-    #[arg(
-        long,
-        default_value = "nats://127.0.0.1:4222",
-        env = "GRISTMILL_NATS_URL"
-    )]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// Require `Authorization: Bearer KEY` on every /v1 request (probes and /metrics stay open).
     #[arg(long, env = "GRISTMILL_API_KEY", hide_env_values = true)]
@@ -310,7 +307,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         }
     };
     let settings = Settings {
-        nats_url: args.nats.clone(),
+        nats_url: crate::nats::redact(&args.nats.url),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         limits: IntakeLimits {
             max_bytes: args.max_file_bytes,
@@ -367,7 +364,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             .clone()
             .filter(|i| !i.is_empty())
             .unwrap_or_else(|| default_identity(addr.port()));
-        let client = connect(&settings.nats_url, "gristmill-coordinator").await?;
+        let client = args.nats.connect("gristmill-coordinator").await?;
         let lease = Arc::new(
             Lease::open(
                 &client,
@@ -419,13 +416,8 @@ pub enum EngineKind {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// NATS server URL (JetStream enabled).
-    #[arg(
-        long,
-        default_value = "nats://127.0.0.1:4222",
-        env = "GRISTMILL_NATS_URL"
-    )]
-    pub nats: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// What generates completions: the model, or the `echo` benchmark mode.
     #[arg(long, value_enum, default_value_t = EngineKind::Model, env = "GRISTMILL_ENGINE")]
@@ -473,11 +465,13 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         bail!("--name must be 1 to 128 printable ASCII characters without spaces, got {name:?}");
     }
     let settings = WorkerSettings {
-        nats_url: args.nats,
         max_inflight_shards: args.max_inflight_shards.max(1),
         grace: Duration::from_secs_f64(args.grace),
         name,
         health_listen: args.health_listen,
     };
-    runtime()?.block_on(gristmill_worker::node::serve(settings, generator))
+    runtime()?.block_on(async move {
+        let client = args.nats.connect(&settings.name).await?;
+        gristmill_worker::node::serve(client, settings, generator).await
+    })
 }

@@ -9,6 +9,7 @@ mod bench;
 mod client;
 mod cluster;
 mod engine_args;
+mod nats;
 mod run;
 mod throughput;
 

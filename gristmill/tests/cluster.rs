@@ -150,9 +150,28 @@ fn two_workers_produce_what_gristmill_run_produces() {
     assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
 }
 
+/// Starts a cluster with `args`, on an open NATS or on one requiring mutual TLS and a user
+/// per role (workers limited to consuming shards and publishing results).
+fn cluster(secure: bool, args: &[&str]) -> Cluster {
+    if secure {
+        Cluster::start_secure(args)
+    } else {
+        Cluster::start(args)
+    }
+}
+
 #[test]
 fn a_worker_killed_mid_shard_loses_nothing() {
-    let mut c = Cluster::start(&["--ack-wait", "2", "--shard-max-lines", "8"]);
+    worker_killed_mid_shard(false);
+}
+
+#[test]
+fn a_worker_killed_mid_shard_loses_nothing_on_secured_nats() {
+    worker_killed_mid_shard(true);
+}
+
+fn worker_killed_mid_shard(secure: bool) {
+    let mut c = cluster(secure, &["--ack-wait", "2", "--shard-max-lines", "8"]);
     let lines = trickle(16, "k");
     let id = c.create_batch(&lines, "24h");
     c.start_worker(&[], &[]);
@@ -172,7 +191,16 @@ fn a_worker_killed_mid_shard_loses_nothing() {
 
 #[test]
 fn nats_server_restarted_mid_batch_loses_nothing() {
-    let mut c = Cluster::start(&["--ack-wait", "3", "--shard-max-lines", "6"]);
+    nats_restarted_mid_batch(false);
+}
+
+#[test]
+fn nats_server_restarted_mid_batch_loses_nothing_on_secured_nats() {
+    nats_restarted_mid_batch(true);
+}
+
+fn nats_restarted_mid_batch(secure: bool) {
+    let mut c = cluster(secure, &["--ack-wait", "3", "--shard-max-lines", "6"]);
     let lines = trickle(12, "n");
     let id = c.create_batch(&lines, "24h");
     c.start_worker(&[], &[]);
@@ -186,7 +214,16 @@ fn nats_server_restarted_mid_batch_loses_nothing() {
 
 #[test]
 fn coordinator_restarted_mid_batch_resumes() {
-    let mut c = Cluster::start(&["--ack-wait", "3", "--shard-max-lines", "6"]);
+    coordinator_restarted_mid_batch(false);
+}
+
+#[test]
+fn coordinator_restarted_mid_batch_resumes_on_secured_nats() {
+    coordinator_restarted_mid_batch(true);
+}
+
+fn coordinator_restarted_mid_batch(secure: bool) {
+    let mut c = cluster(secure, &["--ack-wait", "3", "--shard-max-lines", "6"]);
     let lines = trickle(12, "c");
     let id = c.create_batch(&lines, "24h");
     c.start_worker(&[], &[]);

@@ -605,3 +605,93 @@ fn a_full_file_store_delays_finalization_until_space_returns() {
     assert_eq!(out.len(), 20);
     assert_no_panics(&c);
 }
+
+/// Secured NATS: without credentials a client is refused; with the worker's it can take shards
+/// and publish results (a batch completes through such a worker) but cannot publish shards or
+/// read the file store.
+#[test]
+fn secured_nats_refuses_strangers_and_confines_workers() {
+    let mut c = Cluster::start_secure(&[]);
+    let lines: Vec<String> = (0..4)
+        .map(|i| chat_line(&format!("s{i}"), &format!("secret prompt {i}"), 4, 1))
+        .collect();
+    let id = c.create_batch(&lines, "24h");
+    echo_worker(&mut c);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    c.results(&b, &ids(&lines));
+    // The worker needed nothing its role does not allow.
+    let log = c.workers[0].log_text();
+    assert!(
+        !log.to_lowercase().contains("permissions violation"),
+        "{log}"
+    );
+    assert!(log.contains("connected to NATS"), "{log}");
+
+    let security = c.security.as_ref().expect("secured");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let tls = |o: async_nats::ConnectOptions| {
+            o.require_tls(true)
+                .add_root_certificates(security.ca.clone())
+                .add_client_certificate(security.client_cert.clone(), security.client_key.clone())
+        };
+        // No user: refused.
+        let stranger = tls(async_nats::ConnectOptions::new())
+            .connect(&c.nats_url)
+            .await;
+        assert!(stranger.is_err(), "a client without credentials connected");
+        // No client certificate: refused by mutual TLS.
+        let no_cert = async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(security.ca.clone())
+            .user_and_password("worker".into(), security.worker_password.clone())
+            .connect(&c.nats_url)
+            .await;
+        assert!(no_cert.is_err(), "a client without a certificate connected");
+        // The worker's credential.
+        let (tx, mut violations) = tokio::sync::mpsc::unbounded_channel();
+        let worker = tls(async_nats::ConnectOptions::new()
+            .user_and_password("worker".into(), security.worker_password.clone())
+            .event_callback(move |e| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = e {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            }))
+        .connect(&c.nats_url)
+        .await
+        .expect("the worker's credential connects");
+        let js = async_nats::jetstream::new(worker.clone());
+        let shard = js
+            .publish(format!("gristmill.shards.{id}"), "{}".into())
+            .await;
+        let stored = match shard {
+            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .is_ok_and(|a| a.is_ok()),
+            Err(_) => false,
+        };
+        assert!(!stored, "a worker published a shard");
+        let files = tokio::time::timeout(
+            Duration::from_secs(10),
+            js.get_object_store("gristmill_files"),
+        )
+        .await;
+        assert!(
+            !matches!(files, Ok(Ok(_))),
+            "a worker opened the file store"
+        );
+        let seen = tokio::time::timeout(Duration::from_secs(5), violations.recv())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        assert!(
+            seen.to_lowercase().contains("permissions violation"),
+            "{seen:?}"
+        );
+    });
+}

@@ -66,7 +66,6 @@ pub enum Generator {
 /// Settings of a worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    pub nats_url: String,
     /// Shards held at once.
     pub max_inflight_shards: usize,
     /// After SIGTERM, how long in-flight shards may take before they are released.
@@ -131,15 +130,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs a worker until SIGTERM or Ctrl-C.
-pub async fn serve(settings: WorkerSettings, generator: Generator) -> Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .name(&settings.name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(&settings.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", settings.nats_url))?;
+/// Runs a worker on `client` (connected by the caller, with its credentials and TLS) until
+/// SIGTERM or Ctrl-C.
+pub async fn serve(
+    client: async_nats::Client,
+    settings: WorkerSettings,
+    generator: Generator,
+) -> Result<()> {
     let js = jetstream::new(client);
     // The coordinator creates the streams and the consumer; wait for them.
     let consumer: consumer::PullConsumer = loop {

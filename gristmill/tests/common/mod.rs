@@ -86,10 +86,123 @@ impl Drop for Proc {
     }
 }
 
+/// TLS certificates (a CA, the server's, one client certificate) and per-role users for a
+/// nats-server that requires both, made fresh for each test.
+pub struct NatsSecurity {
+    pub config: PathBuf,
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub coordinator_password: String,
+    pub worker_password: String,
+}
+
+/// What a worker may do on NATS, as the shipped k8s/base/nats.yaml says it (so the tests
+/// exercise the policy that deploys): take shards, read batch records, publish results (and
+/// read one back). Nothing else: no shard publishing, no file store.
+fn worker_permissions() -> String {
+    let yaml = include_str!("../../../k8s/base/nats.yaml");
+    let start = yaml
+        .find("permissions: {")
+        .expect("k8s/base/nats.yaml has the worker's permissions")
+        + "permissions: ".len();
+    let mut depth = 0;
+    for (i, ch) in yaml[start..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return yaml[start..=start + i].to_string();
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced braces in k8s/base/nats.yaml's worker permissions");
+}
+
+impl NatsSecurity {
+    pub fn new(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).expect("write a certificate");
+            p
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let signed = |names: Vec<String>| {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(names)
+                .expect("params")
+                .signed_by(&key, &ca_cert, &ca_key)
+                .expect("certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let ca = write("ca.pem", ca_cert.pem());
+        let (server_pem, server_key) = signed(vec!["127.0.0.1".into(), "localhost".into()]);
+        let server_cert = write("server.pem", server_pem);
+        let server_key = write("server-key.pem", server_key);
+        let (client_pem, client_key) = signed(vec!["gristmill-client".into()]);
+        let client_cert = write("client.pem", client_pem);
+        let client_key = write("client-key.pem", client_key);
+        let coordinator_password = format!("c-{}", std::process::id());
+        let worker_password = format!("w-{}", std::process::id());
+        let config = write(
+            "nats.conf",
+            format!(
+                r#"
+tls {{
+  cert_file: "{}"
+  key_file: "{}"
+  ca_file: "{}"
+  verify: true
+}}
+authorization {{
+  users = [
+    {{ user: coordinator, password: "{coordinator_password}" }}
+    {{ user: worker, password: "{worker_password}", permissions: {} }}
+  ]
+}}
+"#,
+                server_cert.display(),
+                server_key.display(),
+                ca.display(),
+                worker_permissions()
+            ),
+        );
+        Self {
+            config,
+            ca,
+            client_cert,
+            client_key,
+            coordinator_password,
+            worker_password,
+        }
+    }
+
+    /// The TLS flags of a client.
+    pub fn tls_args(&self) -> Vec<String> {
+        vec![
+            "--nats-tls-ca".into(),
+            self.ca.display().to_string(),
+            "--nats-tls-cert".into(),
+            self.client_cert.display().to_string(),
+            "--nats-tls-key".into(),
+            self.client_key.display().to_string(),
+        ]
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nats: Proc,
     pub nats_url: String,
+    /// TLS and users on NATS, when the cluster runs secured.
+    pub security: Option<NatsSecurity>,
     port: u16,
     pub coordinator: Option<Proc>,
     pub url: String,
@@ -123,11 +236,25 @@ impl Cluster {
 
     /// As [`Cluster::start`], with environment variables for the coordinator.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(args, env, false)
+    }
+
+    /// As [`Cluster::start`], with NATS requiring mutual TLS and a user per role (the
+    /// coordinator's password given by environment variable, the workers' by flag).
+    pub fn start_secure(args: &[&str]) -> Self {
+        Self::start_full(args, &[], true)
+    }
+
+    fn start_full(args: &[&str], env: &[(&str, &str)], secure: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (nats, port) = start_nats(dir.path(), None);
+        let security = secure.then(|| NatsSecurity::new(dir.path()));
+        let config = security.as_ref().map(|s| s.config.clone());
+        let (nats, port) = start_nats(dir.path(), None, config.as_deref());
+        let scheme = if secure { "tls" } else { "nats" };
         let mut c = Cluster {
             nats,
-            nats_url: format!("nats://127.0.0.1:{port}"),
+            nats_url: format!("{scheme}://127.0.0.1:{port}"),
+            security,
             port,
             coordinator: None,
             url: String::new(),
@@ -180,16 +307,22 @@ impl Cluster {
     /// returns it with its URL once it listens (it may stand by).
     pub fn spawn_coordinator(&mut self, id: &str, extra: &[&str]) -> (Proc, String) {
         let log = self.log("coordinator");
-        let child = Command::new(env!("CARGO_BIN_EXE_gristmill"))
-            .args([
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-                "--nats",
-                &self.nats_url,
-                "--instance-id",
-                id,
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gristmill"));
+        cmd.args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--nats",
+            &self.nats_url,
+            "--instance-id",
+            id,
+        ]);
+        if let Some(s) = &self.security {
+            cmd.args(s.tls_args())
+                .args(["--nats-user", "coordinator"])
+                .env("GRISTMILL_NATS_PASSWORD", &s.coordinator_password);
+        }
+        let child = cmd
             .args(&self.coordinator_args)
             .args(extra)
             .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
@@ -219,8 +352,16 @@ impl Cluster {
     pub fn start_worker(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = self.log("worker");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gristmill"));
-        cmd.args(["worker", "--nats", &self.nats_url, "--threads", "1"])
-            .arg("--model")
+        cmd.args(["worker", "--nats", &self.nats_url, "--threads", "1"]);
+        if let Some(s) = &self.security {
+            cmd.args(s.tls_args()).args([
+                "--nats-user",
+                "worker",
+                "--nats-password",
+                &s.worker_password,
+            ]);
+        }
+        cmd.arg("--model")
             .arg(default_model())
             .args(args)
             .env("GRISTMILL_LOG", "info,async_nats=warn")
@@ -238,7 +379,8 @@ impl Cluster {
     /// Kills nats-server (SIGKILL) and starts it again on the same port and store.
     pub fn restart_nats(&mut self) {
         self.nats.kill9();
-        let (nats, _) = start_nats(self.dir.path(), Some(self.port));
+        let config = self.security.as_ref().map(|s| s.config.clone());
+        let (nats, _) = start_nats(self.dir.path(), Some(self.port), config.as_deref());
         self.nats = nats;
     }
 
@@ -409,12 +551,16 @@ impl Cluster {
     }
 }
 
-fn start_nats(dir: &Path, port: Option<u16>) -> (Proc, u16) {
+fn start_nats(dir: &Path, port: Option<u16>, config: Option<&Path>) -> (Proc, u16) {
     let ports_dir = dir.join(format!("ports-{}", port.unwrap_or(0)));
     std::fs::create_dir_all(&ports_dir).expect("ports dir");
     let log = dir.join(format!("nats-{}.log", port.unwrap_or(0)));
     let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
-    let child = Command::new(tools_bin("nats-server"))
+    let mut cmd = Command::new(tools_bin("nats-server"));
+    if let Some(c) = config {
+        cmd.arg("-c").arg(c);
+    }
+    let child = cmd
         .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
         .arg(dir.join("jetstream"))
         .arg("--ports_file_dir")
