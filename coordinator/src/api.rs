@@ -33,7 +33,9 @@ use serde_json::{json, Value};
 
 use crate::batch::{parse_completion_window, BatchRecord, BatchStatus};
 use crate::lease::Lease;
+use crate::server::FileObject;
 use crate::server::{now_s, Coordinator, Settings};
+use crate::tenants::{owns, ApiKeys, DEFAULT_TENANT};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -142,7 +144,7 @@ type AppState = Arc<Gate>;
 /// What the API serves from: nothing but standby answers until this process leads, then the
 /// coordinator.
 pub struct Gate {
-    api_key: Option<String>,
+    api_keys: Option<ApiKeys>,
     max_bytes: u64,
     lease: Arc<Lease>,
     coordinator: OnceLock<Arc<Coordinator>>,
@@ -164,7 +166,7 @@ impl Gate {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         Arc::new(Self {
-            api_key: settings.api_key.clone(),
+            api_keys: settings.api_keys.clone(),
             max_bytes: settings.limits.max_bytes,
             lease,
             coordinator: OnceLock::new(),
@@ -379,20 +381,28 @@ async fn unknown_route(method: Method, uri: Uri) -> ApiError {
     )
 }
 
-/// Byte strings compared in time that depends on neither their contents nor the given key's
-/// length: both are hashed (SHA-256) first and the digests compared without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let da = ring::digest::digest(&ring::digest::SHA256, a);
-    let db = ring::digest::digest(&ring::digest::SHA256, b);
-    da.as_ref()
-        .iter()
-        .zip(db.as_ref())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+/// The tenant a request acts for (from its API key; the default tenant without keys).
+#[derive(Debug, Clone)]
+pub struct Tenant(pub String);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
+        // `require_key` runs before every /v1 handler and always sets it.
+        parts
+            .extensions
+            .get::<Tenant>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no tenant on an API request")))
+    }
 }
 
-async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &c.api_key {
+/// Authenticates a `/v1` request (keys compared in constant time, [`ApiKeys::tenant`]) and
+/// marks it with its tenant.
+async fn require_key(State(c): State<AppState>, mut req: Request, next: Next) -> Response {
+    let mut tenant = DEFAULT_TENANT.to_string();
+    if let Some(keys) = &c.api_keys {
         let header = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -402,7 +412,10 @@ async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Res
             let (scheme, key) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         });
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        let found = given.and_then(|g| keys.tenant(g.as_bytes()));
+        if let Some(t) = found {
+            tenant = t.to_string();
+        } else {
             let message = match (header, given) {
                 (None, _) => "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
                 (Some(_), None) => "The Authorization header must be `Bearer <key>`.",
@@ -418,6 +431,7 @@ async fn require_key(State(c): State<AppState>, req: Request, next: Next) -> Res
             .into_response();
         }
     }
+    req.extensions_mut().insert(Tenant(tenant));
     next.run(req).await
 }
 
@@ -463,6 +477,7 @@ const PURPOSES: [&str; 4] = ["batch", "batch_output", "user_data", "evals"];
 
 async fn upload_file(
     Leader(c): Leader,
+    Tenant(tenant): Tenant,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {
     let mut form = form.map_err(|r| ApiError::rejected(r.body_text(), None))?;
@@ -536,8 +551,8 @@ async fn upload_file(
     if data.len() as u64 > max {
         return Err(too_large());
     }
-    let f = c.put_file(name, purpose, data).await?;
-    Ok(Json(serde_json::to_value(f).map_err(anyhow::Error::from)?))
+    let f = c.put_file(name, purpose, data, &tenant).await?;
+    Ok(Json(f.to_openai()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,11 +602,13 @@ fn page(items: Vec<(String, Value)>, after: Option<&str>, limit: usize) -> ApiRe
 
 async fn list_files(
     Leader(c): Leader,
+    Tenant(tenant): Tenant,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q.map_err(|r| ApiError::rejected(r.body_text(), None))?;
     let limit = parse_limit(&q, 10_000, 10_000)?;
     let mut files = c.list_files().await?;
+    files.retain(|f| owns(f.owner.as_deref(), &tenant));
     if let Some(p) = &q.purpose {
         files.retain(|f| &f.purpose == p);
     }
@@ -600,8 +617,8 @@ async fn list_files(
     }
     let items = files
         .into_iter()
-        .map(|f| Ok((f.id.clone(), serde_json::to_value(f)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|f| (f.id.clone(), f.to_openai()))
+        .collect();
     Ok(Json(page(items, q.after.as_deref(), limit)?))
 }
 
@@ -609,12 +626,20 @@ fn no_file(id: &str) -> ApiError {
     ApiError::not_found(format!("No such File object: {id}"), Some("id"))
 }
 
-async fn get_file(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
-    let f = c.file(&id).await?.ok_or_else(|| no_file(&id))?;
-    Ok(Json(serde_json::to_value(f).map_err(anyhow::Error::from)?))
+/// The file `id` if `tenant` owns it (another tenant's file is as good as absent).
+async fn owned_file(c: &Coordinator, id: &str, tenant: &str) -> ApiResult<FileObject> {
+    c.file(id)
+        .await?
+        .filter(|f| owns(f.owner.as_deref(), tenant))
+        .ok_or_else(|| no_file(id))
 }
 
-async fn delete_file(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
+async fn get_file(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Json<Value>> {
+    Ok(Json(owned_file(&c, &id, &t).await?.to_openai()))
+}
+
+async fn delete_file(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Json<Value>> {
+    owned_file(&c, &id, &t).await?;
     if let Some(batch) = c.batch_using(&id) {
         return Err(ApiError::conflict(
             format!("file {id} is the input of batch {batch}, which is still running; delete it once the batch has ended (or cancel the batch)"),
@@ -627,15 +652,19 @@ async fn delete_file(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-async fn file_content(Leader(c): Leader, Id(id): Id) -> ApiResult<Response> {
-    c.file(&id).await?.ok_or_else(|| no_file(&id))?;
+async fn file_content(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Response> {
+    owned_file(&c, &id, &t).await?;
     let data = c.file_content(&id).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
 // -------------------------------------------------------------------- batches
 
-async fn create_batch(Leader(c): Leader, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_batch(
+    Leader(c): Leader,
+    Tenant(tenant): Tenant,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     let field = |name: &'static str| -> ApiResult<String> {
@@ -691,19 +720,23 @@ async fn create_batch(Leader(c): Leader, body: Bytes) -> ApiResult<Json<Value>> 
             ))
         }
     };
-    let file = c.file(&input_file_id).await?.ok_or_else(|| {
-        ApiError::not_found(
-            format!("No such File object: {input_file_id}"),
-            Some("input_file_id"),
-        )
-    })?;
+    let file = c
+        .file(&input_file_id)
+        .await?
+        .filter(|f| owns(f.owner.as_deref(), &tenant))
+        .ok_or_else(|| {
+            ApiError::not_found(
+                format!("No such File object: {input_file_id}"),
+                Some("input_file_id"),
+            )
+        })?;
     if file.purpose != "batch" {
         return Err(ApiError::invalid(
             format!("file {input_file_id} has purpose {:?}; a batch's input file must be uploaded with purpose \"batch\"", file.purpose),
             Some("input_file_id"),
         ));
     }
-    let rec = BatchRecord::new(
+    let mut rec = BatchRecord::new(
         format!("batch_{}", nuid::next()),
         endpoint,
         input_file_id,
@@ -712,6 +745,7 @@ async fn create_batch(Leader(c): Leader, body: Bytes) -> ApiResult<Json<Value>> 
         metadata,
         now_s(),
     );
+    rec.owner = (tenant != DEFAULT_TENANT).then_some(tenant);
     let rec = c.create_batch(rec).await?;
     Ok(Json(rec.to_openai()))
 }
@@ -720,13 +754,20 @@ fn no_batch(id: &str) -> ApiError {
     ApiError::not_found(format!("No such Batch object: {id}"), Some("id"))
 }
 
-async fn get_batch(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
-    let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
-    Ok(Json(rec.to_openai()))
+/// The batch `id` if `tenant` owns it (another tenant's batch is as good as absent).
+fn owned_batch(c: &Coordinator, id: &str, tenant: &str) -> ApiResult<BatchRecord> {
+    c.batch(id)
+        .filter(|b| owns(b.owner.as_deref(), tenant))
+        .ok_or_else(|| no_batch(id))
+}
+
+async fn get_batch(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Json<Value>> {
+    Ok(Json(owned_batch(&c, &id, &t)?.to_openai()))
 }
 
 async fn list_batches(
     Leader(c): Leader,
+    Tenant(tenant): Tenant,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q.map_err(|r| ApiError::rejected(r.body_text(), None))?;
@@ -734,13 +775,14 @@ async fn list_batches(
     let items = c
         .list_batches()
         .into_iter()
+        .filter(|b| owns(b.owner.as_deref(), &tenant))
         .map(|b| (b.id.clone(), b.to_openai()))
         .collect();
     Ok(Json(page(items, q.after.as_deref(), limit)?))
 }
 
-async fn cancel_batch(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
-    let rec = c.batch(&id).ok_or_else(|| no_batch(&id))?;
+async fn cancel_batch(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Json<Value>> {
+    let rec = owned_batch(&c, &id, &t)?;
     if rec.status.is_terminal() && rec.status != BatchStatus::Cancelled {
         return Err(ApiError {
             status: StatusCode::CONFLICT,
@@ -764,15 +806,6 @@ async fn cancel_batch(Leader(c): Leader, Id(id): Id) -> ApiResult<Json<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_comparison_is_exact() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
-    }
 
     #[test]
     fn pages_follow_the_after_cursor() {

@@ -126,6 +126,9 @@ pub struct BatchRecord {
     /// Where `finalizing` or `cancelling` ends: `completed`, `cancelled` or `expired`.
     #[serde(default)]
     pub ending: Option<BatchStatus>,
+    /// The tenant that owns the batch (not part of OpenAI's object; `None`: the default one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The batch's lines and which have reported. Not stored here: its lines come from the
     /// batch's index object, its reports (and the counts) from replaying the results stream.
     #[serde(skip)]
@@ -170,6 +173,7 @@ impl BatchRecord {
             completion_tokens: 0,
             shards: 0,
             ending: None,
+            owner: None,
             ledger: Ledger::open(),
         }
     }

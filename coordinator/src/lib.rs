@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod server;
 pub mod shard;
 pub mod tasks;
+pub mod tenants;
 pub mod validate;
 
 pub use validate::{InvalidLine, LineValidator};

@@ -37,7 +37,8 @@ use crate::intake::{intake, IntakeLimits, PromptTokens};
 pub struct Settings {
     /// The NATS URL, without credentials (for logs).
     pub nats_url: String,
-    pub api_key: Option<String>,
+    /// The API keys and their tenants (`None`: no authentication).
+    pub api_keys: Option<crate::tenants::ApiKeys>,
     pub limits: IntakeLimits,
     /// How long a worker may hold a shard without an in-progress ack before it is redelivered.
     pub ack_wait: Duration,
@@ -65,7 +66,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("nats_url", &self.nats_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("api_keys", &self.api_keys)
             .field("limits", &self.limits)
             .field("ack_wait", &self.ack_wait)
             .field("max_deliver", &self.max_deliver)
@@ -86,6 +87,20 @@ pub struct FileObject {
     pub status: String,
     pub expires_at: Option<u64>,
     pub status_details: Option<String>,
+    /// The tenant that owns the file (not part of OpenAI's object; `None`: the default one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl FileObject {
+    /// OpenAI's file object (without the owner).
+    pub fn to_openai(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("owner");
+        }
+        v
+    }
 }
 
 /// Seconds since the Unix epoch, with the fraction (the throughput meter's clock).
@@ -519,9 +534,10 @@ impl Coordinator {
         filename: String,
         purpose: String,
         data: Bytes,
+        owner: &str,
     ) -> Result<FileObject> {
         let id = format!("file-{}", nuid::next());
-        self.store_file(id, filename, purpose, data).await
+        self.store_file(id, filename, purpose, data, owner).await
     }
 
     async fn store_file(
@@ -530,6 +546,7 @@ impl Coordinator {
         filename: String,
         purpose: String,
         data: Bytes,
+        owner: &str,
     ) -> Result<FileObject> {
         self.lease.fence();
         let meta = FileObject {
@@ -542,6 +559,7 @@ impl Coordinator {
             status: "processed".into(),
             expires_at: None,
             status_details: None,
+            owner: (owner != crate::tenants::DEFAULT_TENANT).then(|| owner.to_string()),
         };
         let meta_obj = object_store::ObjectMetadata {
             name: id.clone(),
@@ -1020,6 +1038,9 @@ impl Coordinator {
                     format!("{id}_output.jsonl"),
                     "batch_output".into(),
                     out.into(),
+                    rec.owner
+                        .as_deref()
+                        .unwrap_or(crate::tenants::DEFAULT_TENANT),
                 )
                 .await?;
             Some(f.id)
@@ -1033,6 +1054,9 @@ impl Coordinator {
                     format!("{id}_error.jsonl"),
                     "batch_output".into(),
                     err.into(),
+                    rec.owner
+                        .as_deref()
+                        .unwrap_or(crate::tenants::DEFAULT_TENANT),
                 )
                 .await?;
             Some(f.id)

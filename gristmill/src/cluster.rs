@@ -14,6 +14,7 @@ use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
 use gristmill_coordinator::lease::Lease;
 use gristmill_coordinator::server::{Coordinator, Settings};
 use gristmill_coordinator::shard::ShardLimits;
+use gristmill_coordinator::tenants::ApiKeys;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
 
@@ -31,8 +32,20 @@ pub struct CoordinatorArgs {
     pub nats: NatsArgs,
 
     /// Require `Authorization: Bearer KEY` on every /v1 request (probes and /metrics stay open).
-    #[arg(long, env = "GRISTMILL_API_KEY", hide_env_values = true)]
+    /// One tenant; see --api-keys for several.
+    #[arg(
+        long,
+        env = "GRISTMILL_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_keys"
+    )]
     pub api_key: Option<String>,
+
+    /// File of API keys and their tenants, one `TENANT KEY` per line (`KEY` may be
+    /// `sha256:<hex>` of the key); each tenant sees, reads, cancels and deletes only its own
+    /// files and batches. Lines starting with `#` are comments.
+    #[arg(long, env = "GRISTMILL_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
 
     /// Model file or directory whose tokenizer weighs prompts and orders them by shared token
     /// prefix. Without it, prompts are weighed as bytes / 4 and ordered by shared text prefix.
@@ -308,7 +321,16 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     };
     let settings = Settings {
         nats_url: crate::nats::redact(&args.nats.url),
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        api_keys: match (
+            &args.api_keys,
+            args.api_key.as_deref().filter(|k| !k.is_empty()),
+        ) {
+            (Some(path), _) => {
+                Some(ApiKeys::load(path).map_err(|e| anyhow::anyhow!("--api-keys: {e}"))?)
+            }
+            (None, Some(key)) => Some(ApiKeys::single(key)),
+            (None, None) => None,
+        },
         limits: IntakeLimits {
             max_bytes: args.max_file_bytes,
             max_lines: args.max_lines,

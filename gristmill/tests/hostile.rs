@@ -695,3 +695,141 @@ fn secured_nats_refuses_strangers_and_confines_workers() {
         );
     });
 }
+
+/// Tenants: each API key's tenant sees, reads, cancels and deletes only its own files and
+/// batches (404 for another's, as OpenAI answers), including the output files of its batches.
+#[test]
+fn tenants_see_only_their_own_files_and_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    // Bob's key is given hashed (sha256 of the key, as `sha256sum` prints it).
+    let bob_hash = {
+        let out = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b"bob-key-0123456789")?;
+                child.wait_with_output()
+            })
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .expect("digest")
+            .to_string()
+    };
+    std::fs::write(
+        &keys,
+        format!("# tenant key\nalice alice-key-0123456789\nbob sha256:{bob_hash}\n"),
+    )
+    .expect("keys file");
+    let keys_arg = keys.display().to_string();
+    let mut c = Cluster::start(&["--api-keys", &keys_arg]);
+    let (alice, bob) = ("alice-key-0123456789", "bob-key-0123456789");
+    // The helpers use the cluster's key: Alice's.
+    c.api_key = Some(alice.into());
+    let url = c.url.clone();
+    let as_key = move |key: &str, method: &str, path: &str, body: Option<(&str, Vec<u8>)>| {
+        let r = ureq::request(method, &format!("{url}{path}"))
+            .timeout(Duration::from_secs(30))
+            .set("Authorization", &format!("Bearer {key}"));
+        let result = match body {
+            Some((ct, data)) => r.set("Content-Type", ct).send_bytes(&data),
+            None => r.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("HTTP transport error: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        )
+    };
+    let lines: Vec<String> = (0..3)
+        .map(|i| chat_line(&format!("a{i}"), "alice's secret", 4, 1))
+        .collect();
+    let id = c.create_batch(&lines, "24h");
+    let input = c.batch(&id)["input_file_id"]
+        .as_str()
+        .expect("input")
+        .to_string();
+    // Bob sees nothing of it.
+    let (s, v) = as_key(bob, "GET", "/v1/batches", None);
+    assert_eq!(
+        (s, v["data"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+    let (s, v) = as_key(bob, "GET", "/v1/files", None);
+    assert_eq!(
+        (s, v["data"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
+    for (method, path) in [
+        ("GET", format!("/v1/batches/{id}")),
+        ("POST", format!("/v1/batches/{id}/cancel")),
+        ("GET", format!("/v1/files/{input}")),
+        ("GET", format!("/v1/files/{input}/content")),
+        ("DELETE", format!("/v1/files/{input}")),
+    ] {
+        let (s, v) = as_key(bob, method, &path, None);
+        assert_eq!(s, 404, "bob {method} {path}: {v}");
+    }
+    let body = json!({"input_file_id": input, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+    let (s, v) = as_key(
+        bob,
+        "POST",
+        "/v1/batches",
+        Some(("application/json", body.to_string().into_bytes())),
+    );
+    assert_eq!(s, 404, "bob made a batch of alice's file: {v}");
+    // Alice's batch runs and she reads its output; Bob cannot.
+    echo_worker(&mut c);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}");
+    let (out, _) = c.results(&b, &ids(&lines));
+    assert_eq!(out.len(), 3);
+    let output = b["output_file_id"].as_str().expect("output").to_string();
+    let (s, _) = as_key(bob, "GET", &format!("/v1/files/{output}/content"), None);
+    assert_eq!(s, 404);
+    let (s, v) = as_key(alice, "GET", "/v1/files", None);
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["data"].as_array().map(Vec::len),
+        Some(2),
+        "input and output: {v}"
+    );
+    assert!(
+        v["data"][0].get("owner").is_none(),
+        "the owner is not part of OpenAI's object: {v}"
+    );
+    // Unknown keys are refused.
+    let (s, _) = as_key("mallory-key-0123456789", "GET", "/v1/batches", None);
+    assert_eq!(s, 401);
+    // A bad keys file stops the coordinator with the line named.
+    std::fs::write(&keys, "alice\n").expect("keys file");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args([
+            "coordinator",
+            "--nats",
+            &c.nats_url,
+            "--api-keys",
+            &keys_arg,
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1: expected `TENANT KEY`"), "{err}");
+}
