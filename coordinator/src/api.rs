@@ -123,6 +123,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The message it tells the client.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {
@@ -480,8 +492,25 @@ async fn upload_file(
     Tenant(tenant): Tenant,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {
-    let mut form = form.map_err(|r| ApiError::rejected(r.body_text(), None))?;
-    let max = c.settings.limits.max_bytes;
+    let form = form.map_err(|r| ApiError::rejected(r.body_text(), None))?;
+    let up = read_upload(form, c.settings.limits.max_bytes).await?;
+    let f = c
+        .put_file(up.filename, up.purpose, up.data, &tenant)
+        .await?;
+    Ok(Json(f.to_openai()))
+}
+
+/// The parts of a Files API upload.
+#[derive(Debug)]
+pub struct Upload {
+    pub purpose: String,
+    pub filename: String,
+    pub data: Bytes,
+}
+
+/// Reads an upload's multipart form: exactly one `purpose` (one of OpenAI's) and one `file` of
+/// at most `max` bytes; other parts are skipped. Every problem is a 4xx naming it.
+pub async fn read_upload(mut form: Multipart, max: u64) -> Result<Upload, ApiError> {
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!(
@@ -525,7 +554,12 @@ async fn upload_file(
                 if file.is_some() {
                     return Err(twice("file"));
                 }
-                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let name: String = field
+                    .file_name()
+                    .unwrap_or("upload.jsonl")
+                    .chars()
+                    .take(256)
+                    .collect();
                 let data = field.bytes().await.map_err(|e| {
                     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                         too_large()
@@ -533,6 +567,9 @@ async fn upload_file(
                         ApiError::invalid(format!("unreadable file: {e}"), Some("file"))
                     }
                 })?;
+                if data.len() as u64 > max {
+                    return Err(too_large());
+                }
                 file = Some((name, data));
             }
             _ => {}
@@ -541,18 +578,19 @@ async fn upload_file(
     let purpose = purpose
         .ok_or_else(|| ApiError::invalid("missing required parameter: purpose", Some("purpose")))?;
     if !PURPOSES.contains(&purpose.as_str()) {
+        let shown: String = purpose.chars().take(64).collect();
         return Err(ApiError::invalid(
-            format!("purpose {purpose:?} is not supported; use one of {PURPOSES:?}"),
+            format!("purpose {shown:?} is not supported; use one of {PURPOSES:?}"),
             Some("purpose"),
         ));
     }
-    let (name, data) =
+    let (filename, data) =
         file.ok_or_else(|| ApiError::invalid("missing required parameter: file", Some("file")))?;
-    if data.len() as u64 > max {
-        return Err(too_large());
-    }
-    let f = c.put_file(name, purpose, data, &tenant).await?;
-    Ok(Json(f.to_openai()))
+    Ok(Upload {
+        purpose,
+        filename,
+        data,
+    })
 }
 
 #[derive(Debug, Deserialize)]

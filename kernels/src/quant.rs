@@ -74,8 +74,10 @@ impl GgmlType {
 
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        n.is_multiple_of(self.block_len())
-            .then(|| n / self.block_len() * self.block_bytes())
+        if !n.is_multiple_of(self.block_len()) {
+            return None;
+        }
+        (n / self.block_len()).checked_mul(self.block_bytes())
     }
 }
 

@@ -232,7 +232,8 @@ impl GgufFile {
             let v = c.value(ty, &key, 0)?;
             metadata.insert(key, v);
         }
-        let mut table = Vec::with_capacity(n_tensors as usize);
+        // Each entry takes at least 24 bytes: never reserve more than the file can describe.
+        let mut table = Vec::with_capacity((n_tensors as usize).min((c.buf.len() - c.pos) / 24));
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
             let n_dims = c.u32(&name)?;
@@ -254,20 +255,27 @@ impl GgufFile {
             .and_then(MetaValue::as_u64)
             .unwrap_or(32)
             .max(1);
-        let data_start = (c.pos as u64).next_multiple_of(alignment);
+        let data_start = (c.pos as u64)
+            .checked_next_multiple_of(alignment)
+            .ok_or_else(|| {
+                Error::format(path, format!("general.alignment {alignment} is absurd"))
+            })?;
         let tensors = table
             .into_iter()
             .map(|(name, dims, type_id, offset)| {
-                (
+                let offset = data_start.checked_add(offset).ok_or_else(|| {
+                    Error::format(path, format!("tensor {name:?}: offset {offset} is absurd"))
+                })?;
+                Ok((
                     name,
                     TensorInfo {
                         dims,
                         type_id,
-                        offset: data_start + offset,
+                        offset,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<HashMap<_, _>>>()?;
         Ok(Self {
             path: path.to_path_buf(),
             map,
@@ -316,14 +324,22 @@ impl GgufFile {
                 info.type_id
             ),
         })?;
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                Error::format(
+                    &self.path,
+                    format!("tensor {name:?}: shape {shape:?} has more elements than memory holds"),
+                )
+            })?;
         let bytes = ty.bytes_for(n).ok_or_else(|| {
             Error::format(
                 &self.path,
-                format!("tensor {name:?}: {n} elements is not a whole number of {ty:?} blocks"),
+                format!("tensor {name:?}: {n} elements is not a whole number of {ty:?} blocks, or too many"),
             )
         })?;
-        let end = info.offset + bytes as u64;
+        let end = info.offset.saturating_add(bytes as u64);
         if end > self.map.len() as u64 {
             return Err(Error::TruncatedTensor {
                 path: self.path.clone(),
@@ -406,6 +422,7 @@ impl GgufWriter {
                         Some(MetaValue::Float(_)) => 12,
                         Some(MetaValue::Bool(_)) => 7,
                         Some(MetaValue::String(_)) => 8,
+                        Some(MetaValue::Array(_)) => 9,
                         _ => 11,
                     };
                     out.extend_from_slice(&ety.to_le_bytes());

@@ -88,6 +88,13 @@ impl SafetensorsDir {
         self.entries.contains_key(name)
     }
 
+    /// Every tensor's name and shape, as the headers say.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.shape.as_slice()))
+    }
+
     /// The first shard's path (for messages about tensors that are missing everywhere).
     fn any_path(&self) -> PathBuf {
         self.files
@@ -110,7 +117,7 @@ impl SafetensorsDir {
                 found: e.shape.clone(),
             });
         }
-        if e.end > map.len() {
+        if e.end > map.len() || e.start > e.end {
             return Err(Error::TruncatedTensor {
                 path: path.clone(),
                 tensor: name.to_string(),
@@ -120,7 +127,12 @@ impl SafetensorsDir {
             });
         }
         let bytes = &map[e.start..e.end];
-        let n: usize = e.shape.iter().product();
+        // Overflowing products can only describe tensors no file holds.
+        let n = e
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX);
         let width = match e.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
@@ -132,7 +144,7 @@ impl SafetensorsDir {
                 })
             }
         };
-        if bytes.len() != n * width {
+        if n.checked_mul(width) != Some(bytes.len()) {
             return Err(Error::format(
                 path,
                 format!(
