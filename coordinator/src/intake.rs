@@ -112,6 +112,9 @@ pub fn scan(
         .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
         .collect();
     let mut errors = FileErrors::new();
+    // Problems past the first MAX_FILE_ERRORS are counted, not listed (a million-line file
+    // with the wrong endpoint must not make a million-entry batch record).
+    let mut unlisted = 0usize;
     if let Some(&(line, _)) = raw_lines.get(limits.max_lines) {
         errors.push((
             Some(line),
@@ -152,7 +155,7 @@ pub fn scan(
         };
         if let Some(id) = id {
             if let Some(first) = ids.insert(id, line) {
-                errors.push((
+                push_capped(&mut errors, &mut unlisted, (
                     Some(line),
                     LineError::new(
                         codes::DUPLICATE_CUSTOM_ID,
@@ -167,7 +170,7 @@ pub fn scan(
         }
         if let Scanned::Valid(req) = s {
             if req.endpoint != endpoint {
-                errors.push((
+                push_capped(&mut errors, &mut unlisted, (
                     Some(line),
                     LineError::new(
                         "mismatched_endpoint",
@@ -196,7 +199,30 @@ pub fn scan(
         Ok(lines)
     } else {
         errors.sort_by_key(|(line, _)| *line);
+        if unlisted > 0 {
+            errors.push((
+                None,
+                LineError::new(
+                    "too_many_errors",
+                    format!(
+                        "{unlisted} more lines have problems like those above; only the first \
+                         {MAX_FILE_ERRORS} are listed"
+                    ),
+                ),
+            ));
+        }
         Err(errors)
+    }
+}
+
+/// File-level problems listed in a failed batch's `errors` (the rest are counted).
+pub const MAX_FILE_ERRORS: usize = 100;
+
+fn push_capped(errors: &mut FileErrors, unlisted: &mut usize, e: (Option<usize>, LineError)) {
+    if errors.len() < MAX_FILE_ERRORS {
+        errors.push(e);
+    } else {
+        *unlisted += 1;
     }
 }
 
@@ -477,6 +503,21 @@ mod tests {
             ),
             ("x".repeat((1 << 20) + 1), "file_too_large", None),
         ];
+        // A file whose every line has the same problem lists the first hundred and counts
+        // the rest.
+        let many: Vec<String> = (0..300)
+            .map(|i| {
+                format!(r#"{{"custom_id":"{i}","url":"/v1/completions","body":{{"prompt":"p"}}}}"#)
+            })
+            .collect();
+        let mut big = limits();
+        big.max_lines = 1000;
+        let errs = scan(many.join("\n").as_bytes(), Endpoint::ChatCompletions, &big)
+            .expect_err("mismatched endpoints");
+        assert_eq!(errs.len(), MAX_FILE_ERRORS + 1);
+        assert_eq!(errs[99].0, Some(100));
+        assert_eq!(errs[100].1.code, "too_many_errors");
+        assert!(errs[100].1.message.starts_with("200 more lines"), "{:?}", errs[100]);
         for (file, code, line) in cases {
             let errs = scan(file.as_bytes(), Endpoint::ChatCompletions, &limits()).expect_err(code);
             assert_eq!(errs[0].1.code, code, "{errs:?}");

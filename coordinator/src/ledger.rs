@@ -47,6 +47,8 @@ struct Slot {
     line: u32,
     shard: u32,
     reported: bool,
+    /// Written to the output or error file by the finalization in progress.
+    written: bool,
 }
 
 /// One line of a batch as the index object stores it (one JSON object per line).
@@ -108,6 +110,7 @@ impl Ledger {
                     line: line_u32(e.line),
                     shard: e.shard.unwrap_or(NO_SHARD),
                     reported: false,
+                    written: false,
                 };
                 (key, slot)
             })
@@ -138,6 +141,7 @@ impl Ledger {
                 line: line_u32(line),
                 shard: shard.unwrap_or(NO_SHARD),
                 reported: false,
+                written: false,
             });
             return if std::mem::replace(&mut slot.reported, true) {
                 Recorded::Repeat
@@ -154,6 +158,43 @@ impl Ledger {
                 }
             }
             _ => Recorded::Foreign,
+        }
+    }
+
+    /// Marks the line's result as written to a file by the finalization in progress; `true`
+    /// for the first result of each of the batch's lines (the one counted), `false` for repeats
+    /// and foreign results. Results are written in the order they were counted (stream order),
+    /// so the result written is the result counted.
+    pub fn write_once(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> bool {
+        let key = line_key(custom_id, line);
+        if self.open {
+            let slot = self.slots.entry(key).or_insert(Slot {
+                line: line_u32(line),
+                shard: shard.unwrap_or(NO_SHARD),
+                reported: false,
+                written: false,
+            });
+            return !std::mem::replace(&mut slot.written, true);
+        }
+        match self.slots.get_mut(&key) {
+            Some(s) if s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD) => {
+                !std::mem::replace(&mut s.written, true)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the line with this key was written by the finalization in progress.
+    pub fn is_written(&self, custom_id: &str, line: usize) -> bool {
+        self.slots
+            .get(&line_key(custom_id, line))
+            .is_some_and(|s| s.written)
+    }
+
+    /// Forgets what a finalization wrote (before it starts again).
+    pub fn reset_written(&mut self) {
+        for s in self.slots.values_mut() {
+            s.written = false;
         }
     }
 
@@ -261,6 +302,14 @@ mod tests {
         }
         assert!(l.has_reported("a", 1) && l.has_reported("", 3));
         assert!(!l.has_reported("invented", 5));
+        // Writing the files: each line once, only the batch's own.
+        assert!(l.write_once("a", 1, Some(0)));
+        assert!(!l.write_once("a", 1, Some(0)), "a repeat is not written");
+        assert!(!l.write_once("invented", 5, Some(0)));
+        assert!(!l.write_once("a", 1, Some(1)), "nor a result from another shard");
+        assert!(l.is_written("a", 1) && !l.is_written("b", 2));
+        l.reset_written();
+        assert!(!l.is_written("a", 1));
         l.reset();
         assert!(!l.has_reported("a", 1));
         assert_eq!(

@@ -122,11 +122,6 @@ struct BatchState {
     dirty: bool,
     /// A finalization task owns the batch.
     closing: bool,
-    /// The first result of each line, as counted: what the output and error files are written
-    /// from (bounded by the batch limits; a batch's results are also in the stream).
-    results: Vec<ResultMessage>,
-    /// Loaded mid-finalization after a restart: `results` is incomplete, re-read the stream.
-    replay: bool,
 }
 
 /// Counters for `/metrics`.
@@ -416,8 +411,6 @@ impl Coordinator {
                     rec,
                     dirty: false,
                     closing,
-                    results: Vec::new(),
-                    replay: closing,
                 },
             );
         }
@@ -642,8 +635,6 @@ impl Coordinator {
                 rec: rec.clone(),
                 dirty: true,
                 closing: false,
-                results: Vec::new(),
-                replay: false,
             },
         );
         self.save(&id).await?;
@@ -921,146 +912,85 @@ impl Coordinator {
         let Some(rec) = self.batch(id) else {
             bail!("batch {id} vanished");
         };
-        let (replay, kept) = {
-            let mut map = self.lock();
-            match map.get_mut(id) {
-                Some(st) => {
-                    let kept = std::mem::take(&mut st.results);
-                    // Taken: a retry of this finalization must read the stream.
-                    let replay = std::mem::replace(&mut st.replay, true);
-                    (replay, kept)
-                }
-                None => (true, Vec::new()),
-            }
-        };
-        let results = if replay {
-            self.replay_results(id).await?
-        } else {
-            kept
-        };
-        tracing::debug!(batch = %id, results = results.len(), replayed = replay, "results gathered");
-        // Every line with its result, in line order. When every line reported, the results say
-        // it all; otherwise the batch's index names the lines without one.
-        let slots: Vec<(Option<String>, usize, Option<ResultOutcome>)> =
-            if results.len() as u64 == rec.total {
-                let mut slots: Vec<_> = results
-                    .into_iter()
-                    .map(|r| {
-                        let id = (!r.custom_id.is_empty()).then_some(r.custom_id);
-                        (id, r.line, Some(r.outcome))
-                    })
-                    .collect();
-                slots.sort_by_key(|s| s.1);
-                slots
-            } else {
-                // No index: cancelled while validating (no lines), or a batch from before
-                // indexes existed — its results are all there is.
-                let index = self.read_index(id).await?.unwrap_or_default();
-                let mut by_line: HashMap<usize, ResultMessage> =
-                    results.into_iter().map(|r| (r.line, r)).collect();
-                let mut slots: Vec<_> = index
-                    .into_iter()
-                    .map(|e| {
-                        let outcome = by_line.remove(&e.line).map(|r| r.outcome);
-                        (e.custom_id, e.line, outcome)
-                    })
-                    .collect();
-                slots.extend(by_line.into_values().map(|r| {
-                    let id = (!r.custom_id.is_empty()).then_some(r.custom_id);
-                    (id, r.line, Some(r.outcome))
-                }));
-                slots.sort_by_key(|s| s.1);
-                slots
-            };
-        let missing_error = |line: usize| match ending {
-            BatchStatus::Cancelled => LineError::new(
-                codes::CANCELLED,
-                format!("line {line}: the batch was cancelled before this request ran"),
-            ),
-            BatchStatus::Expired => LineError::new(
-                codes::EXPIRED,
-                format!(
-                    "line {line}: the batch's completion window ran out before this request ran"
-                ),
-            ),
-            _ => LineError::new(
-                codes::INTERNAL,
-                format!("line {line}: no result was recorded for this request"),
-            ),
-        };
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let (mut completed, mut failed) = (0u64, 0u64);
-        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
-        for (custom_id, line, outcome) in slots {
-            match outcome {
-                Some(ResultOutcome::Completed { body, usage, .. }) => {
-                    completed += 1;
-                    prompt_tokens += usage.prompt_tokens as u64;
-                    completion_tokens += usage.completion_tokens as u64;
-                    let l = OutputLine {
-                        id: format!("batch_req_{}", nuid::next()),
-                        custom_id: custom_id.unwrap_or_default(),
-                        response: Some(ResponseEnvelope {
-                            status_code: 200,
-                            request_id: format!("req_{}", nuid::next()),
-                            body,
-                        }),
-                        error: None,
-                    };
-                    out.extend(serde_json::to_vec(&l)?);
-                    out.push(b'\n');
-                }
-                other => {
-                    failed += 1;
-                    let error = match other {
-                        Some(ResultOutcome::Failed { error }) => error,
-                        _ => missing_error(line),
-                    };
-                    let l = ErrorLine {
-                        id: format!("batch_req_{}", nuid::next()),
-                        custom_id,
-                        response: None,
-                        error,
-                        line,
-                    };
-                    err.extend(serde_json::to_vec(&l)?);
-                    err.push(b'\n');
-                }
-            }
+        if let Some(st) = self.lock().get_mut(id) {
+            st.rec.ledger.reset_written();
         }
-        let output_file_id = if out.is_empty() {
-            None
-        } else {
-            let f = self
-                .store_file(
-                    format!("file-{id}-output"),
-                    format!("{id}_output.jsonl"),
-                    "batch_output".into(),
-                    out.into(),
-                    rec.owner
-                        .as_deref()
-                        .unwrap_or(crate::tenants::DEFAULT_TENANT),
-                )
-                .await?;
-            Some(f.id)
+        let owner = rec
+            .owner
+            .clone()
+            .unwrap_or_else(|| crate::tenants::DEFAULT_TENANT.to_string());
+        // The files are streamed into the object store as they are written: nothing but the
+        // ledger and a window of each file is in memory, whatever the batch's size.
+        let (out_w, mut out_r) = tokio::io::duplex(FILE_CHUNK);
+        let (err_w, mut err_r) = tokio::io::duplex(FILE_CHUNK);
+        let names = [format!("file-{id}-output"), format!("file-{id}-errors")];
+        let put = |name: &str| object_store::ObjectMetadata {
+            name: name.to_string(),
+            chunk_size: Some(FILE_CHUNK),
+            ..Default::default()
         };
-        let error_file_id = if err.is_empty() {
-            None
-        } else {
-            let f = self
-                .store_file(
-                    format!("file-{id}-errors"),
-                    format!("{id}_error.jsonl"),
-                    "batch_output".into(),
-                    err.into(),
-                    rec.owner
-                        .as_deref()
-                        .unwrap_or(crate::tenants::DEFAULT_TENANT),
-                )
-                .await?;
-            Some(f.id)
-        };
+        self.lease.fence();
+        let (tally, out_info, err_info) = tokio::try_join!(
+            self.write_files(id, ending, out_w, err_w),
+            async {
+                self.objects
+                    .put(put(&names[0]), &mut out_r)
+                    .await
+                    .map_err(|e| anyhow!(e).context(format!("storing batch {id}'s output file")))
+            },
+            async {
+                self.objects
+                    .put(put(&names[1]), &mut err_r)
+                    .await
+                    .map_err(|e| anyhow!(e).context(format!("storing batch {id}'s error file")))
+            },
+        )?;
+        // A file with no line is no file (OpenAI leaves its id null).
+        let mut file_ids = [None, None];
+        for (i, (name, lines, info)) in [
+            (&names[0], tally.completed, out_info),
+            (&names[1], tally.failed, err_info),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if lines == 0 {
+                if let Err(e) = self.objects.delete(name).await {
+                    tracing::debug!(batch = id, error = %e, "empty file already gone");
+                }
+                continue;
+            }
+            let filename = if i == 0 {
+                format!("{id}_output.jsonl")
+            } else {
+                format!("{id}_error.jsonl")
+            };
+            let meta = FileObject {
+                id: name.clone(),
+                object: "file".into(),
+                bytes: info.size as u64,
+                created_at: now_s(),
+                filename,
+                purpose: "batch_output".into(),
+                status: "processed".into(),
+                expires_at: None,
+                status_details: None,
+                owner: (owner != crate::tenants::DEFAULT_TENANT).then(|| owner.clone()),
+            };
+            self.lease.fence();
+            self.files_kv
+                .put(name, serde_json::to_vec(&meta)?.into())
+                .await
+                .with_context(|| format!("storing file {name}'s metadata"))?;
+            file_ids[i] = Some(name.clone());
+        }
+        let [output_file_id, error_file_id] = file_ids;
+        let Tally {
+            completed,
+            failed,
+            prompt_tokens,
+            completion_tokens,
+        } = tally;
         self.update(id, |st| {
             st.rec.output_file_id = output_file_id;
             st.rec.error_file_id = error_file_id;
@@ -1068,8 +998,6 @@ impl Coordinator {
             st.rec.failed = failed;
             st.rec.prompt_tokens = prompt_tokens;
             st.rec.completion_tokens = completion_tokens;
-            st.results = Vec::new();
-            st.replay = false;
             st.rec.errors.retain(|(_, e)| e.code != FINALIZE_PENDING);
             st.rec.total = completed + failed;
             // A finished batch's lines are not needed in memory any more.
@@ -1091,8 +1019,21 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Every result of a batch in the results stream, first one per key.
-    async fn replay_results(&self, id: &str) -> Result<Vec<ResultMessage>> {
+    /// Writes a batch's output and error lines into `out` and `err`: the first result of each
+    /// of its lines, in the order the results stream holds them (the order they were counted),
+    /// then an error line for every line of the index without a result (`batch_cancelled`,
+    /// `batch_expired`, or `internal_error` should it ever happen otherwise).
+    async fn write_files(
+        &self,
+        id: &str,
+        ending: BatchStatus,
+        mut out: tokio::io::DuplexStream,
+        mut err: tokio::io::DuplexStream,
+    ) -> Result<Tally> {
+        use tokio::io::AsyncWriteExt;
+        let mut tally = Tally::default();
+        let mut buf_out = Vec::with_capacity(FILE_CHUNK);
+        let mut buf_err = Vec::with_capacity(FILE_CHUNK);
         let stream = self.js.get_stream(RESULT_STREAM).await?;
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -1101,22 +1042,105 @@ impl Coordinator {
             })
             .await?;
         let mut pending = consumer.info().await?.num_pending;
-        if pending == 0 {
-            return Ok(Vec::new());
-        }
-        let mut payloads = Vec::new();
-        let mut messages = consumer.messages().await?;
-        while let Some(m) = messages.next().await {
-            let m = m?;
-            pending = m.info().map(|i| i.pending).unwrap_or(0);
-            payloads.push(m.payload.clone());
-            if pending == 0 {
-                break;
+        if pending > 0 {
+            let mut messages = consumer.messages().await?;
+            while let Some(m) = messages.next().await {
+                let m = m?;
+                pending = m.info().map(|i| i.pending).unwrap_or(0);
+                let results = match decode_results(&m.payload) {
+                    Ok(rs) => rs,
+                    Err(e) => {
+                        tracing::error!(batch = id, error = %e, "unreadable result skipped");
+                        Vec::new()
+                    }
+                };
+                for r in results {
+                    let first = self.lock().get_mut(id).is_some_and(|st| {
+                        st.rec.ledger.write_once(&r.custom_id, r.line, r.shard)
+                    });
+                    if !first {
+                        continue;
+                    }
+                    match r.outcome {
+                        ResultOutcome::Completed { body, usage, .. } => {
+                            tally.completed += 1;
+                            tally.prompt_tokens += usage.prompt_tokens as u64;
+                            tally.completion_tokens += usage.completion_tokens as u64;
+                            let l = OutputLine {
+                                id: format!("batch_req_{}", nuid::next()),
+                                custom_id: r.custom_id,
+                                response: Some(ResponseEnvelope {
+                                    status_code: 200,
+                                    request_id: format!("req_{}", nuid::next()),
+                                    body,
+                                }),
+                                error: None,
+                            };
+                            serde_json::to_writer(&mut buf_out, &l)?;
+                            buf_out.push(b'\n');
+                        }
+                        ResultOutcome::Failed { error } => {
+                            tally.failed += 1;
+                            let custom_id = (!r.custom_id.is_empty()).then_some(r.custom_id);
+                            write_error_line(&mut buf_err, custom_id, r.line, error)?;
+                        }
+                    }
+                    if buf_out.len() >= FILE_CHUNK {
+                        out.write_all(&buf_out).await?;
+                        buf_out.clear();
+                    }
+                    if buf_err.len() >= FILE_CHUNK {
+                        err.write_all(&buf_err).await?;
+                        buf_err.clear();
+                    }
+                }
+                if pending == 0 {
+                    break;
+                }
             }
         }
-        let ledger = self.lock().get(id).map(|st| st.rec.ledger.clone());
-        let ledger = ledger.unwrap_or_else(Ledger::open);
-        Ok(first_results(&ledger, payloads.iter().map(|p| p.as_ref())))
+        // Lines without a result: named by the batch's index (none when the batch never got
+        // past validation, or was dispatched before indexes existed).
+        let total = self.batch(id).map_or(0, |r| r.total);
+        if tally.completed + tally.failed < total {
+            let missing_error = |line: usize| match ending {
+                BatchStatus::Cancelled => LineError::new(
+                    codes::CANCELLED,
+                    format!("line {line}: the batch was cancelled before this request ran"),
+                ),
+                BatchStatus::Expired => LineError::new(
+                    codes::EXPIRED,
+                    format!(
+                        "line {line}: the batch's completion window ran out before this request ran"
+                    ),
+                ),
+                _ => LineError::new(
+                    codes::INTERNAL,
+                    format!("line {line}: no result was recorded for this request"),
+                ),
+            };
+            for e in self.read_index(id).await?.unwrap_or_default() {
+                let written = self.lock().get(id).is_some_and(|st| {
+                    st.rec
+                        .ledger
+                        .is_written(e.custom_id.as_deref().unwrap_or(""), e.line)
+                });
+                if written {
+                    continue;
+                }
+                tally.failed += 1;
+                write_error_line(&mut buf_err, e.custom_id, e.line, missing_error(e.line))?;
+                if buf_err.len() >= FILE_CHUNK {
+                    err.write_all(&buf_err).await?;
+                    buf_err.clear();
+                }
+            }
+        }
+        out.write_all(&buf_out).await?;
+        err.write_all(&buf_err).await?;
+        out.shutdown().await?;
+        err.shutdown().await?;
+        Ok(tally)
     }
 
     /// Consumes the results stream from the start, forever, counting each line's first result.
@@ -1226,7 +1250,6 @@ impl Coordinator {
                 if !finished.contains(&r.batch_id) {
                     finished.push(r.batch_id.clone());
                 }
-                st.results.push(r);
             }
         }
         if let Some((worker, t)) = source {
@@ -1687,32 +1710,35 @@ impl Coordinator {
     }
 }
 
-/// The first result of each of the batch's lines among results-stream messages in stream order
-/// (`ledger` says which lines the batch has; its reports are not touched).
-fn first_results<'a>(
-    ledger: &Ledger,
-    payloads: impl Iterator<Item = &'a [u8]>,
-) -> Vec<ResultMessage> {
-    let mut fresh = if ledger.is_open() {
-        Ledger::open()
-    } else {
-        ledger.clone()
+/// What a finalization wrote.
+#[derive(Debug, Default)]
+struct Tally {
+    completed: u64,
+    failed: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// Chunks of files in the object store, and the write window of a file being streamed there.
+const FILE_CHUNK: usize = 512 * 1024;
+
+/// Appends one error line (`ErrorLine`) to `buf`.
+fn write_error_line(
+    buf: &mut Vec<u8>,
+    custom_id: Option<String>,
+    line: usize,
+    error: LineError,
+) -> Result<()> {
+    let l = ErrorLine {
+        id: format!("batch_req_{}", nuid::next()),
+        custom_id,
+        response: None,
+        error,
+        line,
     };
-    fresh.reset();
-    let mut found = Vec::new();
-    for p in payloads {
-        match decode_results(p) {
-            Ok(rs) => {
-                for r in rs {
-                    if fresh.record(&r.custom_id, r.line, r.shard) == Recorded::New {
-                        found.push(r);
-                    }
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "unreadable result skipped"),
-        }
-    }
-    found
+    serde_json::to_writer(&mut *buf, &l)?;
+    buf.push(b'\n');
+    Ok(())
 }
 
 /// Name of a batch's index object in the file object store (not a file of the Files API).
