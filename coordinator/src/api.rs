@@ -493,24 +493,50 @@ async fn upload_file(
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Json<Value>> {
     let form = form.map_err(|r| ApiError::rejected(r.body_text(), None))?;
-    let up = read_upload(form, c.settings.limits.max_bytes).await?;
+    // The file part streams into the object store while the form is read.
+    let id = format!("file-{}", nuid::next());
+    let (writer, mut reader) = tokio::io::duplex(256 * 1024);
+    let (form, stored) = tokio::join!(
+        read_upload(form, c.settings.limits.max_bytes, writer),
+        c.store_object(&id, &mut reader)
+    );
+    let up = match (form, stored) {
+        (Ok(up), Ok(_)) => up,
+        (Err(e), stored) => {
+            if stored.is_ok() {
+                c.discard_object(&id).await;
+            }
+            return Err(e);
+        }
+        (Ok(_), Err(e)) => return Err(e.into()),
+    };
     let f = c
-        .put_file(up.filename, up.purpose, up.data, &tenant)
+        .register_file(id, up.filename, up.purpose, up.bytes, &tenant)
         .await?;
     Ok(Json(f.to_openai()))
 }
 
-/// The parts of a Files API upload.
+/// The parts of a Files API upload (the file's bytes went to the caller's writer).
 #[derive(Debug)]
 pub struct Upload {
     pub purpose: String,
     pub filename: String,
-    pub data: Bytes,
+    pub bytes: u64,
 }
 
+/// Most bytes of a `purpose` part read (OpenAI's purposes are short words).
+const MAX_PURPOSE_BYTES: usize = 64;
+
 /// Reads an upload's multipart form: exactly one `purpose` (one of OpenAI's) and one `file` of
-/// at most `max` bytes; other parts are skipped. Every problem is a 4xx naming it.
-pub async fn read_upload(mut form: Multipart, max: u64) -> Result<Upload, ApiError> {
+/// at most `max` bytes, whose bytes are written to `file` as they arrive (and `file` shut
+/// down at its end); other parts are skipped. Every problem is a 4xx naming it; the caller
+/// discards what reached `file` then.
+pub async fn read_upload(
+    mut form: Multipart,
+    max: u64,
+    mut file: impl tokio::io::AsyncWrite + Unpin,
+) -> Result<Upload, ApiError> {
+    use tokio::io::AsyncWriteExt;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!(
@@ -520,10 +546,17 @@ pub async fn read_upload(mut form: Multipart, max: u64) -> Result<Upload, ApiErr
         param: Some("file"),
         code: Some("file_too_large"),
     };
-    let mut purpose = None;
-    let mut file = None;
+    let unreadable = |what: &'static str, e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::invalid(format!("unreadable {what}: {e}"), Some(what))
+        }
+    };
+    let mut purpose: Option<Vec<u8>> = None;
+    let mut got_file: Option<(String, u64)> = None;
     loop {
-        let field = match form.next_field().await {
+        let mut field = match form.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
@@ -545,13 +578,20 @@ pub async fn read_upload(mut form: Multipart, max: u64) -> Result<Upload, ApiErr
                 if purpose.is_some() {
                     return Err(twice("purpose"));
                 }
-                let text = field.text().await.map_err(|e| {
-                    ApiError::invalid(format!("unreadable purpose: {e}"), Some("purpose"))
-                })?;
+                let mut text = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| unreadable("purpose", e))? {
+                    if text.len() + chunk.len() > MAX_PURPOSE_BYTES {
+                        return Err(ApiError::invalid(
+                            format!("purpose is longer than {MAX_PURPOSE_BYTES} bytes; use one of {PURPOSES:?}"),
+                            Some("purpose"),
+                        ));
+                    }
+                    text.extend_from_slice(&chunk);
+                }
                 purpose = Some(text);
             }
             Some("file") => {
-                if file.is_some() {
+                if got_file.is_some() {
                     return Err(twice("file"));
                 }
                 let name: String = field
@@ -560,36 +600,39 @@ pub async fn read_upload(mut form: Multipart, max: u64) -> Result<Upload, ApiErr
                     .chars()
                     .take(256)
                     .collect();
-                let data = field.bytes().await.map_err(|e| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        too_large()
-                    } else {
-                        ApiError::invalid(format!("unreadable file: {e}"), Some("file"))
+                let mut bytes = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(|e| unreadable("file", e))? {
+                    bytes += chunk.len() as u64;
+                    if bytes > max {
+                        return Err(too_large());
                     }
-                })?;
-                if data.len() as u64 > max {
-                    return Err(too_large());
+                    file.write_all(&chunk).await.map_err(|e| {
+                        ApiError::internal(anyhow::anyhow!(e).context("storing the upload"))
+                    })?;
                 }
-                file = Some((name, data));
+                got_file = Some((name, bytes));
             }
             _ => {}
         }
     }
     let purpose = purpose
         .ok_or_else(|| ApiError::invalid("missing required parameter: purpose", Some("purpose")))?;
+    let purpose = String::from_utf8_lossy(&purpose).into_owned();
     if !PURPOSES.contains(&purpose.as_str()) {
-        let shown: String = purpose.chars().take(64).collect();
         return Err(ApiError::invalid(
-            format!("purpose {shown:?} is not supported; use one of {PURPOSES:?}"),
+            format!("purpose {purpose:?} is not supported; use one of {PURPOSES:?}"),
             Some("purpose"),
         ));
     }
-    let (filename, data) =
-        file.ok_or_else(|| ApiError::invalid("missing required parameter: file", Some("file")))?;
+    let (filename, bytes) = got_file
+        .ok_or_else(|| ApiError::invalid("missing required parameter: file", Some("file")))?;
+    file.shutdown()
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e).context("storing the upload")))?;
     Ok(Upload {
         purpose,
         filename,
-        data,
+        bytes,
     })
 }
 
@@ -691,9 +734,30 @@ async fn delete_file(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiRes
 }
 
 async fn file_content(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Response> {
-    owned_file(&c, &id, &t).await?;
-    let data = c.file_content(&id).await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    let f = owned_file(&c, &id, &t).await?;
+    let obj = c.file_reader(&id).await?;
+    // Streamed in pieces: an output file of gigabytes is never held whole.
+    let pieces = futures_util::stream::unfold(Some(obj), |obj| async move {
+        use tokio::io::AsyncReadExt;
+        let mut obj = obj?;
+        let mut buf = vec![0u8; 256 * 1024];
+        match obj.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some(obj)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, f.bytes.to_string()),
+        ],
+        Body::from_stream(pieces),
+    )
+        .into_response())
 }
 
 // -------------------------------------------------------------------- batches

@@ -85,128 +85,180 @@ pub enum Scanned {
     Invalid(InvalidLine),
 }
 
-/// Validates every line; file-level errors if the file as a whole is unacceptable.
-pub fn scan(
-    data: &[u8],
-    endpoint: Endpoint,
-    limits: &IntakeLimits,
-) -> Result<Vec<Scanned>, FileErrors> {
-    if data.len() as u64 > limits.max_bytes {
-        return Err(vec![(
-            None,
-            LineError::new(
-                "file_too_large",
-                format!(
-                    "the input file is {} bytes; the limit is {} bytes: split it into several batches",
-                    data.len(),
-                    limits.max_bytes
-                ),
-            ),
-        )]);
-    }
-    // Lines are validated in parallel (each on its own), then checked together in order.
-    let mut raw_lines: Vec<(usize, &[u8])> = data
+/// The 128-bit identity of a `custom_id` (SHA-256 prefix), for the duplicate check.
+fn id_key(custom_id: &str) -> u128 {
+    let d = ring::digest::digest(&ring::digest::SHA256, custom_id.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d.as_ref()[..16]);
+    u128::from_le_bytes(b)
+}
+
+/// The non-blank lines of `data` (1-based numbers from `first_line`, CR stripped), and the
+/// number of lines `data` holds.
+pub fn split_lines(data: &[u8], first_line: usize) -> (Vec<(usize, &[u8])>, usize) {
+    let mut n = 0;
+    let lines = data
         .split(|&b| b == b'\n')
         .enumerate()
-        .map(|(i, raw)| (i + 1, raw.strip_suffix(b"\r").unwrap_or(raw)))
+        .map(|(i, raw)| {
+            n = i + 1;
+            (first_line + i, raw.strip_suffix(b"\r").unwrap_or(raw))
+        })
         .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
         .collect();
-    let mut errors = FileErrors::new();
-    // Problems past the first MAX_FILE_ERRORS are counted, not listed (a million-line file
-    // with the wrong endpoint must not make a million-entry batch record).
-    let mut unlisted = 0usize;
-    if let Some(&(line, _)) = raw_lines.get(limits.max_lines) {
-        errors.push((
-            Some(line),
-            LineError::new(
-                "too_many_lines",
-                format!(
-                    "the input file has more than {} requests (line {line} is over the limit): \
-                     split it into several batches",
-                    limits.max_lines
-                ),
-            ),
-        ));
-        raw_lines.truncate(limits.max_lines);
-    }
-    let lines: Vec<Scanned> = raw_lines
-        .par_iter()
-        .map(|&(line, raw)| match std::str::from_utf8(raw) {
-            Err(e) => Scanned::Invalid(InvalidLine {
-                line,
-                custom_id: None,
-                error: LineError::new(
-                    codes::INVALID_JSON,
-                    format!("line {line} is not UTF-8 text: {e}"),
-                ),
-            }),
-            Ok(text) => match LineValidator::new().validate(line, text) {
-                Ok(req) => Scanned::Valid(req),
-                Err(bad) => Scanned::Invalid(bad),
-            },
-        })
-        .collect();
-    // custom_ids are the join key of the output and what results are counted by: unique.
-    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(lines.len());
-    for s in &lines {
-        let (id, line) = match s {
-            Scanned::Valid(r) => (Some(r.custom_id.as_str()), r.line),
-            Scanned::Invalid(bad) => (bad.custom_id.as_deref(), bad.line),
-        };
-        if let Some(id) = id {
-            if let Some(first) = ids.insert(id, line) {
-                push_capped(&mut errors, &mut unlisted, (
-                    Some(line),
-                    LineError::new(
-                        codes::DUPLICATE_CUSTOM_ID,
-                        format!(
-                            "line {line}: custom_id {id:?} was already used by line {first}; \
-                             custom_ids must be unique within a batch"
-                        ),
-                    )
-                    .with_param("custom_id"),
-                ));
-            }
-        }
-        if let Scanned::Valid(req) = s {
-            if req.endpoint != endpoint {
-                push_capped(&mut errors, &mut unlisted, (
-                    Some(line),
-                    LineError::new(
-                        "mismatched_endpoint",
-                        format!(
-                            "line {line}: url is {:?}, but the batch was created for {:?}; every line \
-                             of a batch must use the batch's endpoint",
-                            req.endpoint.as_str(),
-                            endpoint.as_str()
-                        ),
-                    )
-                    .with_param("url"),
-                ));
-            }
+    (lines, n)
+}
+
+/// Validates a file's lines as they arrive, in order, in as many pieces as suits the caller
+/// (the coordinator streams the file from the object store), keeping only what the file-level
+/// checks need: one 128-bit key and a line number per `custom_id`, and the first
+/// [`MAX_FILE_ERRORS`] problems.
+///
+/// File-level errors (OpenAI fails the batch for these): an empty file, more lines than allowed,
+/// a line whose `url` differs from the batch's endpoint, a repeated `custom_id`.
+#[derive(Debug)]
+pub struct Scanner {
+    endpoint: Endpoint,
+    max_lines: usize,
+    ids: HashMap<u128, usize>,
+    errors: FileErrors,
+    unlisted: usize,
+    lines: usize,
+}
+
+impl Scanner {
+    pub fn new(endpoint: Endpoint, limits: &IntakeLimits) -> Self {
+        Self {
+            endpoint,
+            max_lines: limits.max_lines,
+            ids: HashMap::new(),
+            errors: FileErrors::new(),
+            unlisted: 0,
+            lines: 0,
         }
     }
-    if lines.is_empty() && errors.is_empty() {
-        errors.push((
-            None,
-            LineError::new(
-                "empty_file",
-                "the input file has no requests: expected one JSON request per line",
-            ),
-        ));
+
+    /// Validates the next non-blank lines (in file order; in parallel, each on its own) and
+    /// checks them against the file so far. Lines past `max_lines` are not returned.
+    pub fn push(&mut self, raw: &[(usize, &[u8])]) -> Vec<Scanned> {
+        let room = self.max_lines.saturating_sub(self.lines);
+        if raw.len() > room {
+            if room > 0 || self.lines == self.max_lines {
+                let line = raw[room].0;
+                self.errors.push((
+                    Some(line),
+                    LineError::new(
+                        "too_many_lines",
+                        format!(
+                            "the input file has more than {} requests (line {line} is over the \
+                             limit): split it into several batches",
+                            self.max_lines
+                        ),
+                    ),
+                ));
+            }
+            self.lines = self.max_lines + 1;
+        } else {
+            self.lines += raw.len();
+        }
+        let raw = &raw[..raw.len().min(room)];
+        let scanned: Vec<Scanned> = raw
+            .par_iter()
+            .map(|&(line, raw)| match std::str::from_utf8(raw) {
+                Err(e) => Scanned::Invalid(InvalidLine {
+                    line,
+                    custom_id: None,
+                    error: LineError::new(
+                        codes::INVALID_JSON,
+                        format!("line {line} is not UTF-8 text: {e}"),
+                    ),
+                }),
+                Ok(text) => match LineValidator::new().validate(line, text) {
+                    Ok(req) => Scanned::Valid(req),
+                    Err(bad) => Scanned::Invalid(bad),
+                },
+            })
+            .collect();
+        for s in &scanned {
+            let (id, line) = match s {
+                Scanned::Valid(r) => (Some(r.custom_id.as_str()), r.line),
+                Scanned::Invalid(bad) => (bad.custom_id.as_deref(), bad.line),
+            };
+            // custom_ids are the join key of the output and what results are counted by.
+            if let Some(id) = id {
+                if let Some(&first) = self.ids.get(&id_key(id)) {
+                    let shown: String = id.chars().take(64).collect();
+                    self.note((
+                        Some(line),
+                        LineError::new(
+                            codes::DUPLICATE_CUSTOM_ID,
+                            format!(
+                                "line {line}: custom_id {shown:?} was already used by line \
+                                 {first}; custom_ids must be unique within a batch"
+                            ),
+                        )
+                        .with_param("custom_id"),
+                    ));
+                } else {
+                    self.ids.insert(id_key(id), line);
+                }
+            }
+            if let Scanned::Valid(req) = s {
+                if req.endpoint != self.endpoint {
+                    self.note((
+                        Some(line),
+                        LineError::new(
+                            "mismatched_endpoint",
+                            format!(
+                                "line {line}: url is {:?}, but the batch was created for {:?}; \
+                                 every line of a batch must use the batch's endpoint",
+                                req.endpoint.as_str(),
+                                self.endpoint.as_str()
+                            ),
+                        )
+                        .with_param("url"),
+                    ));
+                }
+            }
+        }
+        scanned
     }
-    if errors.is_empty() {
-        Ok(lines)
-    } else {
+
+    /// Problems past the first [`MAX_FILE_ERRORS`] are counted, not listed (a million-line
+    /// file on the wrong endpoint must not make a million-entry batch record).
+    fn note(&mut self, e: (Option<usize>, LineError)) {
+        if self.errors.len() < MAX_FILE_ERRORS {
+            self.errors.push(e);
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// The number of requests, or the file-level errors that fail the batch.
+    pub fn finish(self) -> Result<u64, FileErrors> {
+        let mut errors = self.errors;
+        if self.lines == 0 && errors.is_empty() {
+            errors.push((
+                None,
+                LineError::new(
+                    "empty_file",
+                    "the input file has no requests: expected one JSON request per line",
+                ),
+            ));
+        }
+        if errors.is_empty() {
+            return Ok(self.lines as u64);
+        }
         errors.sort_by_key(|(line, _)| *line);
-        if unlisted > 0 {
+        if self.unlisted > 0 {
             errors.push((
                 None,
                 LineError::new(
                     "too_many_errors",
                     format!(
-                        "{unlisted} more lines have problems like those above; only the first \
-                         {MAX_FILE_ERRORS} are listed"
+                        "{} more lines have problems like those above; only the first \
+                         {MAX_FILE_ERRORS} are listed",
+                        self.unlisted
                     ),
                 ),
             ));
@@ -218,15 +270,164 @@ pub fn scan(
 /// File-level problems listed in a failed batch's `errors` (the rest are counted).
 pub const MAX_FILE_ERRORS: usize = 100;
 
-fn push_capped(errors: &mut FileErrors, unlisted: &mut usize, e: (Option<usize>, LineError)) {
-    if errors.len() < MAX_FILE_ERRORS {
-        errors.push(e);
-    } else {
-        *unlisted += 1;
+/// The error of a file over the size limit.
+pub fn file_too_large(bytes: u64, limits: &IntakeLimits) -> FileErrors {
+    vec![(
+        None,
+        LineError::new(
+            "file_too_large",
+            format!(
+                "the input file is {bytes} bytes; the limit is {} bytes: split it into several batches",
+                limits.max_bytes
+            ),
+        ),
+    )]
+}
+
+/// Validates every line of a whole file; file-level errors if the file as a whole is
+/// unacceptable.
+pub fn scan(
+    data: &[u8],
+    endpoint: Endpoint,
+    limits: &IntakeLimits,
+) -> Result<Vec<Scanned>, FileErrors> {
+    if data.len() as u64 > limits.max_bytes {
+        return Err(file_too_large(data.len() as u64, limits));
+    }
+    let mut scanner = Scanner::new(endpoint, limits);
+    let (raw, _) = split_lines(data, 1);
+    let lines = scanner.push(&raw);
+    scanner.finish().map(|_| lines)
+}
+
+/// Lines planned together: prompts that share a prefix within a window share shards. The
+/// coordinator streams a batch through windows of this many lines, so its memory does not grow
+/// with the batch; prefixes that recur across windows are still served by the workers' prefix
+/// caches.
+pub const PLAN_WINDOW_LINES: usize = 65_536;
+
+/// One planned window of a batch.
+#[derive(Debug, Default)]
+pub struct Window {
+    /// Prompt plus `max_tokens` of its shards' lines.
+    pub tokens: u64,
+    pub shards: Vec<ShardMessage>,
+    /// One failed result per invalid line.
+    pub invalid: Vec<ResultMessage>,
+    /// Every line of the window, with the shard that carries it.
+    pub index: Vec<IndexEntry>,
+}
+
+/// Cuts a batch's lines into shards, window by window, numbering shards across windows.
+#[derive(Debug)]
+pub struct Planner {
+    batch_id: String,
+    limits: IntakeLimits,
+    next_shard: u32,
+}
+
+impl Planner {
+    pub fn new(batch_id: &str, limits: &IntakeLimits) -> Self {
+        Self {
+            batch_id: batch_id.to_string(),
+            limits: *limits,
+            next_shard: 0,
+        }
+    }
+
+    /// Plans one window of scanned lines: invalid lines and lines too large for one message
+    /// become failed results, the rest shards.
+    pub fn plan(&mut self, lines: Vec<Scanned>, tokens: &PromptTokens) -> Window {
+        let fail = |custom_id: Option<String>, line: usize, error: LineError| ResultMessage {
+            batch_id: self.batch_id.clone(),
+            custom_id: custom_id.unwrap_or_default(),
+            line,
+            shard: None,
+            outcome: ResultOutcome::Failed { error },
+        };
+        let mut valid = Vec::new();
+        let mut invalid = Vec::new();
+        for s in lines {
+            match s {
+                Scanned::Valid(r) => valid.push(r),
+                Scanned::Invalid(bad) => invalid.push(fail(bad.custom_id, bad.line, bad.error)),
+            }
+        }
+        // Each valid line's size as it travels in a shard: one over the limit cannot travel.
+        let sizes: Vec<usize> = valid
+            .par_iter()
+            .map(|r| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len() + 1))
+            .collect();
+        let max_line_bytes = self.limits.max_line_bytes;
+        let (valid, sizes): (Vec<Request>, Vec<usize>) = valid
+            .into_iter()
+            .zip(sizes)
+            .filter_map(|(r, bytes)| {
+                if bytes <= max_line_bytes {
+                    return Some((r, bytes));
+                }
+                let error = LineError::new(
+                    codes::LINE_TOO_LARGE,
+                    format!(
+                        "line {}: the request is {bytes} bytes; the limit is {max_line_bytes} \
+                         bytes (what one NATS message carries): shorten the prompt",
+                        r.line
+                    ),
+                );
+                invalid.push(fail(Some(r.custom_id), r.line, error));
+                None
+            })
+            .unzip();
+        let plan_lines: Vec<PlanLine> = valid
+            .par_iter()
+            .zip(&sizes)
+            .enumerate()
+            .map(|(index, (r, &bytes))| PlanLine {
+                index,
+                prompt: tokens(r),
+                max_new_tokens: r.params.max_tokens.unwrap_or(256) as u64
+                    * r.params.n.max(1) as u64,
+                bytes,
+            })
+            .collect();
+        let plans = plan_shards(plan_lines, self.limits.shard);
+        let mut slots: Vec<Option<Request>> = valid.into_iter().map(Some).collect();
+        let mut window = Window::default();
+        for p in plans {
+            window.tokens += p.tokens;
+            let shard = ShardMessage {
+                batch_id: self.batch_id.clone(),
+                shard: self.next_shard,
+                tokens: p.tokens,
+                // Every index is in exactly one plan (the planner's invariant).
+                requests: p.lines.iter().filter_map(|&k| slots[k].take()).collect(),
+            };
+            self.next_shard += 1;
+            window.shards.push(shard);
+        }
+        window.index = invalid
+            .iter()
+            .map(|r| IndexEntry {
+                custom_id: (!r.custom_id.is_empty()).then(|| r.custom_id.clone()),
+                line: r.line,
+                shard: None,
+            })
+            .chain(window.shards.iter().flat_map(|s| {
+                s.requests.iter().map(|r| IndexEntry {
+                    custom_id: Some(r.custom_id.clone()),
+                    line: r.line,
+                    shard: Some(s.shard),
+                })
+            }))
+            .collect();
+        window.index.sort_by_key(|e| e.line);
+        window.invalid = invalid;
+        window
     }
 }
 
-/// Validates a file and plans its shards.
+/// Validates a whole file and plans its shards in one window (tests, small files; the
+/// coordinator streams through [`Scanner`] and [`Planner`] instead).
 pub fn intake(
     batch_id: &str,
     data: &[u8],
@@ -236,95 +437,13 @@ pub fn intake(
 ) -> Result<Intake, FileErrors> {
     let lines = scan(data, endpoint, limits)?;
     let total = lines.len() as u64;
-    let mut valid = Vec::new();
-    let mut invalid = Vec::new();
-    let fail = |custom_id: Option<String>, line: usize, error: LineError| ResultMessage {
-        batch_id: batch_id.to_string(),
-        custom_id: custom_id.unwrap_or_default(),
-        line,
-        shard: None,
-        outcome: ResultOutcome::Failed { error },
-    };
-    for s in lines {
-        match s {
-            Scanned::Valid(r) => valid.push(r),
-            Scanned::Invalid(bad) => invalid.push(fail(bad.custom_id, bad.line, bad.error)),
-        }
-    }
-    // Each valid line's size as it travels in a shard: one over the limit cannot travel.
-    let sizes: Vec<usize> = valid
-        .par_iter()
-        .map(|r| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len() + 1))
-        .collect();
-    let (valid, sizes): (Vec<Request>, Vec<usize>) = valid
-        .into_iter()
-        .zip(sizes)
-        .filter_map(|(r, bytes)| {
-            if bytes <= limits.max_line_bytes {
-                return Some((r, bytes));
-            }
-            let error = LineError::new(
-                codes::LINE_TOO_LARGE,
-                format!(
-                    "line {}: the request is {bytes} bytes; the limit is {} bytes (what one NATS \
-                     message carries): shorten the prompt",
-                    r.line, limits.max_line_bytes
-                ),
-            );
-            invalid.push(fail(Some(r.custom_id), r.line, error));
-            None
-        })
-        .unzip();
-    let plan_lines: Vec<PlanLine> = valid
-        .par_iter()
-        .zip(&sizes)
-        .enumerate()
-        .map(|(index, (r, &bytes))| PlanLine {
-            index,
-            prompt: tokens(r),
-            max_new_tokens: r.params.max_tokens.unwrap_or(256) as u64 * r.params.n.max(1) as u64,
-            bytes,
-        })
-        .collect();
-    let plans = plan_shards(plan_lines, limits.shard);
-    let mut slots: Vec<Option<Request>> = valid.into_iter().map(Some).collect();
-    let mut all_tokens = 0;
-    let shards: Vec<ShardMessage> = plans
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            all_tokens += p.tokens;
-            ShardMessage {
-                batch_id: batch_id.to_string(),
-                shard: i as u32,
-                tokens: p.tokens,
-                // Every index is in exactly one plan (the planner's invariant).
-                requests: p.lines.iter().filter_map(|&k| slots[k].take()).collect(),
-            }
-        })
-        .collect();
-    let mut index: Vec<IndexEntry> = invalid
-        .iter()
-        .map(|r| IndexEntry {
-            custom_id: (!r.custom_id.is_empty()).then(|| r.custom_id.clone()),
-            line: r.line,
-            shard: None,
-        })
-        .chain(shards.iter().flat_map(|s| {
-            s.requests.iter().map(|r| IndexEntry {
-                custom_id: Some(r.custom_id.clone()),
-                line: r.line,
-                shard: Some(s.shard),
-            })
-        }))
-        .collect();
-    index.sort_by_key(|e| e.line);
+    let w = Planner::new(batch_id, limits).plan(lines, tokens);
     Ok(Intake {
         total,
-        tokens: all_tokens,
-        shards,
-        invalid,
-        index,
+        tokens: w.tokens,
+        shards: w.shards,
+        invalid: w.invalid,
+        index: w.index,
     })
 }
 
@@ -517,7 +636,11 @@ mod tests {
         assert_eq!(errs.len(), MAX_FILE_ERRORS + 1);
         assert_eq!(errs[99].0, Some(100));
         assert_eq!(errs[100].1.code, "too_many_errors");
-        assert!(errs[100].1.message.starts_with("200 more lines"), "{:?}", errs[100]);
+        assert!(
+            errs[100].1.message.starts_with("200 more lines"),
+            "{:?}",
+            errs[100]
+        );
         for (file, code, line) in cases {
             let errs = scan(file.as_bytes(), Endpoint::ChatCompletions, &limits()).expect_err(code);
             assert_eq!(errs[0].1.code, code, "{errs:?}");

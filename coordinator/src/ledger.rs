@@ -118,7 +118,24 @@ impl Ledger {
         Self { slots, open: false }
     }
 
-    /// Whether the ledger knows the batch's lines (it was built from an index).
+    /// Adds lines to a ledger being built (dispatch enters each window's lines before their
+    /// shards leave).
+    pub fn insert_all<'a>(&mut self, entries: impl IntoIterator<Item = &'a IndexEntry>) {
+        for e in entries {
+            let key = line_key(e.custom_id.as_deref().unwrap_or(""), e.line);
+            self.slots.insert(
+                key,
+                Slot {
+                    line: line_u32(e.line),
+                    shard: e.shard.unwrap_or(NO_SHARD),
+                    reported: false,
+                    written: false,
+                },
+            );
+        }
+    }
+
+    /// Whether the ledger is open: it knows no lines (a batch dispatched before indexes).
     pub fn is_open(&self) -> bool {
         self.open
     }
@@ -306,7 +323,10 @@ mod tests {
         assert!(l.write_once("a", 1, Some(0)));
         assert!(!l.write_once("a", 1, Some(0)), "a repeat is not written");
         assert!(!l.write_once("invented", 5, Some(0)));
-        assert!(!l.write_once("a", 1, Some(1)), "nor a result from another shard");
+        assert!(
+            !l.write_once("a", 1, Some(1)),
+            "nor a result from another shard"
+        );
         assert!(l.is_written("a", 1) && !l.is_written("b", 2));
         l.reset_written();
         assert!(!l.is_written("a", 1));

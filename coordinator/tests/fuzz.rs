@@ -142,12 +142,14 @@ fn the_upload_reader_takes_one_purpose_and_one_file_or_says_why_not() {
                 let Ok(form) = Multipart::from_request(req, &()).await else {
                     return;
                 };
-                match read_upload(form, 4096).await {
+                let mut stored = Vec::new();
+                match read_upload(form, 4096, &mut stored).await {
                     Ok(up) => {
                         accepted.fetch_add(1, Ordering::Relaxed);
                         assert!(["batch", "batch_output", "user_data", "evals"]
                             .contains(&up.purpose.as_str()));
-                        assert!(up.data.len() <= 4096);
+                        assert!(up.bytes <= 4096);
+                        assert_eq!(up.bytes as usize, stored.len());
                         assert!(up.filename.chars().count() <= 256);
                     }
                     Err(e) => {

@@ -243,6 +243,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    gristmill_coordinator::server::limit_allocator_arenas();
     if args.max_deliver < 1 {
         bail!("--max-deliver must be at least 1");
     }
