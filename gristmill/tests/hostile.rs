@@ -833,3 +833,51 @@ fn tenants_see_only_their_own_files_and_batches() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1: expected `TENANT KEY`"), "{err}");
 }
+
+/// Finding 8, second half: a worker draining its shards after SIGTERM (a long grace period)
+/// exits at once on a second SIGTERM, and the coordinator still gets every line (the shard is
+/// redelivered to the next worker).
+#[test]
+fn a_second_sigterm_ends_a_draining_worker_at_once() {
+    let mut c = Cluster::start(&["--ack-wait", "2"]);
+    let lines: Vec<String> = (0..2)
+        .map(|i| {
+            chat_line(
+                &format!("long{i}"),
+                "Count slowly from one to a thousand.",
+                200,
+                i,
+            )
+        })
+        .collect();
+    let id = c.create_batch(&lines, "24h");
+    let w = c.start_worker(&["--grace", "600"], &[]);
+    let start = Instant::now();
+    while !c.workers[w].log_text().contains("worker ready") {
+        assert!(start.elapsed() < LONG, "{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let it take the shard, then ask it to stop: it drains (the grace period is long).
+    std::thread::sleep(Duration::from_secs(2));
+    c.workers[w].sigterm();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        c.workers[w].child.try_wait().expect("status").is_none(),
+        "the worker drains rather than exiting on the first SIGTERM:\n{}",
+        c.workers[w].log_text()
+    );
+    let t = Instant::now();
+    c.workers[w].sigterm();
+    c.workers[w].wait_exit(Duration::from_secs(10));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        c.workers[w].log_text().contains("second stop signal"),
+        "{}",
+        c.workers[w].log_text()
+    );
+    // Another worker finishes the batch: nothing was lost.
+    echo_worker(&mut c);
+    let b = c.wait_done(&id, LONG);
+    assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
+    c.results(&b, &ids(&lines));
+}
