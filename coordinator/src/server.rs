@@ -1257,9 +1257,10 @@ impl Coordinator {
                     format!("line {line}: no result was recorded for this request"),
                 ),
             };
+            // An index shorter than the batch was cut short by the cancel that ends it.
             let entries = match self.read_index(id).await? {
-                Some(entries) => entries,
-                None => self.input_entries(&rec).await?,
+                Some(entries) if rec.total > 0 && entries.len() as u64 >= rec.total => entries,
+                _ => self.input_entries(&rec).await?,
             };
             for e in entries {
                 let written = self.lock().get(id).is_some_and(|st| {

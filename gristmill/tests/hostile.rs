@@ -881,3 +881,52 @@ fn a_second_sigterm_ends_a_draining_worker_at_once() {
     assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
     c.results(&b, &ids(&lines));
 }
+
+/// A batch cancelled while its input is still being validated and dispatched reports every
+/// line as cancelled, whenever the cancel lands: during the file-level pass, between the
+/// passes, or while windows are published (its index is incomplete then, and the input file
+/// names the lines). Small batches cancelled at once hit the moments between passes; a large
+/// one is cancelled during its passes.
+#[test]
+fn a_batch_cancelled_while_it_is_dispatched_reports_every_line() {
+    let c = Cluster::start(&["--max-lines", "200000"]);
+    let batch = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                json!({"custom_id": format!("q{i}"), "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": format!("line {i}")}], "max_tokens": 4}})
+                .to_string()
+            })
+            .collect()
+    };
+    let small = batch(40);
+    let large = batch(150_000);
+    let rounds: Vec<(&Vec<String>, u64)> = (0..12)
+        .map(|_| (&small, 0))
+        .chain([(&large, 0), (&large, 700)])
+        .collect();
+    for (lines, delay_ms) in rounds {
+        let n = lines.len();
+        let id = c.create_batch(lines, "24h");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let (s, v) = c.call(c.request("POST", &format!("/v1/batches/{id}/cancel")), None);
+        assert_eq!(s, 200, "{v}");
+        let b = c.wait_done(&id, LONG);
+        assert_eq!(b["status"], "cancelled", "{b}");
+        let counts = &b["request_counts"];
+        assert_eq!(
+            counts["total"].as_u64(),
+            Some(n as u64),
+            "{n} lines, {delay_ms} ms: {b}"
+        );
+        assert_eq!(counts["failed"].as_u64(), Some(n as u64), "{b}");
+        let err = c.file_lines(&b["error_file_id"]);
+        assert_eq!(err.len(), n);
+        let mut seen = std::collections::HashSet::new();
+        for e in &err {
+            assert_eq!(e["error"]["code"], "batch_cancelled", "{e}");
+            assert!(seen.insert(e["custom_id"].as_str().expect("id").to_string()));
+        }
+    }
+    assert_no_panics(&c);
+}

@@ -492,10 +492,9 @@ impl Cluster {
             .request("GET", &format!("/v1/files/{id}/content"))
             .call()
             .expect("file content");
-        resp.into_string()
-            .expect("text")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("JSONL"))
+        // Streamed: a large output file is over ureq's 10 MB `into_string` limit.
+        std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader()))
+            .map(|l| serde_json::from_str(&l.expect("text")).expect("JSONL"))
             .collect()
     }
 
