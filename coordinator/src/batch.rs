@@ -242,11 +242,6 @@ impl BatchRecord {
         self.completed + self.failed >= self.total
     }
 
-    /// Whether the line with this `custom_id` (or number, without one) has reported.
-    pub fn has_reported(&self, custom_id: &str, line: usize) -> bool {
-        self.ledger.has_reported(custom_id, line)
-    }
-
     /// The OpenAI `batch` object.
     pub fn to_openai(&self) -> Value {
         let errors = if self.errors.is_empty() {

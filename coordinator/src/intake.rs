@@ -64,20 +64,6 @@ pub type FileErrors = Vec<(Option<usize>, LineError)>;
 /// Prompt token ids of a request, for ordering by shared prefix and weighing shards.
 pub type PromptTokens = dyn Fn(&Request) -> Vec<u32> + Send + Sync;
 
-/// A batch ready to dispatch.
-#[derive(Debug)]
-pub struct Intake {
-    /// Non-blank lines.
-    pub total: u64,
-    /// Prompt plus `max_tokens` of every valid line.
-    pub tokens: u64,
-    pub shards: Vec<ShardMessage>,
-    /// One failed result per invalid line.
-    pub invalid: Vec<ResultMessage>,
-    /// Every line, in line order, with the shard that carries it (the batch's ledger).
-    pub index: Vec<IndexEntry>,
-}
-
 /// One non-blank line of an input file.
 #[derive(Debug)]
 pub enum Scanned {
@@ -427,24 +413,17 @@ impl Planner {
 }
 
 /// Validates a whole file and plans its shards in one window (tests, small files; the
-/// coordinator streams through [`Scanner`] and [`Planner`] instead).
+/// coordinator streams through [`Scanner`] and [`Planner`] instead). The window's index has
+/// one entry per request of the file.
 pub fn intake(
     batch_id: &str,
     data: &[u8],
     endpoint: Endpoint,
     limits: &IntakeLimits,
     tokens: &PromptTokens,
-) -> Result<Intake, FileErrors> {
+) -> Result<Window, FileErrors> {
     let lines = scan(data, endpoint, limits)?;
-    let total = lines.len() as u64;
-    let w = Planner::new(batch_id, limits).plan(lines, tokens);
-    Ok(Intake {
-        total,
-        tokens: w.tokens,
-        shards: w.shards,
-        invalid: w.invalid,
-        index: w.index,
-    })
+    Ok(Planner::new(batch_id, limits).plan(lines, tokens))
 }
 
 /// Prompt "tokens" without a tokenizer: the prompt's UTF-8 bytes, four to a token. Orders
@@ -512,7 +491,7 @@ mod tests {
             &byte_tokens,
         )
         .expect("file is acceptable");
-        assert_eq!(got.total, 4, "the blank line is not a request");
+        assert_eq!(got.index.len(), 4, "the blank line is not a request");
         let bad: Vec<(usize, &str)> = got
             .invalid
             .iter()
@@ -579,7 +558,7 @@ mod tests {
             &byte_tokens,
         )
         .expect("file is acceptable");
-        assert_eq!(got.total, 3);
+        assert_eq!(got.index.len(), 3);
         assert_eq!(got.invalid.len(), 1);
         let bad = &got.invalid[0];
         assert_eq!((bad.line, bad.custom_id.as_str()), (2, "huge"));

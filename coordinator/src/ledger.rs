@@ -51,6 +51,17 @@ struct Slot {
     written: bool,
 }
 
+impl Slot {
+    fn new(line: usize, shard: Option<u32>) -> Self {
+        Self {
+            line: line_u32(line),
+            shard: shard.unwrap_or(NO_SHARD),
+            reported: false,
+            written: false,
+        }
+    }
+}
+
 /// One line of a batch as the index object stores it (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexEntry {
@@ -102,20 +113,12 @@ impl Ledger {
 
     /// The ledger of a batch with these lines.
     pub fn from_index<'a>(entries: impl IntoIterator<Item = &'a IndexEntry>) -> Self {
-        let slots = entries
-            .into_iter()
-            .map(|e| {
-                let key = line_key(e.custom_id.as_deref().unwrap_or(""), e.line);
-                let slot = Slot {
-                    line: line_u32(e.line),
-                    shard: e.shard.unwrap_or(NO_SHARD),
-                    reported: false,
-                    written: false,
-                };
-                (key, slot)
-            })
-            .collect();
-        Self { slots, open: false }
+        let mut ledger = Self {
+            slots: HashMap::new(),
+            open: false,
+        };
+        ledger.insert_all(entries);
+        ledger
     }
 
     /// Adds lines to a ledger being built (dispatch enters each window's lines before their
@@ -123,58 +126,36 @@ impl Ledger {
     pub fn insert_all<'a>(&mut self, entries: impl IntoIterator<Item = &'a IndexEntry>) {
         for e in entries {
             let key = line_key(e.custom_id.as_deref().unwrap_or(""), e.line);
-            self.slots.insert(
-                key,
-                Slot {
-                    line: line_u32(e.line),
-                    shard: e.shard.unwrap_or(NO_SHARD),
-                    reported: false,
-                    written: false,
-                },
+            self.slots.insert(key, Slot::new(e.line, e.shard));
+        }
+    }
+
+    /// The slot of (`custom_id`, `line`) if a result from `shard` belongs to it: in an open
+    /// ledger every key gets one on first sight; otherwise the line must be the batch's and
+    /// the shard the one that carried it.
+    fn slot(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> Option<&mut Slot> {
+        let key = line_key(custom_id, line);
+        if self.open {
+            return Some(
+                self.slots
+                    .entry(key)
+                    .or_insert_with(|| Slot::new(line, shard)),
             );
         }
-    }
-
-    /// Whether the ledger is open: it knows no lines (a batch dispatched before indexes).
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
-    /// Whether a result for (`custom_id`, `line`) from `shard` belongs to this batch.
-    pub fn accepts(&self, custom_id: &str, line: usize, shard: Option<u32>) -> bool {
-        if self.open {
-            return true;
-        }
         self.slots
-            .get(&line_key(custom_id, line))
-            .is_some_and(|s| s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD))
+            .get_mut(&key)
+            .filter(|s| s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD))
     }
 
     /// Counts a result for (`custom_id`, `line`) from `shard`.
     pub fn record(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> Recorded {
-        let key = line_key(custom_id, line);
-        if self.open {
-            let slot = self.slots.entry(key).or_insert(Slot {
-                line: line_u32(line),
-                shard: shard.unwrap_or(NO_SHARD),
-                reported: false,
-                written: false,
-            });
-            return if std::mem::replace(&mut slot.reported, true) {
-                Recorded::Repeat
-            } else {
+        match self.slot(custom_id, line, shard) {
+            Some(s) if s.reported => Recorded::Repeat,
+            Some(s) => {
+                s.reported = true;
                 Recorded::New
-            };
-        }
-        match self.slots.get_mut(&key) {
-            Some(s) if s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD) => {
-                if std::mem::replace(&mut s.reported, true) {
-                    Recorded::Repeat
-                } else {
-                    Recorded::New
-                }
             }
-            _ => Recorded::Foreign,
+            None => Recorded::Foreign,
         }
     }
 
@@ -183,22 +164,8 @@ impl Ledger {
     /// and foreign results. Results are written in the order they were counted (stream order),
     /// so the result written is the result counted.
     pub fn write_once(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> bool {
-        let key = line_key(custom_id, line);
-        if self.open {
-            let slot = self.slots.entry(key).or_insert(Slot {
-                line: line_u32(line),
-                shard: shard.unwrap_or(NO_SHARD),
-                reported: false,
-                written: false,
-            });
-            return !std::mem::replace(&mut slot.written, true);
-        }
-        match self.slots.get_mut(&key) {
-            Some(s) if s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD) => {
-                !std::mem::replace(&mut s.written, true)
-            }
-            _ => false,
-        }
+        self.slot(custom_id, line, shard)
+            .is_some_and(|s| !std::mem::replace(&mut s.written, true))
     }
 
     /// Whether the line with this key was written by the finalization in progress.
@@ -344,7 +311,7 @@ mod tests {
         let mut l = Ledger::open();
         assert_eq!(l.record("x", 1, Some(3)), Recorded::New);
         assert_eq!(l.record("x", 1, Some(4)), Recorded::Repeat);
-        assert!(l.accepts("anything", 7, None));
+        assert_eq!(l.record("anything", 7, None), Recorded::New);
         l.reset();
         assert_eq!(l.record("x", 1, Some(3)), Recorded::New);
     }

@@ -354,26 +354,29 @@ impl Coordinator {
         });
     }
 
+    /// Runs one batch's task of this coordinator in the background, supervised.
+    fn spawn_for_batch<Fut>(
+        self: &Arc<Self>,
+        task: &'static str,
+        id: String,
+        f: fn(Arc<Self>, String) -> Fut,
+    ) where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let this = self.clone();
+        supervise(task, Lifetime::OneShot, self.panics.clone(), move || {
+            f(this.clone(), id.clone())
+        });
+    }
+
     /// Validates and dispatches a batch in the background (supervised).
     fn spawn_dispatch(self: &Arc<Self>, id: String) {
-        let this = self.clone();
-        supervise(
-            "dispatch",
-            Lifetime::OneShot,
-            self.panics.clone(),
-            move || this.clone().dispatch(id.clone()),
-        );
+        self.spawn_for_batch("dispatch", id, Self::dispatch);
     }
 
     /// Finalizes a batch in the background (supervised).
     fn spawn_finalize(self: &Arc<Self>, id: String) {
-        let this = self.clone();
-        supervise(
-            "finalize",
-            Lifetime::OneShot,
-            self.panics.clone(),
-            move || this.clone().finalize(id.clone()),
-        );
+        self.spawn_for_batch("finalize", id, Self::finalize);
     }
 
     /// Loads every stored batch; returns those with work to resume.
@@ -710,12 +713,7 @@ impl Coordinator {
         let mut scanner = Scanner::new(rec.endpoint, &limits);
         let mut lines = self.input_lines(&file).await?;
         while let Some((first, piece)) = lines.next().await? {
-            scanner = tokio::task::spawn_blocking(move || {
-                let (raw, _) = split_lines(&piece, first);
-                scanner.push(&raw);
-                scanner
-            })
-            .await?;
+            scanner = scan_piece(scanner, first, piece).await?.0;
         }
         let total = match scanner.finish() {
             Ok(t) => t,
@@ -773,12 +771,7 @@ impl Coordinator {
         let mut entries = Vec::new();
         let mut lines = self.input_lines(&rec.input_file_id).await?;
         while let Some((first, piece)) = lines.next().await? {
-            let (back, scanned) = tokio::task::spawn_blocking(move || {
-                let (raw, _) = split_lines(&piece, first);
-                let scanned = scanner.push(&raw);
-                (scanner, scanned)
-            })
-            .await?;
+            let (back, scanned) = scan_piece(scanner, first, piece).await?;
             scanner = back;
             entries.extend(scanned.into_iter().map(|s| match s {
                 Scanned::Valid(r) => IndexEntry {
@@ -833,12 +826,7 @@ impl Coordinator {
         while more {
             match lines.next().await? {
                 Some((first, piece)) => {
-                    let (back, scanned) = tokio::task::spawn_blocking(move || {
-                        let (raw, _) = split_lines(&piece, first);
-                        let scanned = scanner.push(&raw);
-                        (scanner, scanned)
-                    })
-                    .await?;
+                    let (back, scanned) = scan_piece(scanner, first, piece).await?;
                     scanner = back;
                     window.extend(scanned);
                 }
@@ -1187,11 +1175,18 @@ impl Coordinator {
                         Vec::new()
                     }
                 };
-                for r in results {
-                    let first = self
-                        .lock()
-                        .get_mut(id)
-                        .is_some_and(|st| st.rec.ledger.write_once(&r.custom_id, r.line, r.shard));
+                // Which results are their line's first: one lock for the whole message.
+                let firsts: Vec<bool> = {
+                    let mut map = self.lock();
+                    match map.get_mut(id) {
+                        Some(st) => results
+                            .iter()
+                            .map(|r| st.rec.ledger.write_once(&r.custom_id, r.line, r.shard))
+                            .collect(),
+                        None => vec![false; results.len()],
+                    }
+                };
+                for (r, first) in results.into_iter().zip(firsts) {
                     if !first {
                         continue;
                     }
@@ -1851,6 +1846,21 @@ impl Coordinator {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// Scans a piece of an input file (whole lines, the first numbered `first`) off the async
+/// runtime: validation is CPU work.
+async fn scan_piece(
+    mut scanner: Scanner,
+    first: usize,
+    piece: Vec<u8>,
+) -> Result<(Scanner, Vec<Scanned>)> {
+    Ok(tokio::task::spawn_blocking(move || {
+        let (raw, _) = split_lines(&piece, first);
+        let scanned = scanner.push(&raw);
+        (scanner, scanned)
+    })
+    .await?)
 }
 
 /// An object read in pieces of whole lines (about [`LINE_PIECE`] bytes each; a longer line

@@ -277,11 +277,7 @@ fn a_cancel_the_store_refuses_changes_nothing_and_can_be_retried() {
 fn a_worker_without_nats_exits_on_sigterm() {
     let mut c = Cluster::start(&[]);
     let w = echo_worker(&mut c);
-    let start = Instant::now();
-    while !c.workers[w].log_text().contains("worker ready") {
-        assert!(start.elapsed() < LONG, "{}", c.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_worker_ready(w);
     c.nats.kill9();
     std::thread::sleep(Duration::from_millis(500));
     c.workers[w].sigterm();
@@ -739,21 +735,7 @@ fn tenants_see_only_their_own_files_and_batches() {
         let r = ureq::request(method, &format!("{url}{path}"))
             .timeout(Duration::from_secs(30))
             .set("Authorization", &format!("Bearer {key}"));
-        let result = match body {
-            Some((ct, data)) => r.set("Content-Type", ct).send_bytes(&data),
-            None => r.call(),
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("HTTP transport error: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
-        )
+        common::send(r, body)
     };
     let lines: Vec<String> = (0..3)
         .map(|i| chat_line(&format!("a{i}"), "alice's secret", 4, 1))
@@ -852,11 +834,7 @@ fn a_second_sigterm_ends_a_draining_worker_at_once() {
         .collect();
     let id = c.create_batch(&lines, "24h");
     let w = c.start_worker(&["--grace", "600"], &[]);
-    let start = Instant::now();
-    while !c.workers[w].log_text().contains("worker ready") {
-        assert!(start.elapsed() < LONG, "{}", c.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_worker_ready(w);
     // Let it take the shard, then ask it to stop: it drains (the grace period is long).
     std::thread::sleep(Duration::from_secs(2));
     c.workers[w].sigterm();

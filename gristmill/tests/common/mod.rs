@@ -395,21 +395,17 @@ impl Cluster {
 
     /// Sends a request; returns status and JSON body (errors included).
     pub fn call(&self, req: ureq::Request, body: Option<(&str, Vec<u8>)>) -> (u16, Value) {
-        let result = match body {
-            Some((ct, data)) => req.set("Content-Type", ct).send_bytes(&data),
-            None => req.call(),
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("HTTP transport error: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        send(req, body)
+    }
+
+    /// Waits until worker `w` says it is ready.
+    pub fn wait_worker_ready(&self, w: usize) {
+        wait_for("the worker to be ready", Duration::from_secs(120), || {
+            self.workers[w]
+                .log_text()
+                .contains("worker ready")
+                .then_some(())
+        });
     }
 
     pub fn get(&self, path: &str) -> Value {
@@ -576,6 +572,25 @@ fn start_nats(dir: &Path, port: Option<u16>, config: Option<&Path>) -> (Proc, u1
         url.rsplit(':').next()?.parse::<u16>().ok()
     });
     (proc, port)
+}
+
+/// Sends a request; returns status and JSON body (errors included).
+pub fn send(req: ureq::Request, body: Option<(&str, Vec<u8>)>) -> (u16, Value) {
+    let result = match body {
+        Some((ct, data)) => req.set("Content-Type", ct).send_bytes(&data),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("HTTP transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// A chat line with a seed, so its output is reproducible.
