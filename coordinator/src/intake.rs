@@ -11,7 +11,7 @@
 //! repeated `custom_id` (the join key of the output must be unique; it is also what makes
 //! redelivered results countable exactly once).
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 
 use rayon::prelude::*;
 
@@ -106,7 +106,8 @@ pub fn split_lines(data: &[u8], first_line: usize) -> (Vec<(usize, &[u8])>, usiz
 pub struct Scanner {
     endpoint: Endpoint,
     max_lines: usize,
-    ids: HashMap<u128, usize>,
+    /// The first line of each `custom_id` (`None`: no duplicate check, see [`Scanner::again`]).
+    ids: Option<HashMap<u128, usize>>,
     errors: FileErrors,
     unlisted: usize,
     lines: usize,
@@ -117,10 +118,20 @@ impl Scanner {
         Self {
             endpoint,
             max_lines: limits.max_lines,
-            ids: HashMap::new(),
+            ids: Some(HashMap::new()),
             errors: FileErrors::new(),
             unlisted: 0,
             lines: 0,
+        }
+    }
+
+    /// A scanner for a second pass over a file that passed its file-level checks (the stored
+    /// file cannot change): it validates lines but keeps no `custom_id`s, which in a
+    /// million-line batch would take tens of megabytes beside the batch's ledger.
+    pub fn again(endpoint: Endpoint, limits: &IntakeLimits) -> Self {
+        Self {
+            ids: None,
+            ..Self::new(endpoint, limits)
         }
     }
 
@@ -171,23 +182,29 @@ impl Scanner {
                 Scanned::Invalid(bad) => (bad.custom_id.as_deref(), bad.line),
             };
             // custom_ids are the join key of the output and what results are counted by.
-            if let Some(id) = id {
-                if let Some(&first) = self.ids.get(&id_key(id)) {
-                    let shown: String = id.chars().take(64).collect();
-                    self.note((
-                        Some(line),
-                        LineError::new(
-                            codes::DUPLICATE_CUSTOM_ID,
-                            format!(
-                                "line {line}: custom_id {shown:?} was already used by line \
-                                 {first}; custom_ids must be unique within a batch"
-                            ),
-                        )
-                        .with_param("custom_id"),
-                    ));
-                } else {
-                    self.ids.insert(id_key(id), line);
-                }
+            let first = match (id, &mut self.ids) {
+                (Some(id), Some(ids)) => match ids.entry(id_key(id)) {
+                    Entry::Occupied(e) => Some(*e.get()),
+                    Entry::Vacant(e) => {
+                        e.insert(line);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if let (Some(first), Some(id)) = (first, id) {
+                let shown: String = id.chars().take(64).collect();
+                self.note((
+                    Some(line),
+                    LineError::new(
+                        codes::DUPLICATE_CUSTOM_ID,
+                        format!(
+                            "line {line}: custom_id {shown:?} was already used by line \
+                             {first}; custom_ids must be unique within a batch"
+                        ),
+                    )
+                    .with_param("custom_id"),
+                ));
             }
             if let Scanned::Valid(req) = s {
                 if req.endpoint != self.endpoint {

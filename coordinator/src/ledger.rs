@@ -10,10 +10,12 @@
 //! - an *open* ledger (a batch stored before ledgers existed, whose index is gone) knows no
 //!   lines: it counts the first result of any key, as before.
 //!
-//! Lines are kept as 128-bit SHA-256 prefixes of their keys (24 bytes a line with the shard,
-//! number and flag), not as the `custom_id`s themselves: a million-line batch costs tens of
-//! megabytes, and the ids live in the batch's index object, read back only when a batch ends
-//! with lines that never reported.
+//! Lines are kept as 128-bit SHA-256 prefixes of their keys, 24 bytes a line with the shard,
+//! number and flags, not as the `custom_id`s themselves: a million-line batch costs 24 MB, and
+//! the ids live in the batch's index object, read back only when a batch ends with lines that
+//! never reported. The entries sit in one vector reserved for the whole batch at once, as
+//! sorted runs (one per window that dispatch enters) searched by bisection: no hash table's
+//! empty buckets, and no doubling of the table (and of the memory) as it grows.
 
 use std::collections::HashMap;
 
@@ -22,8 +24,9 @@ use serde::{Deserialize, Serialize};
 /// Shard number of a line rejected at intake (its result never travelled in a shard).
 const NO_SHARD: u32 = u32::MAX;
 
-/// A line's identity in the ledger: the first 128 bits of SHA-256 over its key.
-type LineKey = u128;
+/// A line's identity in the ledger: the first 128 bits of SHA-256 over its key (two words, so
+/// that an entry is aligned to 8 bytes and takes 24).
+type LineKey = [u64; 2];
 
 /// The key a line's result is counted under: its `custom_id`, or its line number when it has
 /// none (a line that is not JSON, say). `custom_id`s are unique per batch (a file-level check).
@@ -37,18 +40,26 @@ fn line_key(custom_id: &str, line: usize) -> LineKey {
         ctx.update(custom_id.as_bytes());
     }
     let d = ctx.finish();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d.as_ref()[..16]);
-    u128::from_le_bytes(b)
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d.as_ref()[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    [word(0), word(1)]
 }
+
+/// Flags kept in the top bits of a slot's line number (line numbers stay below 2^30: see
+/// [`line_u32`]).
+const REPORTED: u32 = 1 << 31;
+/// Written to the output or error file by the finalization in progress.
+const WRITTEN: u32 = 1 << 30;
+const LINE_MASK: u32 = WRITTEN - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
+    /// The line number, with [`REPORTED`] and [`WRITTEN`].
     line: u32,
     shard: u32,
-    reported: bool,
-    /// Written to the output or error file by the finalization in progress.
-    written: bool,
 }
 
 impl Slot {
@@ -56,9 +67,22 @@ impl Slot {
         Self {
             line: line_u32(line),
             shard: shard.unwrap_or(NO_SHARD),
-            reported: false,
-            written: false,
         }
+    }
+
+    fn is(&self, flag: u32) -> bool {
+        self.line & flag != 0
+    }
+
+    /// Sets `flag`; whether it was clear.
+    fn set(&mut self, flag: u32) -> bool {
+        let was = self.is(flag);
+        self.line |= flag;
+        !was
+    }
+
+    fn belongs(&self, line: usize, shard: Option<u32>) -> bool {
+        self.line & LINE_MASK == line_u32(line) && self.shard == shard.unwrap_or(NO_SHARD)
     }
 }
 
@@ -90,9 +114,12 @@ pub enum Recorded {
 /// Which lines a batch has and which have reported (see the module's invariants).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ledger {
-    slots: HashMap<LineKey, Slot>,
-    /// No index: every key is accepted once (`slots` holds those seen).
-    open: bool,
+    /// The batch's lines: sorted runs, one after another.
+    lines: Vec<(LineKey, Slot)>,
+    /// Where each run ends in `lines`.
+    runs: Vec<usize>,
+    /// No index: every key is accepted once, and those seen are kept here.
+    open: Option<HashMap<LineKey, Slot>>,
 }
 
 impl Default for Ledger {
@@ -106,27 +133,42 @@ impl Ledger {
     /// A ledger that knows no lines and counts the first result of any key.
     pub fn open() -> Self {
         Self {
-            slots: HashMap::new(),
-            open: true,
+            lines: Vec::new(),
+            runs: Vec::new(),
+            open: Some(HashMap::new()),
+        }
+    }
+
+    /// The ledger of a batch of `lines` lines, before any is entered (memory for all of them
+    /// is taken at once).
+    pub fn with_capacity(lines: usize) -> Self {
+        Self {
+            lines: Vec::with_capacity(lines),
+            runs: Vec::new(),
+            open: None,
         }
     }
 
     /// The ledger of a batch with these lines.
-    pub fn from_index<'a>(entries: impl IntoIterator<Item = &'a IndexEntry>) -> Self {
-        let mut ledger = Self {
-            slots: HashMap::new(),
-            open: false,
-        };
+    pub fn from_index(entries: &[IndexEntry]) -> Self {
+        let mut ledger = Self::with_capacity(entries.len());
         ledger.insert_all(entries);
         ledger
     }
 
-    /// Adds lines to a ledger being built (dispatch enters each window's lines before their
-    /// shards leave).
+    /// Adds lines to a ledger being built, as one run (dispatch enters each window's lines
+    /// before their shards leave).
     pub fn insert_all<'a>(&mut self, entries: impl IntoIterator<Item = &'a IndexEntry>) {
-        for e in entries {
-            let key = line_key(e.custom_id.as_deref().unwrap_or(""), e.line);
-            self.slots.insert(key, Slot::new(e.line, e.shard));
+        let start = self.lines.len();
+        self.lines.extend(entries.into_iter().map(|e| {
+            (
+                line_key(e.custom_id.as_deref().unwrap_or(""), e.line),
+                Slot::new(e.line, e.shard),
+            )
+        }));
+        if self.lines.len() > start {
+            self.lines[start..].sort_unstable_by_key(|(k, _)| *k);
+            self.runs.push(self.lines.len());
         }
     }
 
@@ -135,24 +177,18 @@ impl Ledger {
     /// the shard the one that carried it.
     fn slot(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> Option<&mut Slot> {
         let key = line_key(custom_id, line);
-        if self.open {
-            return Some(
-                self.slots
-                    .entry(key)
-                    .or_insert_with(|| Slot::new(line, shard)),
-            );
+        match &mut self.open {
+            Some(seen) => Some(seen.entry(key).or_insert_with(|| Slot::new(line, shard))),
+            None => find(&mut self.lines, &self.runs, &key).filter(|s| s.belongs(line, shard)),
         }
-        self.slots
-            .get_mut(&key)
-            .filter(|s| s.line == line_u32(line) && s.shard == shard.unwrap_or(NO_SHARD))
     }
 
     /// Counts a result for (`custom_id`, `line`) from `shard`.
     pub fn record(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> Recorded {
         match self.slot(custom_id, line, shard) {
-            Some(s) if s.reported => Recorded::Repeat,
+            Some(s) if s.is(REPORTED) => Recorded::Repeat,
             Some(s) => {
-                s.reported = true;
+                s.set(REPORTED);
                 Recorded::New
             }
             None => Recorded::Foreign,
@@ -165,51 +201,74 @@ impl Ledger {
     /// so the result written is the result counted.
     pub fn write_once(&mut self, custom_id: &str, line: usize, shard: Option<u32>) -> bool {
         self.slot(custom_id, line, shard)
-            .is_some_and(|s| !std::mem::replace(&mut s.written, true))
+            .is_some_and(|s| s.set(WRITTEN))
+    }
+
+    fn flag(&mut self, custom_id: &str, line: usize, flag: u32) -> bool {
+        let key = line_key(custom_id, line);
+        match &self.open {
+            Some(seen) => seen.get(&key).is_some_and(|s| s.is(flag)),
+            None => find(&mut self.lines, &self.runs, &key).is_some_and(|s| s.is(flag)),
+        }
     }
 
     /// Whether the line with this key was written by the finalization in progress.
-    pub fn is_written(&self, custom_id: &str, line: usize) -> bool {
-        self.slots
-            .get(&line_key(custom_id, line))
-            .is_some_and(|s| s.written)
+    pub fn is_written(&mut self, custom_id: &str, line: usize) -> bool {
+        self.flag(custom_id, line, WRITTEN)
+    }
+
+    /// Whether the line with this key has reported.
+    pub fn has_reported(&mut self, custom_id: &str, line: usize) -> bool {
+        self.flag(custom_id, line, REPORTED)
+    }
+
+    fn clear_flag(&mut self, flag: u32) {
+        let slots = self.lines.iter_mut().map(|(_, s)| s);
+        match &mut self.open {
+            Some(seen) => seen.values_mut().for_each(|s| s.line &= !flag),
+            None => slots.for_each(|s| s.line &= !flag),
+        }
     }
 
     /// Forgets what a finalization wrote (before it starts again).
     pub fn reset_written(&mut self) {
-        for s in self.slots.values_mut() {
-            s.written = false;
-        }
-    }
-
-    /// Whether the line with this key has reported.
-    pub fn has_reported(&self, custom_id: &str, line: usize) -> bool {
-        self.slots
-            .get(&line_key(custom_id, line))
-            .is_some_and(|s| s.reported)
+        self.clear_flag(WRITTEN);
     }
 
     /// Forgets every report (before the results are replayed after a restart).
     pub fn reset(&mut self) {
-        if self.open {
-            self.slots.clear();
-        } else {
-            for s in self.slots.values_mut() {
-                s.reported = false;
-            }
+        match &mut self.open {
+            Some(seen) => seen.clear(),
+            None => self.clear_flag(REPORTED),
         }
     }
 
     /// Frees the ledger's memory (a finished batch).
     pub fn clear(&mut self) {
         *self = Self::open();
-        self.slots.shrink_to_fit();
     }
 }
 
-/// Line numbers are bounded by the intake limits (far below 2^32); saturate beyond.
+/// The slot of a key in sorted runs (`runs`: where each ends in `lines`).
+fn find<'a>(
+    lines: &'a mut [(LineKey, Slot)],
+    runs: &[usize],
+    key: &LineKey,
+) -> Option<&'a mut Slot> {
+    let mut start = 0;
+    for &end in runs {
+        if let Ok(i) = lines[start..end].binary_search_by_key(key, |(k, _)| *k) {
+            return Some(&mut lines[start + i].1);
+        }
+        start = end;
+    }
+    None
+}
+
+/// Line numbers are bounded by the intake limits (far below 2^30); saturate beyond (such a
+/// line could not be told from another beyond the bound, and no batch has one).
 fn line_u32(line: usize) -> u32 {
-    u32::try_from(line).unwrap_or(u32::MAX - 1)
+    u32::try_from(line).map_or(LINE_MASK, |l| l.min(LINE_MASK))
 }
 
 /// The index object of a batch: one [`IndexEntry`] per line, as JSON lines.
@@ -303,6 +362,54 @@ mod tests {
             l.record("a", 1, Some(0)),
             New,
             "counted again after a reset"
+        );
+    }
+
+    #[test]
+    fn lines_entered_window_by_window_are_found_in_every_run() {
+        let mut l = Ledger::with_capacity(3000);
+        let ids: Vec<String> = (0..3000).map(|i| format!("id-{i}")).collect();
+        let entries: Vec<IndexEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| entry(Some(id), i + 1, Some((i / 7) as u32)))
+            .collect();
+        for window in entries.chunks(1000) {
+            l.insert_all(window);
+        }
+        assert_eq!(l.runs.len(), 3);
+        assert_eq!(
+            std::mem::size_of::<(LineKey, Slot)>(),
+            24,
+            "24 bytes a line"
+        );
+        assert_eq!(l.lines.capacity(), 3000, "memory taken once, never grown");
+        // Every line once, from the last run back to the first.
+        for e in entries.iter().rev() {
+            let id = e.custom_id.as_deref().unwrap_or("");
+            assert_eq!(l.record(id, e.line, e.shard), Recorded::New, "{id}");
+            assert_eq!(l.record(id, e.line, e.shard), Recorded::Repeat, "{id}");
+            assert_eq!(l.record(id, e.line + 1, e.shard), Recorded::Foreign);
+        }
+        assert_eq!(l.record("id-3000", 3001, Some(428)), Recorded::Foreign);
+        assert!(l.write_once("id-0", 1, Some(0)) && l.is_written("id-0", 1));
+        assert!(l.has_reported("id-2999", 3000) && !l.is_written("id-2999", 3000));
+    }
+
+    #[test]
+    fn line_numbers_and_flags_share_a_word_without_mixing() {
+        let max = LINE_MASK as usize;
+        let mut l = Ledger::from_index(&[entry(Some("last"), max, Some(1))]);
+        assert_eq!(l.record("last", max, Some(1)), Recorded::New);
+        assert!(l.write_once("last", max, Some(1)));
+        assert_eq!(l.record("last", max, Some(1)), Recorded::Repeat);
+        assert!(l.has_reported("last", max) && l.is_written("last", max));
+        l.reset_written();
+        assert!(l.has_reported("last", max) && !l.is_written("last", max));
+        assert_eq!(
+            line_u32(usize::MAX),
+            LINE_MASK,
+            "beyond the bound saturates"
         );
     }
 

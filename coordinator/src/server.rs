@@ -721,7 +721,7 @@ impl Coordinator {
         };
         self.update(id, |st| {
             st.rec.total = total;
-            st.rec.ledger = Ledger::from_index(&[]);
+            st.rec.ledger = Ledger::with_capacity(usize::try_from(total).unwrap_or(0));
         })
         .await?;
         // Pass 2: the lines again, planned and published window by window, the index object
@@ -816,7 +816,7 @@ impl Coordinator {
     ) -> Result<(u64, u32, bool)> {
         use tokio::io::AsyncWriteExt;
         let limits = self.settings.limits;
-        let mut scanner = Scanner::new(rec.endpoint, &limits);
+        let mut scanner = Scanner::again(rec.endpoint, &limits);
         let mut planner = Planner::new(id, &limits);
         let mut window: Vec<Scanned> = Vec::new();
         let (mut tokens, mut shards) = (0u64, 0u32);
@@ -1258,7 +1258,7 @@ impl Coordinator {
                 _ => self.input_entries(&rec).await?,
             };
             for e in entries {
-                let written = self.lock().get(id).is_some_and(|st| {
+                let written = self.lock().get_mut(id).is_some_and(|st| {
                     st.rec
                         .ledger
                         .is_written(e.custom_id.as_deref().unwrap_or(""), e.line)

@@ -52,12 +52,15 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "GRISTMILL_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 
-    /// Largest accepted input file, in bytes.
-    #[arg(long, default_value_t = 200 << 20, env = "GRISTMILL_MAX_FILE_BYTES")]
+    /// Largest accepted input file, in bytes (at most 1 GiB: line numbers, blank lines
+    /// included, are kept in 30 bits).
+    #[arg(long, default_value_t = 200 << 20, env = "GRISTMILL_MAX_FILE_BYTES",
+          value_parser = clap::value_parser!(u64).range(1..(1 << 30)))]
     pub max_file_bytes: u64,
 
-    /// Most requests in one batch.
-    #[arg(long, default_value_t = 50_000, env = "GRISTMILL_MAX_LINES")]
+    /// Most requests in one batch (at most 100 million).
+    #[arg(long, default_value_t = 50_000, env = "GRISTMILL_MAX_LINES",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000_000))]
     pub max_lines: usize,
 
     /// Token budget of one shard (prompt plus max_tokens of its lines).
