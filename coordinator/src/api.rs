@@ -864,7 +864,22 @@ fn owned_batch(c: &Coordinator, id: &str, tenant: &str) -> ApiResult<BatchRecord
 }
 
 async fn get_batch(Leader(c): Leader, Tenant(t): Tenant, Id(id): Id) -> ApiResult<Json<Value>> {
-    Ok(Json(owned_batch(&c, &id, &t)?.to_openai()))
+    Ok(Json(batch_json(&c, &owned_batch(&c, &id, &t)?)))
+}
+
+/// OpenAI's batch object, and while it runs Gristmill's `progress` extension: the shards the
+/// workers say they are running and the tokens those shards' unfinished lines have generated
+/// (advisory, between results; `request_counts` and `usage` count finished lines only).
+fn batch_json(c: &Coordinator, b: &BatchRecord) -> Value {
+    let mut v = b.to_openai();
+    if b.status == BatchStatus::InProgress {
+        let r = c.running(&b.id);
+        v["progress"] = serde_json::json!({
+            "running_shards": r.shards,
+            "running_output_tokens": r.output_tokens,
+        });
+    }
+    v
 }
 
 async fn list_batches(
@@ -878,7 +893,7 @@ async fn list_batches(
         .list_batches()
         .into_iter()
         .filter(|b| owns(b.owner.as_deref(), &tenant))
-        .map(|b| (b.id.clone(), b.to_openai()))
+        .map(|b| (b.id.clone(), batch_json(&c, &b)))
         .collect();
     Ok(Json(page(items, q.after.as_deref(), limit)?))
 }

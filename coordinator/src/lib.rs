@@ -10,6 +10,7 @@ pub mod intake;
 pub mod kube_scale;
 pub mod lease;
 pub mod ledger;
+pub mod progress;
 pub mod server;
 pub mod shard;
 pub mod tasks;

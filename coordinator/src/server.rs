@@ -20,9 +20,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    decode_results, result_msg_id, result_subject, shard_msg_id, shard_subject, ResultMessage,
-    ResultOutcome, ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET, RESULT_STREAM,
-    RESULT_SUBJECT_PREFIX, SHARD_STREAM, SHARD_SUBJECT_PREFIX, WORKER_CONSUMER, WORKER_HEADER,
+    decode_results, result_msg_id, result_subject, shard_msg_id, shard_subject, ProgressMessage,
+    ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET,
+    PROGRESS_SUBJECT_PREFIX, RESULT_STREAM, RESULT_SUBJECT_PREFIX, SHARD_STREAM,
+    SHARD_SUBJECT_PREFIX, WORKER_CONSUMER, WORKER_HEADER,
 };
 use gristmill_protocol::{codes, ErrorLine, LineError, OutputLine, ResponseEnvelope};
 use serde::{Deserialize, Serialize};
@@ -168,6 +169,8 @@ pub struct Coordinator {
     pub panics: Arc<TaskPanics>,
     /// Where the results collector resumes in the results stream (kept across its restarts).
     next_result_seq: AtomicU64,
+    /// Workers' reports on the shards they run (advisory, for progress between results).
+    progress: Mutex<crate::progress::Progress>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -326,11 +329,13 @@ impl Coordinator {
             ready: AtomicBool::new(false),
             panics: Arc::new(TaskPanics::default()),
             next_result_seq: AtomicU64::new(1),
+            progress: Mutex::new(crate::progress::Progress::default()),
         });
         let resume = this.load_batches().await?;
         this.spawn_forever("results", |c| c.collect_results());
         this.spawn_forever("dead_shards", |c| c.watch_dead_shards());
         this.spawn_forever("tick", |c| c.tick());
+        this.spawn_forever("progress", |c| c.watch_progress());
         for (id, status) in resume {
             tracing::info!(batch = %id, ?status, "resuming batch");
             match status {
@@ -1122,6 +1127,10 @@ impl Coordinator {
             st.rec.total = completed + failed;
             // A finished batch's lines are not needed in memory any more.
             st.rec.ledger.clear();
+            self.progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(id);
             st.rec.transition(ending, now_s())
         })
         .await??;
@@ -1443,6 +1452,40 @@ impl Coordinator {
 
     /// Listens for JetStream's max-deliveries advisories; a periodic sweep catches those sent
     /// while no coordinator was listening.
+    /// Takes the workers' progress reports (core NATS, advisory).
+    async fn watch_progress(self: Arc<Self>) {
+        let subject = format!("{PROGRESS_SUBJECT_PREFIX}.*");
+        let mut sub = match self.client.subscribe(subject).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the workers' progress reports");
+                return;
+            }
+        };
+        let mut pruned = Instant::now();
+        while let Some(m) = sub.next().await {
+            let Ok(report) = serde_json::from_slice::<ProgressMessage>(&m.payload) else {
+                tracing::debug!(subject = %m.subject, "unreadable progress report");
+                continue;
+            };
+            let now = Instant::now();
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.record(report, now);
+            if now.duration_since(pruned) > crate::progress::STALE_AFTER {
+                p.prune(now);
+                pruned = now;
+            }
+        }
+    }
+
+    /// What the workers last said is running for a batch.
+    pub fn running(&self, batch: &str) -> crate::progress::Running {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running(batch, Instant::now())
+    }
+
     async fn watch_dead_shards(self: Arc<Self>) {
         let subject =
             format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SHARD_STREAM}.{WORKER_CONSUMER}");

@@ -936,3 +936,62 @@ fn a_shard_whose_worker_dies_on_every_delivery_is_buried_by_the_coordinator() {
         "{e}"
     );
 }
+
+#[test]
+fn progress_moves_while_a_shard_runs() {
+    progress_while_a_shard_runs(false);
+}
+
+#[test]
+fn progress_moves_while_a_shard_runs_on_secured_nats() {
+    progress_while_a_shard_runs(true);
+}
+
+/// Issue 13: `submit --wait` showed 0 tokens until a shard's first line finished. Workers now
+/// report a running shard's tokens every second; the batch object carries them in its
+/// `progress` extension while no line has finished yet, and the worker logs what it does.
+fn progress_while_a_shard_runs(secure: bool) {
+    let mut c = cluster(secure, &["--shard-max-lines", "8"]);
+    c.start_worker(&[], &[]);
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            json!({"custom_id": format!("long-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": format!("Count to {}", 100 + i)}],
+                         "max_tokens": 160, "ignore_eos": true, "temperature": 0}})
+            .to_string()
+        })
+        .collect();
+    let b = c.create_batch(&lines, "1h");
+    let seen = common::wait_for(
+        "a progress report before any line finished",
+        Duration::from_secs(120),
+        || {
+            let v = c.batch(&b);
+            let running = v["progress"]["running_output_tokens"].as_u64().unwrap_or(0);
+            (completed(&v) == 0 && running > 0).then_some(v)
+        },
+    );
+    assert_eq!(seen["status"], "in_progress");
+    assert_eq!(seen["progress"]["running_shards"], 1, "{seen}");
+    assert_eq!(
+        seen["usage"]["output_tokens"], 0,
+        "usage counts finished lines only: {seen}"
+    );
+    let done = c.wait_done(&b, Duration::from_secs(300));
+    assert_eq!(done["status"], "completed", "{}", c.logs());
+    assert_eq!(done["usage"]["output_tokens"], 480);
+    assert!(
+        done.get("progress").is_none(),
+        "no progress once it ended: {done}"
+    );
+    let log = c.workers[0].log_text();
+    for needle in [
+        "connected to NATS",
+        "loaded ",
+        "CPU kernels",
+        "shard started",
+        "shard finished",
+    ] {
+        assert!(log.contains(needle), "worker log lacks {needle:?}:\n{log}");
+    }
+}

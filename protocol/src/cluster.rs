@@ -44,6 +44,31 @@ pub fn result_subject(batch_id: &str) -> String {
     format!("{RESULT_SUBJECT_PREFIX}.{batch_id}")
 }
 
+/// Core NATS subjects (not a stream: nothing is kept) on which workers report the progress of
+/// the shards they run, about once a second.
+pub const PROGRESS_SUBJECT_PREFIX: &str = "gristmill.progress";
+
+/// Subject of a batch's progress reports.
+pub fn progress_subject(batch_id: &str) -> String {
+    format!("{PROGRESS_SUBJECT_PREFIX}.{batch_id}")
+}
+
+/// A worker's report on a shard it is running: tokens generated so far for lines that have not
+/// finished (finished lines are counted from their results). Advisory: reports may be lost or
+/// late; the coordinator forgets a report after a few seconds without news, and the counts of
+/// the batch stay those of its results.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgressMessage {
+    pub batch_id: String,
+    pub shard: u32,
+    pub worker: String,
+    /// Completion tokens generated so far by the shard's unfinished lines.
+    pub running_tokens: u64,
+    /// The shard ended on this worker (its last report).
+    #[serde(default)]
+    pub done: bool,
+}
+
 /// `Nats-Msg-Id` of a shard: a coordinator that republishes after a crash is deduplicated.
 pub fn shard_msg_id(batch_id: &str, shard: u32) -> String {
     format!("{batch_id}/{shard}")

@@ -376,6 +376,7 @@ impl<B: Backend> Engine<B> {
             |_| Poll::from(iter.next()),
             opts,
             |_| false,
+            |_| {},
             |(), o| on_outcome(o),
         )
     }
@@ -387,15 +388,19 @@ impl<B: Backend> Engine<B> {
     /// several shards at once tells them apart by it). Before every step `aborted(tag)` is asked
     /// of each request in flight; one it answers `true` for stops at once and reports
     /// [`codes::CANCELLED`] (a cancelled batch frees the engine for other work).
-    pub fn run_channel<T, A, F>(
+    /// `on_token(tag)` is called for every token generated for a request (a worker reports a
+    /// shard's progress from it while its lines run).
+    pub fn run_channel<T, A, P, F>(
         &self,
         requests: Receiver<(T, Request)>,
         opts: EngineOptions,
         aborted: A,
+        on_token: P,
         on_outcome: F,
     ) -> RunStats
     where
         A: FnMut(&T) -> bool,
+        P: FnMut(&T),
         F: FnMut(T, Outcome),
     {
         self.run_source(
@@ -415,22 +420,25 @@ impl<B: Backend> Engine<B> {
             },
             opts,
             aborted,
+            on_token,
             on_outcome,
         )
     }
 
     /// The engine loop. `next(busy)` yields the next request; `busy` says whether sequences are
     /// in flight (a source may then answer `NotYet` instead of waiting).
-    fn run_source<T, S, A, F>(
+    fn run_source<T, S, A, P, F>(
         &self,
         mut next: S,
         opts: EngineOptions,
         mut aborted: A,
+        mut on_token: P,
         mut on_outcome: F,
     ) -> RunStats
     where
         S: FnMut(bool) -> Poll<T>,
         A: FnMut(&T) -> bool,
+        P: FnMut(&T),
         F: FnMut(T, Outcome),
     {
         let ctx = self.model.cfg().max_position_embeddings;
@@ -636,6 +644,7 @@ impl<B: Backend> Engine<B> {
                 }
                 g.first_token.get_or_insert_with(Instant::now);
                 self.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                on_token(&g.tag);
                 sched.append_token(c.seq, token);
                 let Some(seq) = sched.seq(c.seq) else {
                     continue;

@@ -35,9 +35,10 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    decode_results, result_group_msg_id, result_msg_id, result_subject, ResultMessage,
-    ResultOutcome, ShardMessage, BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES,
-    RESULT_STREAM, SHARD_STREAM, WORKER_CONSUMER, WORKER_HEADER,
+    decode_results, progress_subject, result_group_msg_id, result_msg_id, result_subject,
+    ProgressMessage, ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET,
+    MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
+    WORKER_CONSUMER, WORKER_HEADER,
 };
 use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -84,6 +85,8 @@ type Tag = u64;
 struct Router {
     routes: Mutex<HashMap<Tag, mpsc::UnboundedSender<Outcome>>>,
     aborted: RwLock<HashSet<Tag>>,
+    /// Tokens generated so far under each tag (one shard's delivery).
+    tokens: Mutex<HashMap<Tag, u64>>,
 }
 
 struct Shared {
@@ -194,6 +197,7 @@ pub async fn serve(
                                     .map(|a| a.contains(tag))
                                     .unwrap_or(false)
                             },
+                            |tag| *lock(&router.tokens).entry(*tag).or_insert(0) += 1,
                             |tag, o| {
                                 let _ = out_tx.send((tag, o));
                             },
@@ -428,14 +432,26 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
         lock(&shared.held).insert(tag, reply);
     }
     let mut published = HashSet::new();
+    let started = std::time::Instant::now();
+    tracing::info!(batch = %batch_id, shard = shard_no, lines = shard.requests.len(), delivery = delivered, "shard started");
     let result = run_shard(&shared, &msg, &shard, tag, &mut published).await;
     lock(&shared.held).remove(&tag);
     lock(&shared.router.routes).remove(&tag);
+    let generated = lock(&shared.router.tokens).remove(&tag).unwrap_or(0);
     if let Ok(mut a) = shared.router.aborted.write() {
         a.remove(&tag);
     }
+    report_progress(&shared, &shard, 0, true).await;
     match result {
         Ok(()) => {
+            tracing::info!(
+                batch = %batch_id,
+                shard = shard_no,
+                lines = shard.requests.len(),
+                tokens = generated,
+                secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "shard finished"
+            );
             if let Err(e) = msg.double_ack().await {
                 tracing::warn!(batch = %batch_id, shard = shard_no, error = %e, "ack failed; the shard will be redelivered and its results deduplicated");
             }
@@ -471,6 +487,28 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                 .await;
         }
+    }
+}
+
+/// How often a running shard's progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes a shard's progress on core NATS (advisory: a lost report only delays the
+/// coordinator's view; nothing is counted from it).
+async fn report_progress(shared: &Shared, shard: &ShardMessage, running_tokens: u64, done: bool) {
+    let report = ProgressMessage {
+        batch_id: shard.batch_id.clone(),
+        shard: shard.shard,
+        worker: shared.name.clone(),
+        running_tokens,
+        done,
+    };
+    let Ok(payload) = serde_json::to_vec(&report) else {
+        return;
+    };
+    let subject = progress_subject(&shard.batch_id);
+    if let Err(e) = shared.js.client().publish(subject, payload.into()).await {
+        tracing::debug!(error = %e, "progress report not sent");
     }
 }
 
@@ -531,6 +569,10 @@ async fn run_shard(
     let mut heartbeat =
         tokio::time::interval((shared.ack_wait / 3).max(Duration::from_millis(100)));
     heartbeat.tick().await;
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.tick().await;
+    // Completion tokens of the lines finished so far, and the last count reported.
+    let (mut finished_tokens, mut reported) = (0u64, 0u64);
     let mut release = shared.release.clone();
     while remaining > 0 {
         tokio::select! {
@@ -543,6 +585,9 @@ async fn run_shard(
                 let mut bytes = 0;
                 let mut next = Some(o);
                 while let Some(o) = next.take() {
+                    if let Outcome::Done(c) = &o {
+                        finished_tokens += c.usage.completion_tokens as u64;
+                    }
                     let result = to_result(shard, o, &shared.model_name, &mut ids);
                     if lines.contains_key(result.custom_id.as_str()) {
                         let (result, size) = fit_result(result, shared.max_message_bytes);
@@ -579,6 +624,14 @@ async fn run_shard(
                 acks.push((keys, ack));
                 if acks.len() >= 256 {
                     await_acks(shared, &mut acks, published).await?;
+                }
+            }
+            _ = progress.tick() => {
+                let generated = lock(&shared.router.tokens).get(&tag).copied().unwrap_or(0);
+                let running = generated.saturating_sub(finished_tokens);
+                if running != reported {
+                    reported = running;
+                    report_progress(shared, shard, running, false).await;
                 }
             }
             _ = heartbeat.tick() => {

@@ -218,6 +218,7 @@ fn requests_arriving_on_a_channel_join_the_running_batch() {
         rx,
         opts(8, 512),
         |_| false,
+        |_| {},
         |(), o| match o {
             Outcome::Done(c) => {
                 order.push(c.custom_id.clone());
@@ -328,6 +329,7 @@ fn an_aborted_request_stops_and_the_others_are_unchanged() {
     drop(tx);
     let mut steps = 0;
     let mut outcomes = Vec::new();
+    let mut tokens: HashMap<u32, usize> = HashMap::new();
     engine.run_channel(
         rx,
         opts(8, 512),
@@ -336,18 +338,26 @@ fn an_aborted_request_stops_and_the_others_are_unchanged() {
             steps += 1;
             *tag == 2 && steps > 20
         },
+        |tag| *tokens.entry(*tag).or_insert(0) += 1,
         |tag, o| outcomes.push((tag, o)),
     );
     assert_eq!(outcomes.len(), 2);
     for (tag, o) in outcomes {
         match (tag, o) {
-            (1, Outcome::Done(c)) => assert_eq!(
-                vec![c.choices[0].token_ids.clone()],
-                alone["r2"],
-                "aborting a neighbour changed an output"
-            ),
+            (1, Outcome::Done(c)) => {
+                assert_eq!(
+                    vec![c.choices[0].token_ids.clone()],
+                    alone["r2"],
+                    "aborting a neighbour changed an output"
+                );
+                assert_eq!(
+                    tokens[&1], c.usage.completion_tokens,
+                    "every generated token is reported under its request's tag"
+                );
+            }
             (2, Outcome::Failed { error, .. }) => {
-                assert_eq!(error.code, gristmill_protocol::codes::CANCELLED)
+                assert_eq!(error.code, gristmill_protocol::codes::CANCELLED);
+                assert!(tokens[&2] > 0, "the aborted request generated some tokens");
             }
             (t, o) => panic!("unexpected outcome for tag {t}: {o:?}"),
         }

@@ -214,7 +214,7 @@ pub struct Cluster {
     n: usize,
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -328,6 +328,8 @@ impl Cluster {
             .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
             .env("GRISTMILL_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
+            // Tests that use keys pass them; the rest run open on loopback.
+            .env("GRISTMILL_ALLOW_UNAUTHENTICATED", "true")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
