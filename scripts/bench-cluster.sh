@@ -13,7 +13,7 @@ workers="${1:-4}"
 repeat="${2:-3}"
 # shellcheck source=scripts/loopback-nats.sh
 . "$(dirname "$0")/loopback-nats.sh"
-GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --listen 127.0.0.1:0 --nats "$nats_url" 2>"$work/coordinator.log" &
+GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --allow-unauthenticated --listen 127.0.0.1:0 --nats "$nats_url" 2>"$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$work/coordinator.log" && break; sleep 0.1; done
 api="$(sed -n 's/.*listening on //p' "$work/coordinator.log" | head -1)"

@@ -12,7 +12,7 @@ workers="${2:-2}"
 . "$(dirname "$0")/loopback-nats.sh"
 "$g" bench dataset --num-prompts "$lines" --input-len 8 --output-len 4 -o "$work/big.jsonl" >/dev/null
 bytes=$(stat -c %s "$work/big.jsonl")
-GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --listen 127.0.0.1:0 --nats "$nats_url" \
+GRISTMILL_LOG=info NO_COLOR=1 "$g" coordinator --allow-unauthenticated --listen 127.0.0.1:0 --nats "$nats_url" \
   --max-lines "$((lines + 1))" --max-file-bytes "$((bytes * 2))" 2>"$work/coordinator.log" &
 coord=$!
 pids+=($coord)

@@ -47,6 +47,12 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "GRISTMILL_API_KEYS")]
     pub api_keys: Option<PathBuf>,
 
+    /// Serve the API to anyone, without a key. Without this flag the coordinator refuses to
+    /// start when neither --api-key nor --api-keys is given (an unset `$GRISTMILL_API_KEY`
+    /// would otherwise open every batch and file to whoever reaches the port).
+    #[arg(long, env = "GRISTMILL_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
     /// Model file or directory whose tokenizer weighs prompts and orders them by shared token
     /// prefix. Without it, prompts are weighed as bytes / 4 and ordered by shared text prefix.
     #[arg(long, env = "GRISTMILL_TOKENIZER")]
@@ -333,7 +339,17 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 Some(ApiKeys::load(path).map_err(|e| anyhow::anyhow!("--api-keys: {e}"))?)
             }
             (None, Some(key)) => Some(ApiKeys::single(key)),
-            (None, None) => None,
+            (None, None) if args.allow_unauthenticated => {
+                tracing::warn!(
+                    "no API key: anyone who reaches {} may use the API (--allow-unauthenticated)",
+                    args.listen
+                );
+                None
+            }
+            (None, None) => bail!(
+                "no API key: set GRISTMILL_API_KEY (or --api-key, or --api-keys FILE), or pass \
+                 --allow-unauthenticated to serve the API to anyone"
+            ),
         },
         limits: IntakeLimits {
             max_bytes: args.max_file_bytes,
@@ -479,7 +495,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         EngineKind::Echo => Generator::Echo,
         EngineKind::Model => {
             let opts = args.engine_args.options()?;
+            let start = std::time::Instant::now();
             let engine = args.engine_args.load_engine()?;
+            let line = args
+                .engine_args
+                .describe(&engine, start.elapsed().as_secs_f64());
+            tracing::info!("{line}");
             Generator::Model(Arc::new(engine), opts)
         }
     };
@@ -498,6 +519,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     };
     runtime()?.block_on(async move {
         let client = args.nats.connect(&settings.name).await?;
+        tracing::info!(name = %settings.name, nats = %crate::nats::redact(&args.nats.url), "connected to NATS");
         gristmill_worker::node::serve(client, settings, generator).await
     })
 }

@@ -814,6 +814,21 @@ fn tenants_see_only_their_own_files_and_batches() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1: expected `TENANT KEY`"), "{err}");
+    // No key at all (an unset or empty $GRISTMILL_API_KEY): it refuses to start, in one line,
+    // unless told to serve everyone.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args(["coordinator", "--nats", &c.nats_url])
+        .env("GRISTMILL_API_KEY", "")
+        .env_remove("GRISTMILL_ALLOW_UNAUTHENTICATED")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "refused: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("no API key") && err.contains("--allow-unauthenticated"),
+        "{err}"
+    );
 }
 
 /// Finding 8, second half: a worker draining its shards after SIGTERM (a long grace period)
