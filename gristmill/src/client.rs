@@ -252,10 +252,15 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
     let errors = args
         .errors
         .unwrap_or_else(|| sibling(&args.input, ".errors.jsonl"));
+    // As `gristmill run`: an errors file exists only when a line failed (a stale one from an
+    // earlier batch at the same path is removed, so it cannot be mistaken for this one's).
     for (key, path) in [("output_file_id", &output), ("error_file_id", &errors)] {
         if let Some(fid) = batch[key].as_str() {
             let n = conn.download(fid, path)?;
-            eprintln!("wrote {} ({n} bytes)", path.display());
+            eprintln!("wrote {} ({})", path.display(), plural(n, "byte"));
+        } else if key == "error_file_id" && path.exists() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale {}", path.display()))?;
         }
     }
     match status {
@@ -281,6 +286,7 @@ fn wait(conn: &Connection, id: &str) -> Result<Value> {
     let started = Instant::now();
     let mut last_log = Instant::now();
     let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    let mut shown = 0u64;
     loop {
         let b = conn.json("GET", &format!("/v1/batches/{id}"), None)?;
         let status = b["status"].as_str().unwrap_or("?").to_string();
@@ -290,7 +296,12 @@ fn wait(conn: &Connection, id: &str) -> Result<Value> {
             c["completed"].as_u64().unwrap_or(0) + c["failed"].as_u64().unwrap_or(0),
             c["failed"].as_u64().unwrap_or(0),
         );
-        let tokens = b["usage"]["output_tokens"].as_u64().unwrap_or(0);
+        // Finished lines' tokens, plus what the workers say the running lines have generated
+        // (never shown going backwards: a redelivered shard starts its count again).
+        let counted = b["usage"]["output_tokens"].as_u64().unwrap_or(0);
+        let running = b["progress"]["running_output_tokens"].as_u64().unwrap_or(0);
+        shown = shown.max(counted + running);
+        let tokens = shown;
         samples.push_back((Instant::now(), tokens));
         while samples.len() > 20 {
             samples.pop_front();
@@ -301,7 +312,7 @@ fn wait(conn: &Connection, id: &str) -> Result<Value> {
             }
             _ => 0.0,
         };
-        let msg = format!("{status}, {tokens} tokens, {rate:.1} tok/s");
+        let msg = format!("{status}, {}, {rate:.1} tok/s", plural(tokens, "token"));
         if let Some(bar) = &bar {
             bar.set_length(total);
             bar.set_position(done);
@@ -353,23 +364,153 @@ pub fn status(args: StatusArgs) -> Result<()> {
         &format!("/v1/batches?limit={}", args.limit.clamp(1, 100)),
         None,
     )?;
-    println!(
-        "{:<34} {:<12} {:>8} {:>9} {:>7}  created",
-        "id", "status", "total", "completed", "failed"
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rows: Vec<[String; 6]> = list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let c = &b["request_counts"];
+            let n = |k: &str| c[k].as_u64().unwrap_or(0).to_string();
+            [
+                b["id"].as_str().unwrap_or("").to_string(),
+                b["status"].as_str().unwrap_or("").to_string(),
+                n("total"),
+                n("completed"),
+                n("failed"),
+                b["created_at"]
+                    .as_u64()
+                    .map_or_else(String::new, |t| ago(now.saturating_sub(t))),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            ["id", "status", "total", "completed", "failed", "created"],
+            &rows
+        )
     );
-    for b in list["data"].as_array().into_iter().flatten() {
-        let c = &b["request_counts"];
-        println!(
-            "{:<34} {:<12} {:>8} {:>9} {:>7}  {}",
-            b["id"].as_str().unwrap_or(""),
-            b["status"].as_str().unwrap_or(""),
-            c["total"],
-            c["completed"],
-            c["failed"],
-            b["created_at"]
+    Ok(())
+}
+
+/// A text table: each column as wide as its widest cell, the counts right-aligned under their
+/// headers.
+fn table(header: [&str; 6], rows: &[[String; 6]]) -> String {
+    let mut width: [usize; 6] = header.map(str::len);
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let right = |i: usize| (2..=4).contains(&i);
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = width[i].saturating_sub(cell.chars().count());
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if right(i) {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(cell);
+            } else if i + 1 < cells.len() {
+                out.push_str(cell);
+                out.push_str(&" ".repeat(pad));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header);
+    for row in rows {
+        out.push_str(&line(row.each_ref().map(String::as_str)));
+    }
+    out
+}
+
+/// How long ago, in the largest unit that fits: `40 s ago`, `3 min ago`, `5 h ago`, `2 days ago`.
+fn ago(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} s ago"),
+        60..=3599 => format!("{} min ago", secs / 60),
+        3600..=86_399 => format!("{} h ago", secs / 3600),
+        _ => format!("{} ago", plural(secs / 86_400, "day")),
+    }
+}
+
+/// `1 line`, `2 lines`.
+pub fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_aligns_counts_under_their_headers() {
+        let rows = [
+            [
+                "batch_abc".to_string(),
+                "completed".into(),
+                "12".into(),
+                "12".into(),
+                "0".into(),
+                ago(185),
+            ],
+            [
+                "batch_longer_id_0123".to_string(),
+                "in_progress".into(),
+                "1000000".into(),
+                "5".into(),
+                "1".into(),
+                ago(7200),
+            ],
+        ];
+        let t = table(
+            ["id", "status", "total", "completed", "failed", "created"],
+            &rows,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        // Every count column ends at the same character as its header.
+        for col in ["total", "completed", "failed"] {
+            let end = lines[0].find(col).expect("header") + col.len();
+            for (l, want) in lines[1..]
+                .iter()
+                .zip([["12", "12", "0"], ["1000000", "5", "1"]])
+            {
+                let i = ["total", "completed", "failed"]
+                    .iter()
+                    .position(|c| *c == col)
+                    .expect("col");
+                assert_eq!(&l[end - want[i].len()..end], want[i], "{col} in {l:?}");
+                assert_eq!(l.as_bytes().get(end), Some(&b' '), "{col} in {l:?}");
+            }
+        }
+        assert!(
+            lines[1].ends_with("3 min ago") && lines[2].ends_with("2 h ago"),
+            "{t}"
         );
     }
-    Ok(())
+
+    #[test]
+    fn counts_and_times_read_as_english() {
+        assert_eq!(plural(1, "line"), "1 line");
+        assert_eq!(plural(0, "token"), "0 tokens");
+        assert_eq!(ago(0), "0 s ago");
+        assert_eq!(ago(86_400), "1 day ago");
+        assert_eq!(ago(3 * 86_400 + 5), "3 days ago");
+    }
 }
 
 #[derive(Debug, Args)]

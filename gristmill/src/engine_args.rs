@@ -8,10 +8,12 @@ use gristmill_worker::EngineOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json
-    /// [default: the default model in ~/.cache/gristmill/models, fetched by `make model`].
-    #[arg(short, long, env = "GRISTMILL_MODEL")]
-    pub model: Option<PathBuf>,
+    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json.
+    /// The default is the default model under $GRISTMILL_CACHE_DIR (else ~/.cache/gristmill),
+    /// fetched by `make model`.
+    #[arg(short, long, env = "GRISTMILL_MODEL",
+          default_value_os_t = gristmill_worker::default_model_path())]
+    pub model: PathBuf,
 
     /// Most sequences generated at once.
     #[arg(long, default_value_t = 64, env = "GRISTMILL_MAX_NUM_SEQS")]
@@ -56,10 +58,32 @@ impl EngineArgs {
             .with_context(|| format!("cannot load the model {}", path.display()))
     }
 
+    /// One line about a loaded engine: the model, its shape, the process's memory and the CPU
+    /// kernels chosen for this machine.
+    pub fn describe(&self, engine: &gristmill_worker::Engine, load_secs: f64) -> String {
+        let cfg = engine.model.cfg();
+        let rss_mb = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or_else(|| "?".to_string(), |kb| (kb / 1024).to_string());
+        format!(
+            "loaded {} ({} layers, {} heads, vocab {}) in {load_secs:.1} s; process memory {rss_mb} MB; \
+             CPU kernels {}, {} threads",
+            self.model_path().display(),
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.vocab_size,
+            gristmill_worker::cpu_isa(),
+            rayon::current_num_threads(),
+        )
+    }
+
     pub fn model_path(&self) -> PathBuf {
-        self.model
-            .clone()
-            .unwrap_or_else(gristmill_worker::default_model_path)
+        self.model.clone()
     }
 
     /// Checks the flags, sets up the thread pool (once per process) and returns the engine

@@ -15,7 +15,16 @@ mod throughput;
 
 /// Bulk LLM generation: OpenAI batch files in, completions out, nothing lost or duplicated.
 #[derive(Debug, Parser)]
-#[command(name = "gristmill", version, about, long_about = None)]
+#[command(
+    name = "gristmill",
+    version,
+    about,
+    long_about = None,
+    after_help = "Logging: GRISTMILL_LOG sets what is logged to stderr, in tracing's filter syntax \
+                  (`debug`, `info`, `warn`, or per module: `info,gristmill_worker=debug`). The \
+                  default is `info` for `coordinator` and `worker`, `warn` for the rest. \
+                  NO_COLOR=1 turns colours off."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,13 +50,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The long-running services say what they do; the commands with a progress bar only warn.
+    let default = match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => "info,async_nats=warn",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("GRISTMILL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Coordinator(args) => cluster::coordinator(args),

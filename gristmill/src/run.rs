@@ -35,8 +35,13 @@ pub struct RunArgs {
     pub engine: EngineArgs,
 
     /// Print nothing but errors.
-    #[arg(short, long)]
+    #[arg(short, long, env = "GRISTMILL_QUIET")]
     pub quiet: bool,
+
+    /// At the end, print the first lines of this many results (those of the first lines of the
+    /// input that completed), so that the text can be seen without opening the output file.
+    #[arg(long, default_value_t = 0, value_name = "N", env = "GRISTMILL_SHOW")]
+    pub show: usize,
 }
 
 /// Counts of a finished run.
@@ -46,6 +51,9 @@ struct Tally {
     failed: usize,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// Completed requests whose every choice ended on its own (end of sequence or a stop
+    /// string), not at `max_tokens`.
+    stopped: usize,
 }
 
 struct Sink {
@@ -56,6 +64,10 @@ struct Sink {
     model_name: String,
     progress: Progress,
     io_error: Option<std::io::Error>,
+    /// (line, custom_id, text) of the completed results of the earliest input lines, for
+    /// `--show`.
+    shown: Vec<(usize, String, String)>,
+    show: usize,
 }
 
 impl Sink {
@@ -84,6 +96,19 @@ impl Sink {
                 self.tally.completed += 1;
                 self.tally.prompt_tokens += c.usage.prompt_tokens;
                 self.tally.completion_tokens += c.usage.completion_tokens;
+                if c.choices
+                    .iter()
+                    .all(|ch| ch.finish_reason == gristmill_protocol::FinishReason::Stop)
+                {
+                    self.tally.stopped += 1;
+                }
+                if self.show > 0 {
+                    let text = c.choices.first().map_or("", |ch| ch.text.as_str());
+                    self.shown
+                        .push((c.line, c.custom_id.clone(), text.to_string()));
+                    self.shown.sort_by_key(|(line, ..)| *line);
+                    self.shown.truncate(self.show);
+                }
                 let l = output_line(&c, &self.model_name, &mut self.ids);
                 self.write(false, serde_json::to_string(&l).unwrap_or_default());
                 self.progress.tick(&self.tally);
@@ -127,6 +152,13 @@ impl Progress {
     }
 }
 
+/// Lines of each result `--show` prints.
+const SHOW_LINES: usize = 6;
+
+fn plural(n: usize, noun: &str) -> String {
+    crate::client::plural(n as u64, noun)
+}
+
 fn default_errors_path(output: &Path) -> PathBuf {
     let stem = output
         .file_stem()
@@ -139,18 +171,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let opts = args.engine.options()?;
     // Check the input before spending seconds on the model.
     let total = count_lines(&args.input)?;
-    let model_path = args.engine.model_path();
     let load_start = Instant::now();
     let engine = args.engine.load_engine()?;
     if !args.quiet {
-        eprintln!(
-            "loaded {} ({} layers, {} heads, vocab {}) in {:.1} s",
-            model_path.display(),
-            engine.model.cfg().num_layers,
-            engine.model.cfg().num_heads,
-            engine.model.cfg().vocab_size,
-            load_start.elapsed().as_secs_f64()
-        );
+        let secs = load_start.elapsed().as_secs_f64();
+        eprintln!("{}", args.engine.describe(&engine, secs));
     }
     let errors_path = args
         .errors
@@ -194,6 +219,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             quiet: args.quiet,
         },
         io_error: None,
+        shown: Vec::new(),
+        show: args.show,
     });
 
     let reader = BufReader::new(
@@ -274,9 +301,33 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let t = &sink.tally;
     let secs = started.elapsed().as_secs_f64();
+    // An errors file exists only when a line failed (as with `submit --wait`).
+    if t.failed == 0 {
+        drop(sink.err);
+        std::fs::remove_file(&errors_path)
+            .with_context(|| format!("cannot remove the empty {}", errors_path.display()))?;
+    }
     if !args.quiet {
+        for (_, id, text) in &sink.shown {
+            eprintln!("── {id}");
+            let lines: Vec<&str> = text.lines().collect();
+            for l in lines.iter().take(SHOW_LINES) {
+                eprintln!("   {l}");
+            }
+            if lines.len() > SHOW_LINES {
+                eprintln!("   … {}", plural(lines.len() - SHOW_LINES, "more line"));
+            }
+        }
         eprintln!("results: {}", args.output.display());
-        eprintln!("errors:  {} ({} lines)", errors_path.display(), t.failed);
+        if t.failed > 0 {
+            eprintln!(
+                "errors:  {} ({})",
+                errors_path.display(),
+                plural(t.failed, "line")
+            );
+        } else {
+            eprintln!("errors:  none (no errors file written)");
+        }
         let sc = stats.scheduler;
         eprintln!(
             "engine: {} steps, up to {} sequences per step, prefix cache hit rate {:.1}% ({} of {} prompt tokens reused), {} preemptions",
@@ -289,9 +340,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     println!(
-        "{} requests: {} completed, {} failed; {} prompt + {} generated tokens in {:.1} s ({:.1} generated tok/s, {:.1} total tok/s)",
-        t.completed + t.failed,
+        "{}: {} completed ({} finished on their own, {} at max_tokens), {} failed; {} prompt + {} generated tokens in {:.1} s ({:.1} generated tok/s, {:.1} total tok/s)",
+        plural(t.completed + t.failed, "request"),
         t.completed,
+        t.stopped,
+        t.completed - t.stopped,
         t.failed,
         t.prompt_tokens,
         t.completion_tokens,

@@ -60,7 +60,18 @@ fn run_lines(lines: &[String], extra: &[&str]) -> Run {
         .into_iter()
         .map(|v| (v["custom_id"].as_str().expect("custom_id").to_string(), v))
         .collect();
-    let errors = read(dir.path().join("out.errors.jsonl"));
+    // The errors file exists exactly when a line failed.
+    let errors_path = dir.path().join("out.errors.jsonl");
+    let errors = if errors_path.exists() {
+        read(errors_path)
+    } else {
+        Vec::new()
+    };
+    assert_eq!(
+        dir.path().join("out.errors.jsonl").exists(),
+        !errors.is_empty(),
+        "an errors file only when something failed"
+    );
     Run {
         out,
         outputs,
@@ -207,7 +218,7 @@ fn bad_lines_become_error_lines_and_the_rest_complete() {
     }
     let summary = String::from_utf8_lossy(&r.out.stdout);
     assert!(
-        summary.contains("13 requests: 3 completed, 10 failed"),
+        summary.contains("13 requests: 3 completed (") && summary.contains("), 10 failed"),
         "{summary}"
     );
 }
@@ -598,5 +609,55 @@ fn tensor_parallel_size_splits_the_model_and_refuses_impossible_splits() {
         stderr.contains("num_attention_heads = 9 is not divisible by 2")
             && stderr.contains("sizes that work for this model: 1, 3"),
         "{stderr}"
+    );
+}
+
+/// The README's demo (issue 13): the example batch gives text a new user can read. Most
+/// requests end on their own (not at `max_tokens`), and no result falls into a loop (one
+/// line of words repeated over and over, as a 135M model does when asked for too much).
+#[test]
+fn the_demo_batch_ends_on_its_own_without_loops() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scaffold.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&example)
+        .expect("examples/scaffold.jsonl")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 12);
+    let r = run_lines(&lines, &["--show", "3"]);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.outputs.len(), 12);
+    let mut stopped = 0;
+    for (id, v) in &r.outputs {
+        let choice = &v["response"]["body"]["choices"][0];
+        if choice["finish_reason"] == "stop" {
+            stopped += 1;
+        }
+        let text = choice["message"]["content"].as_str().expect("content");
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for l in text.lines().map(str::trim) {
+            if l.chars().filter(|c| c.is_alphanumeric()).count() >= 4 {
+                *seen.entry(l).or_default() += 1;
+            }
+        }
+        let worst = seen.iter().max_by_key(|(_, n)| **n);
+        assert!(
+            worst.is_none_or(|(_, n)| *n <= 3),
+            "{id} repeats {worst:?}:\n{text}"
+        );
+    }
+    assert!(stopped >= 9, "only {stopped} of 12 finished on their own");
+    let err = String::from_utf8_lossy(&r.out.stderr);
+    assert_eq!(
+        err.matches("── scaffold-").count(),
+        3,
+        "--show 3 prints three results: {err}"
+    );
+    let summary = String::from_utf8_lossy(&r.out.stdout);
+    assert!(
+        summary.contains(&format!(
+            "12 requests: 12 completed ({stopped} finished on their own"
+        )),
+        "{summary}"
     );
 }

@@ -19,6 +19,8 @@ pub mod weights;
 
 pub use engine::{load_tokenizer, Completion, Engine, EngineOptions, Outcome, RunStats};
 pub use error::{Error, Result};
+/// The instruction set of the CPU kernels on this machine (chosen at run time).
+pub use gristmill_kernels::cpu::isa as cpu_isa;
 
 use std::path::PathBuf;
 
