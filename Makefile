@@ -14,9 +14,9 @@ demo: system model build
 system:
 	@./scripts/check-system.sh
 
-## `gristmill` into ~/.cargo/bin (on the PATH after rustup's set-up).
+## `gristmill` into ~/.cargo/bin (on the PATH after rustup's set-up), reusing this build.
 install: system
-	$(CARGO) install --path gristmill --locked
+	CARGO_TARGET_DIR="$(CURDIR)/target" $(CARGO) install --path gristmill --locked
 	@echo "installed: $$(command -v gristmill || echo $$HOME/.cargo/bin/gristmill)"
 
 # NVRTC and CUDA headers from the pinned wheels (evaluated when used, after `tools` ran).
