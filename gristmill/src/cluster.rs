@@ -519,7 +519,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     };
     runtime()?.block_on(async move {
         let client = args.nats.connect(&settings.name).await?;
-        tracing::info!(name = %settings.name, nats = %crate::nats::redact(&args.nats.url), "connected to NATS");
         gristmill_worker::node::serve(client, settings, generator).await
     })
 }

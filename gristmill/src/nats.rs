@@ -176,12 +176,17 @@ impl NatsArgs {
 
     /// Connect options for a process named `name`; checks every file it names.
     pub async fn options(&self, name: &str) -> Result<ConnectOptions> {
+        let (me, url) = (name.to_string(), redact(&self.url));
+        // Before the first connection, errors mean "not up yet" (processes started together).
+        let connected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut opts = ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
+            .event_callback(move |event| {
+                let (me, url, connected) = (me.clone(), url.clone(), connected.clone());
+                async move {
                 match event {
                     Event::ServerError(ServerError::AuthorizationViolation) => {
                         // A wrong or missing credential never heals by retrying.
@@ -189,10 +194,17 @@ impl NatsArgs {
                         std::process::exit(2);
                     }
                     Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+                    Event::ClientError(e) if !connected.load(std::sync::atomic::Ordering::Relaxed) => {
+                        tracing::info!(nats = %url, error = %e, "waiting for NATS")
+                    }
                     Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
                     Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    Event::Connected => tracing::info!("connected to NATS"),
+                    Event::Connected => {
+                        connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(name = %me, nats = %url, "connected to NATS")
+                    }
                     other => tracing::debug!(event = %other, "NATS event"),
+                }
                 }
             });
         match self.auth()? {
