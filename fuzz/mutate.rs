@@ -1,5 +1,5 @@
 //! A small deterministic mutation fuzzer that runs on the stable toolchain, shared by the
-//! replay tests (`coordinator/tests/fuzz.rs`, `worker/tests/fuzz.rs`; included with
+//! replay tests (`coordinator/tests/fuzz.rs`, `engine/tests/fuzz.rs`; included with
 //! `#[path]`). Each seed of a corpus is replayed as it is, then mutated a fixed number of times
 //! from a fixed seed: bit flips, random bytes, insertions from a dictionary, deletions,
 //! truncations, repeats, "interesting" integers at random offsets, and splices with another

@@ -1,20 +1,16 @@
-//! The coordinator: batch intake and validation (also used by `gristmill run`), the batch
-//! lifecycle, the shard planner, and the cluster service around them — the OpenAI Files and
-//! Batches HTTP API ([`api`]) over JetStream ([`server`]).
+//! The coordinator: the cluster service around the batch core ([`gristmill_batch`]) — the OpenAI
+//! Files and Batches HTTP API ([`api`]) over JetStream ([`server`]), the leader lease, the
+//! workers' progress reports, tenants and Kubernetes scaling.
 
 pub mod api;
-pub mod autoscale;
-pub mod batch;
 pub mod http;
-pub mod intake;
 pub mod kube_scale;
 pub mod lease;
-pub mod ledger;
 pub mod progress;
 pub mod server;
-pub mod shard;
 pub mod tasks;
 pub mod tenants;
-pub mod validate;
 
-pub use validate::{InvalidLine, LineValidator};
+// The batch core's modules, at the paths the coordinator has always used.
+pub use gristmill_batch::{autoscale, batch, intake, ledger, shard, validate};
+pub use gristmill_batch::{InvalidLine, LineValidator};

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart};
 use axum::http::{header, Request};
+use gristmill_batch::intake::{byte_tokens, intake, scan, IntakeLimits, Scanned};
+use gristmill_batch::shard::ShardLimits;
 use gristmill_coordinator::api::read_upload;
-use gristmill_coordinator::intake::{byte_tokens, intake, scan, IntakeLimits, Scanned};
-use gristmill_coordinator::shard::ShardLimits;
 use gristmill_protocol::cluster::ResultOutcome;
 use gristmill_protocol::Endpoint;
 

@@ -1,5 +1,5 @@
 //! `gristmill bench autoscale`: a day of synthetic arrivals replayed against the autoscaling
-//! policy (`coordinator::autoscale`) and, beside it, KEDA's JetStream rule (replicas =
+//! policy (`batch::autoscale`) and, beside it, KEDA's JetStream rule (replicas =
 //! pending messages / `lagThreshold`), with modelled worker start-up and throughput.
 //!
 //! The day: a trickle of scaffolding jobs in working hours (each due within the hour) and a
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gristmill_coordinator::autoscale::{
+use gristmill_batch::autoscale::{
     decide, keda_lag_rule, Memory, Observation, PendingBatch, Policy,
 };
 use serde_json::json;

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use gristmill_batch::intake::{byte_tokens, IntakeLimits, PromptTokens};
+use gristmill_batch::shard::ShardLimits;
 use gristmill_coordinator::api;
 use gristmill_coordinator::api::Gate;
 use gristmill_coordinator::http::HttpLimits;
-use gristmill_coordinator::intake::{byte_tokens, IntakeLimits, PromptTokens};
 use gristmill_coordinator::lease::Lease;
 use gristmill_coordinator::server::{Coordinator, Settings};
-use gristmill_coordinator::shard::ShardLimits;
 use gristmill_coordinator::tenants::ApiKeys;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
@@ -313,7 +313,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
         None => Arc::new(byte_tokens),
         Some(p) => {
-            let tok = gristmill_worker::load_tokenizer(p)
+            let tok = gristmill_engine::load_tokenizer(p)
                 .with_context(|| format!("cannot load a tokenizer from {}", p.display()))?;
             Arc::new(move |r: &Request| {
                 let ids = match &r.prompt {
@@ -385,7 +385,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         },
         file_store_max_bytes: (args.file_store_max_bytes > 0).then_some(args.file_store_max_bytes),
         autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
-            gristmill_coordinator::autoscale::Policy {
+            gristmill_batch::autoscale::Policy {
                 min_replicas: args.autoscale_min_replicas,
                 max_replicas: args.autoscale_max_replicas.max(1),
                 default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),

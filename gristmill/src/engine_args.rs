@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gristmill_worker::EngineOptions;
+use gristmill_engine::EngineOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -12,7 +12,7 @@ pub struct EngineArgs {
     /// The default is the default model under $GRISTMILL_CACHE_DIR (else ~/.cache/gristmill),
     /// fetched by `make model`.
     #[arg(short, long, env = "GRISTMILL_MODEL",
-          default_value_os_t = gristmill_worker::default_model_path())]
+          default_value_os_t = gristmill_engine::default_model_path())]
     pub model: PathBuf,
 
     /// Most sequences generated at once.
@@ -49,18 +49,18 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     /// Loads the model (`--model`, or the default one) at `--tensor-parallel-size`.
-    pub fn load_engine(&self) -> Result<gristmill_worker::Engine> {
+    pub fn load_engine(&self) -> Result<gristmill_engine::Engine> {
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
         let path = self.model_path();
-        gristmill_worker::Engine::load_parallel(&path, self.tensor_parallel_size)
+        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size)
             .with_context(|| format!("cannot load the model {}", path.display()))
     }
 
     /// One line about a loaded engine: the model, its shape, the process's memory and the CPU
     /// kernels chosen for this machine.
-    pub fn describe(&self, engine: &gristmill_worker::Engine, load_secs: f64) -> String {
+    pub fn describe(&self, engine: &gristmill_engine::Engine, load_secs: f64) -> String {
         let cfg = engine.model.cfg();
         let rss_mb = std::fs::read_to_string("/proc/self/status")
             .ok()
@@ -77,7 +77,7 @@ impl EngineArgs {
             cfg.num_layers,
             cfg.num_heads,
             cfg.vocab_size,
-            gristmill_worker::cpu_isa(),
+            gristmill_engine::cpu_isa(),
             rayon::current_num_threads(),
         )
     }

@@ -21,7 +21,7 @@ mod throughput;
     about,
     long_about = None,
     after_help = "Logging: GRISTMILL_LOG sets what is logged to stderr, in tracing's filter syntax \
-                  (`debug`, `info`, `warn`, or per module: `info,gristmill_worker=debug`). The \
+                  (`debug`, `info`, `warn`, or per module: `info,gristmill_engine=debug`). The \
                   default is `info` for `coordinator` and `worker`, `warn` for the rest. \
                   NO_COLOR=1 turns colours off."
 )]

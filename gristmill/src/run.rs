@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gristmill_coordinator::LineValidator;
+use gristmill_batch::LineValidator;
+use gristmill_engine::response::{error_line, output_line, IdGen};
+use gristmill_engine::Outcome;
 use gristmill_protocol::{LineError, Request};
-use gristmill_worker::response::{error_line, output_line, IdGen};
-use gristmill_worker::Outcome;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine_args::EngineArgs;

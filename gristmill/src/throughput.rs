@@ -10,8 +10,8 @@ use gristmill_bench::report::{
     THROUGHPUT_SCHEMA,
 };
 use gristmill_coordinator::LineValidator;
+use gristmill_engine::{Engine, Outcome};
 use gristmill_protocol::Request;
-use gristmill_worker::{Engine, Outcome};
 
 use crate::bench::SyntheticArgs;
 use crate::engine_args::EngineArgs;

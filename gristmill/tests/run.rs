@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 
 fn default_model() -> PathBuf {
-    let p = gristmill_worker::model_path_from_env();
+    let p = gristmill_engine::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",
@@ -232,7 +232,7 @@ fn chat_output_and_usage_match_transformers() {
         .iter()
         .filter(|c| c["kind"] == "chat")
         .collect();
-    let tok = gristmill_worker::Engine::load(&default_model())
+    let tok = gristmill_engine::Engine::load(&default_model())
         .expect("model loads")
         .tokenizer;
     let mut lines = Vec::new();

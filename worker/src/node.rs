@@ -43,8 +43,8 @@ use gristmill_protocol::cluster::{
 use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
-use crate::response::{response_body, IdGen};
+use gristmill_engine::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
+use gristmill_engine::response::{response_body, IdGen};
 
 /// Environment variable naming a `custom_id` whose shard always fails (fault injection for the
 /// delivery tests; never set it in production).

@@ -26,7 +26,7 @@ pub fn tools_bin(name: &str) -> PathBuf {
 }
 
 pub fn default_model() -> PathBuf {
-    let p = gristmill_worker::model_path_from_env();
+    let p = gristmill_engine::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
+use gristmill_engine::{Engine, EngineOptions, Outcome, RunStats};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
-use gristmill_worker::{Engine, EngineOptions, Outcome, RunStats};
 
 fn engine() -> Engine {
-    let p = gristmill_worker::model_path_from_env();
+    let p = gristmill_engine::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",

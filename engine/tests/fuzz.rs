@@ -8,8 +8,8 @@ mod mutate;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use gristmill_engine::weights::{GgufFile, GgufWriter, MetaValue, SafetensorsDir};
 use gristmill_kernels::quant::GgmlType;
-use gristmill_worker::weights::{GgufFile, GgufWriter, MetaValue, SafetensorsDir};
 
 #[global_allocator]
 static ALLOC: mutate::CappedAlloc = mutate::CappedAlloc;

@@ -9,18 +9,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use gristmill_engine::backend::CpuBackend;
+use gristmill_engine::model::llama::{slice_matrix, Part};
+use gristmill_engine::tensor_parallel::{load_model, Model};
+use gristmill_engine::{Engine, EngineOptions, Outcome};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
-use gristmill_worker::backend::CpuBackend;
-use gristmill_worker::model::llama::{slice_matrix, Part};
-use gristmill_worker::tensor_parallel::{load_model, Model};
-use gristmill_worker::{Engine, EngineOptions, Outcome};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-3;
 const RTOL: f32 = 1e-3;
 
 fn default_model() -> PathBuf {
-    let p = gristmill_worker::model_path_from_env();
+    let p = gristmill_engine::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` first",

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use gristmill_engine::weights::{Checkpoint, GgufWriter, MetaValue};
+use gristmill_engine::{Engine, Error};
 use gristmill_kernels::GgmlType;
-use gristmill_worker::weights::{Checkpoint, GgufWriter, MetaValue};
-use gristmill_worker::{Engine, Error};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {

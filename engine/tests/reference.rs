@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
+use gristmill_engine::backend::CpuBackend;
+use gristmill_engine::model::llama::{Logits, StepSeq};
+use gristmill_engine::tensor_parallel::Model;
+use gristmill_engine::Engine;
 use gristmill_protocol::ChatMessage;
-use gristmill_worker::backend::CpuBackend;
-use gristmill_worker::model::llama::{Logits, StepSeq};
-use gristmill_worker::tensor_parallel::Model;
-use gristmill_worker::Engine;
 use serde_json::Value;
 
 const ATOL: f32 = 2e-3;
@@ -32,7 +32,7 @@ fn load_json(name: &str) -> Value {
 }
 
 fn default_model() -> PathBuf {
-    let p = gristmill_worker::model_path_from_env();
+    let p = gristmill_engine::model_path_from_env();
     assert!(
         p.exists(),
         "the default model is missing at {}: run `make model` (scripts/fetch-model.sh) first",

@@ -1,14 +1,14 @@
 //! What tensor parallelism costs on the CPU (docs/benchmarks.md): the in-process all-reduce's
 //! latency at the default model's hidden size, and engine steps per second at TP 1 and TP 3.
 //!
-//! `cargo run --release -p gristmill-worker --example tp_cost [MODEL]`
+//! `cargo run --release -p gristmill-engine --example tp_cost [MODEL]`
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use gristmill_worker::model::llama::{Logits, StepSeq};
-use gristmill_worker::parallel::{Collective, ThreadCollective};
-use gristmill_worker::tensor_parallel::load_model;
+use gristmill_engine::model::llama::{Logits, StepSeq};
+use gristmill_engine::parallel::{Collective, ThreadCollective};
+use gristmill_engine::tensor_parallel::load_model;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -44,7 +44,7 @@ fn main() {
     let path = std::env::args()
         .nth(1)
         .map(Into::into)
-        .unwrap_or_else(gristmill_worker::model_path_from_env);
+        .unwrap_or_else(gristmill_engine::model_path_from_env);
     let hidden = 576;
     println!("all-reduce (in-process, 3 ranks), median of 2000:");
     for rows in [1, 32] {

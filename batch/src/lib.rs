@@ -1,0 +1,19 @@
+//! Gristmill's batch core: everything about a batch that needs neither an async runtime nor
+//! NATS, so that `gristmill run` and the coordinator share it and it is tested in
+//! milliseconds.
+//!
+//! - [`validate`]: one OpenAI batch line → a [`gristmill_protocol::Request`] or an error line;
+//! - [`intake`]: a whole file, streamed: file-level checks, then windows of lines planned into
+//!   shards ([`shard`]);
+//! - [`batch`]: a batch's record and lifecycle (OpenAI's statuses and their transitions), with
+//!   its [`ledger`] of lines and results;
+//! - [`autoscale`]: the worker-count policy (pending tokens, deadlines, measured speed).
+
+pub mod autoscale;
+pub mod batch;
+pub mod intake;
+pub mod ledger;
+pub mod shard;
+pub mod validate;
+
+pub use validate::{InvalidLine, LineValidator};
