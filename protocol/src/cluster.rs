@@ -1,7 +1,7 @@
 //! What travels between the coordinator and the workers over NATS JetStream, and the names of
 //! the streams, subjects, consumers and buckets it travels on.
 //!
-//! Delivery rules these types serve (DESIGN §4): a shard is published with
+//! Delivery rules these types serve (docs/concepts/delivery-semantics.md): a shard is published with
 //! `Nats-Msg-Id` = [`shard_msg_id`], each group of results with [`result_group_msg_id`] (a hash
 //! of the lines it reports), so JetStream drops repeats of either within its dedupe window, and
 //! the coordinator drops repeated results by line beyond it. No user text goes into a header or
