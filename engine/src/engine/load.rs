@@ -1,0 +1,98 @@
+//! Loading an engine: the checkpoint, its tokenizer and chat template, the special tokens.
+
+use super::*;
+
+impl<B: Backend> Engine<B> {
+    pub fn load_with(path: &Path, backend: B) -> Result<Self> {
+        let ckpt = Checkpoint::open(path)?;
+        let cfg = ckpt.config()?;
+        let tokenizer = checkpoint_tokenizer(&ckpt)?;
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            tracing::warn!(
+                tokenizer = tokenizer.vocab_size(),
+                model = cfg.vocab_size,
+                "the tokenizer knows more tokens than the model has embeddings"
+            );
+        }
+        let model = Model::Single(Llama::load(&ckpt, backend)?);
+        Ok(Self::assemble(path, model, tokenizer))
+    }
+
+    pub(super) fn assemble(path: &Path, model: Model<B>, tokenizer: Tokenizer) -> Self {
+        let stem = path
+            .file_stem()
+            .or(path.file_name())
+            .map(|s| s.to_string_lossy().into_owned());
+        let seed_base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            model,
+            tokenizer,
+            model_name: stem.unwrap_or_else(|| "model".into()),
+            seed_base,
+            generated_tokens: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The tokenizer (and chat template) of a GGUF file or HF directory, without its weights: what
+/// the coordinator needs to plan shards by shared prompt prefix.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    checkpoint_tokenizer(&Checkpoint::open(path)?)
+}
+
+pub(super) fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
+    match ckpt {
+        Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
+        Checkpoint::Safetensors { dir, .. } => {
+            let (eos, bos) = hf_special_ids(&dir.join("config.json"));
+            Tokenizer::from_hf_dir(dir, &eos, bos)
+        }
+    }
+}
+
+impl Engine<CpuBackend> {
+    /// Loads a GGUF file or HF safetensors directory on the CPU backend.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, CpuBackend)
+    }
+
+    /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1).
+    pub fn load_parallel(path: &Path, tensor_parallel_size: usize) -> Result<Self> {
+        if tensor_parallel_size <= 1 {
+            return Self::load(path);
+        }
+        let tokenizer = checkpoint_tokenizer(&Checkpoint::open(path)?)?;
+        let model = load_model(path, tensor_parallel_size)?;
+        Ok(Self::assemble(path, model, tokenizer))
+    }
+}
+
+/// `eos_token_id` (int or list) and `bos_token_id` from an HF `config.json`; empty if unreadable
+/// (the config was already validated by the model loader).
+pub(super) fn hf_special_ids(path: &Path) -> (Vec<u32>, Option<u32>) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (Vec::new(), None);
+    };
+    let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (Vec::new(), None);
+    };
+    let eos = match j.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let bos = j
+        .get("bos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
+    (eos, bos)
+}
