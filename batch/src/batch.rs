@@ -13,40 +13,7 @@ use gristmill_protocol::{Endpoint, LineError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// OpenAI's batch statuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchStatus {
-    Validating,
-    Failed,
-    InProgress,
-    Finalizing,
-    Completed,
-    Expired,
-    Cancelling,
-    Cancelled,
-}
-
-impl BatchStatus {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
-        )
-    }
-
-    /// Whether the lifecycle allows going from `self` to `to`.
-    pub fn can_become(self, to: BatchStatus) -> bool {
-        use BatchStatus::*;
-        matches!(
-            (self, to),
-            (Validating, InProgress | Failed | Cancelling)
-                | (InProgress, Finalizing | Cancelling)
-                | (Finalizing, Completed | Expired | Cancelled)
-                | (Cancelling, Finalizing | Cancelled)
-        )
-    }
-}
+pub use gristmill_protocol::BatchStatus;
 
 /// A transition the lifecycle does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,42 +1,10 @@
 //! OpenAI response bodies and batch output lines built from engine outcomes.
 
-use gristmill_protocol::{Endpoint, ErrorLine, LineError, OutputLine, ResponseEnvelope};
+pub use gristmill_protocol::IdGen;
+use gristmill_protocol::{Endpoint, ErrorLine, LineError, OutputLine};
 use serde_json::json;
 
 use crate::engine::{Completion, OutputLogprob};
-
-/// Short random-looking ids (`batch_req_…`, `chatcmpl-…`): unique within a process and across
-/// processes started at different times; not secrets.
-#[derive(Debug)]
-pub struct IdGen {
-    state: u64,
-}
-
-impl IdGen {
-    pub fn new() -> Self {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Self {
-            state: t ^ (u64::from(std::process::id()) << 32),
-        }
-    }
-
-    pub fn next(&mut self, prefix: &str) -> String {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        format!("{prefix}{:016x}", z ^ (z >> 31))
-    }
-}
-
-impl Default for IdGen {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -108,16 +76,8 @@ pub fn response_body(c: &Completion, default_model: &str, ids: &mut IdGen) -> se
 
 /// A batch output line for a finished request.
 pub fn output_line(c: &Completion, default_model: &str, ids: &mut IdGen) -> OutputLine {
-    OutputLine {
-        id: ids.next("batch_req_"),
-        custom_id: c.custom_id.clone(),
-        response: Some(ResponseEnvelope {
-            status_code: 200,
-            request_id: ids.next("req_"),
-            body: response_body(c, default_model, ids),
-        }),
-        error: None,
-    }
+    let body = response_body(c, default_model, ids);
+    OutputLine::completed(c.custom_id.clone(), body, ids)
 }
 
 /// A batch error line for a request that failed at `line`.
@@ -127,11 +87,5 @@ pub fn error_line(
     error: LineError,
     ids: &mut IdGen,
 ) -> ErrorLine {
-    ErrorLine {
-        id: ids.next("batch_req_"),
-        custom_id,
-        response: None,
-        error,
-        line,
-    }
+    ErrorLine::failed(custom_id, line, error, ids)
 }

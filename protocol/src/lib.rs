@@ -35,6 +35,24 @@ pub struct ResponseEnvelope {
     pub body: serde_json::Value,
 }
 
+impl OutputLine {
+    /// The output line of a request that completed with `body` (its `chat.completion` or
+    /// `text_completion` object). The one place output lines are built: `gristmill run` and
+    /// the coordinator's finalization both call it, so a file gives the same lines either way.
+    pub fn completed(custom_id: String, body: serde_json::Value, ids: &mut IdGen) -> Self {
+        Self {
+            id: ids.next("batch_req_"),
+            custom_id,
+            response: Some(ResponseEnvelope {
+                status_code: 200,
+                request_id: ids.next("req_"),
+                body,
+            }),
+            error: None,
+        }
+    }
+}
+
 /// One line of a batch error file: a request that could not be served.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ErrorLine {
@@ -45,6 +63,98 @@ pub struct ErrorLine {
     pub error: LineError,
     /// 1-based line number in the input file.
     pub line: usize,
+}
+
+impl ErrorLine {
+    /// The error line of the request at `line` (the one place error lines are built).
+    pub fn failed(
+        custom_id: Option<String>,
+        line: usize,
+        error: LineError,
+        ids: &mut IdGen,
+    ) -> Self {
+        Self {
+            id: ids.next("batch_req_"),
+            custom_id,
+            response: None,
+            error,
+            line,
+        }
+    }
+}
+
+/// Short random-looking ids (`batch_req_…`, `chatcmpl-…`): unique within a process and across
+/// processes started at different times; not secrets.
+#[derive(Debug)]
+pub struct IdGen {
+    state: u64,
+}
+
+impl IdGen {
+    pub fn new() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            state: t ^ (u64::from(std::process::id()) << 32),
+        }
+    }
+
+    pub fn next(&mut self, prefix: &str) -> String {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        format!("{prefix}{:016x}", z ^ (z >> 31))
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// OpenAI's batch statuses, and the lifecycle between them. The coordinator stores them in the
+/// batch records the workers read (a shard of a batch that is no longer running is skipped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl BatchStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
+        )
+    }
+
+    /// Whether the lifecycle allows going from `self` to `to`.
+    pub fn can_become(self, to: BatchStatus) -> bool {
+        use BatchStatus::*;
+        matches!(
+            (self, to),
+            (Validating, InProgress | Failed | Cancelling)
+                | (InProgress, Finalizing | Cancelling)
+                | (Finalizing, Completed | Expired | Cancelled)
+                | (Cancelling, Finalizing | Cancelled)
+        )
+    }
+
+    /// Whether the batch's shards should still run (it is being validated or is in progress).
+    pub fn wants_shards_run(self) -> bool {
+        matches!(self, Self::Validating | Self::InProgress)
+    }
 }
 
 /// A machine-readable code and a human message, as in OpenAI's error objects.
@@ -119,4 +229,58 @@ pub mod codes {
     pub const LINE_TOO_LARGE: &str = "line_too_large";
     /// The line's response is larger than one NATS message can carry.
     pub const RESPONSE_TOO_LARGE: &str = "response_too_large";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_statuses_are_openais_names_and_only_live_ones_run_shards() {
+        let table = [
+            (BatchStatus::Validating, "validating", true),
+            (BatchStatus::InProgress, "in_progress", true),
+            (BatchStatus::Finalizing, "finalizing", false),
+            (BatchStatus::Cancelling, "cancelling", false),
+            (BatchStatus::Cancelled, "cancelled", false),
+            (BatchStatus::Completed, "completed", false),
+            (BatchStatus::Expired, "expired", false),
+            (BatchStatus::Failed, "failed", false),
+        ];
+        for (s, name, runs) in table {
+            assert_eq!(serde_json::to_value(s).expect("serialises"), name);
+            assert_eq!(
+                serde_json::from_value::<BatchStatus>(name.into()).expect("parses"),
+                s
+            );
+            assert_eq!(s.wants_shards_run(), runs, "{name}");
+        }
+    }
+
+    #[test]
+    fn output_and_error_lines_have_openais_shape() {
+        let mut ids = IdGen::new();
+        let out = OutputLine::completed("a".into(), serde_json::json!({"x": 1}), &mut ids);
+        let v = serde_json::to_value(&out).expect("serialises");
+        assert!(v["id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("batch_req_")));
+        assert!(v["response"]["request_id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("req_")));
+        assert_eq!(v["response"]["status_code"], 200);
+        assert_eq!(v["response"]["body"]["x"], 1);
+        assert!(v["error"].is_null());
+        let err = ErrorLine::failed(
+            None,
+            7,
+            LineError::new("invalid_json", "line 7: no"),
+            &mut ids,
+        );
+        let v = serde_json::to_value(&err).expect("serialises");
+        assert!(v["custom_id"].is_null() && v["response"].is_null());
+        assert_eq!(v["line"], 7);
+        assert_eq!(v["error"]["code"], "invalid_json");
+        assert_ne!(out.id, err.id, "ids differ");
+    }
 }

@@ -186,6 +186,7 @@ impl Coordinator {
     ) -> Result<Tally> {
         use tokio::io::AsyncWriteExt;
         let mut tally = Tally::default();
+        let mut ids = IdGen::new();
         let mut buf_out = Vec::with_capacity(FILE_CHUNK);
         let mut buf_err = Vec::with_capacity(FILE_CHUNK);
         let stream = self.js.get_stream(RESULT_STREAM).await?;
@@ -228,23 +229,14 @@ impl Coordinator {
                             tally.completed += 1;
                             tally.prompt_tokens += usage.prompt_tokens as u64;
                             tally.completion_tokens += usage.completion_tokens as u64;
-                            let l = OutputLine {
-                                id: format!("batch_req_{}", nuid::next()),
-                                custom_id: r.custom_id,
-                                response: Some(ResponseEnvelope {
-                                    status_code: 200,
-                                    request_id: format!("req_{}", nuid::next()),
-                                    body,
-                                }),
-                                error: None,
-                            };
+                            let l = OutputLine::completed(r.custom_id, body, &mut ids);
                             serde_json::to_writer(&mut buf_out, &l)?;
                             buf_out.push(b'\n');
                         }
                         ResultOutcome::Failed { error } => {
                             tally.failed += 1;
                             let custom_id = (!r.custom_id.is_empty()).then_some(r.custom_id);
-                            write_error_line(&mut buf_err, custom_id, r.line, error)?;
+                            write_error_line(&mut buf_err, custom_id, r.line, error, &mut ids)?;
                         }
                     }
                     if buf_out.len() >= FILE_CHUNK {
@@ -300,7 +292,13 @@ impl Coordinator {
                     continue;
                 }
                 tally.failed += 1;
-                write_error_line(&mut buf_err, e.custom_id, e.line, missing_error(e.line))?;
+                write_error_line(
+                    &mut buf_err,
+                    e.custom_id,
+                    e.line,
+                    missing_error(e.line),
+                    &mut ids,
+                )?;
                 if buf_err.len() >= FILE_CHUNK {
                     err.write_all(&buf_err).await?;
                     buf_err.clear();
@@ -330,14 +328,9 @@ pub(super) fn write_error_line(
     custom_id: Option<String>,
     line: usize,
     error: LineError,
+    ids: &mut IdGen,
 ) -> Result<()> {
-    let l = ErrorLine {
-        id: format!("batch_req_{}", nuid::next()),
-        custom_id,
-        response: None,
-        error,
-        line,
-    };
+    let l = ErrorLine::failed(custom_id, line, error, ids);
     serde_json::to_writer(&mut *buf, &l)?;
     buf.push(b'\n');
     Ok(())

@@ -38,7 +38,7 @@ use gristmill_protocol::cluster::{
     PROGRESS_SUBJECT_PREFIX, RESULT_STREAM, RESULT_SUBJECT_PREFIX, SHARD_STREAM,
     SHARD_SUBJECT_PREFIX, WORKER_CONSUMER, WORKER_HEADER,
 };
-use gristmill_protocol::{codes, ErrorLine, LineError, OutputLine, ResponseEnvelope};
+use gristmill_protocol::{codes, ErrorLine, IdGen, LineError, OutputLine};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 

@@ -473,10 +473,13 @@ async fn report_progress(shared: &Shared, shard: &ShardMessage, running_tokens: 
 async fn batch_is_live(shared: &Shared, batch_id: &str) -> bool {
     match shared.batches.get(batch_id).await {
         Ok(Some(v)) => {
-            let status = serde_json::from_slice::<serde_json::Value>(&v)
-                .ok()
-                .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(String::from));
-            matches!(status.as_deref(), Some("validating" | "in_progress") | None)
+            /// The part of a batch record a worker reads.
+            #[derive(serde::Deserialize)]
+            struct Record {
+                status: gristmill_protocol::BatchStatus,
+            }
+            // A record this worker cannot read (a newer coordinator's): run the shard.
+            serde_json::from_slice::<Record>(&v).map_or(true, |r| r.status.wants_shards_run())
         }
         // Unknown batch (deleted) or NATS trouble: run it; results are deduplicated anyway.
         _ => true,
