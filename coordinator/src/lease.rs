@@ -16,9 +16,10 @@
 //! monotonic time at which it sent its last successful renewal. The server stores that renewal
 //! after `sent`, so it expires no earlier than `sent + ttl`: by the time a standby can take the
 //! lease, the old leader's own clock already says it lost it. The old leader checks
-//! [`Lease::fence`] before each durable write and exits when the lease ran out (a process paused
-//! for longer than the lease, a network partition), and [`Lease::keep`] returns when a renewal
-//! fails past the deadline. The process then exits; Kubernetes restarts it as a standby.
+//! [`Lease::fence`] before each durable write and does not write when the lease ran out (a
+//! process paused for longer than the lease, a network partition), and [`Lease::keep`] returns
+//! when a renewal fails past the deadline or finds the lease taken. The binary then exits;
+//! Kubernetes restarts it as a standby. The library never ends the process itself.
 //!
 //! A coordinator restarted under the same identity (the pod name, unchanged across container
 //! restarts) takes its own unexpired lease over at once instead of waiting for it to expire.
@@ -48,6 +49,29 @@ impl Holder {
             url: String::new(),
         })
     }
+}
+
+/// Until when a lease renewed by a write sent at `sent` may be acted on: `sent + 0.9 · ttl`. The
+/// server stores the write after `sent`, so its copy expires no earlier than `sent + ttl`; the
+/// tenth in between covers clock-rate differences and the time between a check and a write.
+fn valid_until(sent: Instant, ttl: Duration) -> Instant {
+    sent + ttl.mul_f64(0.9)
+}
+
+/// How long a standby waits before its next try to take the lease: until a little after the
+/// holder's lease expires on the server (`expires_ns`, wall clock, from the entry's timestamp
+/// plus the TTL; 100 ms for the server's expiry timer), but never longer than `ttl / 4`, the
+/// polling interval, and not at all when it has already expired.
+fn wait_for_expiry(expires_ns: i128, now_ns: i128, ttl: Duration) -> Duration {
+    let left = Duration::from_nanos((expires_ns - now_ns).clamp(0, i64::MAX as i128) as u64);
+    (left + Duration::from_millis(100)).min(ttl / 4)
+}
+
+/// This coordinator's lease ran out: it must not write, another coordinator may lead by now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the leader lease of coordinator {identity} ran out; only the new leader may write")]
+pub struct LeaseLost {
+    pub identity: String,
 }
 
 /// A coordinator's view of the leader lease.
@@ -139,7 +163,7 @@ impl Lease {
 
     fn grant(&self, revision: u64, sent: Instant) {
         self.revision.store(revision, Ordering::SeqCst);
-        let until = sent + self.ttl.mul_f64(0.9);
+        let until = valid_until(sent, self.ttl);
         self.valid_until.store(self.nanos(until), Ordering::SeqCst);
         self.set_holder(None);
     }
@@ -153,16 +177,21 @@ impl Lease {
         self.nanos(Instant::now()) < self.valid_until.load(Ordering::SeqCst)
     }
 
-    /// Stops the process when its lease ran out, so that a coordinator that lost the lease
-    /// (paused, partitioned) never writes beside the new leader. Called before durable writes.
-    pub fn fence(&self) {
-        if !self.is_valid() {
-            tracing::error!(
-                identity = %self.me.identity,
-                "the leader lease ran out before this write; exiting so that only the new leader acts"
-            );
-            std::process::exit(3);
+    /// Refuses a durable write when this coordinator's lease ran out, so that a coordinator
+    /// that lost the lease (paused, partitioned) never writes beside the new leader. Called
+    /// before durable writes; the write's task fails with [`LeaseLost`], and [`Lease::keep`]
+    /// (whose next renewal cannot succeed) returns, which ends the process in the binary.
+    pub fn fence(&self) -> Result<(), LeaseLost> {
+        if self.is_valid() {
+            return Ok(());
         }
+        tracing::error!(
+            identity = %self.me.identity,
+            "the leader lease ran out before this write; not writing: only the new leader acts"
+        );
+        Err(LeaseLost {
+            identity: self.me.identity.clone(),
+        })
     }
 
     /// Waits until this coordinator holds the lease: tries every `ttl / 4`, and at once when the
@@ -220,10 +249,7 @@ impl Lease {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
-        // A little after the expiry, for the server's expiry timer.
-        let wait = Duration::from_nanos((expires - now).clamp(0, i64::MAX as i128) as u64)
-            + Duration::from_millis(100);
-        wait.min(poll)
+        wait_for_expiry(expires, now, self.ttl)
     }
 
     /// One attempt to take the lease.
@@ -341,6 +367,45 @@ impl Lease {
         match self.kv.delete_expect_revision(LEASE_KEY, Some(rev)).await {
             Ok(()) => tracing::info!(identity = %self.me.identity, "released the leader lease"),
             Err(e) => tracing::warn!(error = %e, "could not release the leader lease; it expires"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_acted_on_for_nine_tenths_of_its_ttl_from_when_its_write_was_sent() {
+        let sent = Instant::now();
+        for ttl_s in [1.0, 15.0, 60.0] {
+            let ttl = Duration::from_secs_f64(ttl_s);
+            let until = valid_until(sent, ttl);
+            assert_eq!(until - sent, ttl.mul_f64(0.9));
+            // The server's copy (stored after `sent`) outlives the leader's own view.
+            assert!(until < sent + ttl);
+        }
+    }
+
+    #[test]
+    fn a_standby_tries_again_just_after_the_holders_lease_expires_never_later_than_a_poll() {
+        let ttl = Duration::from_secs(15);
+        let s = 1_000_000_000i128;
+        let table = [
+            // (expires in, wait) in seconds
+            (2 * s, Duration::from_millis(2_100)),
+            (0, Duration::from_millis(100)),
+            (-5 * s, Duration::from_millis(100)),
+            (30 * s, ttl / 4),
+            (i128::MAX / 2, ttl / 4),
+        ];
+        let now = 1_700_000_000 * s;
+        for (expires_in, want) in table {
+            assert_eq!(
+                wait_for_expiry(now + expires_in, now, ttl),
+                want,
+                "expires in {expires_in} ns"
+            );
         }
     }
 }

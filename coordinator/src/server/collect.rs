@@ -142,7 +142,7 @@ impl Coordinator {
         let shard: ShardMessage = serde_json::from_slice(&msg.payload)
             .with_context(|| format!("shard at sequence {seq} is unreadable"))?;
         let n = self.settings.max_deliver;
-        self.lease.fence();
+        self.lease.fence()?;
         let mut acks = Vec::new();
         for r in &shard.requests {
             let result = shard.failed_line(

@@ -99,7 +99,7 @@ impl Coordinator {
             chunk_size: Some(FILE_CHUNK),
             ..Default::default()
         };
-        self.lease.fence();
+        self.lease.fence()?;
         let ((tokens, shards, cancelled), _) =
             tokio::try_join!(self.publish_lines(id, &rec, index_w), async {
                 self.objects
@@ -233,7 +233,7 @@ impl Coordinator {
                     await_acks(&mut acks).await?;
                 }
             }
-            self.lease.fence();
+            self.lease.fence()?;
             for s in &w.shards {
                 let msg_id = shard_msg_id(id, s.shard);
                 acks.push(
@@ -330,7 +330,9 @@ impl Coordinator {
     }
 
     pub(super) async fn purge_shards(&self, id: &str) {
-        self.lease.fence();
+        if self.lease.fence().is_err() {
+            return;
+        }
         match self.js.get_stream(SHARD_STREAM).await {
             Ok(s) => {
                 if let Err(e) = s.purge().filter(shard_subject(id)).await {

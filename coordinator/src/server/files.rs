@@ -10,7 +10,7 @@ impl Coordinator {
         id: &str,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> Result<u64> {
-        self.lease.fence();
+        self.lease.fence()?;
         let meta = object_store::ObjectMetadata {
             name: id.to_string(),
             // Fewer, larger chunks store a 30 MB file in a fraction of the time.
@@ -42,7 +42,7 @@ impl Coordinator {
         bytes: u64,
         owner: &str,
     ) -> Result<FileObject> {
-        self.lease.fence();
+        self.lease.fence()?;
         let meta = FileObject {
             id: id.clone(),
             object: "file".into(),
@@ -104,7 +104,7 @@ impl Coordinator {
         if self.file(id).await?.is_none() {
             return Ok(false);
         }
-        self.lease.fence();
+        self.lease.fence()?;
         self.files_kv.delete(id).await?;
         if let Err(e) = self.objects.delete(id).await {
             tracing::warn!(file = id, error = %e, "file data already gone");

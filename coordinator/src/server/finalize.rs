@@ -78,7 +78,7 @@ impl Coordinator {
             chunk_size: Some(FILE_CHUNK),
             ..Default::default()
         };
-        self.lease.fence();
+        self.lease.fence()?;
         let (tally, out_info, err_info) = tokio::try_join!(
             self.write_files(id, ending, out_w, err_w),
             async {
@@ -126,7 +126,7 @@ impl Coordinator {
                 status_details: None,
                 owner: (owner != crate::tenants::DEFAULT_TENANT).then(|| owner.clone()),
             };
-            self.lease.fence();
+            self.lease.fence()?;
             self.files_kv
                 .put(name, serde_json::to_vec(&meta)?.into())
                 .await

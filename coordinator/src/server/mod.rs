@@ -488,7 +488,7 @@ impl Coordinator {
     /// overwrites a newer one).
     async fn save(&self, id: &str) -> Result<()> {
         let _guard = self.save_lock.lock().await;
-        self.lease.fence();
+        self.lease.fence()?;
         let rec = {
             let mut map = self.lock();
             let Some(st) = map.get_mut(id) else {
@@ -528,7 +528,7 @@ impl Coordinator {
         f: impl Fn(&mut BatchRecord) -> T,
     ) -> Result<Option<T>> {
         let _guard = self.save_lock.lock().await;
-        self.lease.fence();
+        self.lease.fence()?;
         let Some(mut copy) = self.batch(id) else {
             return Ok(None);
         };

@@ -150,7 +150,9 @@ impl Coordinator {
                 tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale (dry run): would scale the workers")
             }
             Some(scaler) => {
-                self.lease.fence();
+                if self.lease.fence().is_err() {
+                    return;
+                }
                 match scaler.scale_to(d.replicas).await {
                     Ok(_) => {
                         tracing::info!(from = current, to = d.replicas, reason = ?d.reason, deadline_need = d.deadline_need, "autoscale: scaled the workers")
