@@ -206,6 +206,12 @@ fn nats_restarted_mid_batch(secure: bool) {
     c.start_worker(&[], &[]);
     c.wait_batch(&id, LONG, "a first result", |b| completed(b) >= 1);
     c.restart_nats();
+    // Counts only grow: fewer than all just after the restart means fewer at the kill.
+    let after = c.batch(&id);
+    assert!(
+        completed(&after) < 12,
+        "the batch finished before NATS went down; the test proves nothing"
+    );
     let b = c.wait_done(&id, LONG);
     assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
     let (out, _) = c.results(&b, &ids(&lines));
@@ -231,6 +237,14 @@ fn coordinator_restarted_mid_batch(secure: bool) {
     c.kill_coordinator();
     std::thread::sleep(Duration::from_secs(1));
     c.start_coordinator();
+    // The new coordinator found the batch unfinished in the store: the kill was mid-batch.
+    let proc = c.coordinator.as_ref().expect("coordinator");
+    common::wait_for("the restarted coordinator to load the batch", LONG, || {
+        proc.log_text()
+            .lines()
+            .any(|l| l.contains("unfinished batch loaded") && l.contains(id.as_str()))
+            .then_some(())
+    });
     let b = c.wait_done(&id, LONG);
     assert_eq!(b["status"], "completed", "{b}\n{}", c.logs());
     let (out, _) = c.results(&b, &ids(&lines));

@@ -418,6 +418,7 @@ impl Coordinator {
                 BatchStatus::Finalizing | BatchStatus::Cancelling
             );
             if !rec.status.is_terminal() {
+                tracing::info!(batch = %key, status = ?rec.status, "unfinished batch loaded; its results are counted again");
                 // Counted again from the results stream, against the batch's own lines.
                 rec.reset_counts();
                 if rec.status != BatchStatus::Validating {
