@@ -126,15 +126,17 @@ impl ApiKeys {
 
     /// The tenant a presented key belongs to (constant time, see the module's invariants).
     pub fn tenant(&self, presented: &[u8]) -> Option<&str> {
+        use subtle::{ConditionallySelectable, ConstantTimeEq};
         let d = sha256(presented);
-        let mut found = usize::MAX;
+        // Every entry is compared, and the match (if any) selected, without a branch on secrets.
+        let mut found = u64::MAX;
         for (i, (digest, _)) in self.entries.iter().enumerate() {
-            let diff = digest.iter().zip(&d).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-            // Branch-free select: found = i when diff == 0.
-            let mask = ((diff as usize).wrapping_sub(1) >> 8) & 1;
-            found = (found & mask.wrapping_sub(1)) | (i & 0usize.wrapping_sub(mask));
+            found.conditional_assign(&(i as u64), digest.ct_eq(&d));
         }
-        self.entries.get(found).map(|(_, t)| t.as_str())
+        usize::try_from(found)
+            .ok()
+            .and_then(|i| self.entries.get(i))
+            .map(|(_, t)| t.as_str())
     }
 }
 
