@@ -6,11 +6,12 @@
 //! - [`intake`]: a whole file, streamed: file-level checks, then windows of lines planned into
 //!   shards ([`shard`]);
 //! - [`batch`]: a batch's record and lifecycle (OpenAI's statuses and their transitions), with
-//!   its [`ledger`] of lines and results;
+//!   its [`ledger`] of lines and results, and [`finalize`]: results → output and error lines;
 //! - [`autoscale`]: the worker-count policy (pending tokens, deadlines, measured speed).
 
 pub mod autoscale;
 pub mod batch;
+pub mod finalize;
 pub mod intake;
 pub mod ledger;
 pub mod shard;

@@ -12,5 +12,5 @@ pub mod tasks;
 pub mod tenants;
 
 // The batch core's modules, at the paths the coordinator has always used.
-pub use gristmill_batch::{autoscale, batch, intake, ledger, shard, validate};
+pub use gristmill_batch::{autoscale, batch, finalize, intake, ledger, shard, validate};
 pub use gristmill_batch::{InvalidLine, LineValidator};

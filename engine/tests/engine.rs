@@ -8,13 +8,7 @@ use gristmill_engine::{Engine, EngineOptions, Outcome, RunStats};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 
 fn engine() -> Engine {
-    let p = gristmill_engine::model_path_from_env();
-    assert!(
-        p.exists(),
-        "the default model is missing at {}: run `make model` first",
-        p.display()
-    );
-    Engine::load(&p).expect("default model loads")
+    Engine::load(&gristmill_testkit::default_model()).expect("default model loads")
 }
 
 const TOPICS: &[&str] = &[

@@ -7,38 +7,23 @@
 //! top-2 margin is below 0.05 (past a near-tie, either token is a correct answer): a
 //! divergence anywhere else fails.
 
-use std::path::{Path, PathBuf};
-
 use gristmill_engine::backend::CpuBackend;
 use gristmill_engine::model::llama::{Logits, StepSeq};
 use gristmill_engine::tensor_parallel::Model;
 use gristmill_engine::Engine;
 use gristmill_protocol::ChatMessage;
+use gristmill_testkit::{default_model, fixtures};
 use serde_json::Value;
 
 const ATOL: f32 = 2e-3;
 const RTOL: f32 = 1e-3;
 const MARGIN: f64 = 0.05;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
 fn load_json(name: &str) -> Value {
     let p = fixtures().join(name);
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", p.display()));
     serde_json::from_str(&text).expect("fixture is JSON")
-}
-
-fn default_model() -> PathBuf {
-    let p = gristmill_engine::model_path_from_env();
-    assert!(
-        p.exists(),
-        "the default model is missing at {}: run `make model` (scripts/fetch-model.sh) first",
-        p.display()
-    );
-    p
 }
 
 fn ids(v: &Value) -> Vec<u32> {

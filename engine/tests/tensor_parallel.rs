@@ -7,33 +7,17 @@
 //! top-2 margin is below 0.05.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use gristmill_engine::backend::CpuBackend;
 use gristmill_engine::model::llama::{slice_matrix, Part};
 use gristmill_engine::tensor_parallel::{load_model, Model};
 use gristmill_engine::{Engine, EngineOptions, Outcome};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
+use gristmill_testkit::{default_model, fixture};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-3;
 const RTOL: f32 = 1e-3;
-
-fn default_model() -> PathBuf {
-    let p = gristmill_engine::model_path_from_env();
-    assert!(
-        p.exists(),
-        "the default model is missing at {}: run `make model` first",
-        p.display()
-    );
-    p
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 /// Largest difference; panics past the tolerance.
 fn compare(a: &[f32], b: &[f32], what: &str) -> f32 {

@@ -7,13 +7,8 @@ use std::path::{Path, PathBuf};
 use gristmill_engine::weights::{Checkpoint, GgufWriter, MetaValue};
 use gristmill_engine::{Engine, Error};
 use gristmill_kernels::GgmlType;
+use gristmill_testkit::fixture;
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 /// llama.cpp's `permute` for interleaved RoPE: HF row (h, j, i) goes to h*d + 2i + j.
 fn permute(w: &[f32], heads: usize, d: usize) -> Vec<f32> {

@@ -4,22 +4,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use gristmill_testkit::default_model;
 use serde_json::{json, Value};
 
-fn default_model() -> PathBuf {
-    let p = gristmill_engine::model_path_from_env();
-    assert!(
-        p.exists(),
-        "the default model is missing at {}: run `make model` first",
-        p.display()
-    );
-    p
-}
-
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name);
+    let p = gristmill_testkit::fixture(name);
     serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json")
 }
 
@@ -417,7 +406,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 #[test]
 fn ten_thousand_lines_stream_through_with_bounded_memory() {
     // The tiny fixture model keeps this fast; the engine and the streaming are the same.
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama3");
+    let model = gristmill_testkit::fixture("tiny-llama3");
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("big.jsonl");
     let mut text = String::new();

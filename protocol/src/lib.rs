@@ -18,6 +18,29 @@ pub const ENV_CACHE_DIR: &str = "GRISTMILL_CACHE_DIR";
 /// File name of the default model inside `<cache>/models/`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The cache folder: `$GRISTMILL_CACHE_DIR`, else `$HOME/.cache/gristmill`.
+pub fn cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os(ENV_CACHE_DIR) {
+        return std::path::PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    home.join(".cache").join("gristmill")
+}
+
+/// Where the default model lives once `scripts/fetch-model.sh` has run.
+pub fn default_model_path() -> std::path::PathBuf {
+    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// The model named by `$GRISTMILL_MODEL`, else the default model's path (which may not exist).
+pub fn model_path_from_env() -> std::path::PathBuf {
+    std::env::var_os("GRISTMILL_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_model_path)
+}
+
 /// One line of a batch output file: a request that completed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutputLine {

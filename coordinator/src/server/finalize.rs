@@ -185,10 +185,7 @@ impl Coordinator {
         mut err: tokio::io::DuplexStream,
     ) -> Result<Tally> {
         use tokio::io::AsyncWriteExt;
-        let mut tally = Tally::default();
-        let mut ids = IdGen::new();
-        let mut buf_out = Vec::with_capacity(FILE_CHUNK);
-        let mut buf_err = Vec::with_capacity(FILE_CHUNK);
+        let mut fin = Finalizer::new();
         let stream = self.js.get_stream(RESULT_STREAM).await?;
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -221,32 +218,15 @@ impl Coordinator {
                     }
                 };
                 for (r, first) in results.into_iter().zip(firsts) {
-                    if !first {
-                        continue;
+                    if first {
+                        fin.result(r)?;
                     }
-                    match r.outcome {
-                        ResultOutcome::Completed { body, usage, .. } => {
-                            tally.completed += 1;
-                            tally.prompt_tokens += usage.prompt_tokens as u64;
-                            tally.completion_tokens += usage.completion_tokens as u64;
-                            let l = OutputLine::completed(r.custom_id, body, &mut ids);
-                            serde_json::to_writer(&mut buf_out, &l)?;
-                            buf_out.push(b'\n');
-                        }
-                        ResultOutcome::Failed { error } => {
-                            tally.failed += 1;
-                            let custom_id = (!r.custom_id.is_empty()).then_some(r.custom_id);
-                            write_error_line(&mut buf_err, custom_id, r.line, error, &mut ids)?;
-                        }
-                    }
-                    if buf_out.len() >= FILE_CHUNK {
-                        out.write_all(&buf_out).await?;
-                        buf_out.clear();
-                    }
-                    if buf_err.len() >= FILE_CHUNK {
-                        err.write_all(&buf_err).await?;
-                        buf_err.clear();
-                    }
+                }
+                if let Some(b) = fin.take_out(FILE_CHUNK) {
+                    out.write_all(&b).await?;
+                }
+                if let Some(b) = fin.take_err(FILE_CHUNK) {
+                    err.write_all(&b).await?;
                 }
                 if pending == 0 {
                     break;
@@ -260,23 +240,7 @@ impl Coordinator {
             bail!("batch {id} vanished");
         };
         let unfinished = rec.ending.is_some_and(|e| e != BatchStatus::Completed);
-        if tally.completed + tally.failed < rec.total || unfinished {
-            let missing_error = |line: usize| match ending {
-                BatchStatus::Cancelled => LineError::new(
-                    codes::CANCELLED,
-                    format!("line {line}: the batch was cancelled before this request ran"),
-                ),
-                BatchStatus::Expired => LineError::new(
-                    codes::EXPIRED,
-                    format!(
-                        "line {line}: the batch's completion window ran out before this request ran"
-                    ),
-                ),
-                _ => LineError::new(
-                    codes::INTERNAL,
-                    format!("line {line}: no result was recorded for this request"),
-                ),
-            };
+        if fin.tally.completed + fin.tally.failed < rec.total || unfinished {
             // An index shorter than the batch was cut short by the cancel that ends it.
             let entries = match self.read_index(id).await? {
                 Some(entries) if rec.total > 0 && entries.len() as u64 >= rec.total => entries,
@@ -288,52 +252,20 @@ impl Coordinator {
                         .ledger
                         .is_written(e.custom_id.as_deref().unwrap_or(""), e.line)
                 });
-                if written {
-                    continue;
+                if !written {
+                    fin.missing(e, ending)?;
                 }
-                tally.failed += 1;
-                write_error_line(
-                    &mut buf_err,
-                    e.custom_id,
-                    e.line,
-                    missing_error(e.line),
-                    &mut ids,
-                )?;
-                if buf_err.len() >= FILE_CHUNK {
-                    err.write_all(&buf_err).await?;
-                    buf_err.clear();
+                if let Some(b) = fin.take_err(FILE_CHUNK) {
+                    err.write_all(&b).await?;
                 }
             }
         }
-        out.write_all(&buf_out).await?;
-        err.write_all(&buf_err).await?;
+        out.write_all(&fin.out).await?;
+        err.write_all(&fin.err).await?;
         out.shutdown().await?;
         err.shutdown().await?;
-        Ok(tally)
+        Ok(fin.tally)
     }
-}
-
-/// What a finalization wrote.
-#[derive(Debug, Default)]
-pub(super) struct Tally {
-    completed: u64,
-    failed: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-}
-
-/// Appends one error line (`ErrorLine`) to `buf`.
-pub(super) fn write_error_line(
-    buf: &mut Vec<u8>,
-    custom_id: Option<String>,
-    line: usize,
-    error: LineError,
-    ids: &mut IdGen,
-) -> Result<()> {
-    let l = ErrorLine::failed(custom_id, line, error, ids);
-    serde_json::to_writer(&mut *buf, &l)?;
-    buf.push(b'\n');
-    Ok(())
 }
 
 /// Code of the note a batch carries while its output files cannot be stored.

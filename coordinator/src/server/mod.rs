@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::finalize::{Finalizer, Tally};
 use crate::ledger::{decode_index, encode_index, IndexEntry, Ledger, Recorded};
 use crate::tasks::{supervise, Lifetime, TaskPanics};
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -38,7 +39,7 @@ use gristmill_protocol::cluster::{
     PROGRESS_SUBJECT_PREFIX, RESULT_STREAM, RESULT_SUBJECT_PREFIX, SHARD_STREAM,
     SHARD_SUBJECT_PREFIX, WORKER_CONSUMER, WORKER_HEADER,
 };
-use gristmill_protocol::{codes, ErrorLine, IdGen, LineError, OutputLine};
+use gristmill_protocol::LineError;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 

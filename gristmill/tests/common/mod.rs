@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use gristmill_testkit::default_model;
 use serde_json::{json, Value};
 
 pub fn tools_bin(name: &str) -> PathBuf {
@@ -20,16 +21,6 @@ pub fn tools_bin(name: &str) -> PathBuf {
     assert!(
         p.exists(),
         "{} is missing: run `make test` or scripts/fetch-tools.sh first",
-        p.display()
-    );
-    p
-}
-
-pub fn default_model() -> PathBuf {
-    let p = gristmill_engine::model_path_from_env();
-    assert!(
-        p.exists(),
-        "the default model is missing at {}: run `make model` first",
         p.display()
     );
     p
