@@ -7,6 +7,7 @@
 
 use serde_json::json;
 
+pub mod chart;
 pub mod report;
 
 /// Common words that are single tokens (with their leading space) in GPT-2 style vocabularies.

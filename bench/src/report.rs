@@ -94,74 +94,21 @@ pub fn wait_for_quiet(threshold: f64, max_wait_s: f64) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// An SVG line chart of `(x, y)` points, with labelled axes and values at the points.
+/// An SVG line chart of `(x, y)` points on a log2 x axis, with values at the points.
 pub fn svg_line_chart(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64)]) -> String {
-    let (w, h, left, right, top, bottom) = (640.0, 400.0, 70.0, 20.0, 40.0, 50.0);
-    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
-    // log2 x axis: the sweep doubles the number of sequences.
-    let lx = |x: f64| (x.max(1.0)).log2() / x_max.log2().max(1.0);
-    let px = |x: f64| left + lx(x) * (w - left - right);
-    let py = |y: f64| h - bottom - y / y_max * (h - top - bottom);
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>
-<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>
-<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>
-<text x="{}" y="{}" text-anchor="middle">{}</text>
-<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>
-"#,
-        w / 2.0,
-        escape(title),
-        h - bottom,
-        w - right,
-        h - bottom,
-        h - bottom,
-        (left + w - right) / 2.0,
-        h - 12.0,
-        escape(x_label),
-        (top + h - bottom) / 2.0,
-        (top + h - bottom) / 2.0,
-        escape(y_label),
-    );
-    for i in 0..=4 {
-        let y = y_max * i as f64 / 4.0;
-        s += &format!(
-            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4:.0}</text>\n",
-            py(y),
-            w - right,
-            left - 6.0,
-            py(y) + 4.0,
-            y
-        );
+    crate::chart::Chart {
+        title,
+        x_label,
+        y_label,
+        x_axis: crate::chart::XAxis::Log2,
+        series: vec![crate::chart::Series {
+            name: y_label,
+            color: "#1f77b4",
+            points: points.to_vec(),
+        }],
+        markers: true,
     }
-    let path: Vec<String> = points
-        .iter()
-        .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-        .collect();
-    s += &format!(
-        "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
-        path.join(" ")
-    );
-    for &(x, y) in points {
-        s += &format!(
-            "<circle cx=\"{0:.1}\" cy=\"{1:.1}\" r=\"4\" fill=\"#1f77b4\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3:.0}</text><text x=\"{0:.1}\" y=\"{4:.1}\" text-anchor=\"middle\">{5}</text>\n",
-            px(x),
-            py(y),
-            py(y) - 9.0,
-            y,
-            h - bottom + 16.0,
-            x
-        );
-    }
-    s + "</svg>\n"
-}
-
-fn escape(t: &str) -> String {
-    t.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    .svg()
 }
 
 #[cfg(test)]

@@ -163,66 +163,6 @@ fn simulate(
     out
 }
 
-/// A named, coloured line of `(hour, value)` points.
-type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
-
-fn svg(title: &str, series: &[Series<'_>], y_label: &str) -> String {
-    let (w, h, l, r, t, b) = (760.0, 380.0, 70.0, 150.0, 40.0, 45.0);
-    let y_max = series
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let px = |x: f64| l + x / 24.0 * (w - l - r);
-    let py = |y: f64| h - b - y / y_max * (h - t - b);
-    let (title_x, axis_y, axis_right) = ((w - r) / 2.0, h - b, w - r);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{title_x}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{title}</text>\n\
-         <line x1=\"{l}\" y1=\"{axis_y}\" x2=\"{axis_right}\" y2=\"{axis_y}\" stroke=\"black\"/>\
-         <line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{axis_y}\" stroke=\"black\"/>\n"
-    );
-    for hour in (0..=24).step_by(3) {
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{hour:02}:00</text>\n",
-            px(hour as f64),
-            h - b + 16.0
-        );
-    }
-    for i in 0..=4 {
-        let y = y_max * i as f64 / 4.0;
-        s += &format!(
-            "<line x1=\"{l}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4:.0}</text>\n",
-            py(y),
-            w - r,
-            l - 6.0,
-            py(y) + 4.0,
-            y
-        );
-    }
-    s += &format!("<text x=\"16\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {0})\">{y_label}</text>\n", (t + h - b) / 2.0);
-    for (k, (name, color, pts)) in series.iter().enumerate() {
-        let path: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        s += &format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
-            path.join(" ")
-        );
-        let ly = t + 20.0 + 18.0 * k as f64;
-        s += &format!(
-            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{2}\" y=\"{3}\">{name}</text>\n",
-            w - r + 10.0,
-            w - r + 30.0,
-            w - r + 36.0,
-            ly + 4.0
-        );
-    }
-    s + "</svg>\n"
-}
-
 /// The day under the coordinator's policy, configured from the flags.
 fn simulate_policy(a: &AutoscaleArgs) -> Outcome {
     let policy = Policy {
@@ -325,23 +265,30 @@ pub fn run(a: AutoscaleArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(p) = &a.plot {
-        let series = [
-            (
-                "gristmill",
-                "#1f77b4",
-                ours.trace.iter().map(|&(x, r, _)| (x, r as f64)).collect(),
-            ),
-            (
-                "KEDA lagThreshold",
-                "#d62728",
-                keda.trace.iter().map(|&(x, r, _)| (x, r as f64)).collect(),
-            ),
-        ];
-        std::fs::write(
-            p,
-            svg("Worker replicas over a synthetic day", &series, "replicas"),
-        )
-        .with_context(|| format!("cannot write {}", p.display()))?;
+        use gristmill_bench::chart::{Chart, Series, XAxis};
+        let replicas = |trace: &[(f64, u32, f64)]| -> Vec<(f64, f64)> {
+            trace.iter().map(|&(x, r, _)| (x, r as f64)).collect()
+        };
+        let chart = Chart {
+            title: "Worker replicas over a synthetic day",
+            x_label: "time of day",
+            y_label: "replicas",
+            x_axis: XAxis::Day,
+            series: vec![
+                Series {
+                    name: "gristmill",
+                    color: "#1f77b4",
+                    points: replicas(&ours.trace),
+                },
+                Series {
+                    name: "KEDA lagThreshold",
+                    color: "#d62728",
+                    points: replicas(&keda.trace),
+                },
+            ],
+            markers: false,
+        };
+        std::fs::write(p, chart.svg()).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
 }
