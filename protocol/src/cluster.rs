@@ -44,6 +44,54 @@ pub fn result_subject(batch_id: &str) -> String {
     format!("{RESULT_SUBJECT_PREFIX}.{batch_id}")
 }
 
+/// NATS header carrying a W3C trace context (`traceparent`) from the coordinator to the worker
+/// with each shard, and back with each results message, so that one batch's path can be
+/// followed across processes in the logs (its `trace_id` is in every span of its work).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The W3C trace id of a batch: the first 16 bytes of SHA-256 over its id, as 32 hex digits.
+/// Derived, not stored: every process (and a restarted coordinator) computes the same one.
+pub fn batch_trace_id(batch_id: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, batch_id.as_bytes());
+    hex(&d.as_ref()[..16])
+}
+
+/// A W3C span id (16 hex digits) for `what` within a batch's trace (a shard, a worker's run of
+/// a shard): the first 8 bytes of SHA-256 over the parts.
+pub fn span_id(parts: &[&str]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(p.as_bytes());
+        ctx.update(&[0]);
+    }
+    hex(&ctx.finish().as_ref()[..8])
+}
+
+/// A `traceparent` header value: version 00, sampled.
+pub fn traceparent(trace_id: &str, span_id: &str) -> String {
+    format!("00-{trace_id}-{span_id}-01")
+}
+
+/// The (trace id, parent span id) of a `traceparent` value, if it is one.
+pub fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (version == "00"
+        && hex_of(trace, 32)
+        && hex_of(span, 16)
+        && hex_of(flags, 2)
+        && parts.next().is_none()
+        && trace != "00000000000000000000000000000000"
+        && span != "0000000000000000")
+        .then_some((trace, span))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Core NATS subjects (not a stream: nothing is kept) on which workers report the progress of
 /// the shards they run, about once a second.
 pub const PROGRESS_SUBJECT_PREFIX: &str = "gristmill.progress";
@@ -189,6 +237,29 @@ pub enum ResultOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_contexts_are_w3c_shaped_and_derived_from_the_batch() {
+        let t = batch_trace_id("batch_abc");
+        assert_eq!(t.len(), 32);
+        assert_eq!(t, batch_trace_id("batch_abc"), "the same in every process");
+        assert_ne!(t, batch_trace_id("batch_abd"));
+        let s = span_id(&["batch_abc", "3"]);
+        assert_eq!(s.len(), 16);
+        assert_ne!(s, span_id(&["batch_abc3"]), "parts are delimited");
+        let tp = traceparent(&t, &s);
+        assert_eq!(parse_traceparent(&tp), Some((t.as_str(), s.as_str())));
+        for bad in [
+            "",
+            "01-00000000000000000000000000000001-0000000000000001-01",
+            "00-00000000000000000000000000000000-0000000000000001-01",
+            "00-abc-0000000000000001-01",
+            "00-00000000000000000000000000000001-000000000000000g-01",
+            "00-00000000000000000000000000000001-0000000000000001-01-x",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad:?}");
+        }
+    }
     use crate::{Endpoint, GenerationParams, Prompt};
 
     /// The ids that once collided (`{first}+{n}` against a `custom_id` spelled like one), and

@@ -278,7 +278,15 @@ pub fn router(c: Arc<Gate>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .layer(middleware::from_fn(http_span))
         .with_state(c)
+}
+
+/// Every request runs in a span naming it, so that what it logs says which request it was.
+async fn http_span(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
+    next.run(req).instrument(span).await
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {

@@ -51,6 +51,7 @@ impl Coordinator {
         }
     }
 
+    #[tracing::instrument(name = "dispatch", skip(self), fields(trace_id = %batch_trace_id(id)))]
     pub(super) async fn try_dispatch(self: &Arc<Self>, id: &str) -> Result<()> {
         let Some(rec) = self.batch(id) else {
             return Ok(());
@@ -234,10 +235,20 @@ impl Coordinator {
                 }
             }
             self.lease.fence()?;
+            let trace_id = batch_trace_id(id);
             for s in &w.shards {
                 let msg_id = shard_msg_id(id, s.shard);
+                // The shard's span in the batch's trace; the worker's run of it is its child.
+                let parent = traceparent(&trace_id, &span_id(&[id, &s.shard.to_string()]));
                 acks.push(
-                    publish(&self.js, shard_subject(id), msg_id, serde_json::to_vec(s)?).await?,
+                    publish_traced(
+                        &self.js,
+                        shard_subject(id),
+                        msg_id,
+                        serde_json::to_vec(s)?,
+                        &parent,
+                    )
+                    .await?,
                 );
                 if acks.len() >= 256 {
                     await_acks(&mut acks).await?;

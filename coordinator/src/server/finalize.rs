@@ -47,6 +47,7 @@ impl Coordinator {
         }
     }
 
+    #[tracing::instrument(name = "finalize", skip(self), fields(trace_id = %batch_trace_id(id)))]
     pub(super) async fn try_finalize(&self, id: &str) -> Result<()> {
         let ending = self
             .update(id, |st| {

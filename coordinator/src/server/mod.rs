@@ -33,6 +33,7 @@ use crate::tasks::{supervise, Lifetime, TaskPanics};
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use futures_util::StreamExt;
+use gristmill_protocol::cluster::{batch_trace_id, span_id, traceparent, TRACEPARENT_HEADER};
 use gristmill_protocol::cluster::{
     decode_results, result_msg_id, result_subject, shard_msg_id, shard_subject, ProgressMessage,
     ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET, FILE_BUCKET, FILE_META_BUCKET,
@@ -681,6 +682,25 @@ pub async fn publish(
         jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .message_id(msg_id),
+    )
+    .await
+    .context("publishing")
+}
+
+/// Publishes a message with its W3C trace context in the `traceparent` header.
+pub async fn publish_traced(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: String,
+    payload: Vec<u8>,
+    traceparent: &str,
+) -> Result<jetstream::context::PublishAckFuture> {
+    js.send_publish(
+        subject,
+        jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(msg_id)
+            .header(TRACEPARENT_HEADER, traceparent),
     )
     .await
     .context("publishing")

@@ -42,13 +42,14 @@ use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use gristmill_protocol::cluster::{
-    decode_results, progress_subject, result_group_msg_id, result_msg_id, result_subject,
-    ProgressMessage, ResultMessage, ResultOutcome, ShardMessage, BATCH_BUCKET,
-    MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES, RESULT_STREAM, SHARD_STREAM,
-    WORKER_CONSUMER, WORKER_HEADER,
+    batch_trace_id, decode_results, parse_traceparent, progress_subject, result_group_msg_id,
+    result_msg_id, result_subject, span_id, traceparent, ProgressMessage, ResultMessage,
+    ResultOutcome, ShardMessage, BATCH_BUCKET, MAX_RESULTS_PER_MESSAGE, MAX_RESULT_MESSAGE_BYTES,
+    RESULT_STREAM, SHARD_STREAM, TRACEPARENT_HEADER, WORKER_CONSUMER, WORKER_HEADER,
 };
 use gristmill_protocol::{codes, FinishReason, LineError, Prompt, Request, Usage};
 use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::Instrument;
 
 use gristmill_engine::engine::{Choice, Completion, Engine, EngineOptions, Outcome};
 use gristmill_engine::response::{response_body, IdGen};
@@ -383,6 +384,35 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
             return;
         }
     };
+    // The batch's trace (from the coordinator's `traceparent`, else derived as it derives it)
+    // and this run's span in it: everything logged below carries the trace id, and the
+    // results go back with this run as their parent.
+    let trace_id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(TRACEPARENT_HEADER))
+        .and_then(|v| parse_traceparent(v.as_str()).map(|(t, _)| t.to_string()))
+        .unwrap_or_else(|| batch_trace_id(&shard.batch_id));
+    let run = span_id(&[
+        &shard.batch_id,
+        &shard.shard.to_string(),
+        &shared.name,
+        &delivered.to_string(),
+    ]);
+    let trace = traceparent(&trace_id, &run);
+    let span = tracing::info_span!("shard", batch = %shard.batch_id, shard = shard.shard, delivery = delivered, trace_id = %trace_id);
+    handle_shard(shared, msg, shard, delivered, trace)
+        .instrument(span)
+        .await
+}
+
+async fn handle_shard(
+    shared: Arc<Shared>,
+    msg: jetstream::Message,
+    shard: ShardMessage,
+    delivered: i64,
+    trace: String,
+) {
     let (batch_id, shard_no) = (shard.batch_id.clone(), shard.shard);
     let tag = shared.next_tag.fetch_add(1, Ordering::Relaxed);
     if let Some(reply) = msg.reply.clone() {
@@ -391,7 +421,7 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
     let mut published = HashSet::new();
     let started = std::time::Instant::now();
     tracing::info!(batch = %batch_id, shard = shard_no, lines = shard.requests.len(), delivery = delivered, "shard started");
-    let result = run_shard(&shared, &msg, &shard, tag, &mut published).await;
+    let result = run_shard(&shared, &msg, &shard, tag, &trace, &mut published).await;
     lock(&shared.held).remove(&tag);
     lock(&shared.router.routes).remove(&tag);
     let generated = lock(&shared.router.tokens).remove(&tag).unwrap_or(0);
@@ -491,6 +521,7 @@ async fn run_shard(
     msg: &jetstream::Message,
     shard: &ShardMessage,
     tag: Tag,
+    trace: &str,
     published: &mut HashSet<String>,
 ) -> Result<(), ShardError> {
     if !batch_is_live(shared, &shard.batch_id).await {
@@ -577,7 +608,8 @@ async fn run_shard(
                         jetstream::message::PublishMessage::build()
                             .payload(payload.into())
                             .message_id(msg_id)
-                            .header(WORKER_HEADER, shared.name.as_str()),
+                            .header(WORKER_HEADER, shared.name.as_str())
+                            .header(TRACEPARENT_HEADER, trace),
                     )
                     .await
                     .map_err(|e| ShardError::Transport(anyhow!(e)))?;
