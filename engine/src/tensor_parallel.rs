@@ -20,11 +20,13 @@ use crate::model::llama::{KvCache, Llama, Logits, StepSeq};
 use crate::parallel::{plan, Collective, ThreadCollective, TpPlan};
 use crate::weights::Checkpoint;
 
-/// The engine's model: whole, or split over rank threads.
+/// The engine's model: whole, or split over rank threads, or scripted (no weights: tests of the
+/// engine loop).
 #[derive(Debug)]
 pub enum Model<B: Backend> {
     Single(Llama<B>),
     Parallel(TpGroup),
+    Scripted(ScriptedModel),
 }
 
 /// KV memory matching a [`Model`]: in the caller's hands, or inside the rank threads.
@@ -32,6 +34,61 @@ pub enum Model<B: Backend> {
 pub enum ModelKv<B: Backend> {
     Single(KvCache<B>),
     Parallel,
+    /// The scripted model's "cache": the token at every slot of every block.
+    Scripted {
+        tokens: Vec<u32>,
+        block_size: usize,
+    },
+}
+
+/// The next token of a scripted model, from a sequence's whole context.
+pub type NextToken = Arc<dyn Fn(&[u32]) -> u32 + Send + Sync>;
+
+/// A model without weights whose greedy next token is a function of the context: the engine's
+/// scheduling, paged KV (blocks really hold the tokens, so prefix sharing and preemption are
+/// exercised), sampling and finishing rules are tested with it in milliseconds, and with
+/// outputs known in advance. Its logits put 10 on the chosen token and 0 elsewhere.
+pub struct ScriptedModel {
+    pub cfg: ModelConfig,
+    pub next: NextToken,
+}
+
+impl std::fmt::Debug for ScriptedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedModel")
+            .field("vocab", &self.cfg.vocab_size)
+            .finish()
+    }
+}
+
+impl ScriptedModel {
+    fn forward(&self, kv: &mut [u32], block_size: usize, seqs: &[StepSeq<'_>]) -> Vec<Vec<f32>> {
+        let vocab = self.cfg.vocab_size;
+        let slot = |table: &[u32], pos: usize| {
+            table[pos / block_size] as usize * block_size + pos % block_size
+        };
+        seqs.iter()
+            .map(|s| {
+                for (i, &t) in s.tokens.iter().enumerate() {
+                    kv[slot(s.block_table, s.start + i)] = t;
+                }
+                let rows: Vec<usize> = match s.logits {
+                    Logits::None => Vec::new(),
+                    Logits::Last => vec![s.start + s.tokens.len()],
+                    Logits::All => (s.start + 1..=s.start + s.tokens.len()).collect(),
+                };
+                let mut out = Vec::with_capacity(rows.len() * vocab);
+                for end in rows {
+                    // The context as the cache holds it, not as the caller passed it.
+                    let context: Vec<u32> = (0..end).map(|p| kv[slot(s.block_table, p)]).collect();
+                    let mut row = vec![0.0; vocab];
+                    row[(self.next)(&context) as usize % vocab] = 10.0;
+                    out.extend(row);
+                }
+                out
+            })
+            .collect()
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -39,13 +96,14 @@ impl<B: Backend> Model<B> {
         match self {
             Model::Single(m) => &m.cfg,
             Model::Parallel(g) => &g.cfg,
+            Model::Scripted(m) => &m.cfg,
         }
     }
 
     /// Tensor-parallel degree.
     pub fn world_size(&self) -> usize {
         match self {
-            Model::Single(_) => 1,
+            Model::Single(_) | Model::Scripted(_) => 1,
             Model::Parallel(g) => g.world,
         }
     }
@@ -55,6 +113,7 @@ impl<B: Backend> Model<B> {
         match self {
             Model::Single(m) => m.kv_bytes_per_token(),
             Model::Parallel(g) => g.kv_bytes_per_token,
+            Model::Scripted(_) => std::mem::size_of::<u32>(),
         }
     }
 
@@ -62,6 +121,10 @@ impl<B: Backend> Model<B> {
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<ModelKv<B>> {
         match self {
             Model::Single(m) => Ok(ModelKv::Single(m.kv_cache(num_blocks, block_size))),
+            Model::Scripted(_) => Ok(ModelKv::Scripted {
+                tokens: vec![0; num_blocks * block_size],
+                block_size,
+            }),
             Model::Parallel(g) => {
                 g.run(Job::Kv {
                     num_blocks,
@@ -92,6 +155,9 @@ impl<B: Backend> Model<B> {
     pub fn forward(&self, kv: &mut ModelKv<B>, seqs: &[StepSeq<'_>]) -> Result<Vec<Vec<f32>>> {
         match (self, kv) {
             (Model::Single(m), ModelKv::Single(kv)) => Ok(m.forward(kv, seqs)),
+            (Model::Scripted(m), ModelKv::Scripted { tokens, block_size }) => {
+                Ok(m.forward(tokens, *block_size, seqs))
+            }
             (Model::Parallel(g), ModelKv::Parallel) => {
                 let owned = seqs
                     .iter()

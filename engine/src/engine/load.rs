@@ -59,6 +59,16 @@ impl Engine<CpuBackend> {
         Self::load_with(path, CpuBackend)
     }
 
+    /// An engine over a [`ScriptedModel`] (no weights) with the tokenizer and configuration of
+    /// the checkpoint at `path`: the engine loop's tests, with outputs known in advance.
+    pub fn scripted(path: &Path, next: crate::tensor_parallel::NextToken) -> Result<Self> {
+        let ckpt = Checkpoint::open(path)?;
+        let cfg = ckpt.config()?;
+        let tokenizer = checkpoint_tokenizer(&ckpt)?;
+        let model = Model::Scripted(crate::tensor_parallel::ScriptedModel { cfg, next });
+        Ok(Self::assemble(path, model, tokenizer))
+    }
+
     /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1).
     pub fn load_parallel(path: &Path, tensor_parallel_size: usize) -> Result<Self> {
         if tensor_parallel_size <= 1 {
