@@ -9,11 +9,14 @@
 //! Invariants: every request pulled from the iterator produces exactly one [`Outcome`]; a
 //! sequence's output depends only on its own prompt, parameters and seed.
 //!
-//! This file holds the types and the loop; `load` builds an engine from a checkpoint, `finish`
-//! turns a request into prompt ids and decides when a sequence is done.
+//! This file holds the types and the loop; `state` what is in flight and the loop's three
+//! moves on it (admit, abort, step); `load` builds an engine from a checkpoint; `finish` turns
+//! a request into prompt ids and decides when a sequence is done.
 mod finish;
 mod load;
+mod state;
 pub use load::load_tokenizer;
+use state::InFlight;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -182,25 +185,6 @@ fn failed(req: Request, error: LineError) -> Outcome {
     }
 }
 
-/// Fails every request in flight with `message(line)` and frees its sequences (the engine
-/// cannot go on with them).
-fn fail_all<T>(
-    sched: &mut Scheduler,
-    live: &mut HashMap<SeqId, Live>,
-    groups: &mut HashMap<u64, Group<T>>,
-    on_outcome: &mut impl FnMut(T, Outcome),
-    message: impl Fn(usize) -> String,
-) {
-    for id in live.keys().copied().collect::<Vec<_>>() {
-        sched.finish(id);
-    }
-    live.clear();
-    for (_, g) in groups.drain() {
-        let error = LineError::new(codes::INTERNAL, message(g.req.line));
-        on_outcome(g.tag, failed(g.req, error));
-    }
-}
-
 impl<T> Group<T> {
     fn remaining(&self) -> usize {
         self.choices.iter().filter(|c| c.is_none()).count()
@@ -310,40 +294,13 @@ impl<B: Backend> Engine<B> {
         P: FnMut(&T),
         F: FnMut(T, Outcome),
     {
-        let ctx = self.model.cfg().max_position_embeddings;
-        let block_size = opts.block_size.max(1);
-        let num_blocks =
-            (opts.kv_cache_bytes / (block_size * self.model.kv_bytes_per_token())).max(1);
-        // A failed tensor-parallel group (or KV allocation) fails every request from then on.
-        let mut broken: Option<String> = None;
-        let mut kv = match self.model.kv_cache(num_blocks, block_size) {
-            Ok(kv) => Some(kv),
-            Err(e) => {
-                broken = Some(e.to_string());
-                None
-            }
-        };
+        let mut run = InFlight::new(self, &opts);
         let max_seqs = opts.max_num_seqs.max(1);
-        let mut sched = Scheduler::new(
-            SchedulerConfig {
-                max_num_seqs: max_seqs,
-                max_num_batched_tokens: opts.max_num_batched_tokens.max(1),
-                enable_prefix_caching: opts.enable_prefix_caching,
-            },
-            BlockPool::new(num_blocks, block_size),
-        );
-        let mut live: HashMap<SeqId, Live> = HashMap::new();
-        let mut groups: HashMap<u64, Group<T>> = HashMap::new();
-        let mut next_id: SeqId = 0;
-        let mut stats = RunStats {
-            kv_blocks: num_blocks,
-            ..RunStats::default()
-        };
         let mut exhausted = false;
         loop {
             // Keep a queue of admitted requests ahead of the running batch, no more.
-            while !exhausted && sched.num_waiting() < max_seqs {
-                let (tag, req) = match next(!sched.is_idle()) {
+            while !exhausted && run.sched.num_waiting() < max_seqs {
+                let (tag, req) = match next(!run.sched.is_idle()) {
                     Poll::Ready(r) => *r,
                     Poll::NotYet => break,
                     Poll::Closed => {
@@ -351,204 +308,22 @@ impl<B: Backend> Engine<B> {
                         break;
                     }
                 };
-                if let Some(why) = &broken {
-                    let error = LineError::new(
-                        codes::INTERNAL,
-                        format!("line {}: the engine failed: {why}", req.line),
-                    );
-                    on_outcome(tag, failed(req, error));
-                    continue;
-                }
-                let prompt = match self.prompt_ids(&req) {
-                    Ok(p) => p,
-                    Err(error) => {
-                        on_outcome(tag, failed(req, error));
-                        continue;
-                    }
-                };
-                let max_tokens = req.params.max_tokens.unwrap_or(ctx - prompt.len());
-                let n = req.params.n.max(1);
-                let group = next_id;
-                let mut refused = None;
-                for choice in 0..n {
-                    let id = next_id;
-                    next_id += 1;
-                    if let Err(e) = sched.add(id, prompt.clone(), prompt.len() + max_tokens) {
-                        refused = Some(e);
-                        break;
-                    }
-                    let fallback_seed =
-                        self.seed_base ^ (req.line as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-                    let sampler = Sampler::new(&req.params, fallback_seed, choice);
-                    live.insert(
-                        id,
-                        Live {
-                            group,
-                            choice,
-                            max_tokens,
-                            sampler,
-                            logprobs: Vec::new(),
-                        },
-                    );
-                }
-                if let Some(e) = refused {
-                    // Take back the choices already queued: the request fails as a whole.
-                    for id in group..next_id {
-                        sched.finish(id);
-                        live.remove(&id);
-                    }
-                    let error = LineError::new(
-                        codes::CONTEXT_LENGTH_EXCEEDED,
-                        format!("line {}: {e}", req.line),
-                    );
-                    on_outcome(tag, failed(req, error));
-                    continue;
-                }
-                groups.insert(
-                    group,
-                    Group {
-                        tag,
-                        prompt_len: prompt.len(),
-                        admitted: Instant::now(),
-                        first_token: None,
-                        choices: vec![None; n],
-                        error: None,
-                        req,
-                    },
-                );
-            }
-            let stopped: Vec<u64> = groups
-                .iter()
-                .filter(|(_, g)| aborted(&g.tag))
-                .map(|(&k, _)| k)
-                .collect();
-            for key in stopped {
-                let ids: Vec<SeqId> = live
-                    .iter()
-                    .filter(|(_, l)| l.group == key)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for id in ids {
-                    sched.finish(id);
-                    live.remove(&id);
-                }
-                if let Some(g) = groups.remove(&key) {
-                    let error = LineError::new(
-                        codes::CANCELLED,
-                        format!("line {}: stopped before it finished", g.req.line),
-                    );
-                    on_outcome(g.tag, failed(g.req, error));
+                if let Some((tag, o)) = run.admit(self, tag, req) {
+                    on_outcome(tag, o);
                 }
             }
-            if sched.is_idle() {
-                if exhausted {
-                    return stats;
-                }
-                continue;
-            }
-            let plan = sched.schedule();
-            if plan.chunks.is_empty() {
-                // Cannot happen while `add` refuses sequences larger than the pool; fail the rest
-                // loudly rather than spin.
-                fail_all(
-                    &mut sched,
-                    &mut live,
-                    &mut groups,
-                    &mut on_outcome,
-                    |line| format!("line {line}: the scheduler could not make progress"),
-                );
-                continue;
-            }
-            stats.steps += 1;
-            stats.max_batch = stats.max_batch.max(plan.chunks.len());
-            let logits = {
-                let steps: Vec<StepSeq<'_>> = plan
-                    .chunks
-                    .iter()
-                    .filter_map(|c| {
-                        let s = sched.seq(c.seq)?;
-                        Some(StepSeq {
-                            tokens: &s.tokens[c.start..c.start + c.len],
-                            start: c.start,
-                            block_table: s.block_table(),
-                            logits: if c.sample { Logits::Last } else { Logits::None },
-                        })
-                    })
-                    .collect();
-                match kv.as_mut() {
-                    Some(kv) => self.model.forward(kv, &steps).map_err(|e| e.to_string()),
-                    None => Err("no KV cache".to_string()),
-                }
-            };
-            let logits = match logits {
-                Ok(l) => l,
-                Err(why) => {
-                    tracing::error!(error = %why, "engine step failed; failing every request");
-                    fail_all(
-                        &mut sched,
-                        &mut live,
-                        &mut groups,
-                        &mut on_outcome,
-                        |line| format!("line {line}: the engine failed: {why}"),
-                    );
-                    broken = Some(why);
-                    continue;
-                }
-            };
-            let mut done = Vec::new();
-            for (c, row) in plan.chunks.iter().zip(logits) {
-                if !c.sample {
-                    continue;
-                }
-                let (Some(l), Some(seq)) = (live.get_mut(&c.seq), sched.seq(c.seq)) else {
-                    continue;
-                };
-                let Some(g) = groups.get_mut(&l.group) else {
-                    continue;
-                };
-                let step = (seq.tokens.len() - seq.prompt_len) as u64;
-                let token = l.sampler.sample(&row, step, seq.generated());
-                if let Some(top) = g.req.params.logprobs {
-                    l.logprobs.push(token_logprob(&row, token, top));
-                }
-                g.first_token.get_or_insert_with(Instant::now);
-                self.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                on_token(&g.tag);
-                sched.append_token(c.seq, token);
-                let Some(seq) = sched.seq(c.seq) else {
-                    continue;
-                };
-                match self.check_finished(l, &g.req, seq, ctx) {
-                    None => continue,
-                    Some(Ok(choice)) => g.choices[l.choice] = Some(choice),
-                    Some(Err(error)) => {
-                        g.error.get_or_insert(error);
-                        g.choices[l.choice] = Some(Choice {
-                            text: String::new(),
-                            token_ids: Vec::new(),
-                            finish_reason: FinishReason::Stop,
-                            logprobs: None,
-                        });
-                    }
-                }
-                let group = l.group;
-                sched.finish(c.seq);
-                live.remove(&c.seq);
-                if groups.get(&group).is_some_and(|g| g.remaining() == 0) {
-                    if let Some(g) = groups.remove(&group) {
-                        done.push(g.into_outcome());
-                    }
-                }
-            }
-            // Report in input order among those finishing in the same step.
-            done.sort_by_key(|(_, o)| match o {
-                Outcome::Done(c) => c.line,
-                Outcome::Failed { line, .. } => *line,
-            });
-            for (tag, o) in done {
+            for (tag, o) in run.abort(&mut aborted) {
                 on_outcome(tag, o);
             }
-            stats.scheduler = sched.stats();
+            if run.sched.is_idle() {
+                if exhausted {
+                    return run.stats;
+                }
+                continue;
+            }
+            for (tag, o) in run.step(self, &mut on_token) {
+                on_outcome(tag, o);
+            }
         }
     }
 }
