@@ -179,7 +179,9 @@ impl Ledger {
         let key = line_key(custom_id, line);
         match &mut self.open {
             Some(seen) => Some(seen.entry(key).or_insert_with(|| Slot::new(line, shard))),
-            None => find(&mut self.lines, &self.runs, &key).filter(|s| s.belongs(line, shard)),
+            None => position(&self.lines, &self.runs, &key)
+                .map(|i| &mut self.lines[i].1)
+                .filter(|s| s.belongs(line, shard)),
         }
     }
 
@@ -204,21 +206,23 @@ impl Ledger {
             .is_some_and(|s| s.set(WRITTEN))
     }
 
-    fn flag(&mut self, custom_id: &str, line: usize, flag: u32) -> bool {
+    fn flag(&self, custom_id: &str, line: usize, flag: u32) -> bool {
         let key = line_key(custom_id, line);
         match &self.open {
             Some(seen) => seen.get(&key).is_some_and(|s| s.is(flag)),
-            None => find(&mut self.lines, &self.runs, &key).is_some_and(|s| s.is(flag)),
+            None => {
+                position(&self.lines, &self.runs, &key).is_some_and(|i| self.lines[i].1.is(flag))
+            }
         }
     }
 
     /// Whether the line with this key was written by the finalization in progress.
-    pub fn is_written(&mut self, custom_id: &str, line: usize) -> bool {
+    pub fn is_written(&self, custom_id: &str, line: usize) -> bool {
         self.flag(custom_id, line, WRITTEN)
     }
 
     /// Whether the line with this key has reported.
-    pub fn has_reported(&mut self, custom_id: &str, line: usize) -> bool {
+    pub fn has_reported(&self, custom_id: &str, line: usize) -> bool {
         self.flag(custom_id, line, REPORTED)
     }
 
@@ -249,16 +253,12 @@ impl Ledger {
     }
 }
 
-/// The slot of a key in sorted runs (`runs`: where each ends in `lines`).
-fn find<'a>(
-    lines: &'a mut [(LineKey, Slot)],
-    runs: &[usize],
-    key: &LineKey,
-) -> Option<&'a mut Slot> {
+/// Where a key is in sorted runs (`runs`: where each ends in `lines`).
+fn position(lines: &[(LineKey, Slot)], runs: &[usize], key: &LineKey) -> Option<usize> {
     let mut start = 0;
     for &end in runs {
         if let Ok(i) = lines[start..end].binary_search_by_key(key, |(k, _)| *k) {
-            return Some(&mut lines[start + i].1);
+            return Some(start + i);
         }
         start = end;
     }

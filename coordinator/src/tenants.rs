@@ -162,10 +162,7 @@ mod tests {
 
     #[test]
     fn keys_map_to_tenants_plain_or_hashed() {
-        let bob_hash: String = sha256(b"bob-key-0123456789")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let bob_hash = gristmill_protocol::cluster::hex(&sha256(b"bob-key-0123456789"));
         let keys = ApiKeys::parse(&format!(
             "# tenants\n\nalice alice-key-0123456789\nbob sha256:{bob_hash}\nalice alice-rotated-key-99\n"
         ))

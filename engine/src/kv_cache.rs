@@ -245,10 +245,7 @@ mod tests {
         assert_ne!(block_hash(None, &[0x0100]), block_hash(None, &[0x01, 0x00]));
         // SHA-256 of 0x00 then 1u32, 2u32 little-endian: the hash is a known one, not a 64-bit
         // SipHash (whose collisions served one prompt's KV to another).
-        let hex: String = block_hash(None, &[1, 2])
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = gristmill_protocol::cluster::hex(&block_hash(None, &[1, 2]));
         assert_eq!(hex, HASH_OF_1_2);
     }
 

@@ -300,8 +300,8 @@ fn wait(conn: &Connection, id: &str) -> Result<Value> {
         // (never shown going backwards: a redelivered shard starts its count again).
         let counted = b["usage"]["output_tokens"].as_u64().unwrap_or(0);
         let running = b["progress"]["running_output_tokens"].as_u64().unwrap_or(0);
-        shown = shown.max(counted + running);
-        let tokens = shown;
+        let tokens = shown.max(counted + running);
+        shown = tokens;
         samples.push_back((Instant::now(), tokens));
         while samples.len() > 20 {
             samples.pop_front();
@@ -416,11 +416,12 @@ fn table(header: [&str; 6], rows: &[[String; 6]]) -> String {
             if right(i) {
                 out.push_str(&" ".repeat(pad));
                 out.push_str(cell);
-            } else if i + 1 < cells.len() {
-                out.push_str(cell);
-                out.push_str(&" ".repeat(pad));
             } else {
                 out.push_str(cell);
+                // No trailing spaces after the last column.
+                if i + 1 < cells.len() {
+                    out.push_str(&" ".repeat(pad));
+                }
             }
         }
         out.push('\n');

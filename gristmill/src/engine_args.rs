@@ -53,8 +53,8 @@ impl EngineArgs {
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
-        let path = self.model_path();
-        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size)
+        let path = &self.model;
+        gristmill_engine::Engine::load_parallel(path, self.tensor_parallel_size)
             .with_context(|| format!("cannot load the model {}", path.display()))
     }
 
@@ -73,17 +73,13 @@ impl EngineArgs {
         format!(
             "loaded {} ({} layers, {} heads, vocab {}) in {load_secs:.1} s; process memory {rss_mb} MB; \
              CPU kernels {}, {} threads",
-            self.model_path().display(),
+            self.model.display(),
             cfg.num_layers,
             cfg.num_heads,
             cfg.vocab_size,
             gristmill_engine::cpu_isa(),
             rayon::current_num_threads(),
         )
-    }
-
-    pub fn model_path(&self) -> PathBuf {
-        self.model.clone()
     }
 
     /// Checks the flags, sets up the thread pool (once per process) and returns the engine

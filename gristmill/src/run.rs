@@ -102,7 +102,8 @@ impl Sink {
                 {
                     self.tally.stopped += 1;
                 }
-                if self.show > 0 {
+                let full = self.shown.len() == self.show;
+                if self.show > 0 && !(full && self.shown.last().is_some_and(|l| l.0 < c.line)) {
                     let text = c.choices.first().map_or("", |ch| ch.text.as_str());
                     self.shown
                         .push((c.line, c.custom_id.clone(), text.to_string()));

@@ -88,7 +88,8 @@ pub fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
         .then_some((trace, span))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex digits of `bytes` (digests in ids and trace contexts).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -147,14 +148,7 @@ pub fn result_group_msg_id<'a>(
         ctx.update(custom_id.as_bytes());
         ctx.update(&(line as u64).to_le_bytes());
     }
-    let digest = ctx.finish();
-    let mut id = String::with_capacity(batch_id.len() + 3 + 64);
-    id.push_str(batch_id);
-    id.push_str("/r-");
-    for b in digest.as_ref() {
-        id.push_str(&format!("{b:02x}"));
-    }
-    id
+    format!("{batch_id}/r-{}", hex(ctx.finish().as_ref()))
 }
 
 /// `Nats-Msg-Id` of a message holding one result (a group of one).

@@ -142,6 +142,7 @@ impl Coordinator {
         let shard: ShardMessage = serde_json::from_slice(&msg.payload)
             .with_context(|| format!("shard at sequence {seq} is unreadable"))?;
         let n = self.settings.max_deliver;
+        let trace = batch_trace(&shard.batch_id, &[&shard.shard.to_string(), "buried"]);
         self.lease.fence()?;
         let mut acks = Vec::new();
         for r in &shard.requests {
@@ -157,6 +158,7 @@ impl Coordinator {
                     result_subject(&shard.batch_id),
                     msg_id,
                     serde_json::to_vec(&result)?,
+                    &trace,
                 )
                 .await?,
             );
@@ -168,8 +170,6 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Listens for JetStream's max-deliveries advisories; a periodic sweep catches those sent
-    /// while no coordinator was listening.
     /// Takes the workers' progress reports (core NATS, advisory).
     pub(super) async fn watch_progress(self: Arc<Self>) {
         let subject = format!("{PROGRESS_SUBJECT_PREFIX}.*");
@@ -204,6 +204,8 @@ impl Coordinator {
             .running(batch, Instant::now())
     }
 
+    /// Listens for JetStream's max-deliveries advisories; a periodic sweep catches those sent
+    /// while no coordinator was listening.
     pub(super) async fn watch_dead_shards(self: Arc<Self>) {
         let subject =
             format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SHARD_STREAM}.{WORKER_CONSUMER}");

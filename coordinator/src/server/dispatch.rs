@@ -225,23 +225,30 @@ impl Coordinator {
                 st.rec.ledger.insert_all(&w.index);
             }
             index.write_all(&encode_index(&w.index)).await?;
+            let intake = batch_trace(id, &["intake"]);
             for r in &w.invalid {
                 let msg_id = result_msg_id(id, &r.custom_id, r.line);
                 acks.push(
-                    publish(&self.js, result_subject(id), msg_id, serde_json::to_vec(r)?).await?,
+                    publish(
+                        &self.js,
+                        result_subject(id),
+                        msg_id,
+                        serde_json::to_vec(r)?,
+                        &intake,
+                    )
+                    .await?,
                 );
                 if acks.len() >= 1000 {
                     await_acks(&mut acks).await?;
                 }
             }
             self.lease.fence()?;
-            let trace_id = batch_trace_id(id);
             for s in &w.shards {
                 let msg_id = shard_msg_id(id, s.shard);
                 // The shard's span in the batch's trace; the worker's run of it is its child.
-                let parent = traceparent(&trace_id, &span_id(&[id, &s.shard.to_string()]));
+                let parent = batch_trace(id, &[&s.shard.to_string()]);
                 acks.push(
-                    publish_traced(
+                    publish(
                         &self.js,
                         shard_subject(id),
                         msg_id,

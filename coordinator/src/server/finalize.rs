@@ -248,7 +248,7 @@ impl Coordinator {
                 _ => self.input_entries(&rec).await?,
             };
             for e in entries {
-                let written = self.lock().get_mut(id).is_some_and(|st| {
+                let written = self.lock().get(id).is_some_and(|st| {
                     st.rec
                         .ledger
                         .is_written(e.custom_id.as_deref().unwrap_or(""), e.line)

@@ -670,25 +670,9 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
-/// Publishes with a `Nats-Msg-Id`; returns the ack future.
+/// Publishes with a `Nats-Msg-Id` and the batch's W3C trace context (`traceparent`, see
+/// [`batch_trace`]); returns the ack future.
 pub async fn publish(
-    js: &jetstream::Context,
-    subject: String,
-    msg_id: String,
-    payload: Vec<u8>,
-) -> Result<jetstream::context::PublishAckFuture> {
-    js.send_publish(
-        subject,
-        jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(msg_id),
-    )
-    .await
-    .context("publishing")
-}
-
-/// Publishes a message with its W3C trace context in the `traceparent` header.
-pub async fn publish_traced(
     js: &jetstream::Context,
     subject: String,
     msg_id: String,
@@ -704,6 +688,14 @@ pub async fn publish_traced(
     )
     .await
     .context("publishing")
+}
+
+/// The `traceparent` of something the coordinator publishes for a batch: the batch's trace,
+/// and a span named by `what` within it (a shard, the intake's error lines…).
+pub fn batch_trace(batch_id: &str, what: &[&str]) -> String {
+    let mut parts = vec![batch_id];
+    parts.extend_from_slice(what);
+    traceparent(&batch_trace_id(batch_id), &span_id(&parts))
 }
 
 /// Awaits every ack in `acks`.
