@@ -8,8 +8,11 @@ pub mod kube_scale;
 pub mod lease;
 pub mod progress;
 pub mod server;
+mod service;
 pub mod tasks;
 pub mod tenants;
+
+pub use service::{run, Peer, RunError};
 
 // The batch core's modules, at the paths the coordinator has always used.
 pub use gristmill_batch::{autoscale, batch, finalize, intake, ledger, shard, validate};

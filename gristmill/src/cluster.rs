@@ -9,12 +9,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use gristmill_batch::intake::{byte_tokens, IntakeLimits, PromptTokens};
 use gristmill_batch::shard::ShardLimits;
-use gristmill_coordinator::api;
-use gristmill_coordinator::api::Gate;
 use gristmill_coordinator::http::HttpLimits;
-use gristmill_coordinator::lease::Lease;
-use gristmill_coordinator::server::{Coordinator, Settings};
+use gristmill_coordinator::server::Settings;
 use gristmill_coordinator::tenants::ApiKeys;
+use gristmill_coordinator::Peer;
 use gristmill_protocol::{Prompt, Request};
 use gristmill_worker::node::{Generator, WorkerSettings};
 
@@ -251,200 +249,214 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+impl CoordinatorArgs {
+    /// Parses a coordinator's command line without the program and subcommand names (as the
+    /// in-process cluster tests start coordinators); the environment fills what it does not say.
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: CoordinatorArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("coordinator"))
+            .chain(args.into_iter().map(Into::into));
+        <Command as clap::Parser>::try_parse_from(argv).map(|c| c.args)
+    }
+
+    /// The coordinator's settings from its flags, or what is wrong with them.
+    pub fn settings(&self) -> Result<Settings> {
+        let args = self;
+        if args.max_deliver < 1 {
+            bail!("--max-deliver must be at least 1");
+        }
+        if let Some(u) = args.advertise_url.as_deref().filter(|u| !u.is_empty()) {
+            if !u.starts_with("http://") {
+                bail!("--advertise-url must be an http:// URL (coordinators talk plain HTTP to each other), got {u:?}");
+            }
+        }
+        if !args.lease_ttl.is_finite() || args.lease_ttl < 1.0 {
+            bail!(
+                "--lease-ttl must be at least 1 second, got {}",
+                args.lease_ttl
+            );
+        }
+        for (flag, v) in [
+            ("--autoscale-idle-s", args.autoscale_idle_s),
+            (
+                "--autoscale-stabilization-s",
+                args.autoscale_stabilization_s,
+            ),
+            ("--autoscale-startup-s", args.autoscale_startup_s),
+            ("--autoscale-target-drain-s", args.autoscale_target_drain_s),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("{flag} must be a number of seconds, got {v}");
+            }
+        }
+        if args.autoscale_min_replicas > args.autoscale_max_replicas {
+            bail!(
+                "--autoscale-min-replicas ({}) is above --autoscale-max-replicas ({})",
+                args.autoscale_min_replicas,
+                args.autoscale_max_replicas
+            );
+        }
+        if !args.autoscale_interval.is_finite() || args.autoscale_interval < 0.5 {
+            bail!(
+                "--autoscale-interval must be at least 0.5 seconds, got {}",
+                args.autoscale_interval
+            );
+        }
+        for (flag, v) in [
+            ("--http-header-timeout", args.http_header_timeout),
+            ("--http-idle-timeout", args.http_idle_timeout),
+        ] {
+            if !v.is_finite() || v < 0.1 {
+                bail!("{flag} must be at least 0.1 seconds, got {v}");
+            }
+        }
+        if args.http_max_connections == 0 {
+            bail!("--http-max-connections must be at least 1");
+        }
+        if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
+            bail!(
+                "--ack-wait must be at least 1 second, got {}",
+                args.ack_wait
+            );
+        }
+        let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
+            None => Arc::new(byte_tokens),
+            Some(p) => {
+                let tok = gristmill_engine::load_tokenizer(p)
+                    .with_context(|| format!("cannot load a tokenizer from {}", p.display()))?;
+                Arc::new(move |r: &Request| {
+                    let ids = match &r.prompt {
+                        Prompt::Chat(m) => tok
+                            .apply_chat_template(m)
+                            .ok()
+                            .and_then(|t| tok.encode(&t).ok()),
+                        Prompt::Text(t) => tok.encode_prompt(t).ok(),
+                        Prompt::Tokens(ids) => Some(ids.clone()),
+                    };
+                    // A prompt the tokenizer refuses fails on the worker; weigh it as bytes here.
+                    ids.unwrap_or_else(|| byte_tokens(r))
+                })
+            }
+        };
+        Ok(Settings {
+            nats_url: crate::nats::redact(&args.nats.url),
+            api_keys: match (
+                &args.api_keys,
+                args.api_key.as_deref().filter(|k| !k.is_empty()),
+            ) {
+                (Some(path), _) => {
+                    Some(ApiKeys::load(path).map_err(|e| anyhow::anyhow!("--api-keys: {e}"))?)
+                }
+                (None, Some(key)) => Some(ApiKeys::single(key)),
+                (None, None) if args.allow_unauthenticated => {
+                    tracing::warn!(
+                        "no API key: anyone who reaches {} may use the API (--allow-unauthenticated)",
+                        args.listen
+                    );
+                    None
+                }
+                (None, None) => bail!(
+                    "no API key: set GRISTMILL_API_KEY (or --api-key, or --api-keys FILE), or pass \
+                     --allow-unauthenticated to serve the API to anyone"
+                ),
+            },
+            limits: IntakeLimits {
+                max_bytes: args.max_file_bytes,
+                max_lines: args.max_lines,
+                // Set from the NATS server's max_payload once connected.
+                max_line_bytes: usize::MAX,
+                shard: ShardLimits {
+                    max_tokens: args.shard_max_tokens.max(1),
+                    max_lines: args.shard_max_lines.max(1),
+                    ..ShardLimits::default()
+                },
+            },
+            ack_wait: Duration::from_secs_f64(args.ack_wait),
+            max_deliver: args.max_deliver,
+            replicas: args.replicas.max(1),
+            tokenizer,
+            autoscale_apply: if args.autoscale {
+                let (ns, name) = args.autoscale_statefulset.split_once('/').ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--autoscale-statefulset {:?}: expected NAMESPACE/NAME",
+                        args.autoscale_statefulset
+                    )
+                })?;
+                Some((ns.to_string(), name.to_string()))
+            } else {
+                None
+            },
+            autoscale_interval: Duration::from_secs_f64(args.autoscale_interval),
+            http: HttpLimits {
+                header_timeout: Duration::from_secs_f64(args.http_header_timeout),
+                idle_timeout: Duration::from_secs_f64(args.http_idle_timeout),
+                max_connections: args.http_max_connections,
+            },
+            file_store_max_bytes: (args.file_store_max_bytes > 0)
+                .then_some(args.file_store_max_bytes),
+            autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
+                gristmill_batch::autoscale::Policy {
+                    min_replicas: args.autoscale_min_replicas,
+                    max_replicas: args.autoscale_max_replicas.max(1),
+                    default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),
+                    scale_to_zero_after_s: args.autoscale_idle_s,
+                    scale_down_stabilization_s: args.autoscale_stabilization_s,
+                    startup_s: args.autoscale_startup_s,
+                    target_drain_s: args.autoscale_target_drain_s,
+                }
+            }),
+        })
+    }
+}
+
+/// Serves one coordinator with `settings` (from [`CoordinatorArgs::settings`]) on `listener`
+/// until `shutdown` resolves: connects to NATS and runs [`gristmill_coordinator::run`] (what
+/// `gristmill coordinator` does once it listens).
+pub async fn serve_coordinator(
+    args: CoordinatorArgs,
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let addr = listener.local_addr()?;
+    let peer = Peer {
+        identity: args
+            .instance_id
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| default_identity(addr.port())),
+        advertise_url: args
+            .advertise_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| default_advertise_url(addr)),
+        lease_ttl: Duration::from_secs_f64(args.lease_ttl),
+    };
+    let client = args.nats.connect("gristmill-coordinator").await?;
+    Ok(gristmill_coordinator::run(listener, client, settings, peer, shutdown).await?)
+}
+
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     gristmill_coordinator::server::limit_allocator_arenas();
-    if args.max_deliver < 1 {
-        bail!("--max-deliver must be at least 1");
-    }
-    if let Some(u) = args.advertise_url.as_deref().filter(|u| !u.is_empty()) {
-        if !u.starts_with("http://") {
-            bail!("--advertise-url must be an http:// URL (coordinators talk plain HTTP to each other), got {u:?}");
-        }
-    }
-    if !args.lease_ttl.is_finite() || args.lease_ttl < 1.0 {
-        bail!(
-            "--lease-ttl must be at least 1 second, got {}",
-            args.lease_ttl
-        );
-    }
-    for (flag, v) in [
-        ("--autoscale-idle-s", args.autoscale_idle_s),
-        (
-            "--autoscale-stabilization-s",
-            args.autoscale_stabilization_s,
-        ),
-        ("--autoscale-startup-s", args.autoscale_startup_s),
-        ("--autoscale-target-drain-s", args.autoscale_target_drain_s),
-    ] {
-        if !v.is_finite() || v < 0.0 {
-            bail!("{flag} must be a number of seconds, got {v}");
-        }
-    }
-    if args.autoscale_min_replicas > args.autoscale_max_replicas {
-        bail!(
-            "--autoscale-min-replicas ({}) is above --autoscale-max-replicas ({})",
-            args.autoscale_min_replicas,
-            args.autoscale_max_replicas
-        );
-    }
-    if !args.autoscale_interval.is_finite() || args.autoscale_interval < 0.5 {
-        bail!(
-            "--autoscale-interval must be at least 0.5 seconds, got {}",
-            args.autoscale_interval
-        );
-    }
-    for (flag, v) in [
-        ("--http-header-timeout", args.http_header_timeout),
-        ("--http-idle-timeout", args.http_idle_timeout),
-    ] {
-        if !v.is_finite() || v < 0.1 {
-            bail!("{flag} must be at least 0.1 seconds, got {v}");
-        }
-    }
-    if args.http_max_connections == 0 {
-        bail!("--http-max-connections must be at least 1");
-    }
-    if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
-        bail!(
-            "--ack-wait must be at least 1 second, got {}",
-            args.ack_wait
-        );
-    }
-    let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
-        None => Arc::new(byte_tokens),
-        Some(p) => {
-            let tok = gristmill_engine::load_tokenizer(p)
-                .with_context(|| format!("cannot load a tokenizer from {}", p.display()))?;
-            Arc::new(move |r: &Request| {
-                let ids = match &r.prompt {
-                    Prompt::Chat(m) => tok
-                        .apply_chat_template(m)
-                        .ok()
-                        .and_then(|t| tok.encode(&t).ok()),
-                    Prompt::Text(t) => tok.encode_prompt(t).ok(),
-                    Prompt::Tokens(ids) => Some(ids.clone()),
-                };
-                // A prompt the tokenizer refuses fails on the worker; weigh it as bytes here.
-                ids.unwrap_or_else(|| byte_tokens(r))
-            })
-        }
-    };
-    let settings = Settings {
-        nats_url: crate::nats::redact(&args.nats.url),
-        api_keys: match (
-            &args.api_keys,
-            args.api_key.as_deref().filter(|k| !k.is_empty()),
-        ) {
-            (Some(path), _) => {
-                Some(ApiKeys::load(path).map_err(|e| anyhow::anyhow!("--api-keys: {e}"))?)
-            }
-            (None, Some(key)) => Some(ApiKeys::single(key)),
-            (None, None) if args.allow_unauthenticated => {
-                tracing::warn!(
-                    "no API key: anyone who reaches {} may use the API (--allow-unauthenticated)",
-                    args.listen
-                );
-                None
-            }
-            (None, None) => bail!(
-                "no API key: set GRISTMILL_API_KEY (or --api-key, or --api-keys FILE), or pass \
-                 --allow-unauthenticated to serve the API to anyone"
-            ),
-        },
-        limits: IntakeLimits {
-            max_bytes: args.max_file_bytes,
-            max_lines: args.max_lines,
-            // Set from the NATS server's max_payload once connected.
-            max_line_bytes: usize::MAX,
-            shard: ShardLimits {
-                max_tokens: args.shard_max_tokens.max(1),
-                max_lines: args.shard_max_lines.max(1),
-                ..ShardLimits::default()
-            },
-        },
-        ack_wait: Duration::from_secs_f64(args.ack_wait),
-        max_deliver: args.max_deliver,
-        replicas: args.replicas.max(1),
-        tokenizer,
-        autoscale_apply: if args.autoscale {
-            let (ns, name) = args.autoscale_statefulset.split_once('/').ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--autoscale-statefulset {:?}: expected NAMESPACE/NAME",
-                    args.autoscale_statefulset
-                )
-            })?;
-            Some((ns.to_string(), name.to_string()))
-        } else {
-            None
-        },
-        autoscale_interval: Duration::from_secs_f64(args.autoscale_interval),
-        http: HttpLimits {
-            header_timeout: Duration::from_secs_f64(args.http_header_timeout),
-            idle_timeout: Duration::from_secs_f64(args.http_idle_timeout),
-            max_connections: args.http_max_connections,
-        },
-        file_store_max_bytes: (args.file_store_max_bytes > 0).then_some(args.file_store_max_bytes),
-        autoscale_dry_run: (args.autoscale_dry_run || args.autoscale).then(|| {
-            gristmill_batch::autoscale::Policy {
-                min_replicas: args.autoscale_min_replicas,
-                max_replicas: args.autoscale_max_replicas.max(1),
-                default_tokens_per_s: args.autoscale_worker_tokens_per_s.max(1.0),
-                scale_to_zero_after_s: args.autoscale_idle_s,
-                scale_down_stabilization_s: args.autoscale_stabilization_s,
-                startup_s: args.autoscale_startup_s,
-                target_drain_s: args.autoscale_target_drain_s,
-            }
-        }),
-    };
+    let settings = args.settings()?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let addr = listener.local_addr()?;
-        let identity = args
-            .instance_id
-            .clone()
-            .filter(|i| !i.is_empty())
-            .unwrap_or_else(|| default_identity(addr.port()));
-        let client = args.nats.connect("gristmill-coordinator").await?;
-        let lease = Arc::new(
-            Lease::open(
-                &client,
-                identity.clone(),
-                args.advertise_url
-                    .clone()
-                    .filter(|u| !u.is_empty())
-                    .unwrap_or_else(|| default_advertise_url(addr)),
-                Duration::from_secs_f64(args.lease_ttl),
-                settings.replicas,
-            )
-            .await?,
-        );
-        let gate = Gate::new(&settings, lease.clone());
         // Tests and scripts read this line to find the port of `--listen 127.0.0.1:0`.
-        eprintln!("gristmill coordinator listening on http://{addr}");
-        let serve = gristmill_coordinator::http::serve(
-            listener,
-            api::router(gate.clone()),
-            settings.http,
-            shutdown_signal(),
+        eprintln!(
+            "gristmill coordinator listening on http://{}",
+            listener.local_addr()?
         );
-        let server = tokio::spawn(serve);
-        let lead = async {
-            lease.acquire().await;
-            tracing::info!(identity = %identity, "holding the leader lease: this coordinator acts");
-            let c = Coordinator::start(client, settings, lease.clone()).await?;
-            gate.open(c);
-            Err::<(), _>(lease.keep().await)
-        };
-        tokio::select! {
-            r = server => {
-                // Clean shutdown: hand the lease over at once.
-                lease.release().await;
-                r.context("HTTP server stopped")
-            }
-            r = lead => r.context("stopped leading; exiting so that only one coordinator acts"),
-        }
+        serve_coordinator(args, settings, listener, shutdown_signal()).await
     })
 }
 
@@ -517,8 +529,13 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         name,
         health_listen: args.health_listen,
     };
-    runtime()?.block_on(async move {
+    let runtime = runtime()?;
+    let r = runtime.block_on(async move {
         let client = args.nats.connect(&settings.name).await?;
-        gristmill_worker::node::serve(client, settings, generator).await
-    })
+        Ok(gristmill_worker::node::serve(client, settings, generator).await?)
+    });
+    // Stopped early (a second signal, a panicked engine): what is still in flight is dropped,
+    // not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    r
 }

@@ -7,11 +7,10 @@ use clap::{Parser, Subcommand};
 mod autoscale_bench;
 mod bench;
 mod client;
-mod cluster;
-mod engine_args;
-mod nats;
 mod run;
 mod throughput;
+
+use gristmill::{cluster, engine_args};
 
 /// Bulk LLM generation: OpenAI batch files in, completions out, nothing lost or duplicated.
 #[derive(Debug, Parser)]
@@ -79,7 +78,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            // A worker says how it stopped (70: its engine panicked; 130: a second signal).
+            let code = e
+                .downcast_ref::<gristmill_worker::node::WorkerError>()
+                .map_or(2, |w| w.exit_code());
+            ExitCode::from(code)
         }
     }
 }

@@ -262,7 +262,7 @@ fn get_text(url: &str) -> (u16, String) {
 
 #[test]
 fn a_standby_coordinator_takes_over_and_a_stale_leader_stops() {
-    let mut c = Cluster::start(&[
+    let mut c = Cluster::start_processes(&[
         "--ack-wait",
         "3",
         "--shard-max-lines",
@@ -310,13 +310,14 @@ fn a_standby_coordinator_takes_over_and_a_stale_leader_stops() {
     // Pause the leader past its lease: the standby takes over; the old leader, resumed, finds
     // its lease gone and exits instead of acting beside the new one.
     let before = completed(&c.batch(&id));
-    let mut a = c.coordinator.take().expect("leader");
+    let mut leader = c.coordinator.take().expect("leader");
+    let a = leader.process();
     a.signal("STOP");
     assert!(
         before < 12,
         "the batch finished before the leader stopped; the test proves nothing"
     );
-    c.coordinator = Some(b);
+    c.coordinator = Some(b.into());
     c.url = b_url.clone();
     c.wait_leading(&b_url, Duration::from_secs(60));
     a.signal("CONT");
@@ -334,7 +335,7 @@ fn a_standby_coordinator_takes_over_and_a_stale_leader_stops() {
 
     // A clean shutdown hands the lease over at once, without waiting for it to expire.
     let (d, d_url) = c.spawn_coordinator("standby-d", &[]);
-    let b = c.coordinator.take().expect("leader");
+    let mut b = c.coordinator.take().expect("leader");
     b.sigterm();
     // The CLI, pointed at the standby in the middle of the handover, retries until it answers.
     let status = Command::new(env!("CARGO_BIN_EXE_gristmill"))
@@ -353,7 +354,7 @@ fn a_standby_coordinator_takes_over_and_a_stale_leader_stops() {
         "{}",
         b.log_text()
     );
-    c.coordinator = Some(d);
+    c.coordinator = Some(d.into());
     c.url = d_url;
     assert_eq!(c.batch(&id)["status"], "completed");
 }

@@ -861,8 +861,9 @@ fn a_second_sigterm_ends_a_draining_worker_at_once() {
     );
     let t = Instant::now();
     c.workers[w].sigterm();
-    c.workers[w].wait_exit(Duration::from_secs(10));
+    let status = c.workers[w].wait_exit(Duration::from_secs(10));
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(status.code(), Some(130), "{}", c.workers[w].log_text());
     assert!(
         c.workers[w].log_text().contains("second stop signal"),
         "{}",

@@ -383,14 +383,19 @@ async fn ready(State(g): State<AppState>) -> Response {
 
 async fn metrics(State(g): State<AppState>) -> Response {
     let leader = g.coordinator.get();
-    let mut text = format!(
-        "# HELP gristmill_coordinator_leader Whether this coordinator holds the leader lease (standbys forward to the leader).\n# TYPE gristmill_coordinator_leader gauge\ngristmill_coordinator_leader {}\n",
-        u8::from(leader.is_some())
-    );
+    let mut registries = vec![crate::server::leader_registry(leader.is_some())];
     if let Some(c) = leader {
-        text.push_str(&c.metrics().await);
+        registries.push(c.metrics().await);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let text = crate::server::exposition(&registries);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 // -------------------------------------------------------------------- files

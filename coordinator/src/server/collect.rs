@@ -88,11 +88,11 @@ impl Coordinator {
                 match st.rec.record(&r.custom_id, r.line, r.shard, ok) {
                     Recorded::New => {}
                     Recorded::Repeat => {
-                        c.duplicate_results.fetch_add(1, Ordering::Relaxed);
+                        c.duplicate_results.inc();
                         continue;
                     }
                     Recorded::Foreign => {
-                        let n = c.rejected_results.fetch_add(1, Ordering::Relaxed) + 1;
+                        let n = c.rejected_results.inc() + 1;
                         // Logged while few; the metric counts them all.
                         if n <= 100 || n.is_power_of_two() {
                             tracing::warn!(batch = %r.batch_id, line = r.line, shard = ?r.shard, rejected = n, "a result for a line this batch does not have (or from a shard that did not carry it) was rejected");
@@ -106,12 +106,8 @@ impl Coordinator {
                 }
                 st.rec.prompt_tokens += prompt;
                 st.rec.completion_tokens += tokens;
-                if ok {
-                    c.results_completed.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    c.results_failed.fetch_add(1, Ordering::Relaxed);
-                }
-                c.completion_tokens.fetch_add(tokens, Ordering::Relaxed);
+                c.result(ok);
+                c.completion_tokens.inc_by(tokens);
                 if !finished.contains(&r.batch_id) {
                     finished.push(r.batch_id.clone());
                 }
@@ -165,7 +161,7 @@ impl Coordinator {
         }
         await_acks(&mut acks).await?;
         stream.delete_message(seq).await.ok();
-        self.counters.dead_shards.fetch_add(1, Ordering::Relaxed);
+        self.counters.dead_shards.inc();
         tracing::warn!(batch = %shard.batch_id, shard = shard.shard, "shard failed on every delivery; its lines are error lines");
         Ok(())
     }

@@ -31,9 +31,7 @@ impl Coordinator {
             let Err(e) = self.try_dispatch(&id).await else {
                 return;
             };
-            self.counters
-                .dispatch_failures
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.dispatch_failures.inc();
             if attempt == DISPATCH_ATTEMPTS {
                 tracing::error!(batch = %id, attempt, error = format!("{e:#}"), "dispatch failed for the last time; the batch fails");
                 let error = LineError::new(
@@ -261,9 +259,7 @@ impl Coordinator {
                     await_acks(&mut acks).await?;
                 }
             }
-            self.counters
-                .shards_published
-                .fetch_add(w.shards.len() as u64, Ordering::Relaxed);
+            self.counters.shards_published.inc_by(w.shards.len() as u64);
         }
         await_acks(&mut acks).await?;
         index.shutdown().await?;

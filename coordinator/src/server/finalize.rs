@@ -14,9 +14,7 @@ impl Coordinator {
             match self.try_finalize(&id).await {
                 Ok(()) => return,
                 Err(e) => {
-                    self.counters
-                        .finalize_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.finalize_failures.inc();
                     tracing::error!(batch = %id, error = format!("{e:#}"), pause_s = pause.as_secs(), "finalization failed; retrying");
                     // Said on the batch object too, while it lasts (not the internal text).
                     let note = LineError::new(

@@ -13,13 +13,15 @@
 //! One concern per file: this one holds the state, its set-up and the batch records;
 //! `files` the object store; `dispatch` intake, dispatch and cancel; `collect` results,
 //! progress reports and dead shards; `finalize` the output and error files; `tick` expiry,
-//! throughput and autoscaling; `metrics` the Prometheus text.
+//! throughput and autoscaling; `metrics` the Prometheus metrics.
 
 mod collect;
 mod dispatch;
 mod files;
 mod finalize;
 mod metrics;
+
+pub use metrics::{exposition, leader_registry, Counters};
 mod tick;
 
 use std::collections::{HashMap, VecDeque};
@@ -139,23 +141,6 @@ struct BatchState {
     dirty: bool,
     /// A finalization task owns the batch.
     closing: bool,
-}
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub results_completed: AtomicU64,
-    pub results_failed: AtomicU64,
-    pub duplicate_results: AtomicU64,
-    /// Results for lines a batch does not have, or from a shard that did not carry the line.
-    pub rejected_results: AtomicU64,
-    /// Finalization attempts that failed (the store full or unreachable); each is retried.
-    pub finalize_failures: AtomicU64,
-    /// Dispatch attempts that failed; a batch whose dispatch keeps failing is failed.
-    pub dispatch_failures: AtomicU64,
-    pub completion_tokens: AtomicU64,
-    pub shards_published: AtomicU64,
-    pub dead_shards: AtomicU64,
 }
 
 /// The coordinator's shared state.

@@ -64,10 +64,7 @@ impl Coordinator {
             }
             if n.is_multiple_of(2) {
                 let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
-                rate.push_back((
-                    Instant::now(),
-                    self.counters.completion_tokens.load(Ordering::Relaxed),
-                ));
+                rate.push_back((Instant::now(), self.counters.completion_tokens.get()));
                 while rate.len() > 11 {
                     rate.pop_front();
                 }

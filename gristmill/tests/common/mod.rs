@@ -1,5 +1,7 @@
 //! A real cluster on loopback for tests: one `nats-server` per test (its own port and store
-//! folder), coordinator and worker processes of the real `gristmill` binary, HTTP with ureq.
+//! folder), coordinators started in-process through the same code as `gristmill coordinator`
+//! (or as processes of the real binary where a test signals them), worker processes of the real
+//! binary, HTTP with ureq.
 
 #![allow(dead_code)]
 
@@ -74,6 +76,159 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A coordinator running in this test process, on its own runtime, with its logs kept.
+pub struct InProcess {
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// `Some` once the coordinator returned: its error, if any.
+    exited: std::sync::Arc<std::sync::Mutex<Option<Result<(), String>>>>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// A log buffer for tracing's fmt layer.
+#[derive(Clone)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl InProcess {
+    /// Starts `gristmill coordinator ARGS` in this process on 127.0.0.1, an unused port;
+    /// returns it with its URL.
+    pub fn start(args: Vec<String>) -> (Self, String) {
+        use std::sync::{Arc, Mutex};
+        let cli = gristmill::cluster::CoordinatorArgs::try_parse_args(&args)
+            .unwrap_or_else(|e| panic!("coordinator flags {args:?}: {e}"));
+        let settings = cli
+            .settings()
+            .unwrap_or_else(|e| panic!("coordinator flags {args:?}: {e:#}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogBuffer(log.clone());
+        let dispatch: tracing::Dispatch = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,async_nats=warn"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .into();
+        let on_start = dispatch.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            // Every thread of this runtime logs into this coordinator's buffer, for good
+            // (the guard is leaked: the thread ends with the runtime).
+            .on_thread_start(move || {
+                std::mem::forget(tracing::dispatcher::set_default(&on_start));
+            })
+            .build()
+            .expect("a runtime for the coordinator");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("bound address"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let exited = Arc::new(Mutex::new(None));
+        let done = exited.clone();
+        runtime.spawn(async move {
+            let r = gristmill::cluster::serve_coordinator(cli, settings, listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+            if let Err(e) = &r {
+                tracing::error!("coordinator stopped: {e:#}");
+            }
+            *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.map_err(|e| format!("{e:#}")));
+        });
+        let node = InProcess {
+            runtime: Some(runtime),
+            stop: Some(stop),
+            exited,
+            log,
+        };
+        (node, url)
+    }
+
+    /// Stops it as a crash would: every task dropped at once, the lease left to expire.
+    pub fn crash(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Asks it to stop cleanly (as SIGTERM does): it hands the lease over and drains.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// A coordinator: in this process, or a process of the binary (for tests that signal it).
+pub enum Node {
+    InProcess(InProcess),
+    Process(Proc),
+}
+
+impl From<Proc> for Node {
+    fn from(p: Proc) -> Self {
+        Node::Process(p)
+    }
+}
+
+impl Node {
+    /// Stops it at once, without a clean shutdown.
+    pub fn kill9(&mut self) {
+        match self {
+            Node::InProcess(n) => n.crash(),
+            Node::Process(p) => p.kill9(),
+        }
+    }
+
+    /// A clean shutdown.
+    pub fn sigterm(&mut self) {
+        match self {
+            Node::InProcess(n) => n.stop(),
+            Node::Process(p) => p.sigterm(),
+        }
+    }
+
+    /// The process, for signals and exit codes; panics for an in-process coordinator.
+    pub fn process(&mut self) -> &mut Proc {
+        match self {
+            Node::Process(p) => p,
+            Node::InProcess(_) => {
+                panic!("this test signals its coordinator: start it with Cluster::start_processes")
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        match self {
+            Node::InProcess(n) => n.log_text(),
+            Node::Process(p) => p.log_text(),
+        }
     }
 }
 
@@ -195,13 +350,16 @@ pub struct Cluster {
     /// TLS and users on NATS, when the cluster runs secured.
     pub security: Option<NatsSecurity>,
     port: u16,
-    pub coordinator: Option<Proc>,
+    pub coordinator: Option<Node>,
     pub url: String,
     pub workers: Vec<Proc>,
     pub api_key: Option<String>,
     coordinator_args: Vec<String>,
     /// Environment variables of every coordinator started.
     pub coordinator_env: Vec<(String, String)>,
+    /// Coordinators run as processes of the binary (to be signalled, or to get environment
+    /// variables), not in the test process.
+    coordinator_processes: bool,
     n: usize,
 }
 
@@ -222,21 +380,27 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 impl Cluster {
     /// Starts nats-server and a coordinator with `args` added to its command line.
     pub fn start(args: &[&str]) -> Self {
-        Self::start_with_env(args, &[])
+        Self::start_full(args, &[], false, false)
     }
 
-    /// As [`Cluster::start`], with environment variables for the coordinator.
+    /// As [`Cluster::start`], with coordinators as processes of the binary with environment
+    /// variables `env` (tests that signal a coordinator or give it an environment).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_full(args, env, false)
+        Self::start_full(args, env, false, true)
+    }
+
+    /// As [`Cluster::start`], with coordinators as processes of the binary.
+    pub fn start_processes(args: &[&str]) -> Self {
+        Self::start_full(args, &[], false, true)
     }
 
     /// As [`Cluster::start`], with NATS requiring mutual TLS and a user per role (the
     /// coordinator's password given by environment variable, the workers' by flag).
     pub fn start_secure(args: &[&str]) -> Self {
-        Self::start_full(args, &[], true)
+        Self::start_full(args, &[], true, false)
     }
 
-    fn start_full(args: &[&str], env: &[(&str, &str)], secure: bool) -> Self {
+    fn start_full(args: &[&str], env: &[(&str, &str)], secure: bool, processes: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let security = secure.then(|| NatsSecurity::new(dir.path()));
         let config = security.as_ref().map(|s| s.config.clone());
@@ -253,6 +417,7 @@ impl Cluster {
             api_key: None,
             coordinator_args: args.iter().map(|s| s.to_string()).collect(),
             coordinator_env: Vec::new(),
+            coordinator_processes: processes,
             n: 0,
             dir,
         };
@@ -275,9 +440,30 @@ impl Cluster {
     /// Starts the coordinator (identity `test-coordinator`, the same across restarts) and
     /// waits until it leads.
     pub fn start_coordinator(&mut self) {
-        let (proc, url) = self.spawn_coordinator("test-coordinator", &[]);
+        let (node, url) = if self.coordinator_processes {
+            let (proc, url) = self.spawn_coordinator("test-coordinator", &[]);
+            (Node::Process(proc), url)
+        } else {
+            let mut args: Vec<String> = ["--nats", &self.nats_url, "--instance-id"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            args.push("test-coordinator".into());
+            if let Some(s) = &self.security {
+                args.extend(s.tls_args());
+                args.extend(["--nats-user".into(), "coordinator".into()]);
+                args.extend(["--nats-password".into(), s.coordinator_password.clone()]);
+            }
+            args.extend(self.coordinator_args.iter().cloned());
+            if !args.iter().any(|a| a == "--api-key" || a == "--api-keys") {
+                // Tests that use keys pass them; the rest run open on loopback.
+                args.push("--allow-unauthenticated".into());
+            }
+            let (node, url) = InProcess::start(args);
+            (Node::InProcess(node), url)
+        };
         self.url = url;
-        self.coordinator = Some(proc);
+        self.coordinator = Some(node);
         self.wait_leading(&self.url.clone(), Duration::from_secs(60));
     }
 

@@ -2,37 +2,31 @@
 
 use super::*;
 
-/// A minimal HTTP health endpoint for the kubelet's probes: any request gets 200 while the
-/// worker is connected to NATS and not stopping, 503 otherwise.
+/// The health endpoint for the kubelet's probes (axum): any path gets 200 while the worker is
+/// connected to NATS and not stopping, 503 otherwise.
 pub(super) async fn health(
     listener: tokio::net::TcpListener,
     client: async_nats::Client,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
+    use axum::http::StatusCode;
+    let probe = move || {
         let ok = client.connection_state() == async_nats::connection::State::Connected
             && !stopping.load(Ordering::SeqCst);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
-            let (status, body) = if ok {
-                ("200 OK", "ok")
+        async move {
+            if ok {
+                (StatusCode::OK, "ok")
             } else {
                 (
-                    "503 Service Unavailable",
+                    StatusCode::SERVICE_UNAVAILABLE,
                     "not connected to NATS, or stopping",
                 )
-            };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(reply.as_bytes()).await;
-        });
+            }
+        }
+    };
+    let app = axum::Router::new().fallback(probe);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the health endpoint stopped");
     }
 }
 

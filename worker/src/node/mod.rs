@@ -27,6 +27,8 @@
 //!
 //! This file holds the set-up and the shard loop; `results` publishes and checks results,
 //! `health` answers the probe and watches for stop signals.
+mod error;
+pub use error::WorkerError;
 mod health;
 mod results;
 use health::*;
@@ -37,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, Result};
 use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::FutureExt;
 use futures_util::StreamExt;
@@ -142,12 +144,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Runs a worker on `client` (connected by the caller, with its credentials and TLS) until
-/// SIGTERM or Ctrl-C.
+/// SIGTERM or Ctrl-C, then drains. Returns early with [`WorkerError::EnginePanicked`] or
+/// [`WorkerError::Interrupted`], for the caller to exit with their code.
 pub async fn serve(
     client: async_nats::Client,
     settings: WorkerSettings,
     generator: Generator,
-) -> Result<()> {
+) -> Result<(), WorkerError> {
     let js = jetstream::new(client);
     // The coordinator creates the streams and the consumer; wait for them.
     let consumer: consumer::PullConsumer = loop {
@@ -174,7 +177,7 @@ pub async fn serve(
     let results = js
         .get_stream(RESULT_STREAM)
         .await
-        .context("the results stream is missing")?;
+        .map_err(WorkerError::NoResultsStream)?;
     let max_message_bytes = max_message_bytes(&js.client());
     let config = &consumer.cached_info().config;
     let (ack_wait, max_deliver) = (config.ack_wait, config.max_deliver);
@@ -182,12 +185,15 @@ pub async fn serve(
     let router = Arc::new(Router::default());
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<(Tag, Outcome)>();
     let (to_engine, from_workers) = std::sync::mpsc::channel::<(Tag, Request)>();
+    // The engine thread's panic and a second stop signal end `serve` at once.
+    let (fatal_tx, mut fatal) = mpsc::unbounded_channel::<WorkerError>();
     let model_name = match &generator {
         Generator::Model(e, _) => e.model_name.clone(),
         Generator::Echo => "echo".to_string(),
     };
     {
         let router = router.clone();
+        let fatal_tx = fatal_tx.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
@@ -222,10 +228,10 @@ pub async fn serve(
                     tracing::error!(
                         "the engine thread panicked; exiting so that the worker is restarted"
                     );
-                    std::process::exit(70);
+                    let _ = fatal_tx.send(WorkerError::EnginePanicked);
                 }
             })
-            .context("starting the engine thread")?;
+            .map_err(WorkerError::EngineThread)?;
     }
     {
         let router = router.clone();
@@ -261,25 +267,45 @@ pub async fn serve(
     if let Some(addr) = settings.health_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot listen for health probes on {addr}"))?;
+            .map_err(|source| WorkerError::HealthListen { addr, source })?;
         tokio::spawn(health(listener, shared.js.client(), stopping.clone()));
     }
     tracing::info!(name = %settings.name, ?ack_wait, max_deliver, "worker ready");
 
+    let work = run(shared, consumer, settings, release_tx, stopping, fatal_tx);
+    tokio::select! {
+        () = work => Ok(()),
+        Some(e) = fatal.recv() => Err(e),
+    }
+}
+
+/// Takes shards until a stop signal, then drains them within the grace period.
+async fn run(
+    shared: Arc<Shared>,
+    consumer: consumer::PullConsumer,
+    settings: WorkerSettings,
+    release_tx: watch::Sender<bool>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    fatal_tx: mpsc::UnboundedSender<WorkerError>,
+) {
     let slots = Arc::new(Semaphore::new(settings.max_inflight_shards.max(1)));
     let mut stop = Box::pin(async {
         shutdown_signal().await;
-        // A second SIGTERM or SIGINT ends the process at once, whatever it is waiting for.
-        tokio::spawn(async {
+        // A second SIGTERM or SIGINT ends `serve` at once, whatever it is waiting for.
+        tokio::spawn(async move {
             shutdown_signal().await;
             tracing::warn!("second stop signal: exiting now");
-            std::process::exit(130);
+            let _ = fatal_tx.send(WorkerError::Interrupted);
         });
     });
     loop {
         let permit = tokio::select! {
             _ = &mut stop => break,
-            p = slots.clone().acquire_owned() => p.context("semaphore closed")?,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                // Never closed; if it were, nothing more could be taken.
+                Err(_) => break,
+            },
         };
         let batch = consumer
             .batch()
@@ -368,7 +394,6 @@ pub async fn serve(
         Err(_) => tracing::warn!("NATS did not take the last acknowledgements within 5 s"),
     }
     tracing::info!("worker stopped");
-    Ok(())
 }
 
 /// One shard, from delivery to acknowledgement.
