@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use gristmill_engine::config::ModelConfig;
 use gristmill_engine::weights::{Checkpoint, GgufWriter, MetaValue};
 use gristmill_engine::{Engine, Error};
+use gristmill_kernels::quant::{dequantize, random_blocks};
 use gristmill_kernels::GgmlType;
 use gristmill_testkit::fixture;
 use serde_json::Value;
@@ -33,6 +35,14 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
     let dir = fixture("tiny-llama3");
     let ckpt = Checkpoint::open(&dir).expect("fixture opens");
     let cfg = ckpt.config().expect("config");
+    let mut w = llama_meta(&cfg);
+    tokenizer_meta(&mut w);
+    llama_tensors(w, &ckpt, &cfg, ty, skip)
+}
+
+/// The tiny Llama-3 fixture's byte-level BPE tokenizer (320 tokens) as GGUF metadata.
+fn tokenizer_meta(w: &mut GgufWriter) {
+    let dir = fixture("tiny-llama3");
     let tok: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("tokenizer.json")).expect("tokenizer"),
     )
@@ -73,24 +83,7 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
             _ => panic!("odd merge"),
         })
         .collect();
-    let mut w = GgufWriter::new();
-    let int = |v: usize| MetaValue::Int(v as i64);
-    w.meta("general.architecture", MetaValue::String("llama".into()))
-        .meta("llama.embedding_length", int(cfg.hidden_size))
-        .meta("llama.feed_forward_length", int(cfg.intermediate_size))
-        .meta("llama.block_count", int(cfg.num_layers))
-        .meta("llama.attention.head_count", int(cfg.num_heads))
-        .meta("llama.attention.head_count_kv", int(cfg.num_kv_heads))
-        .meta(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::Float(cfg.rms_norm_eps as f64),
-        )
-        .meta(
-            "llama.rope.freq_base",
-            MetaValue::Float(cfg.rope_theta as f64),
-        )
-        .meta("llama.context_length", int(cfg.max_position_embeddings))
-        .meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+    w.meta("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
         .meta("tokenizer.ggml.pre", MetaValue::String("default".into()))
         .meta(
             "tokenizer.ggml.tokens",
@@ -113,6 +106,38 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
         .meta("tokenizer.ggml.merges", MetaValue::Array(merges))
         .meta("tokenizer.ggml.bos_token_id", MetaValue::Int(1))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::Int(2));
+}
+
+/// A GGUF writer with the `llama` architecture's metadata for `cfg`.
+fn llama_meta(cfg: &ModelConfig) -> GgufWriter {
+    let mut w = GgufWriter::new();
+    let int = |v: usize| MetaValue::Int(v as i64);
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("llama.embedding_length", int(cfg.hidden_size))
+        .meta("llama.feed_forward_length", int(cfg.intermediate_size))
+        .meta("llama.block_count", int(cfg.num_layers))
+        .meta("llama.attention.head_count", int(cfg.num_heads))
+        .meta("llama.attention.head_count_kv", int(cfg.num_kv_heads))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::Float(cfg.rms_norm_eps as f64),
+        )
+        .meta(
+            "llama.rope.freq_base",
+            MetaValue::Float(cfg.rope_theta as f64),
+        )
+        .meta("llama.context_length", int(cfg.max_position_embeddings));
+    w
+}
+
+/// Adds the checkpoint's tensors (matrices as `ty`, norms as F32) and rope factors to `w`.
+fn llama_tensors(
+    mut w: GgufWriter,
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    ty: GgmlType,
+    skip: Option<&str>,
+) -> GgufWriter {
     // Llama-3 rope scaling travels as per-dimension divisors of the unscaled frequencies.
     let mut unscaled = cfg.clone();
     unscaled.rope_scaling = None;
@@ -134,7 +159,7 @@ fn tiny_llama_gguf(ty: GgmlType, skip: Option<&str>) -> GgufWriter {
             if skip == Some(gguf) {
                 return;
             }
-            let mut data = ckpt.tensor(hf, shape, &cfg).expect("fixture tensor");
+            let mut data = ckpt.tensor(hf, shape, cfg).expect("fixture tensor");
             if let Some(heads) = permute_heads {
                 data = permute(&data, heads, hd);
             }
@@ -280,6 +305,9 @@ fn every_supported_gguf_type_loads_and_stays_close() {
         (GgmlType::Q8_0, 0.06),
         (GgmlType::Q4_1, 0.6),
         (GgmlType::Q4_0, 0.6),
+        // llama.cpp writes these in place of K-quants in rows not a multiple of 256 long.
+        (GgmlType::Q5_0, 0.3),
+        (GgmlType::Q5_1, 0.3),
     ] {
         let path = write(
             &tmp,
@@ -303,6 +331,78 @@ fn every_supported_gguf_type_loads_and_stays_close() {
             err < tol,
             "{ty:?}: logits differ from f32 by {err} relative (allowed {tol})"
         );
+    }
+}
+
+/// A model whose matrices are K-quant and 5-bit blocks, mixed per tensor as llama.cpp's
+/// `Q4_K_M` and `Q5_K_M` files mix them (every type Gristmill reads appears), and its twin with
+/// the same weights dequantised to F32 (the values ggml's reference dequantisers give, as
+/// `kernels/tests/quant_reference.rs` checks). Rows are 256 and 512 long, whole super-blocks.
+fn k_quant_twins() -> (GgufWriter, GgufWriter) {
+    let mut cfg = Checkpoint::open(&fixture("tiny-llama3"))
+        .expect("fixture opens")
+        .config()
+        .expect("config");
+    (cfg.hidden_size, cfg.intermediate_size) = (256, 512);
+    (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (4, 2, 64);
+    cfg.rope_scaling = None;
+    let (mut quant, mut twin) = (llama_meta(&cfg), llama_meta(&cfg));
+    tokenizer_meta(&mut quant);
+    tokenizer_meta(&mut twin);
+    let (h, f, kv) = (256, 512, 2 * 64);
+    let mut seed = 0;
+    let mut put = |name: &str, shape: [usize; 2], ty: GgmlType| {
+        seed += 1;
+        let n = shape[0] * shape[1];
+        let bytes = random_blocks(ty, n / ty.block_len(), seed, 2e-3);
+        let mut values = vec![0f32; n];
+        dequantize(ty, &bytes, &mut values);
+        quant.raw_tensor(name, &shape, ty.id(), bytes);
+        twin.tensor(name, &shape, GgmlType::F32, &values);
+    };
+    use GgmlType::*;
+    put("token_embd.weight", [cfg.vocab_size, h], Q6K);
+    let layers = [
+        [Q4K, Q4K, Q6K, Q5K, Q3K, Q2K, Q6K],
+        [Q5_0, Q5_1, Q8_0, Q4_0, Q4_1, Q5K, Q4K],
+    ];
+    for (l, types) in layers.iter().enumerate() {
+        let names = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        let shapes = [[h, h], [kv, h], [kv, h], [h, h], [f, h], [f, h], [h, f]];
+        for ((name, shape), ty) in names.iter().zip(shapes).zip(types) {
+            put(&format!("blk.{l}.{name}.weight"), shape, *ty);
+        }
+    }
+    for w in [&mut quant, &mut twin] {
+        let ones = vec![1.0f32; h];
+        w.tensor("output_norm.weight", &[h], F32, &ones);
+        for l in 0..2 {
+            w.tensor(&format!("blk.{l}.attn_norm.weight"), &[h], F32, &ones);
+            w.tensor(&format!("blk.{l}.ffn_norm.weight"), &[h], F32, &ones);
+        }
+    }
+    (quant, twin)
+}
+
+#[test]
+fn k_quant_models_compute_exactly_what_their_dequantised_twins_compute() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (quant, twin) = k_quant_twins();
+    let q = Engine::load(&write(&tmp, "mixed.gguf", &quant.to_bytes())).expect("K-quants load");
+    let f = Engine::load(&write(&tmp, "twin.gguf", &twin.to_bytes())).expect("twin loads");
+    for text in ["Hello, world!", "fn main() { 1234 }"] {
+        let (a, b) = (logits(&q, text), logits(&f, text));
+        assert!(a.iter().all(|x| x.is_finite()), "{a:?}");
+        assert!(a.iter().any(|&x| x != a[0]), "the logits say something");
+        assert_eq!(a, b, "{text:?}: the quantised weights changed a logit");
     }
 }
 
@@ -344,17 +444,17 @@ fn unknown_tensor_type_missing_tensor_and_wrong_shape_are_named() {
         "{msg}"
     );
 
-    // Q4_K (ggml type 12) is a real type Gristmill does not read yet.
+    // IQ4_NL (ggml type 20) is a real type Gristmill does not read yet.
     w.raw_tensor(
         "blk.0.ffn_up.weight",
         &[160, 64],
-        12,
-        vec![0u8; 160 * 64 / 256 * 144],
+        20,
+        vec![0u8; 160 * 64 / 32 * 18],
     );
-    let p = write(&tmp, "q4k.gguf", &w.to_bytes());
+    let p = write(&tmp, "iq4.gguf", &w.to_bytes());
     let msg = load_err(&p).to_string();
     assert!(
-        msg.contains("q4k.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("Q4_K"),
+        msg.contains("iq4.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ4_NL"),
         "{msg}"
     );
 

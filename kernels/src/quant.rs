@@ -2,7 +2,16 @@
 //!
 //! Block layouts follow ggml: a `Q4_0` block is an f16 scale and 16 bytes holding 32 4-bit values
 //! (low nibbles are elements 0..16, high nibbles 16..32); `Q4_1` adds an f16 minimum; `Q8_0` is an
-//! f16 scale and 32 signed bytes.
+//! f16 scale and 32 signed bytes; `Q5_0`/`Q5_1` add a 32-bit word of fifth bits. The K-quants
+//! (`Q2_K` … `Q6_K`) hold 256 values in super-blocks with an f16 scale (and minimum) and 6- or
+//! 8-bit sub-block scales of 16 or 32 values.
+//!
+//! Every quantised type is read the same way ([`decode_block`]): a block is small integers `v`,
+//! and per sub-block a scale `d` and, for types with minima, an offset `m`; the weight is
+//! `v * d` or `v * d + m`, a multiply then an add in f32. `d` and `m` are computed in f32 exactly
+//! as ggml's and the `gguf` Python package's reference dequantisers compute them (`d * sc`,
+//! `-(dmin * m)`), so [`dequantize`] is bit-identical to them (tested on committed blocks), and
+//! so is the matmul that expands the same values in registers.
 
 use half::{bf16, f16};
 
@@ -15,7 +24,17 @@ pub enum GgmlType {
     Q4_1,
     Q8_0,
     BF16,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
+
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
 
 impl GgmlType {
     /// Maps a ggml type id; `None` for types Gristmill does not read (yet).
@@ -25,7 +44,14 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
             30 => Self::BF16,
             _ => return None,
         })
@@ -37,7 +63,14 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
             Self::BF16 => 30,
         }
     }
@@ -57,7 +90,8 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1 => 32,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
         }
     }
 
@@ -69,6 +103,13 @@ impl GgmlType {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
         }
     }
 
@@ -78,6 +119,174 @@ impl GgmlType {
             return None;
         }
         (n / self.block_len()).checked_mul(self.block_bytes())
+    }
+
+    /// The ggml name (`Q4_K`, …).
+    pub fn name(self) -> &'static str {
+        Self::name_of_id(self.id())
+    }
+
+    /// Every type Gristmill reads.
+    pub const ALL: [GgmlType; 13] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
+    /// How a block of this type decodes, for the quantised types; `None` for F32, F16, BF16.
+    pub fn sub_blocks(self) -> Option<SubBlocks> {
+        let (len, min) = match self {
+            Self::F32 | Self::F16 | Self::BF16 => return None,
+            Self::Q4_0 | Self::Q8_0 | Self::Q5_0 => (32, false),
+            Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => (32, true),
+            Self::Q3K | Self::Q6K => (16, false),
+            Self::Q2K => (16, true),
+        };
+        Some(SubBlocks { len, min })
+    }
+}
+
+/// The shape of a quantised type's blocks as [`decode_block`] gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubBlocks {
+    /// Values per scale (16 or 32).
+    pub len: usize,
+    /// Whether each sub-block has an offset `m` (the weight is `v * d + m`).
+    pub min: bool,
+}
+
+/// The f16 at `b[i..i + 2]`, as f32.
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
+fn k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Decodes one block of a quantised `ty` into its integer values `v` (one per element, all
+/// within -128..=127) and per sub-block its scale `d` and offset `m` (0 for types without
+/// minima): element `e` is `v[e] * d[e / len] + m[e / len]` (without the `+ m` when the type has
+/// no minima). `v` holds `ty.block_len()` values, `d` and `m` one per sub-block.
+///
+/// # Panics
+/// If `ty` is not quantised or a slice is too short (callers size them from `ty`).
+pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut [f32]) {
+    assert!(b.len() >= ty.block_bytes() && v.len() >= ty.block_len());
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            panic!("decode_block: {ty:?} is not a quantised type")
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let qs = &b[b.len() - 16..];
+            d[0] = f16_at(b, 0);
+            let off = if ty == GgmlType::Q4_0 { 8 } else { 0 };
+            if ty == GgmlType::Q4_1 {
+                m[0] = f16_at(b, 2);
+            }
+            for (i, &q) in qs.iter().enumerate() {
+                v[i] = (q & 0x0f) as i8 - off;
+                v[i + 16] = (q >> 4) as i8 - off;
+            }
+        }
+        GgmlType::Q8_0 => {
+            d[0] = f16_at(b, 0);
+            for (x, &q) in v.iter_mut().zip(&b[2..34]) {
+                *x = q as i8;
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let at = if ty == GgmlType::Q5_0 { 2 } else { 4 };
+            d[0] = f16_at(b, 0);
+            if ty == GgmlType::Q5_1 {
+                m[0] = f16_at(b, 2);
+            }
+            let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            let off = if ty == GgmlType::Q5_0 { 16 } else { 0 };
+            for (i, &q) in b[at + 4..at + 20].iter().enumerate() {
+                let h0 = ((qh >> i) & 1) as u8;
+                let h1 = ((qh >> (i + 16)) & 1) as u8;
+                v[i] = ((q & 0x0f) | (h0 << 4)) as i8 - off;
+                v[i + 16] = ((q >> 4) | (h1 << 4)) as i8 - off;
+            }
+        }
+        GgmlType::Q2K => {
+            let (scales, qs) = (&b[0..16], &b[16..80]);
+            let (dd, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            for (j, &s) in scales.iter().enumerate() {
+                d[j] = dd * (s & 0x0f) as f32;
+                m[j] = -(dmin * (s >> 4) as f32);
+            }
+            for e in 0..QK_K {
+                let (h, s, l) = (e / 128, (e / 32) % 4, e % 32);
+                v[e] = ((qs[h * 32 + l] >> (2 * s)) & 3) as i8;
+            }
+        }
+        GgmlType::Q3K => {
+            let (hmask, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
+            let dd = f16_at(b, 108);
+            for (j, dj) in d.iter_mut().enumerate().take(16) {
+                let lo = if j < 8 { sc[j] & 0x0f } else { sc[j - 8] >> 4 };
+                let hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+                *dj = dd * (((lo | (hi << 4)) as i8) - 32) as f32;
+            }
+            for e in 0..QK_K {
+                let (h, s, l) = (e / 128, (e / 32) % 4, e % 32);
+                let low = ((qs[h * 32 + l] >> (2 * s)) & 3) as i8;
+                let high = (hmask[l] >> (e / 32)) & 1;
+                v[e] = low - if high == 1 { 0 } else { 4 };
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (dd, dmin, sc) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
+            for j in 0..8 {
+                let (s, mm) = k_scale_min(sc, j);
+                d[j] = dd * s as f32;
+                m[j] = -(dmin * mm as f32);
+            }
+            let (qh, qs) = if ty == GgmlType::Q5K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for e in 0..QK_K {
+                let (c, s, l) = (e / 64, (e / 32) % 2, e % 32);
+                let low = (qs[c * 32 + l] >> (4 * s)) & 0x0f;
+                let high = qh.map_or(0, |qh| ((qh[l] >> (e / 32)) & 1) << 4);
+                v[e] = (low | high) as i8;
+            }
+        }
+        GgmlType::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let dd = f16_at(b, 208);
+            for (j, dj) in d.iter_mut().enumerate().take(16) {
+                *dj = dd * (sc[j] as i8) as f32;
+            }
+            for e in 0..QK_K {
+                let (h, r) = (e / 128, e % 128);
+                let low = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0x0f;
+                let high = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
+                v[e] = (low | (high << 4)) as i8 - 32;
+            }
+        }
     }
 }
 
@@ -91,7 +300,6 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         ty.bytes_for(dst.len()),
         "dequantize: size mismatch for {ty:?}"
     );
-    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match ty {
         GgmlType::F32 => {
             for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -108,34 +316,64 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
                 *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
             }
         }
-        GgmlType::Q4_0 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(18)) {
-                let scale = f16_at(b, 0);
-                for (i, &q) in b[2..18].iter().enumerate() {
-                    d[i] = ((q & 0x0f) as i32 - 8) as f32 * scale;
-                    d[i + 16] = ((q >> 4) as i32 - 8) as f32 * scale;
-                }
-            }
-        }
-        GgmlType::Q4_1 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(20)) {
-                let scale = f16_at(b, 0);
-                let min = f16_at(b, 2);
-                for (i, &q) in b[4..20].iter().enumerate() {
-                    d[i] = (q & 0x0f) as f32 * scale + min;
-                    d[i + 16] = (q >> 4) as f32 * scale + min;
-                }
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(34)) {
-                let scale = f16_at(b, 0);
-                for (x, &q) in d.iter_mut().zip(&b[2..34]) {
-                    *x = (q as i8) as f32 * scale;
+        _ => {
+            let Some(sb) = ty.sub_blocks() else {
+                unreachable!("every type without sub-blocks is matched above")
+            };
+            let (len, bb) = (ty.block_len(), ty.block_bytes());
+            let mut v = [0i8; QK_K];
+            let (mut d, mut m) = ([0f32; QK_K / 16], [0f32; QK_K / 16]);
+            for (out, b) in dst.chunks_exact_mut(len).zip(src.chunks_exact(bb)) {
+                decode_block(ty, b, &mut v, &mut d, &mut m);
+                for (e, o) in out.iter_mut().enumerate() {
+                    let j = e / sb.len;
+                    // A multiply, then an add: the reference's two roundings.
+                    *o = if sb.min {
+                        v[e] as f32 * d[j] + m[j]
+                    } else {
+                        v[e] as f32 * d[j]
+                    };
                 }
             }
         }
     }
+}
+
+/// Random blocks of a quantised `ty`, for tests (GGUF test models, kernel checks): every byte
+/// random except the f16 scale fields, which get finite values of either sign up to `max_scale`
+/// in magnitude (the first block's are zero).
+///
+/// # Panics
+/// If `ty` is not quantised.
+pub fn random_blocks(ty: GgmlType, blocks: usize, seed: u64, max_scale: f32) -> Vec<u8> {
+    let f16_fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => panic!("{ty:?} has no blocks"),
+    };
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let bb = ty.block_bytes();
+    let mut out: Vec<u8> = (0..blocks * bb).map(|_| next() as u8).collect();
+    for b in 0..blocks {
+        for &at in f16_fields {
+            let v = if b == 0 {
+                0.0
+            } else {
+                ((next() % 2001) as f32 - 1000.0) / 1000.0 * max_scale
+            };
+            out[b * bb + at..b * bb + at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Quantises f32 values into whole blocks of `ty` the way ggml's reference quantisers do.
@@ -186,6 +424,43 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|i| q(b[i]) | (q(b[i + 16]) << 4)));
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            for b in src.chunks(32) {
+                // Q5_0: ggml's scale maps the value of largest magnitude to -16; Q5_1: the range
+                // over 31 steps from the minimum.
+                let (d, min) = if ty == GgmlType::Q5_0 {
+                    let max = b
+                        .iter()
+                        .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                    (max / -16.0, 0.0)
+                } else {
+                    let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                    let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    ((max - min) / 31.0, min)
+                };
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                if ty == GgmlType::Q5_1 {
+                    out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                }
+                let q = |x: f32| {
+                    if ty == GgmlType::Q5_0 {
+                        ((x * id + 16.5) as i32).clamp(0, 31) as u32
+                    } else {
+                        (((x - min) * id + 0.5) as i32).clamp(0, 31) as u32
+                    }
+                };
+                let mut qh = 0u32;
+                for j in 0..16 {
+                    qh |= ((q(b[j]) >> 4) << j) | ((q(b[j + 16]) >> 4) << (j + 16));
+                }
+                out.extend_from_slice(&qh.to_le_bytes());
+                out.extend((0..16).map(|i| (q(b[i]) & 15) as u8 | (((q(b[i + 16]) & 15) as u8) << 4)));
+            }
+        }
+        other => panic!(
+            "quantize: {other:?} test data comes from llama-quantize (scripts/make_quant_fixtures.py)"
+        ),
     }
     out
 }
@@ -238,6 +513,8 @@ mod tests {
             (GgmlType::Q8_0, 0.04),
             (GgmlType::Q4_0, 0.6),
             (GgmlType::Q4_1, 0.3),
+            (GgmlType::Q5_0, 0.3),
+            (GgmlType::Q5_1, 0.15),
         ] {
             let bytes = quantize(ty, &src);
             assert_eq!(Some(bytes.len()), ty.bytes_for(src.len()));
@@ -261,8 +538,12 @@ mod tests {
         ] {
             assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
         }
-        assert_eq!(GgmlType::from_id(12), None);
-        assert_eq!(GgmlType::name_of_id(12), "Q4_K");
+        for ty in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
+        }
+        assert_eq!(GgmlType::Q4K.name(), "Q4_K");
+        assert_eq!(GgmlType::from_id(20), None);
+        assert_eq!(GgmlType::name_of_id(20), "IQ4_NL");
         assert_eq!(GgmlType::name_of_id(999), "unknown");
     }
 }

@@ -107,8 +107,8 @@ impl Checkpoint {
         }
     }
 
-    /// A matrix in its quantised form (Q4_0, Q4_1 or Q8_0 GGUF tensors), rows in HF order, for
-    /// backends that compute on quantised weights; `None` for any other tensor.
+    /// A matrix in its quantised form (GGUF tensors of any quantised type Gristmill reads), rows
+    /// in HF order, for backends that compute on quantised weights; `None` for any other tensor.
     pub fn quantized(
         &self,
         hf_name: &str,
@@ -123,7 +123,7 @@ impl Checkpoint {
             return Ok(None);
         }
         let (ty, bytes) = g.tensor_raw(&name, shape)?;
-        if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+        if ty.sub_blocks().is_none() {
             return Ok(None);
         }
         let permuted = cfg.architecture == "llama";

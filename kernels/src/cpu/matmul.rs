@@ -2,22 +2,23 @@
 //! with `W` packed once at load into panels of [`NR`] output columns stored k-major
 //! (`panel[k][j]`), so that a micro-kernel can broadcast one `x` value against 16 weights.
 //!
-//! Weights from quantised checkpoints (Q4_0, Q4_1, Q8_0) can stay quantised: their panels hold,
-//! for each `k`, the 16 rows' quantised values side by side, and per 32-wide block of `k` the 16
-//! rows' scales (and minima) as f32. The micro-kernel expands a `k` step to two vectors of f32
-//! weights in registers — `q * d (+ m)`, a multiply then an add, exactly as
-//! [`crate::quant::dequantize`] computes — and feeds the same FMA chains. Results are therefore
-//! bit-identical to the f32 path, with 5–6× less weight memory to stream.
+//! Weights from quantised checkpoints (every GGML type [`crate::quant::decode_block`] reads) can
+//! stay quantised: their panels hold, for each `k`, the 16 rows' integer values side by side (4
+//! bits each where the values fit — Q4_0, Q4_1, Q4_K, Q2_K — else a signed byte), and per
+//! sub-block of `k` (32 wide, or 16 for Q2_K, Q3_K and Q6_K) the 16 rows' scales (and offsets)
+//! as f32. The micro-kernel expands a `k` step to two vectors of f32 weights in registers —
+//! `v * d (+ m)`, a multiply then an add, exactly as [`crate::quant::dequantize`] computes — and
+//! feeds the same FMA chains. Results are therefore bit-identical to the f32 path, with 3–6×
+//! less weight memory to stream.
 //!
 //! Determinism: every output element is a single FMA chain over `k` in ascending order, starting
 //! from zero — `acc = fma(x[i][k], w[j][k], acc)` for `k = 0, 1, …` — whichever micro-kernel
 //! (1 to [`MR`] rows) and whichever thread computes it. The tiling depends on `m`; the arithmetic
 //! of an element does not, so a row's result is bit-identical at any batch size.
 
-use half::f16;
 use rayon::prelude::*;
 
-use crate::quant::GgmlType;
+use crate::quant::{decode_block, GgmlType, QK_K};
 
 /// Output columns per packed panel (two AVX2 vectors).
 pub const NR: usize = 16;
@@ -42,15 +43,17 @@ enum Storage {
     Quant(QuantPanels),
 }
 
-/// Which formula turns a quantised value `q` into a weight.
+/// How a panel stores its values and which formula turns a value into a weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QKind {
-    /// Q4_0: `(q - 8) * d`.
+    /// A nibble `q`, the weight `(q - 8) * d` (Q4_0).
     Q4Sym,
-    /// Q4_1: `q * d + m`.
+    /// A nibble `q`, the weight `q * d + m` (Q4_1, Q4_K, Q2_K).
     Q4Min,
-    /// Q8_0: `q * d` with signed `q`.
+    /// A signed byte `q`, the weight `q * d` (Q8_0, Q5_0, Q3_K, Q6_K).
     Q8,
+    /// A signed byte `q`, the weight `q * d + m` (Q5_1, Q5_K).
+    Q8Min,
 }
 
 impl QKind {
@@ -58,27 +61,45 @@ impl QKind {
     fn bytes_per_k(self) -> usize {
         match self {
             QKind::Q4Sym | QKind::Q4Min => NR / 2,
-            QKind::Q8 => NR,
+            QKind::Q8 | QKind::Q8Min => NR,
         }
     }
 
-    /// f32 scale vectors per 32-wide block of a panel (`d`, and `m` for Q4_1).
+    /// f32 scale vectors per sub-block of a panel (`d`, and `m` for the kinds with offsets).
     fn scale_sets(self) -> usize {
-        if self == QKind::Q4Min {
+        if matches!(self, QKind::Q4Min | QKind::Q8Min) {
             2
         } else {
             1
         }
+    }
+
+    fn nibbles(self) -> bool {
+        matches!(self, QKind::Q4Sym | QKind::Q4Min)
+    }
+
+    /// The panel kind for a GGML type, if it is quantised.
+    fn of(ty: GgmlType) -> Option<Self> {
+        let sb = ty.sub_blocks()?;
+        Some(match ty {
+            GgmlType::Q4_0 => QKind::Q4Sym,
+            GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q2K => QKind::Q4Min,
+            _ if sb.min => QKind::Q8Min,
+            _ => QKind::Q8,
+        })
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 struct QuantPanels {
     kind: QKind,
+    /// Values per sub-block of `k` (32, or 16).
+    sub: usize,
     /// Per panel, per `k`: `NR` values. Q4: byte `t` holds row `t` (low nibble) and row `t + 8`
     /// (high nibble); Q8: one signed byte per row.
     q: Vec<u8>,
-    /// Per panel, per 32-wide block of `k`: `NR` scales `d`, then (Q4_1) `NR` minima `m`.
+    /// Per panel, per sub-block of `k`: `NR` scales `d`, then (kinds with offsets) `NR`
+    /// offsets `m`.
     scales: Vec<f32>,
 }
 
@@ -103,51 +124,49 @@ impl PackedMatrix {
         }
     }
 
-    /// Packs a row-major `[n, k]` matrix of ggml blocks without dequantising it; `None` for types
-    /// other than Q4_0, Q4_1 and Q8_0, for a `k` that is not a multiple of 32, or a size mismatch.
+    /// Packs a row-major `[n, k]` matrix of ggml blocks without dequantising it; `None` for a
+    /// type that is not quantised, for a `k` that is not a whole number of blocks, or a size
+    /// mismatch.
     pub fn pack_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let kind = match ty {
-            GgmlType::Q4_0 => QKind::Q4Sym,
-            GgmlType::Q4_1 => QKind::Q4Min,
-            GgmlType::Q8_0 => QKind::Q8,
-            _ => return None,
-        };
-        if !k.is_multiple_of(32) || Some(bytes.len()) != ty.bytes_for(n * k) {
+        let kind = QKind::of(ty)?;
+        let sb = ty.sub_blocks()?;
+        let (blen, bb) = (ty.block_len(), ty.block_bytes());
+        if k == 0 || !k.is_multiple_of(blen) || Some(bytes.len()) != ty.bytes_for(n * k) {
             return None;
         }
-        let (bb, kblocks, panels) = (ty.block_bytes(), k / 32, n.div_ceil(NR));
+        let (subs, panels) = (k / sb.len, n.div_ceil(NR));
         let (bpk, sets) = (kind.bytes_per_k(), kind.scale_sets());
         let mut q = vec![0u8; panels * k * bpk];
-        let mut scales = vec![0f32; panels * kblocks * sets * NR];
+        let mut scales = vec![0f32; panels * subs * sets * NR];
+        let mut v = [0i8; QK_K];
+        let (mut d, mut m) = ([0f32; QK_K / 16], [0f32; QK_K / 16]);
         for i in 0..n {
             let (p, j) = (i / NR, i % NR);
-            for kb in 0..kblocks {
-                let b = &bytes[(i * kblocks + kb) * bb..(i * kblocks + kb + 1) * bb];
-                let sc = &mut scales
-                    [((p * kblocks + kb) * sets) * NR..((p * kblocks + kb + 1) * sets) * NR];
-                sc[j] = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                if kind == QKind::Q4Min {
-                    sc[NR + j] = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            for (kb, b) in bytes[i * (k / blen) * bb..(i + 1) * (k / blen) * bb]
+                .chunks_exact(bb)
+                .enumerate()
+            {
+                decode_block(ty, b, &mut v, &mut d, &mut m);
+                for s in 0..blen / sb.len {
+                    let at = ((p * subs + kb * (blen / sb.len) + s) * sets) * NR;
+                    scales[at + j] = d[s];
+                    if sets == 2 {
+                        scales[at + NR + j] = m[s];
+                    }
                 }
-                for t in 0..32 {
-                    let value = match kind {
-                        // Q4 blocks: byte t holds element t (low nibble) and t + 16 (high).
-                        QKind::Q4Sym | QKind::Q4Min => {
-                            let qs = &b[bb - 16..];
-                            if t < 16 {
-                                qs[t] & 0x0f
-                            } else {
-                                qs[t - 16] >> 4
-                            }
-                        }
-                        QKind::Q8 => b[2 + t],
-                    };
-                    let at = (p * k + kb * 32 + t) * bpk;
+                for (t, &value) in v[..blen].iter().enumerate() {
+                    let at = (p * k + kb * blen + t) * bpk;
                     match kind {
-                        QKind::Q4Sym | QKind::Q4Min => {
-                            q[at + j % 8] |= if j < 8 { value } else { value << 4 };
+                        // Q4_0's values are stored with their +8 (as the block holds them).
+                        QKind::Q4Sym => {
+                            let nib = (value + 8) as u8;
+                            q[at + j % 8] |= if j < 8 { nib } else { nib << 4 };
                         }
-                        QKind::Q8 => q[at + j] = value,
+                        QKind::Q4Min => {
+                            let nib = value as u8;
+                            q[at + j % 8] |= if j < 8 { nib } else { nib << 4 };
+                        }
+                        QKind::Q8 | QKind::Q8Min => q[at + j] = value as u8,
                     }
                 }
             }
@@ -155,7 +174,12 @@ impl PackedMatrix {
         Some(Self {
             n,
             k,
-            storage: Storage::Quant(QuantPanels { kind, q, scales }),
+            storage: Storage::Quant(QuantPanels {
+                kind,
+                sub: sb.len,
+                q,
+                scales,
+            }),
         })
     }
 
@@ -169,9 +193,9 @@ impl PackedMatrix {
 
     /// Weight `(j, kk)` of panel `p` (scalar dequantisation; the reference for the SIMD path).
     fn quant_weight(qp: &QuantPanels, k: usize, p: usize, j: usize, kk: usize) -> f32 {
-        let (bpk, sets, kblocks) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / 32);
-        let byte = qp.q[(p * k + kk) * bpk + if qp.kind == QKind::Q8 { j } else { j % 8 }];
-        let sc = &qp.scales[((p * kblocks + kk / 32) * sets) * NR..];
+        let (bpk, sets, subs) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / qp.sub);
+        let byte = qp.q[(p * k + kk) * bpk + if qp.kind.nibbles() { j % 8 } else { j }];
+        let sc = &qp.scales[((p * subs + kk / qp.sub) * sets) * NR..];
         match qp.kind {
             QKind::Q4Min => {
                 let v = if j < 8 { byte & 0x0f } else { byte >> 4 };
@@ -182,6 +206,7 @@ impl PackedMatrix {
                 (v as i32 - 8) as f32 * sc[j]
             }
             QKind::Q8 => (byte as i8) as f32 * sc[j],
+            QKind::Q8Min => (byte as i8) as f32 * sc[j] + sc[NR + j],
         }
     }
 
@@ -195,7 +220,7 @@ impl PackedMatrix {
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: AVX2 is present; the panel's slices have the sizes `qpanel` checks.
-                    unsafe { avx2::dequantize_panel(qp.kind, qpanel(qp, k, p), k, scratch) };
+                    unsafe { avx2::dequantize_panel(qpanel(qp, k, p), k, scratch) };
                     return scratch;
                 }
                 for kk in 0..k {
@@ -236,12 +261,23 @@ impl PackedMatrix {
 }
 
 /// The quantised values and scales of panel `p`.
-fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> (&[u8], &[f32]) {
-    let (bpk, sets, kblocks) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / 32);
-    (
-        &qp.q[p * k * bpk..(p + 1) * k * bpk],
-        &qp.scales[p * kblocks * sets * NR..(p + 1) * kblocks * sets * NR],
-    )
+fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> QPanel<'_> {
+    let (bpk, sets, subs) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / qp.sub);
+    QPanel {
+        kind: qp.kind,
+        sub: qp.sub,
+        q: &qp.q[p * k * bpk..(p + 1) * k * bpk],
+        sc: &qp.scales[p * subs * sets * NR..(p + 1) * subs * sets * NR],
+    }
+}
+
+/// One panel of a quantised matrix: its values and its sub-blocks' scales.
+#[derive(Debug, Clone, Copy)]
+struct QPanel<'a> {
+    kind: QKind,
+    sub: usize,
+    q: &'a [u8],
+    sc: &'a [f32],
 }
 
 impl PackedMatrix {}
@@ -297,16 +333,7 @@ unsafe fn task(x: &[f32], m: usize, w: &PackedMatrix, p0: usize, p1: usize, out:
             if let (true, Storage::Quant(qp), true) = (fast, &w.storage, m1 - m0 <= MR) {
                 let rows = m1 - m0;
                 // SAFETY: AVX2 and FMA are present; the slices have the sizes `qpanel` gives.
-                unsafe {
-                    avx2::qkernel(
-                        qp.kind,
-                        &x[m0 * k..m1 * k],
-                        rows,
-                        k,
-                        qpanel(qp, k, p),
-                        &mut tile,
-                    )
-                };
+                unsafe { avx2::qkernel(&x[m0 * k..m1 * k], rows, k, qpanel(qp, k, p), &mut tile) };
                 for r in 0..rows {
                     for c in 0..cols {
                         // SAFETY: as below.
@@ -360,7 +387,7 @@ fn portable_kernel(xs: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut 
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{QKind, MR, NR};
+    use super::{QKind, QPanel, MR, NR};
 
     /// The 16 weights of one `k` step of a quantised panel: rows 0–7 and rows 8–15.
     ///
@@ -373,6 +400,15 @@ mod avx2 {
         // SAFETY: reads 8 (Q4) or 16 (Q8) bytes at q, per the contract.
         unsafe {
             match kind {
+                QKind::Q8Min => {
+                    let b = _mm_loadu_si128(q as *const __m128i);
+                    let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                    let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(lo, d[0]), m[0]),
+                        _mm256_add_ps(_mm256_mul_ps(hi, d[1]), m[1]),
+                    ]
+                }
                 QKind::Q4Min | QKind::Q4Sym => {
                     let b = _mm_loadl_epi64(q as *const __m128i);
                     let mask = _mm_set1_epi8(0x0f);
@@ -405,13 +441,16 @@ mod avx2 {
         }
     }
 
-    /// The scale (and minimum) vectors of block `kb` of a panel.
+    /// The scale (and offset) vectors of sub-block `kb` of a panel.
+    ///
+    /// # Safety
+    /// Sub-block `kb`'s scales must lie within `sc`.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn scales(kind: QKind, sc: &[f32], kb: usize) -> ([__m256; 2], [__m256; 2]) {
         let sets = kind.scale_sets();
         let base = sc.as_ptr();
-        // SAFETY: block kb's scales lie at (kb * sets) * NR .. (kb + 1) * sets * NR of sc.
+        // SAFETY: sub-block kb's scales lie at (kb * sets) * NR .. (kb + 1) * sets * NR of sc.
         unsafe {
             let s = base.add(kb * sets * NR);
             let d = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
@@ -429,22 +468,18 @@ mod avx2 {
     /// # Safety
     /// AVX2 must be available; `(q, sc)` must be one panel as `super::qpanel` returns it.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dequantize_panel(
-        kind: QKind,
-        (q, sc): (&[u8], &[f32]),
-        k: usize,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn dequantize_panel(panel: QPanel<'_>, k: usize, out: &mut [f32]) {
+        let QPanel { kind, sub, q, sc } = panel;
         let bpk = kind.bytes_per_k();
         assert!(
             q.len() >= k * bpk
                 && out.len() >= k * NR
-                && sc.len() >= k / 32 * kind.scale_sets() * NR
+                && sc.len() >= k / sub * kind.scale_sets() * NR
         );
-        for kb in 0..k / 32 {
+        for kb in 0..k / sub {
             // SAFETY: sizes asserted above.
             let (d, m) = unsafe { scales(kind, sc, kb) };
-            for kk in kb * 32..(kb + 1) * 32 {
+            for kk in kb * sub..(kb + 1) * sub {
                 // SAFETY: kk < k, so the step's bytes and the 16 output floats are in bounds.
                 unsafe {
                     let w = expand(kind, q.as_ptr().add(kk * bpk), d, m);
@@ -461,23 +496,26 @@ mod avx2 {
     /// AVX2 and FMA must be available; `xs` holds `rows × k` floats and `(q, sc)` is one panel.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn qkernel(
-        kind: QKind,
         xs: &[f32],
         rows: usize,
         k: usize,
-        panel: (&[u8], &[f32]),
+        panel: QPanel<'_>,
         tile: &mut [f32; MR * NR],
     ) {
-        assert!(xs.len() >= rows * k && panel.0.len() >= k * kind.bytes_per_k());
+        assert!(
+            xs.len() >= rows * k
+                && panel.q.len() >= k * panel.kind.bytes_per_k()
+                && panel.sc.len() >= k / panel.sub * panel.kind.scale_sets() * NR
+        );
         // SAFETY: sizes asserted above; rows ≤ MR.
         unsafe {
             match rows {
-                6 => qblock::<6>(kind, xs, k, panel, tile),
-                5 => qblock::<5>(kind, xs, k, panel, tile),
-                4 => qblock::<4>(kind, xs, k, panel, tile),
-                3 => qblock::<3>(kind, xs, k, panel, tile),
-                2 => qblock::<2>(kind, xs, k, panel, tile),
-                _ => qblock::<1>(kind, xs, k, panel, tile),
+                6 => qblock::<6>(xs, k, panel, tile),
+                5 => qblock::<5>(xs, k, panel, tile),
+                4 => qblock::<4>(xs, k, panel, tile),
+                3 => qblock::<3>(xs, k, panel, tile),
+                2 => qblock::<2>(xs, k, panel, tile),
+                _ => qblock::<1>(xs, k, panel, tile),
             }
         }
     }
@@ -485,20 +523,19 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn qblock<const R: usize>(
-        kind: QKind,
         xs: &[f32],
         k: usize,
-        (q, sc): (&[u8], &[f32]),
+        QPanel { kind, sub, q, sc }: QPanel<'_>,
         tile: &mut [f32; MR * NR],
     ) {
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
         let xp = xs.as_ptr();
         let bpk = kind.bytes_per_k();
-        for kb in 0..k / 32 {
-            // SAFETY: the caller's panel covers every block of k.
+        for kb in 0..k / sub {
+            // SAFETY: the caller's panel covers every sub-block of k.
             let (d, m) = unsafe { scales(kind, sc, kb) };
-            for kk in kb * 32..(kb + 1) * 32 {
+            for kk in kb * sub..(kb + 1) * sub {
                 // SAFETY: kk < k: the step's bytes are in q and xp.add(r * k + kk) in xs.
                 unsafe {
                     let [w0, w1] = expand(kind, q.as_ptr().add(kk * bpk), d, m);
@@ -676,6 +713,38 @@ mod tests {
         }
         assert!(PackedMatrix::pack_quantized(GgmlType::F16, &[0; 4], 1, 2).is_none());
         assert!(PackedMatrix::pack_quantized(GgmlType::Q8_0, &[0; 34], 1, 16).is_none());
+    }
+
+    #[test]
+    fn every_quantised_type_packs_and_multiplies_exactly_as_dequantised() {
+        use crate::quant::{dequantize, random_blocks};
+        let (k, n) = (512, 21);
+        let x = data(7 * k, 8);
+        for ty in GgmlType::ALL
+            .into_iter()
+            .filter(|t| t.sub_blocks().is_some())
+        {
+            let bytes = random_blocks(ty, n * k / ty.block_len(), ty.id() as u64, 0.01);
+            let mut deq = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut deq);
+            let q = PackedMatrix::pack_quantized(ty, &bytes, n, k).expect("packs");
+            let f = PackedMatrix::pack(&deq, n, k);
+            assert!(q.bytes() * 2 < f.bytes(), "{ty:?}: {} bytes", q.bytes());
+            for m in [1, 5, 7] {
+                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                linear(&x[..m * k], m, &q, &mut a);
+                linear(&x[..m * k], m, &f, &mut b);
+                assert_eq!(a, b, "{ty:?} m={m}: quantised storage changed a result");
+            }
+            let mut row = vec![0f32; k];
+            for i in [0, 16, 20] {
+                q.row_into(i, &mut row);
+                assert_eq!(row, &deq[i * k..(i + 1) * k], "{ty:?} row {i}");
+            }
+        }
+        // A row that is not a whole number of K-quant super-blocks stays unpacked.
+        let bytes = random_blocks(GgmlType::Q4K, 2, 1, 0.01);
+        assert!(PackedMatrix::pack_quantized(GgmlType::Q4K, &bytes, 4, 128).is_none());
     }
 
     #[test]
