@@ -14,10 +14,13 @@ It writes, under tests/fixtures/:
   smollm2_greedy.json     64-token greedy continuations of raw and chat-templated prompts, with the
                           reference top-1 minus top-2 logit margin at every step;
   smollm2_tokenizer.json  token ids of a varied set of strings, and chat templates rendered by HF;
-  tiny-qwen2/, tiny-llama3/  random-weight safetensors models (config.json, tokenizer.json,
-                          weights; Qwen2 with q/k/v bias and untied embeddings, sharded f32;
-                          Llama with Llama-3 rope scaling and tied embeddings, single bf16 file),
+  tiny-qwen2/, tiny-llama3/, tiny-qwen3/  random-weight safetensors models (config.json,
+                          tokenizer.json, weights; Qwen2 with q/k/v bias and untied embeddings,
+                          sharded f32; Llama with Llama-3 rope scaling and tied embeddings, single
+                          bf16 file; Qwen3 with per-head q/k norms and head_dim 32 ≠ hidden/heads),
                           each with reference.json holding their full logits.
+
+`python3 scripts/make_fixtures.py tiny-qwen3` makes one of them only.
 """
 
 import json
@@ -233,9 +236,19 @@ def tiny_model(name, cfg_cls, model_cls, extra, dtype, shard):
     dump(path / "reference.json", {"dtype": str(dtype), "cases": cases})
 
 
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # head_dim 32 with 4 heads of a 64-wide model: the attention width differs from the hidden
+    # size, as in the real Qwen3 models (2048 vs 1024 in Qwen3-0.6B).
+    tiny_model("tiny-qwen3", Qwen3Config, Qwen3ForCausalLM,
+               {"tie_word_embeddings": True, "rope_theta": 1000000.0, "head_dim": 32}, torch.bfloat16, "10MB")
+
+
 def tiny_models():
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    tiny_qwen3()
     tiny_model("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM,
                {"tie_word_embeddings": False, "rope_theta": 1000000.0}, torch.float32, "60KB")
     tiny_model(
@@ -262,5 +275,7 @@ if __name__ == "__main__":
     what = sys.argv[1:] or ["smollm2", "tiny"]
     if "tiny" in what:
         tiny_models()
+    if "tiny-qwen3" in what:
+        tiny_qwen3()
     if "smollm2" in what:
         smollm2()

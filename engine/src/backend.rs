@@ -69,6 +69,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn all_reduce_sum(&self, x: &mut Self::Buf, c: &dyn Collective);
     /// Every rank's columns side by side, in rank order: `[rows, cols]` → `[rows, cols × world]`.
     fn all_gather_cols(&self, x: &Self::Buf, c: &dyn Collective) -> Self::Buf;
+    /// RMSNorm of every `weight.len()`-wide chunk of each row (the whole row, or each head when
+    /// the weight is `head_dim` long), times `weight`.
     fn rms_norm(&self, x: &Self::Buf, weight: &Self::Vector, eps: f32) -> Self::Buf;
     /// `x · Wᵀ (+ bias)`.
     fn linear(&self, x: &Self::Buf, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Buf;

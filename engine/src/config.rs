@@ -36,9 +36,11 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2).
     pub attention_bias: bool,
+    /// Each head's queries and keys go through an RMSNorm over `head_dim` before RoPE (Qwen3).
+    pub qk_norm: bool,
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
 
 impl ModelConfig {
     /// Inverse RoPE frequencies, one per pair of a head's dimensions, with scaling applied.
@@ -158,6 +160,7 @@ impl ModelConfig {
             max_position_embeddings: int("context_length")?,
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
             architecture: arch,
         }
         .validate(path)
@@ -248,6 +251,7 @@ impl ModelConfig {
                 || j.get("attention_bias")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
+            qk_norm: arch == "qwen3",
             architecture: arch,
         }
         .validate(path)

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("{path} is not a usable model file: {reason}")]
     Format { path: PathBuf, reason: String },
 
-    #[error("{path}: tensor {tensor:?} has type {ty}, which Gristmill cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    #[error("{path}: tensor {tensor:?} has type {ty}, which Gristmill cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")]
     UnsupportedTensorType {
         path: PathBuf,
         tensor: String,
@@ -58,6 +58,14 @@ pub enum Error {
 
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
+
+    #[error("{path}: the weights need {} MB of memory once loaded, but only {} MB is available; \
+             use a smaller or more quantised model, or free memory", needed >> 20, available >> 20)]
+    NotEnoughMemory {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
 }
 
 impl Error {
@@ -96,6 +104,7 @@ impl Error {
             Self::Template(_) => "template",
             Self::ModelNotFound { .. } => "model_not_found",
             Self::TensorParallel(_) => "tensor_parallel",
+            Self::NotEnoughMemory { .. } => "not_enough_memory",
         }
     }
 }

@@ -302,6 +302,7 @@ mod tests {
             max_position_embeddings: 2048,
             tie_word_embeddings: true,
             attention_bias: false,
+            qk_norm: false,
         }
     }
 

@@ -406,6 +406,23 @@ fn k_quant_models_compute_exactly_what_their_dequantised_twins_compute() {
     }
 }
 
+#[test]
+fn a_model_larger_than_memory_fails_before_allocating_and_says_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut w = tiny_llama_gguf(GgmlType::F32, None);
+    // A header that promises 4 TB of f16 weights (the bytes are not there: nothing may read
+    // them before the size check).
+    w.raw_tensor("blk.0.huge.weight", &[1 << 20, 1 << 20], 1, Vec::new());
+    let p = write(&tmp, "huge.gguf", &w.to_bytes());
+    let e = load_err(&p);
+    let msg = e.to_string();
+    assert!(matches!(e, Error::NotEnoughMemory { .. }), "{msg}");
+    assert!(
+        msg.contains("huge.gguf") && msg.contains("MB of memory") && msg.contains("available"),
+        "{msg}"
+    );
+}
+
 fn load_err(path: &Path) -> Error {
     Engine::load(path).expect_err("loading should fail")
 }

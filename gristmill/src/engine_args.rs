@@ -71,12 +71,15 @@ impl EngineArgs {
             })
             .map_or_else(|| "?".to_string(), |kb| (kb / 1024).to_string());
         format!(
-            "loaded {} ({} layers, {} heads, vocab {}) in {load_secs:.1} s; process memory {rss_mb} MB; \
-             CPU kernels {}, {} threads",
+            "loaded {} ({} {} layers, {} heads, vocab {}) in {load_secs:.1} s; weights {} MB, KV cache {} KB \
+             per token; process memory {rss_mb} MB; CPU kernels {}, {} threads",
             self.model.display(),
+            cfg.architecture,
             cfg.num_layers,
             cfg.num_heads,
             cfg.vocab_size,
+            engine.weight_bytes >> 20,
+            engine.model.kv_bytes_per_token().div_ceil(1024),
             gristmill_engine::cpu_isa(),
             rayon::current_num_threads(),
         )

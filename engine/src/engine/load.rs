@@ -7,6 +7,7 @@ impl<B: Backend> Engine<B> {
         let ckpt = Checkpoint::open(path)?;
         let cfg = ckpt.config()?;
         let tokenizer = checkpoint_tokenizer(&ckpt)?;
+        let weight_bytes = ckpt.check_fits_in_memory()?;
         if tokenizer.vocab_size() > cfg.vocab_size {
             tracing::warn!(
                 tokenizer = tokenizer.vocab_size(),
@@ -15,10 +16,15 @@ impl<B: Backend> Engine<B> {
             );
         }
         let model = Model::Single(Llama::load(&ckpt, backend)?);
-        Ok(Self::assemble(path, model, tokenizer))
+        Ok(Self::assemble(path, model, tokenizer, weight_bytes))
     }
 
-    pub(super) fn assemble(path: &Path, model: Model<B>, tokenizer: Tokenizer) -> Self {
+    pub(super) fn assemble(
+        path: &Path,
+        model: Model<B>,
+        tokenizer: Tokenizer,
+        weight_bytes: u64,
+    ) -> Self {
         let stem = path
             .file_stem()
             .or(path.file_name())
@@ -31,6 +37,7 @@ impl<B: Backend> Engine<B> {
             model,
             tokenizer,
             model_name: stem.unwrap_or_else(|| "model".into()),
+            weight_bytes,
             seed_base,
             generated_tokens: AtomicU64::new(0),
         }
@@ -66,7 +73,7 @@ impl Engine<CpuBackend> {
         let cfg = ckpt.config()?;
         let tokenizer = checkpoint_tokenizer(&ckpt)?;
         let model = Model::Scripted(crate::tensor_parallel::ScriptedModel { cfg, next });
-        Ok(Self::assemble(path, model, tokenizer))
+        Ok(Self::assemble(path, model, tokenizer, 0))
     }
 
     /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1).
@@ -74,9 +81,12 @@ impl Engine<CpuBackend> {
         if tensor_parallel_size <= 1 {
             return Self::load(path);
         }
-        let tokenizer = checkpoint_tokenizer(&Checkpoint::open(path)?)?;
+        let ckpt = Checkpoint::open(path)?;
+        let tokenizer = checkpoint_tokenizer(&ckpt)?;
+        let weight_bytes = ckpt.check_fits_in_memory()?;
+        drop(ckpt);
         let model = load_model(path, tensor_parallel_size)?;
-        Ok(Self::assemble(path, model, tokenizer))
+        Ok(Self::assemble(path, model, tokenizer, weight_bytes))
     }
 }
 

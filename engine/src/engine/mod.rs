@@ -132,6 +132,8 @@ pub struct Engine<B: Backend = CpuBackend> {
     pub tokenizer: Tokenizer,
     /// Name reported in responses when a request names none (the file or directory stem).
     pub model_name: String,
+    /// Bytes the weights take in memory (estimated from the checkpoint's headers at load).
+    pub weight_bytes: u64,
     /// Seed base for requests that bring none.
     seed_base: u64,
     /// Tokens generated so far by every run of this engine (for live progress displays).

@@ -1,4 +1,4 @@
-//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2), written once over a [`Backend`].
+//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3), written once over a [`Backend`].
 //!
 //! Names mirror the HF checkpoint keys. One forward call runs a *step*: the new tokens of several
 //! sequences go through every linear layer together as one matrix, attention runs per sequence
@@ -24,6 +24,9 @@ struct Attention<B: Backend> {
     k_proj: Linear<B>,
     v_proj: Linear<B>,
     o_proj: Linear<B>,
+    /// Per-head RMSNorm weights over `head_dim` for queries and keys (Qwen3).
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
 }
 
 #[derive(Debug)]
@@ -282,6 +285,14 @@ impl<B: Backend> Llama<B> {
                             false,
                             o_part,
                         )?,
+                        q_norm: cfg
+                            .qk_norm
+                            .then(|| l.vector(&format!("{p}.self_attn.q_norm.weight"), hd, None))
+                            .transpose()?,
+                        k_norm: cfg
+                            .qk_norm
+                            .then(|| l.vector(&format!("{p}.self_attn.k_norm.weight"), hd, None))
+                            .transpose()?,
                     },
                     post_attention_layernorm: l.vector(
                         &format!("{p}.post_attention_layernorm.weight"),
@@ -414,6 +425,11 @@ impl<B: Backend> Llama<B> {
             let mut q = self.linear(&x, &att.q_proj);
             let mut k = self.linear(&x, &att.k_proj);
             let v = self.linear(&x, &att.v_proj);
+            // Per-head norms: a weight of `head_dim` normalises each head of a row on its own.
+            if let (Some(qn), Some(kn)) = (&att.q_norm, &att.k_norm) {
+                q = b.rms_norm(&q, qn, cfg.rms_norm_eps);
+                k = b.rms_norm(&k, kn, cfg.rms_norm_eps);
+            }
             b.rope(&mut q, &positions, tp.heads, cfg.head_dim, &self.inv_freq);
             b.rope(
                 &mut k,

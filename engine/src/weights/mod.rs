@@ -77,6 +77,46 @@ impl Checkpoint {
         }
     }
 
+    /// Bytes the model's weights take in memory once loaded: matrices packed as the CPU backend
+    /// keeps them (quantised GGUF blocks stay quantised, everything else becomes f32), vectors
+    /// as f32. Read from the headers alone, before anything is allocated.
+    pub fn weight_bytes(&self) -> u64 {
+        use gristmill_kernels::cpu::PackedMatrix;
+        let f32_bytes = |shape: &[usize]| shape.iter().map(|&d| d as u64).product::<u64>() * 4;
+        match self {
+            Self::Gguf(g) => g
+                .tensors
+                .values()
+                .map(|t| {
+                    let shape = t.shape();
+                    match (GgmlType::from_id(t.type_id), shape.as_slice()) {
+                        (Some(ty), &[n, k]) => PackedMatrix::packed_bytes(ty, n, k),
+                        _ => f32_bytes(&shape),
+                    }
+                })
+                .sum(),
+            Self::Safetensors { tensors, .. } => {
+                tensors.tensors().map(|(_, shape)| f32_bytes(shape)).sum()
+            }
+        }
+    }
+
+    /// Fails with [`Error::NotEnoughMemory`] when the weights would not fit in the memory the
+    /// system has available now (`MemAvailable`; unchecked where it cannot be read).
+    pub fn check_fits_in_memory(&self) -> Result<u64> {
+        let needed = self.weight_bytes();
+        if let Some(available) = available_memory() {
+            if needed > available {
+                return Err(Error::NotEnoughMemory {
+                    path: self.path().to_path_buf(),
+                    needed,
+                    available,
+                });
+            }
+        }
+        Ok(needed)
+    }
+
     /// Whether the checkpoint has a tensor of this HF name.
     pub fn contains(&self, hf_name: &str) -> bool {
         match self {
@@ -145,6 +185,20 @@ impl Checkpoint {
     }
 }
 
+/// Bytes of memory the system can give now (`MemAvailable` of `/proc/meminfo`, Linux).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// Undoes llama.cpp's `permute`: GGUF row `h*d + 2i + j` is HF row `h*d + j*d/2 + i`.
 /// Works for weights (`[heads*d, in]`), biases (`[heads*d]`) and rows of quantised blocks.
 fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, head_dim: usize) -> Vec<T> {
@@ -186,6 +240,8 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",

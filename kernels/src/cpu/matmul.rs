@@ -183,6 +183,19 @@ impl PackedMatrix {
         })
     }
 
+    /// Bytes a `[n, k]` matrix stored as `ty` takes once packed (kept quantised where the type
+    /// allows, else f32), to size a model before loading it.
+    pub fn packed_bytes(ty: GgmlType, n: usize, k: usize) -> u64 {
+        let (n, k) = (n.div_ceil(NR) as u64 * NR as u64, k as u64);
+        match (QKind::of(ty), ty.sub_blocks()) {
+            (Some(kind), Some(sb)) if k.is_multiple_of(ty.block_len() as u64) => {
+                let values = n * k * kind.bytes_per_k() as u64 / NR as u64;
+                values + n * (k / sb.len as u64) * kind.scale_sets() as u64 * 4
+            }
+            _ => n * k * 4,
+        }
+    }
+
     /// Bytes of weight memory the matrix takes.
     pub fn bytes(&self) -> usize {
         match &self.storage {
@@ -730,6 +743,16 @@ mod tests {
             let q = PackedMatrix::pack_quantized(ty, &bytes, n, k).expect("packs");
             let f = PackedMatrix::pack(&deq, n, k);
             assert!(q.bytes() * 2 < f.bytes(), "{ty:?}: {} bytes", q.bytes());
+            // The size a model's weights are checked against before loading is the real one.
+            assert_eq!(
+                q.bytes() as u64,
+                PackedMatrix::packed_bytes(ty, n, k),
+                "{ty:?}"
+            );
+            assert_eq!(
+                f.bytes() as u64,
+                PackedMatrix::packed_bytes(GgmlType::F32, n, k)
+            );
             for m in [1, 5, 7] {
                 let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
                 linear(&x[..m * k], m, &q, &mut a);
