@@ -20,7 +20,14 @@ It writes, under tests/fixtures/:
                           bf16 file; Qwen3 with per-head q/k norms and head_dim 32 ≠ hidden/heads),
                           each with reference.json holding their full logits.
 
-`python3 scripts/make_fixtures.py tiny-qwen3` makes one of them only.
+  tiny-qwen3-Q4_K_M.gguf  a 256-wide tiny Qwen3 converted by llama.cpp's convert_hf_to_gguf.py
+                          and quantised by its llama-quantize (built from the llama.cpp sources in
+                          PyPI's llama-cpp-python 0.3.36 sdist; LLAMA_CPP points at them), with
+                          tiny-qwen3-Q4_K_M.json: transformers' logits for that GGUF.
+
+`python3 scripts/make_fixtures.py tiny-qwen3` (or `k-quants`) makes one of them only. Building
+llama-quantize: `cmake -S $LLAMA_CPP -B $LLAMA_CPP/build -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF &&
+cmake --build $LLAMA_CPP/build --target llama-quantize`.
 """
 
 import json
@@ -245,6 +252,76 @@ def tiny_qwen3():
                {"tie_word_embeddings": True, "rope_theta": 1000000.0, "head_dim": 32}, torch.bfloat16, "10MB")
 
 
+LLAMA_CPP = pathlib.Path(os.environ.get("LLAMA_CPP", "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+
+
+def convert_to_gguf(hf_dir, out):
+    """llama.cpp's own converter (vendored in llama-cpp-python's sdist), F32. Its pre-tokenizer
+    check knows only published tokenizers; the tiny one is byte-level BPE with GPT-2's split
+    pattern, which GGUF calls `default`."""
+    sys.path[:0] = [str(LLAMA_CPP), str(LLAMA_CPP / "gguf-py")]
+    import conversion.base as base
+    import convert_hf_to_gguf as conv
+
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+    argv = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", str(hf_dir), "--outtype", "f32", "--outfile", str(out)]
+    try:
+        conv.main()
+    finally:
+        sys.argv = argv
+
+
+def tiny_qwen3_k_quants():
+    """A tiny Qwen3 with 256-wide rows (whole K-quant super-blocks), converted by llama.cpp's
+    converter and quantised by its llama-quantize to Q4_K_M (Q4_K and Q6_K blocks, F32 norms);
+    the reference is transformers loading that GGUF (it dequantises to f32 with gguf-py)."""
+    import subprocess
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    work = CACHE / "fixture-work" / "tiny-qwen3-256"
+    work.mkdir(parents=True, exist_ok=True)
+    for f in work.iterdir():
+        f.unlink()
+    t = tiny_tokenizer(work)
+    cfg = Qwen3Config(vocab_size=t.get_vocab_size(), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=True, rope_theta=1000000.0)
+    torch.manual_seed(4321)
+    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(work, safe_serialization=True)
+    f32 = work / "f32.gguf"
+    convert_to_gguf(work, f32)
+    made = {}
+    for kind in ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K"]:
+        out = work / f"tiny-qwen3-{kind}.gguf"
+        subprocess.run([str(LLAMA_CPP / "build" / "bin" / "llama-quantize"), str(f32), str(out), kind],
+                       check=True, capture_output=True)
+        made[kind] = out
+    # The Q4_K_M file is committed with transformers' logits for it; every file's blocks go to
+    # quant_blocks.json (scripts/make_quant_fixtures.py).
+    target = OUT / "tiny-qwen3-Q4_K_M.gguf"
+    target.write_bytes(made["Q4_K_M"].read_bytes())
+    ref = Qwen3ForCausalLM.from_pretrained(OUT, gguf_file=target.name, dtype=torch.float32).eval()
+    prompts = ["Hello, world!", "fn main() { println!(\"hi\"); }", "1234567890 digits"]
+    cases = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = t.encode(p).ids
+            logits = ref(torch.tensor([ids])).logits[0]
+            cases.append({"prompt": p, "ids": ids, "logits": [[float(v) for v in r] for r in logits]})
+    dump(OUT / "tiny-qwen3-Q4_K_M.json", {"file": target.name, "cases": cases})
+    print("quantised files for scripts/make_quant_fixtures.py:", " ".join(str(p) for p in made.values()))
+
+
 def tiny_models():
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -277,5 +354,7 @@ if __name__ == "__main__":
         tiny_models()
     if "tiny-qwen3" in what:
         tiny_qwen3()
+    if "k-quants" in what:
+        tiny_qwen3_k_quants()
     if "smollm2" in what:
         smollm2()

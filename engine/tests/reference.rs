@@ -264,3 +264,8 @@ fn tiny_qwen2_sharded_f32_with_bias_and_untied_head_matches_transformers() {
 fn tiny_llama3_bf16_with_rope_scaling_and_tied_head_matches_transformers() {
     tiny_model_matches("tiny-llama3");
 }
+
+#[test]
+fn tiny_qwen3_bf16_with_per_head_qk_norms_matches_transformers() {
+    tiny_model_matches("tiny-qwen3");
+}
