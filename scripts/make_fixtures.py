@@ -14,10 +14,11 @@ It writes, under tests/fixtures/:
   smollm2_greedy.json     64-token greedy continuations of raw and chat-templated prompts, with the
                           reference top-1 minus top-2 logit margin at every step;
   smollm2_tokenizer.json  token ids of a varied set of strings, and chat templates rendered by HF;
-  tiny-qwen2/, tiny-llama3/, tiny-qwen3/  random-weight safetensors models (config.json,
+  tiny-qwen2/, tiny-llama3/, tiny-qwen3/, tiny-phi3/  random-weight safetensors models (config.json,
                           tokenizer.json, weights; Qwen2 with q/k/v bias and untied embeddings,
                           sharded f32; Llama with Llama-3 rope scaling and tied embeddings, single
-                          bf16 file; Qwen3 with per-head q/k norms and head_dim 32 ≠ hidden/heads),
+                          bf16 file; Qwen3 with per-head q/k norms and head_dim 32 ≠ hidden/heads;
+                          Phi-3 with fused qkv and gate_up projections, f32),
                           each with reference.json holding their full logits.
 
   tiny-qwen3-Q4_K_M.gguf  a 256-wide tiny Qwen3 converted by llama.cpp's convert_hf_to_gguf.py
@@ -252,6 +253,16 @@ def tiny_qwen3():
                {"tie_word_embeddings": True, "rope_theta": 1000000.0, "head_dim": 32}, torch.bfloat16, "10MB")
 
 
+def tiny_phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # Fused qkv_proj and gate_up_proj; a sliding window wider than the prompts (it caps the
+    # context Gristmill accepts); no rope scaling (the 4k models).
+    tiny_model("tiny-phi3", Phi3Config, Phi3ForCausalLM,
+               {"tie_word_embeddings": False, "rope_theta": 10000.0, "sliding_window": 200,
+                "pad_token_id": 0}, torch.float32, "10MB")
+
+
 LLAMA_CPP = pathlib.Path(os.environ.get("LLAMA_CPP", "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
@@ -326,6 +337,7 @@ def tiny_models():
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tiny_qwen3()
+    tiny_phi3()
     tiny_model("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM,
                {"tie_word_embeddings": False, "rope_theta": 1000000.0}, torch.float32, "60KB")
     tiny_model(
@@ -354,6 +366,8 @@ if __name__ == "__main__":
         tiny_models()
     if "tiny-qwen3" in what:
         tiny_qwen3()
+    if "tiny-phi3" in what:
+        tiny_phi3()
     if "k-quants" in what:
         tiny_qwen3_k_quants()
     if "smollm2" in what:

@@ -38,9 +38,12 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Each head's queries and keys go through an RMSNorm over `head_dim` before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// Queries, keys and values come from one fused `qkv_proj`, gate and up from one
+    /// `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
 
 impl ModelConfig {
     /// Inverse RoPE frequencies, one per pair of a head's dimensions, with scaling applied.
@@ -157,10 +160,15 @@ impl ModelConfig {
             // Llama-3 GGUFs carry their scaling as a `rope_freqs.weight` tensor, applied by the
             // model at load; there is no formula to reproduce here.
             rope_scaling: None,
-            max_position_embeddings: int("context_length")?,
+            // As for HF configs below: a sliding window caps the context.
+            max_position_embeddings: match int("attention.sliding_window") {
+                Ok(w) if w > 0 => int("context_length")?.min(w),
+                _ => int("context_length")?,
+            },
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
+            fused_projections: g.tensors.contains_key("blk.0.attn_qkv.weight"),
             architecture: arch,
         }
         .validate(path)
@@ -185,6 +193,16 @@ impl ModelConfig {
             .to_string();
         let hidden_size = int("hidden_size")?;
         let num_heads = int("num_attention_heads")?;
+        if let Some(f) = j.get("partial_rotary_factor").and_then(Value::as_f64) {
+            if f != 1.0 {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "partial_rotary_factor {f} is not supported (only RoPE over whole heads)"
+                    ),
+                ));
+            }
+        }
         let rope = j
             .get("rope_scaling")
             .filter(|v| v.is_object())
@@ -242,7 +260,18 @@ impl ModelConfig {
                 .unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: int("max_position_embeddings")?,
+            // A sliding attention window (Mistral v0.1, Phi-3) masks keys further back than the
+            // window; sequences that stay within it are computed exactly, so the context is
+            // capped there (the paged cache has no window mask).
+            max_position_embeddings: match (
+                j.get("sliding_window").and_then(Value::as_u64),
+                j.get("use_sliding_window").and_then(Value::as_bool),
+            ) {
+                (Some(w), None | Some(true)) if w > 0 => {
+                    int("max_position_embeddings")?.min(w as usize)
+                }
+                _ => int("max_position_embeddings")?,
+            },
             tie_word_embeddings: j
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -252,6 +281,7 @@ impl ModelConfig {
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
             qk_norm: arch == "qwen3",
+            fused_projections: arch == "phi3",
             architecture: arch,
         }
         .validate(path)

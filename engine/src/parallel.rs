@@ -303,6 +303,7 @@ mod tests {
             tie_word_embeddings: true,
             attention_bias: false,
             qk_norm: false,
+            fused_projections: false,
         }
     }
 

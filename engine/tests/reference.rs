@@ -266,6 +266,14 @@ fn tiny_llama3_bf16_with_rope_scaling_and_tied_head_matches_transformers() {
 }
 
 #[test]
+fn tiny_phi3_with_fused_projections_matches_transformers() {
+    tiny_model_matches("tiny-phi3");
+    // Its sliding window (200 positions) caps the context: within it, attention is exact.
+    let engine = Engine::load(&fixtures().join("tiny-phi3")).expect("loads");
+    assert_eq!(engine.model.cfg().max_position_embeddings, 200);
+}
+
+#[test]
 fn tiny_qwen3_bf16_with_per_head_qk_norms_matches_transformers() {
     tiny_model_matches("tiny-qwen3");
 }

@@ -1,4 +1,6 @@
-//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3), written once over a [`Backend`].
+//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3), written once over a
+//! [`Backend`]. Phi-3's fused `qkv_proj` and `gate_up_proj` are read as row ranges of one
+//! tensor, so every projection below is the same `Linear` whatever the checkpoint fuses.
 //!
 //! Names mirror the HF checkpoint keys. One forward call runs a *step*: the new tokens of several
 //! sequences go through every linear layer together as one matrix, attention runs per sequence
@@ -251,33 +253,56 @@ impl<B: Backend> Llama<B> {
         let ffn_rows = rows(tp.ffn_start, tp.ffn);
         let ffn_cols = cols(tp.ffn_start, tp.ffn);
         let vocab_part = rows(tp.vocab_start, tp.vocab);
+        let ffn = cfg.intermediate_size;
+        // Phi-3 fuses q, k, v (and gate, up) into one tensor each: a projection is then a row
+        // range of it, at an offset, whatever the rank's part.
+        let fused = |offset: usize, part: Part, n: usize| match part {
+            Part::All => Part::Rows(offset, n),
+            Part::Rows(start, len) => Part::Rows(offset + start, len),
+            cols => cols,
+        };
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let (q_proj, k_proj, v_proj) = if cfg.fused_projections {
+                    let (name, rows) = (format!("{p}.self_attn.qkv_proj"), q_out + 2 * kv * hd);
+                    (
+                        l.linear(&name, rows, h, false, fused(0, q_part, q_out))?,
+                        l.linear(&name, rows, h, false, fused(q_out, kv_part, kv * hd))?,
+                        l.linear(
+                            &name,
+                            rows,
+                            h,
+                            false,
+                            fused(q_out + kv * hd, kv_part, kv * hd),
+                        )?,
+                    )
+                } else {
+                    let bias = cfg.attention_bias;
+                    (
+                        l.linear(&format!("{p}.self_attn.q_proj"), q_out, h, bias, q_part)?,
+                        l.linear(&format!("{p}.self_attn.k_proj"), kv * hd, h, bias, kv_part)?,
+                        l.linear(&format!("{p}.self_attn.v_proj"), kv * hd, h, bias, kv_part)?,
+                    )
+                };
+                let (gate_proj, up_proj) = if cfg.fused_projections {
+                    let name = format!("{p}.mlp.gate_up_proj");
+                    (
+                        l.linear(&name, 2 * ffn, h, false, fused(0, ffn_rows, ffn))?,
+                        l.linear(&name, 2 * ffn, h, false, fused(ffn, ffn_rows, ffn))?,
+                    )
+                } else {
+                    (
+                        l.linear(&format!("{p}.mlp.gate_proj"), ffn, h, false, ffn_rows)?,
+                        l.linear(&format!("{p}.mlp.up_proj"), ffn, h, false, ffn_rows)?,
+                    )
+                };
                 Ok(DecoderLayer {
                     input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h, None)?,
                     self_attn: Attention {
-                        q_proj: l.linear(
-                            &format!("{p}.self_attn.q_proj"),
-                            q_out,
-                            h,
-                            cfg.attention_bias,
-                            q_part,
-                        )?,
-                        k_proj: l.linear(
-                            &format!("{p}.self_attn.k_proj"),
-                            kv * hd,
-                            h,
-                            cfg.attention_bias,
-                            kv_part,
-                        )?,
-                        v_proj: l.linear(
-                            &format!("{p}.self_attn.v_proj"),
-                            kv * hd,
-                            h,
-                            cfg.attention_bias,
-                            kv_part,
-                        )?,
+                        q_proj,
+                        k_proj,
+                        v_proj,
                         o_proj: l.linear(
                             &format!("{p}.self_attn.o_proj"),
                             h,
@@ -300,20 +325,8 @@ impl<B: Backend> Llama<B> {
                         None,
                     )?,
                     mlp: Mlp {
-                        gate_proj: l.linear(
-                            &format!("{p}.mlp.gate_proj"),
-                            cfg.intermediate_size,
-                            h,
-                            false,
-                            ffn_rows,
-                        )?,
-                        up_proj: l.linear(
-                            &format!("{p}.mlp.up_proj"),
-                            cfg.intermediate_size,
-                            h,
-                            false,
-                            ffn_rows,
-                        )?,
+                        gate_proj,
+                        up_proj,
                         down_proj: l.linear(
                             &format!("{p}.mlp.down_proj"),
                             h,
