@@ -321,7 +321,8 @@ def tiny_qwen3_k_quants():
     # quant_blocks.json (scripts/make_quant_fixtures.py).
     target = OUT / "tiny-qwen3-Q4_K_M.gguf"
     target.write_bytes(made["Q4_K_M"].read_bytes())
-    ref = Qwen3ForCausalLM.from_pretrained(OUT, gguf_file=target.name, dtype=torch.float32).eval()
+    # transformers reads the GGUF's weights (dequantised) but not its head_dim: give it the config.
+    ref = Qwen3ForCausalLM.from_pretrained(OUT, gguf_file=target.name, config=cfg, dtype=torch.float32).eval()
     prompts = ["Hello, world!", "fn main() { println!(\"hi\"); }", "1234567890 digits"]
     cases = []
     with torch.no_grad():

@@ -229,11 +229,14 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
 
 fn tiny_model_matches(name: &str) {
     let dir = fixtures().join(name);
-    let engine = Engine::load(&dir).unwrap_or_else(|e| panic!("{name} loads: {e}"));
-    let fx: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),
-    )
-    .expect("json");
+    model_matches(name, &dir, &dir.join("reference.json"));
+}
+
+/// The model at `model` gives the token ids and the logits of `reference` (transformers').
+fn model_matches(name: &str, model: &std::path::Path, reference: &std::path::Path) {
+    let engine = Engine::load(model).unwrap_or_else(|e| panic!("{name} loads: {e}"));
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(reference).expect("reference"))
+        .expect("json");
     for case in fx["cases"].as_array().expect("cases") {
         let prompt = case["prompt"].as_str().expect("prompt");
         let want_ids = ids(&case["ids"]);
@@ -271,6 +274,17 @@ fn tiny_phi3_with_fused_projections_matches_transformers() {
     // Its sliding window (200 positions) caps the context: within it, attention is exact.
     let engine = Engine::load(&fixtures().join("tiny-phi3")).expect("loads");
     assert_eq!(engine.model.cfg().max_position_embeddings, 200);
+}
+
+/// A real `Q4_K_M` file (Q4_K and Q6_K blocks, F32 norms), converted and quantised by
+/// llama.cpp's own tools, against transformers loading that GGUF.
+#[test]
+fn a_q4_k_m_gguf_made_by_llama_quantize_matches_transformers() {
+    model_matches(
+        "tiny-qwen3-Q4_K_M",
+        &fixtures().join("tiny-qwen3-Q4_K_M.gguf"),
+        &fixtures().join("tiny-qwen3-Q4_K_M.json"),
+    );
 }
 
 #[test]

@@ -97,6 +97,43 @@ fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers()
     }
 }
 
+#[test]
+fn a_q4_k_m_gguf_split_over_2_ranks_matches_the_whole_model_and_transformers() {
+    // Row splits keep whole Q4_K/Q6_K rows quantised; column splits of 128 fall inside a
+    // 256-wide super-block and are dequantised: both paths run.
+    let path = fixture("tiny-qwen3-Q4_K_M.gguf");
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-qwen3-Q4_K_M.json")).expect("reference"),
+    )
+    .expect("json");
+    let (whole, split) = (
+        load_model(&path, 1).expect("loads"),
+        load_model(&path, 2).expect("splits"),
+    );
+    for case in fx["cases"].as_array().expect("cases") {
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        let got = score(&split, &ids);
+        compare(&got, &score(&whole, &ids), "Q4_K_M TP 2 vs TP 1");
+        let want: Vec<f32> = case["logits"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .expect("row")
+                    .iter()
+                    .map(|v| v.as_f64().expect("logit") as f32)
+            })
+            .collect();
+        compare(&got, &want, "Q4_K_M TP 2 vs transformers");
+    }
+}
+
 fn request(i: usize, max_tokens: usize, temperature: f32) -> Request {
     Request {
         custom_id: format!("r{i}"),
