@@ -263,6 +263,66 @@ def tiny_phi3():
                 "pad_token_id": 0}, torch.float32, "10MB")
 
 
+SPM_EXTRA = [
+    "<s>starts with BOS</s> and ends with EOS",
+    "a <|user|> marker written in text, and <unk>",
+    " one leading space",
+    "trailing space ",
+    "ends with newline\n",
+    "ǅ ﬁ ＡＢＣ ① — full-width and ligatures",
+]
+
+
+def tiny_spm():
+    """SentencePiece BPE vocabularies in GGUF, as llama.cpp's converter writes them (scores,
+    token types, byte fallback, no merges), for a Llama and a Phi-3 model (they differ in how a
+    leading space is marked) and a Gemma 3 model (no prefix; merges in file order), with the ids
+    transformers' GGUF tokenizer gives."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    work = CACHE / "fixture-work" / "tiny-spm"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join((TOKENIZER_STRINGS + RAW_PROMPTS + LOGIT_PROMPTS) * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(work / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, user_defined_symbols=["<|user|>"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    texts = TOKENIZER_STRINGS + SPM_EXTRA
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    for arch, cfg_cls, model_cls in [("llama", LlamaConfig, LlamaForCausalLM), ("phi3", Phi3Config, Phi3ForCausalLM),
+                                     ("gemma3", Gemma3TextConfig, Gemma3ForCausalLM)]:
+        hf = work / arch
+        hf.mkdir(exist_ok=True)
+        cfg = cfg_cls(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+        if arch == "gemma3":
+            cfg.head_dim = 16
+        torch.manual_seed(7)
+        model_cls(cfg).save_pretrained(hf, safe_serialization=True)
+        (hf / "tokenizer.model").write_bytes((work / "tokenizer.model").read_bytes())
+        target = OUT / f"tiny-spm-{arch}.gguf"
+        convert_to_gguf(hf, target)
+        tok = AutoTokenizer.from_pretrained(OUT, gguf_file=target.name)
+        cases = [{"text": t, "ids": tok.encode(t, add_special_tokens=False), "prompt_ids": tok.encode(t),
+                  "decoded": tok.decode(tok.encode(t, add_special_tokens=False), skip_special_tokens=True)}
+                 for t in texts]
+        logits = []
+        if arch != "gemma3":
+            # transformers reading the GGUF's weights back (with the config, as for head_dim above).
+            ref = model_cls.from_pretrained(OUT, gguf_file=target.name, config=cfg, dtype=torch.float32).eval()
+            with torch.no_grad():
+                for p in LOGIT_PROMPTS[:2]:
+                    ids = tok.encode(p)
+                    logits.append({"prompt": p, "ids": ids,
+                                   "logits": [[float(v) for v in r] for r in ref(torch.tensor([ids])).logits[0]]})
+        dump(OUT / f"tiny-spm-{arch}.json", {"file": target.name, "cases": cases, "logits": logits})
+
+
 LLAMA_CPP = pathlib.Path(os.environ.get("LLAMA_CPP", "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
@@ -369,6 +429,8 @@ if __name__ == "__main__":
         tiny_qwen3()
     if "tiny-phi3" in what:
         tiny_phi3()
+    if "spm" in what:
+        tiny_spm()
     if "k-quants" in what:
         tiny_qwen3_k_quants()
     if "smollm2" in what:

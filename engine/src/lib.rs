@@ -12,6 +12,7 @@ pub mod parallel;
 pub mod response;
 pub mod sampler;
 pub mod scheduler;
+pub mod spm;
 pub mod tensor_parallel;
 pub mod tokenizer;
 pub mod weights;

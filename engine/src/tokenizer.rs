@@ -1,8 +1,9 @@
 //! Tokenizer and chat template.
 //!
-//! A `tokenizers::Tokenizer` is built from `tokenizer.json` or from GGUF metadata (byte-level
-//! BPE: vocabulary, merges, the pre-tokenizer named by `tokenizer.ggml.pre`, control tokens as
-//! special added tokens, exactly as HF transformers converts a GGUF). Special tokens written in
+//! A `tokenizers::Tokenizer` is built from `tokenizer.json` or from GGUF metadata, exactly as HF
+//! transformers converts a GGUF: byte-level BPE (vocabulary, merges, the pre-tokenizer named by
+//! `tokenizer.ggml.pre`) or SentencePiece BPE ([`crate::spm`]: merges recovered from the scores,
+//! byte fallback, the `▁` space mark), control tokens as special added tokens. Special tokens written in
 //! text are matched as added tokens, as HF does. The chat template is the model's own Jinja
 //! template, rendered with minijinja.
 
@@ -48,12 +49,13 @@ impl Tokenizer {
             .meta("tokenizer.ggml.model")
             .and_then(MetaValue::as_str)
             .unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(tok_err(
                 path,
                 format!(
-                    "tokenizer.ggml.model is {model:?}; only byte-level BPE (\"gpt2\") GGUF tokenizers are supported — \
-                     use the HF checkpoint directory with its tokenizer.json instead"
+                    "tokenizer.ggml.model is {model:?}; byte-level BPE (\"gpt2\") and SentencePiece BPE \
+                     (\"llama\") GGUF tokenizers are supported — use the HF checkpoint directory with its \
+                     tokenizer.json instead"
                 ),
             ));
         }
@@ -69,8 +71,47 @@ impl Tokenizer {
                 })
                 .collect()
         };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        let arch = g
+            .meta("general.architecture")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("");
+        let spm = model == "llama";
+        let mut tokens = strings("tokenizer.ggml.tokens")?;
+        if spm && arch.starts_with("gemma") {
+            // Gemma files store tokens of two or more spaces as spaces; its vocabulary (and HF's
+            // conversion) spells them with the SentencePiece space mark.
+            for t in tokens.iter_mut() {
+                if t.len() > 1 && t.chars().all(|c| c == ' ') {
+                    *t = "\u{2581}".repeat(t.len());
+                }
+            }
+        }
+        let split = |m: &String| {
+            let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
+            (a.to_string(), b.to_string())
+        };
+        let merges: Vec<(String, String)> = match (spm, g.meta("tokenizer.ggml.merges")) {
+            (false, _) | (true, Some(_)) => strings("tokenizer.ggml.merges")?
+                .iter()
+                .map(split)
+                .collect(),
+            (true, None) => {
+                let scores: Vec<f64> = if arch.starts_with("gemma") {
+                    // Gemma's scores do not follow its merge order; its file order does.
+                    (0..tokens.len()).map(|i| -(i as f64)).collect()
+                } else {
+                    g.meta("tokenizer.ggml.scores")
+                        .and_then(MetaValue::as_array)
+                        .ok_or_else(|| {
+                            tok_err(path, "metadata tokenizer.ggml.scores is missing (SentencePiece vocabulary without merges)")
+                        })?
+                        .iter()
+                        .map(|v| v.as_f64().unwrap_or(0.0))
+                        .collect()
+                };
+                crate::spm::merges_from_scores(&tokens, &scores)
+            }
+        };
         let types: Vec<i64> = match g
             .meta("tokenizer.ggml.token_type")
             .and_then(MetaValue::as_array)
@@ -90,10 +131,11 @@ impl Tokenizer {
                 eos_ids.push(eot);
             }
         }
+        // A SentencePiece vocabulary that does not say gets a BOS, as llama.cpp and HF do.
         let add_bos = g
             .meta("tokenizer.ggml.add_bos_token")
             .and_then(MetaValue::as_bool)
-            .unwrap_or(false);
+            .unwrap_or(spm);
         let pre = g
             .meta("tokenizer.ggml.pre")
             .and_then(MetaValue::as_str)
@@ -104,21 +146,17 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        let merges: Vec<Value> = merges
-            .iter()
-            .map(|m| {
-                let (a, b) = m.split_once(' ').unwrap_or((m.as_str(), ""));
-                json!([a, b])
-            })
-            .collect();
-        // Control (3) and user-defined (4) tokens are added tokens; control ones are special.
+        let merges: Vec<Value> = merges.iter().map(|(a, b)| json!([a, b])).collect();
+        // Control (3) and user-defined (4) tokens are added tokens; control ones are special, and
+        // so is a SentencePiece vocabulary's unknown token (2), which HF registers as `unk_token`.
+        let special = |ty: Option<&i64>| ty == Some(&3) || (spm && ty == Some(&2));
         let added: Vec<Value> = tokens
             .iter()
             .enumerate()
-            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .filter(|(i, _)| special(types.get(*i)) || types.get(*i) == Some(&4))
             .map(|(i, t)| {
                 json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                       "normalized": false, "special": types.get(i) == Some(&3)})
+                       "normalized": false, "special": special(types.get(i))})
             })
             .collect();
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
@@ -138,17 +176,21 @@ impl Tokenizer {
             }
             _ => byte_level,
         };
-        let spec = json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
+        let spec = if spm {
+            crate::spm::tokenizer_spec(arch, added, vocab, merges)
+        } else {
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer,
+                "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": false, "vocab": vocab, "merges": merges},
+            })
+        };
         let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
             tok_err(
                 path,
@@ -269,9 +311,15 @@ impl Tokenizer {
                 .map_err(|e| tok_err(&self.source, format!("cannot encode text: {e}")))?;
             return Ok(self.with_bos(ids));
         }
-        self.encode(text).map(|ids| self.with_bos(ids))
+        // As HF and llama.cpp do, a prompt that already starts with BOS gets another.
+        let mut ids = self.encode(text)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 
+    /// `ids` with a BOS in front unless the post-processor already put one there.
     fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
             if ids.first() != Some(&bos) {

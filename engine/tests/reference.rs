@@ -291,3 +291,58 @@ fn a_q4_k_m_gguf_made_by_llama_quantize_matches_transformers() {
 fn tiny_qwen3_bf16_with_per_head_qk_norms_matches_transformers() {
     tiny_model_matches("tiny-qwen3");
 }
+
+/// SentencePiece vocabularies in GGUF (scores, token types, byte fallback, no merges), as
+/// llama.cpp's converter writes them for a Llama, a Phi-3 and a Gemma 3 model (the tokenizer only:
+/// Gemma 3's layers are not supported yet): the same ids as transformers'
+/// tokenizer for that GGUF, with and without the BOS a prompt gets, and the same decoded text.
+#[test]
+fn sentencepiece_gguf_tokenizers_give_transformers_ids() {
+    for arch in ["llama", "phi3", "gemma3"] {
+        let fx = load_json(&format!("tiny-spm-{arch}.json"));
+        let path = fixtures().join(fx["file"].as_str().expect("file"));
+        let tok = gristmill_engine::load_tokenizer(&path).expect("the tokenizer loads");
+        if arch != "gemma3" {
+            // The model the converter wrote (Phi-3's fused projections under their GGUF names)
+            // gives transformers' logits for that GGUF.
+            let engine = Engine::load(&path).expect("the model loads");
+            for case in fx["logits"].as_array().expect("logits") {
+                let want_ids = ids(&case["ids"]);
+                assert_eq!(
+                    tok.encode_prompt(case["prompt"].as_str().expect("prompt"))
+                        .expect("ids"),
+                    want_ids
+                );
+                let rows = all_logits(&engine.model, &want_ids);
+                for (pos, (row, want)) in rows
+                    .iter()
+                    .zip(case["logits"].as_array().expect("rows"))
+                    .enumerate()
+                {
+                    for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate()
+                    {
+                        check_logit(got, w, || format!("tiny-spm-{arch} pos {pos} id {id}"));
+                    }
+                }
+            }
+        }
+        for case in fx["cases"].as_array().expect("cases") {
+            let text = case["text"].as_str().expect("text");
+            assert_eq!(
+                tok.encode(text).expect("encodes"),
+                ids(&case["ids"]),
+                "{arch}: {text:?}"
+            );
+            assert_eq!(
+                tok.encode_prompt(text).expect("encodes"),
+                ids(&case["prompt_ids"]),
+                "{arch} prompt: {text:?}"
+            );
+            assert_eq!(
+                tok.decode(&ids(&case["ids"])).expect("decodes"),
+                case["decoded"].as_str().expect("decoded"),
+                "{arch} decode: {text:?}"
+            );
+        }
+    }
+}
