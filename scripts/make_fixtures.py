@@ -18,7 +18,8 @@ It writes, under tests/fixtures/:
                           tokenizer.json, weights; Qwen2 with q/k/v bias and untied embeddings,
                           sharded f32; Llama with Llama-3 rope scaling and tied embeddings, single
                           bf16 file; Qwen3 with per-head q/k norms and head_dim 32 ≠ hidden/heads;
-                          Phi-3 with fused qkv and gate_up projections, f32),
+                          Phi-3 with fused qkv and gate_up projections, f32; Gemma 3 with a
+                          4-wide sliding window, sandwich norms, GeGLU and linear RoPE scaling),
                           each with reference.json holding their full logits.
 
   tiny-qwen3-Q4_K_M.gguf  a 256-wide tiny Qwen3 converted by llama.cpp's convert_hf_to_gguf.py
@@ -253,6 +254,19 @@ def tiny_qwen3():
                {"tie_word_embeddings": True, "rope_theta": 1000000.0, "head_dim": 32}, torch.bfloat16, "10MB")
 
 
+def tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Local layer first with a 4-position window (the prompts are longer), a global layer with
+    # linear RoPE scaling, an attention scale apart from the head size, tied embeddings.
+    tiny_model("tiny-gemma3", Gemma3TextConfig, Gemma3ForCausalLM,
+               {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                "tie_word_embeddings": True, "pad_token_id": 0}, torch.float32, "10MB")
+
+
 def tiny_phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -301,7 +315,9 @@ def tiny_spm():
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
         if arch == "gemma3":
-            cfg.head_dim = 16
+            # llama.cpp scales Gemma 3's attention by the head size (as every real Gemma 3 but
+            # the 27B has it); the tiny config says so too.
+            cfg.head_dim, cfg.query_pre_attn_scalar = 16, 16
         torch.manual_seed(7)
         model_cls(cfg).save_pretrained(hf, safe_serialization=True)
         (hf / "tokenizer.model").write_bytes((work / "tokenizer.model").read_bytes())
@@ -312,7 +328,7 @@ def tiny_spm():
                   "decoded": tok.decode(tok.encode(t, add_special_tokens=False), skip_special_tokens=True)}
                  for t in texts]
         logits = []
-        if arch != "gemma3":
+        if True:
             # transformers reading the GGUF's weights back (with the config, as for head_dim above).
             ref = model_cls.from_pretrained(OUT, gguf_file=target.name, config=cfg, dtype=torch.float32).eval()
             with torch.no_grad():
@@ -399,6 +415,7 @@ def tiny_models():
 
     tiny_qwen3()
     tiny_phi3()
+    tiny_gemma3()
     tiny_model("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM,
                {"tie_word_embeddings": False, "rope_theta": 1000000.0}, torch.float32, "60KB")
     tiny_model(
@@ -427,6 +444,8 @@ if __name__ == "__main__":
         tiny_models()
     if "tiny-qwen3" in what:
         tiny_qwen3()
+    if "tiny-gemma3" in what:
+        tiny_gemma3()
     if "tiny-phi3" in what:
         tiny_phi3()
     if "spm" in what:

@@ -85,6 +85,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     );
     /// `gate = silu(gate) * up`.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `gate = gelu_tanh(gate) * up` (Gemma's GeGLU).
+    fn gelu_tanh_mul(&self, gate: &mut Self::Buf, up: &Self::Buf);
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Buf, s: f32);
     /// `x += y`.
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
     /// Copies rows `start..start + n` out of `x`.
@@ -253,6 +257,14 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
         cpu::silu_mul(&mut gate.data, &up.data);
+    }
+
+    fn gelu_tanh_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
+        cpu::gelu_tanh_mul(&mut gate.data, &up.data);
+    }
+
+    fn scale(&self, x: &mut CpuTensor, s: f32) {
+        cpu::scale(&mut x.data, s);
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {

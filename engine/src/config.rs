@@ -16,6 +16,89 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: f32,
 }
 
+/// What Gemma 3 adds to the Llama shape: embeddings scaled by `sqrt(hidden_size)`, RMSNorm
+/// weights applied as `1 + w`, norms after attention and after the MLP as well as before,
+/// GeGLU (tanh GELU), its own attention scale, and local layers with a sliding window and their
+/// own RoPE base between the global ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3 {
+    /// Attention scores are scaled by this (`query_pre_attn_scalar ^ -0.5`).
+    pub attn_scale: f32,
+    pub sliding_window: usize,
+    /// Per layer: whether it is a local (sliding-window) layer.
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the local layers (the global ones use `rope_theta`).
+    pub rope_local_theta: f32,
+    /// Linear RoPE scaling of the global layers (1: none).
+    pub rope_global_factor: f32,
+    /// Whether the checkpoint stores norm weights as `w` (HF) rather than `1 + w` (GGUF: the
+    /// converter adds the one).
+    pub norm_plus_one: bool,
+}
+
+impl Gemma3 {
+    /// Which layers are local when a config gives only the period (`sliding_window_pattern`,
+    /// 6 for Gemma 3): every layer but each sixth.
+    fn pattern(layers: usize, period: usize) -> Vec<bool> {
+        (0..layers)
+            .map(|i| period == 0 || (i + 1) % period != 0)
+            .collect()
+    }
+}
+
+/// Gemma 3's additions from an HF `config.json` (transformers 5 `layer_types` and per-type
+/// `rope_parameters`, or 4.x `sliding_window_pattern`, `rope_local_base_freq`, `rope_scaling`).
+fn gemma3_from_hf(j: &Value, path: &Path) -> Result<Gemma3> {
+    let num = |k: &str| j.get(k).and_then(Value::as_f64);
+    let layers = num("num_hidden_layers").unwrap_or(0.0) as usize;
+    let head_dim = num("head_dim").unwrap_or(256.0);
+    let sliding_layers = match j.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect(),
+        None => Gemma3::pattern(
+            layers,
+            num("sliding_window_pattern").unwrap_or(6.0) as usize,
+        ),
+    };
+    let params = j.get("rope_parameters");
+    let theta_of = |kind: &str| {
+        params
+            .and_then(|p| p.get(kind))
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+    };
+    let global = params
+        .and_then(|p| p.get("full_attention"))
+        .or_else(|| j.get("rope_scaling").filter(|v| v.is_object()));
+    let rope_global_factor = match global.and_then(|g| g.get("rope_type").or_else(|| g.get("type")))
+    {
+        Some(Value::String(t)) if t == "linear" => global
+            .and_then(|g| g.get("factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0) as f32,
+        Some(Value::String(t)) if t != "default" => {
+            return Err(Error::config(
+                path,
+                format!("Gemma 3 rope scaling {t:?} is not supported (supported: default, linear)"),
+            ))
+        }
+        _ => 1.0,
+    };
+    Ok(Gemma3 {
+        // As transformers: a Python float `scalar ** -0.5`, rounded to f32 where it meets f32.
+        attn_scale: num("query_pre_attn_scalar").unwrap_or(head_dim).powf(-0.5) as f32,
+        sliding_window: num("sliding_window").unwrap_or(4096.0) as usize,
+        sliding_layers,
+        rope_local_theta: theta_of("sliding_attention")
+            .or_else(|| num("rope_local_base_freq"))
+            .unwrap_or(10_000.0) as f32,
+        rope_global_factor,
+        norm_plus_one: true,
+    })
+}
+
 /// The architecture of a Llama-family checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -41,9 +124,19 @@ pub struct ModelConfig {
     /// Queries, keys and values come from one fused `qkv_proj`, gate and up from one
     /// `gate_up_proj` (Phi-3).
     pub fused_projections: bool,
+    /// Gemma 3's additions (`None` for the rest of the family).
+    pub gemma3: Option<Gemma3>,
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
+const SUPPORTED: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma3",
+    "gemma3_text",
+];
 
 impl ModelConfig {
     /// Inverse RoPE frequencies, one per pair of a head's dimensions, with scaling applied.
@@ -160,15 +253,41 @@ impl ModelConfig {
             // Llama-3 GGUFs carry their scaling as a `rope_freqs.weight` tensor, applied by the
             // model at load; there is no formula to reproduce here.
             rope_scaling: None,
-            // As for HF configs below: a sliding window caps the context.
+            // As for HF configs below: a sliding window caps the context (Gemma 3 masks it).
             max_position_embeddings: match int("attention.sliding_window") {
-                Ok(w) if w > 0 => int("context_length")?.min(w),
+                Ok(w) if w > 0 && arch != "gemma3" => int("context_length")?.min(w),
                 _ => int("context_length")?,
             },
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
             fused_projections: g.tensors.contains_key("blk.0.attn_qkv.weight"),
+            gemma3: if arch == "gemma3" {
+                let layers = int("block_count")?;
+                // As llama.cpp: the 27B model (62 layers) scales by hidden / heads, the others by
+                // the head size; local layers use base 10000; every sixth layer is global.
+                let scalar = if layers == 62 {
+                    hidden_size / num_heads.max(1)
+                } else {
+                    head_dim
+                };
+                Some(Gemma3 {
+                    attn_scale: (scalar as f64).powf(-0.5) as f32,
+                    sliding_window: int("attention.sliding_window").unwrap_or(512),
+                    sliding_layers: Gemma3::pattern(layers, 6),
+                    rope_local_theta: 10_000.0,
+                    rope_global_factor: match g
+                        .meta(&format!("{arch}.rope.scaling.type"))
+                        .and_then(MetaValue::as_str)
+                    {
+                        Some("linear") => float("rope.scaling.factor").unwrap_or(1.0) as f32,
+                        _ => 1.0,
+                    },
+                    norm_plus_one: false,
+                })
+            } else {
+                None
+            },
             architecture: arch,
         }
         .validate(path)
@@ -191,6 +310,18 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::config(path, "model_type is missing"))?
             .to_string();
+        if arch == "gemma3" {
+            return Err(Error::config(
+                path,
+                "a multimodal Gemma 3 checkpoint (model_type gemma3): use its GGUF, or a text-only \
+                 (gemma3_text) checkpoint",
+            ));
+        }
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if j.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(Error::config(path, format!("{key} is not supported")));
+            }
+        }
         let hidden_size = int("hidden_size")?;
         let num_heads = int("num_attention_heads")?;
         if let Some(f) = j.get("partial_rotary_factor").and_then(Value::as_f64) {
@@ -203,10 +334,15 @@ impl ModelConfig {
                 ));
             }
         }
+        let gemma3 = (arch == "gemma3_text")
+            .then(|| gemma3_from_hf(&j, path))
+            .transpose()?;
         let rope = j
             .get("rope_scaling")
             .filter(|v| v.is_object())
-            .or_else(|| j.get("rope_parameters"));
+            .or_else(|| j.get("rope_parameters"))
+            // Gemma 3 keeps one set per layer type; the global layers' is the model's.
+            .map(|r| r.get("full_attention").unwrap_or(r));
         let rope_theta = j
             .get("rope_theta")
             .and_then(Value::as_f64)
@@ -230,6 +366,8 @@ impl ModelConfig {
                 };
                 match kind {
                     "default" => None,
+                    // Gemma 3's global layers: applied through `Gemma3::rope_global_factor`.
+                    "linear" if gemma3.is_some() => None,
                     "llama3" => Some(Llama3RopeScaling {
                         factor: f("factor")?,
                         low_freq_factor: f("low_freq_factor")?,
@@ -267,21 +405,23 @@ impl ModelConfig {
                 j.get("sliding_window").and_then(Value::as_u64),
                 j.get("use_sliding_window").and_then(Value::as_bool),
             ) {
-                (Some(w), None | Some(true)) if w > 0 => {
+                (Some(w), None | Some(true)) if w > 0 && gemma3.is_none() => {
                     int("max_position_embeddings")?.min(w as usize)
                 }
                 _ => int("max_position_embeddings")?,
             },
+            // Gemma ties its embeddings unless it says otherwise.
             tie_word_embeddings: j
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(gemma3.is_some()),
             attention_bias: arch == "qwen2"
                 || j.get("attention_bias")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
-            qk_norm: arch == "qwen3",
+            qk_norm: arch == "qwen3" || gemma3.is_some(),
             fused_projections: arch == "phi3",
+            gemma3,
             architecture: arch,
         }
         .validate(path)

@@ -304,6 +304,7 @@ mod tests {
             attention_bias: false,
             qk_norm: false,
             fused_projections: false,
+            gemma3: None,
         }
     }
 

@@ -269,6 +269,11 @@ fn tiny_llama3_bf16_with_rope_scaling_and_tied_head_matches_transformers() {
 }
 
 #[test]
+fn tiny_gemma3_with_a_sliding_window_and_sandwich_norms_matches_transformers() {
+    tiny_model_matches("tiny-gemma3");
+}
+
+#[test]
 fn tiny_phi3_with_fused_projections_matches_transformers() {
     tiny_model_matches("tiny-phi3");
     // Its sliding window (200 positions) caps the context: within it, attention is exact.
@@ -293,8 +298,8 @@ fn tiny_qwen3_bf16_with_per_head_qk_norms_matches_transformers() {
 }
 
 /// SentencePiece vocabularies in GGUF (scores, token types, byte fallback, no merges), as
-/// llama.cpp's converter writes them for a Llama, a Phi-3 and a Gemma 3 model (the tokenizer only:
-/// Gemma 3's layers are not supported yet): the same ids as transformers'
+/// llama.cpp's converter writes them for a Llama, a Phi-3 and a Gemma 3 model: the same ids as
+/// transformers'
 /// tokenizer for that GGUF, with and without the BOS a prompt gets, and the same decoded text.
 #[test]
 fn sentencepiece_gguf_tokenizers_give_transformers_ids() {
@@ -302,7 +307,7 @@ fn sentencepiece_gguf_tokenizers_give_transformers_ids() {
         let fx = load_json(&format!("tiny-spm-{arch}.json"));
         let path = fixtures().join(fx["file"].as_str().expect("file"));
         let tok = gristmill_engine::load_tokenizer(&path).expect("the tokenizer loads");
-        if arch != "gemma3" {
+        {
             // The model the converter wrote (Phi-3's fused projections under their GGUF names)
             // gives transformers' logits for that GGUF.
             let engine = Engine::load(&path).expect("the model loads");

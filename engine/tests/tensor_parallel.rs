@@ -57,7 +57,13 @@ fn default_model_split_over_3_ranks_matches_the_whole_model() {
 
 #[test]
 fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers() {
-    for name in ["tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-phi3"] {
+    for name in [
+        "tiny-qwen2",
+        "tiny-llama3",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-gemma3",
+    ] {
         let dir = fixture(name);
         let fx: Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),

@@ -313,11 +313,7 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
                 block_size,
             },
             &seqs,
-            AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-            },
+            AttentionShape::new(heads, kv_heads, head_dim),
             &mut want,
         );
         close(

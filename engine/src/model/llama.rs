@@ -1,4 +1,4 @@
-//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3), written once over a
+//! The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3), written once over a
 //! [`Backend`]. Phi-3's fused `qkv_proj` and `gate_up_proj` are read as row ranges of one
 //! tensor, so every projection below is the same `Linear` whatever the checkpoint fuses.
 //!
@@ -42,8 +42,15 @@ struct Mlp<B: Backend> {
 struct DecoderLayer<B: Backend> {
     input_layernorm: B::Vector,
     self_attn: Attention<B>,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
     post_attention_layernorm: B::Vector,
     mlp: Mlp<B>,
+    /// Gemma 3: norms of the attention's and the MLP's outputs before the residual add.
+    attn_out_norm: Option<B::Vector>,
+    mlp_out_norm: Option<B::Vector>,
+    /// Gemma 3: a local layer (sliding window, local RoPE base).
+    sliding: bool,
 }
 
 /// A loaded model.
@@ -57,6 +64,8 @@ pub struct Llama<B: Backend> {
     /// `None` when the embeddings are tied.
     lm_head: Option<B::Matrix>,
     inv_freq: Vec<f32>,
+    /// Gemma 3: the local layers' RoPE frequencies.
+    inv_freq_local: Vec<f32>,
     /// This rank's slice of the model (everything at world size 1).
     pub tp: TpPlan,
     collective: Arc<dyn Collective>,
@@ -174,6 +183,17 @@ impl<B: Backend> Loader<'_, B> {
         let data = slice_matrix(&data, rows, cols, 1, 1, part)
             .ok_or_else(|| Error::TensorParallel(format!("cannot slice {name} by {part:?}")))?;
         Ok(self.backend.matrix(data, out_rows, out_cols))
+    }
+
+    /// An RMSNorm weight, as the model applies it (`1 + w` where the checkpoint stores `w`).
+    fn norm(&self, name: &str, len: usize) -> Result<B::Vector> {
+        let mut data = self.ckpt.tensor(name, &[len], self.cfg)?;
+        if self.cfg.gemma3.as_ref().is_some_and(|g| g.norm_plus_one) {
+            for w in &mut data {
+                *w += 1.0;
+            }
+        }
+        Ok(self.backend.vector(data))
     }
 
     fn vector(&self, name: &str, len: usize, range: Option<(usize, usize)>) -> Result<B::Vector> {
@@ -297,8 +317,17 @@ impl<B: Backend> Llama<B> {
                         l.linear(&format!("{p}.mlp.up_proj"), ffn, h, false, ffn_rows)?,
                     )
                 };
+                let gemma = cfg.gemma3.as_ref();
+                let norm = |name: &str| l.norm(&format!("{p}.{name}.weight"), h);
                 Ok(DecoderLayer {
-                    input_layernorm: l.vector(&format!("{p}.input_layernorm.weight"), h, None)?,
+                    input_layernorm: norm("input_layernorm")?,
+                    attn_out_norm: gemma
+                        .map(|_| norm("post_attention_layernorm"))
+                        .transpose()?,
+                    mlp_out_norm: gemma
+                        .map(|_| norm("post_feedforward_layernorm"))
+                        .transpose()?,
+                    sliding: gemma.is_some_and(|g| g.sliding_layers.get(i) == Some(&true)),
                     self_attn: Attention {
                         q_proj,
                         k_proj,
@@ -312,18 +341,18 @@ impl<B: Backend> Llama<B> {
                         )?,
                         q_norm: cfg
                             .qk_norm
-                            .then(|| l.vector(&format!("{p}.self_attn.q_norm.weight"), hd, None))
+                            .then(|| l.norm(&format!("{p}.self_attn.q_norm.weight"), hd))
                             .transpose()?,
                         k_norm: cfg
                             .qk_norm
-                            .then(|| l.vector(&format!("{p}.self_attn.k_norm.weight"), hd, None))
+                            .then(|| l.norm(&format!("{p}.self_attn.k_norm.weight"), hd))
                             .transpose()?,
                     },
-                    post_attention_layernorm: l.vector(
-                        &format!("{p}.post_attention_layernorm.weight"),
-                        h,
-                        None,
-                    )?,
+                    post_attention_layernorm: norm(if gemma.is_some() {
+                        "pre_feedforward_layernorm"
+                    } else {
+                        "post_attention_layernorm"
+                    })?,
                     mlp: Mlp {
                         gate_proj,
                         up_proj,
@@ -345,8 +374,17 @@ impl<B: Backend> Llama<B> {
         } else {
             Some(l.matrix("lm_head.weight", cfg.vocab_size, h, vocab_part)?)
         };
-        let norm = l.vector("model.norm.weight", h, None)?;
+        let norm = l.norm("model.norm.weight", h)?;
         let mut inv_freq = cfg.rope_inv_freq();
+        let mut inv_freq_local = inv_freq.clone();
+        if let Some(g) = &cfg.gemma3 {
+            for f in &mut inv_freq {
+                *f /= g.rope_global_factor;
+            }
+            let mut local = cfg.clone();
+            (local.rope_theta, local.rope_scaling) = (g.rope_local_theta, None);
+            inv_freq_local = local.rope_inv_freq();
+        }
         if let Some(factors) = ckpt.rope_freq_factors(&cfg)? {
             for (f, d) in inv_freq.iter_mut().zip(factors) {
                 *f /= d;
@@ -360,6 +398,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
             tp,
             collective,
         })
@@ -422,17 +461,30 @@ impl<B: Backend> Llama<B> {
         let tp = self.tp;
         let c = self.collective.as_ref();
         let parallel = tp.world > 1;
-        let shape = AttentionShape {
-            heads: tp.heads,
-            kv_heads: tp.kv_heads,
-            head_dim: cfg.head_dim,
-        };
+        let mut shape = AttentionShape::new(tp.heads, tp.kv_heads, cfg.head_dim);
+        if let Some(g) = &cfg.gemma3 {
+            shape.scale = g.attn_scale;
+        }
         // Vocabulary-parallel: each rank embeds the ids in its shard (zeros elsewhere).
         let mut hidden = b.embed(&self.embed_tokens, &ids, tp.vocab_start as u32);
         if parallel {
             b.all_reduce_sum(&mut hidden, c);
         }
+        if cfg.gemma3.is_some() {
+            // As transformers: a Python float `hidden_size ** 0.5`, rounded to f32.
+            b.scale(&mut hidden, (cfg.hidden_size as f64).sqrt() as f32);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
+            let (inv_freq, shape) = match &cfg.gemma3 {
+                Some(g) if layer.sliding => (
+                    &self.inv_freq_local,
+                    AttentionShape {
+                        window: Some(g.sliding_window),
+                        ..shape
+                    },
+                ),
+                _ => (&self.inv_freq, shape),
+            };
             let x = b.rms_norm(&hidden, &layer.input_layernorm, cfg.rms_norm_eps);
             let att = &layer.self_attn;
             let mut q = self.linear(&x, &att.q_proj);
@@ -443,14 +495,8 @@ impl<B: Backend> Llama<B> {
                 q = b.rms_norm(&q, qn, cfg.rms_norm_eps);
                 k = b.rms_norm(&k, kn, cfg.rms_norm_eps);
             }
-            b.rope(&mut q, &positions, tp.heads, cfg.head_dim, &self.inv_freq);
-            b.rope(
-                &mut k,
-                &positions,
-                tp.kv_heads,
-                cfg.head_dim,
-                &self.inv_freq,
-            );
+            b.rope(&mut q, &positions, tp.heads, cfg.head_dim, inv_freq);
+            b.rope(&mut k, &positions, tp.kv_heads, cfg.head_dim, inv_freq);
             // Every sequence's new keys and values are stored before any attention reads them, so
             // sequences sharing prefix blocks within one step see complete blocks.
             b.write_kv(&mut kv.store, li, &k, &v, &slots);
@@ -459,14 +505,24 @@ impl<B: Backend> Llama<B> {
             if parallel {
                 b.all_reduce_sum(&mut attn, c);
             }
+            if let Some(n) = &layer.attn_out_norm {
+                attn = b.rms_norm(&attn, n, cfg.rms_norm_eps);
+            }
             b.add(&mut hidden, &attn);
             let x = b.rms_norm(&hidden, &layer.post_attention_layernorm, cfg.rms_norm_eps);
             let mut gate = self.linear(&x, &layer.mlp.gate_proj);
             let up = self.linear(&x, &layer.mlp.up_proj);
-            b.silu_mul(&mut gate, &up);
+            if cfg.gemma3.is_some() {
+                b.gelu_tanh_mul(&mut gate, &up);
+            } else {
+                b.silu_mul(&mut gate, &up);
+            }
             let mut down = self.linear(&gate, &layer.mlp.down_proj);
             if parallel {
                 b.all_reduce_sum(&mut down, c);
+            }
+            if let Some(n) = &layer.mlp_out_norm {
+                down = b.rms_norm(&down, n, cfg.rms_norm_eps);
             }
             b.add(&mut hidden, &down);
         }

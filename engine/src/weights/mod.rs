@@ -130,7 +130,7 @@ impl Checkpoint {
         match self {
             Self::Safetensors { tensors, .. } => tensors.tensor_f32(hf_name, shape),
             Self::Gguf(g) => {
-                let name = gguf_name(hf_name).ok_or_else(|| Error::MissingTensor {
+                let name = gguf_name_for(hf_name, cfg).ok_or_else(|| Error::MissingTensor {
                     path: g.path().to_path_buf(),
                     tensor: hf_name.to_string(),
                 })?;
@@ -156,7 +156,7 @@ impl Checkpoint {
         cfg: &ModelConfig,
     ) -> Result<Option<(GgmlType, Vec<u8>)>> {
         let Self::Gguf(g) = self else { return Ok(None) };
-        let Some(name) = gguf_name(hf_name) else {
+        let Some(name) = gguf_name_for(hf_name, cfg) else {
             return Ok(None);
         };
         if !g.tensors.contains_key(&name) {
@@ -221,6 +221,16 @@ fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, head_dim: usize) 
 
 /// Maps an HF tensor name to its GGUF name.
 fn gguf_name(hf: &str) -> Option<String> {
+    gguf_name_in(hf, false)
+}
+
+/// [`gguf_name`] for a model of the Gemma family when `gemma`: its norm after attention is
+/// `post_attention_norm`, its norm before the MLP (`pre_feedforward_layernorm`) `ffn_norm`.
+fn gguf_name_for(hf: &str, cfg: &ModelConfig) -> Option<String> {
+    gguf_name_in(hf, cfg.gemma3.is_some())
+}
+
+fn gguf_name_in(hf: &str, gemma: bool) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -235,7 +245,10 @@ fn gguf_name(hf: &str) -> Option<String> {
     let (module, suffix) = rest.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",

@@ -6,12 +6,29 @@
 
 use rayon::prelude::*;
 
-/// Head geometry of an attention call.
+/// Head geometry of an attention call, its score scale and its window.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Scores are `q·k * scale` (usually `1 / sqrt(head_dim)`; Gemma's `query_pre_attn_scalar`).
+    pub scale: f32,
+    /// A sliding window: a query at position `p` sees keys `p + 1 - window ..= p` only.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Full causal attention scaled by `1 / sqrt(head_dim)`.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+        }
+    }
 }
 
 /// A paged KV cache of one layer: `num_slots = num_blocks * block_size` rows of
@@ -62,6 +79,7 @@ pub fn paged_attention(
         heads,
         kv_heads,
         head_dim,
+        ..
     } = shape;
     let row = heads * head_dim;
     let total: usize = seqs.iter().map(|s| s.rows).sum();
@@ -101,6 +119,7 @@ pub fn paged_attention(
                 q: qg,
                 kv,
                 table: seqs[si].block_table,
+                first: shape.window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                 len: pos + 1,
                 g,
                 shape,
@@ -121,7 +140,8 @@ struct GroupJob<'a> {
     q: &'a [f32],
     kv: PagedKv<'a>,
     table: &'a [u32],
-    /// Positions attended: `0..len`.
+    /// Positions attended: `first..len`.
+    first: usize,
     len: usize,
     g: usize,
     shape: AttentionShape,
@@ -152,19 +172,15 @@ fn attend_group(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
         ..
     } = job.shape;
     let group = job.q.len() / hd;
-    let (n, bs) = (job.len, job.kv.block_size);
+    let (n, bs) = (job.len - job.first, job.kv.block_size);
     let kv_row = kv_heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = job.shape.scale;
     let Scratch { scores, rows } = scratch;
     rows.clear();
-    'blocks: for &blk in job.table {
-        for off in 0..bs {
-            if rows.len() == n {
-                break 'blocks;
-            }
-            rows.push((blk as usize * bs + off) * kv_row + job.g * hd);
-        }
-    }
+    rows.extend(
+        (job.first..job.len)
+            .map(|p| (job.table[p / bs] as usize * bs + p % bs) * kv_row + job.g * hd),
+    );
     scores.clear();
     scores.resize(group * n, 0.0);
     for (j, &base) in rows.iter().enumerate() {
@@ -222,15 +238,13 @@ mod tests {
         heads: 1,
         kv_heads: 1,
         head_dim: 1,
+        scale: 1.0,
+        window: None,
     };
 
     #[test]
     fn single_key_returns_its_value_and_gqa_shares_kv() {
-        let shape = AttentionShape {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 2,
-        };
+        let shape = AttentionShape::new(2, 1, 2);
         let q = [1.0, 0.0, 0.0, 1.0];
         let (k, v) = ([0.3, 0.7], [5.0, -1.0]);
         let mut out = [0f32; 4];
@@ -276,6 +290,34 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [2.0, 3.0, (2.0 + 4.0 + 10.0) / 3.0]);
+    }
+
+    #[test]
+    fn a_sliding_window_sees_only_the_last_positions() {
+        // Values 1, 2, 3, 4 at positions 0..4; equal scores: the mean of what is seen.
+        let (k, v) = ([0.0; 4], [1.0, 2.0, 3.0, 4.0]);
+        let seqs = [SeqAttention {
+            rows: 4,
+            start: 0,
+            block_table: &[0, 1],
+        }];
+        let mut out = [0f32; 4];
+        let shape = AttentionShape {
+            window: Some(2),
+            ..ONE
+        };
+        paged_attention(
+            &[0.0; 4],
+            PagedKv {
+                k: &k,
+                v: &v,
+                block_size: 2,
+            },
+            &seqs,
+            shape,
+            &mut out,
+        );
+        assert_eq!(out, [1.0, 1.5, 2.5, 3.5]);
     }
 
     #[test]

@@ -16,4 +16,6 @@ pub fn isa() -> &'static str {
     "portable"
 }
 
-pub use ops::{add_assign, argmax, rms_norm, rope_neox, silu_mul, softmax_in_place};
+pub use ops::{
+    add_assign, argmax, gelu_tanh_mul, rms_norm, rope_neox, scale, silu_mul, softmax_in_place,
+};

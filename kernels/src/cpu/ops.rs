@@ -79,6 +79,26 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu_tanh(gate) * up`, GELU with the tanh approximation as PyTorch computes
+/// `gelu(x, approximate="tanh")`: `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))` (Gemma).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_tanh_mul: lengths differ");
+    const BETA: f32 = 0.797_884_6; // sqrt(2 / pi)
+    const KAPPA: f32 = 0.044_715;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let inner = BETA * (x + KAPPA * x * x * x);
+        *g = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
+/// `x[i] *= s`.
+pub fn scale(x: &mut [f32], s: f32) {
+    for v in x {
+        *v *= s;
+    }
+}
+
 /// `x[i] += y[i]`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len(), "add_assign: lengths differ");
