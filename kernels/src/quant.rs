@@ -235,9 +235,9 @@ pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut
                 d[j] = dd * (s & 0x0f) as f32;
                 m[j] = -(dmin * (s >> 4) as f32);
             }
-            for e in 0..QK_K {
+            for (e, ve) in v.iter_mut().enumerate().take(QK_K) {
                 let (h, s, l) = (e / 128, (e / 32) % 4, e % 32);
-                v[e] = ((qs[h * 32 + l] >> (2 * s)) & 3) as i8;
+                *ve = ((qs[h * 32 + l] >> (2 * s)) & 3) as i8;
             }
         }
         GgmlType::Q3K => {
@@ -248,11 +248,11 @@ pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut
                 let hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
                 *dj = dd * (((lo | (hi << 4)) as i8) - 32) as f32;
             }
-            for e in 0..QK_K {
+            for (e, ve) in v.iter_mut().enumerate().take(QK_K) {
                 let (h, s, l) = (e / 128, (e / 32) % 4, e % 32);
                 let low = ((qs[h * 32 + l] >> (2 * s)) & 3) as i8;
                 let high = (hmask[l] >> (e / 32)) & 1;
-                v[e] = low - if high == 1 { 0 } else { 4 };
+                *ve = low - if high == 1 { 0 } else { 4 };
             }
         }
         GgmlType::Q4K | GgmlType::Q5K => {
@@ -267,11 +267,11 @@ pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut
             } else {
                 (None, &b[16..144])
             };
-            for e in 0..QK_K {
+            for (e, ve) in v.iter_mut().enumerate().take(QK_K) {
                 let (c, s, l) = (e / 64, (e / 32) % 2, e % 32);
                 let low = (qs[c * 32 + l] >> (4 * s)) & 0x0f;
                 let high = qh.map_or(0, |qh| ((qh[l] >> (e / 32)) & 1) << 4);
-                v[e] = (low | high) as i8;
+                *ve = (low | high) as i8;
             }
         }
         GgmlType::Q6K => {
@@ -280,11 +280,11 @@ pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut
             for (j, dj) in d.iter_mut().enumerate().take(16) {
                 *dj = dd * (sc[j] as i8) as f32;
             }
-            for e in 0..QK_K {
+            for (e, ve) in v.iter_mut().enumerate().take(QK_K) {
                 let (h, r) = (e / 128, e % 128);
                 let low = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0x0f;
                 let high = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
-                v[e] = (low | (high << 4)) as i8 - 32;
+                *ve = (low | (high << 4)) as i8 - 32;
             }
         }
     }
