@@ -51,8 +51,9 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "GRISTMILL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
 
-    /// Model file or directory whose tokenizer weighs prompts and orders them by shared token
-    /// prefix. Without it, prompts are weighed as bytes / 4 and ordered by shared text prefix.
+    /// Model file or directory (or Hugging Face id, as `--model` takes) whose tokenizer weighs
+    /// prompts and orders them by shared token prefix. Without it, prompts are weighed as
+    /// bytes / 4 and ordered by shared text prefix.
     #[arg(long, env = "GRISTMILL_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 
@@ -330,7 +331,7 @@ impl CoordinatorArgs {
         let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
             None => Arc::new(byte_tokens),
             Some(p) => {
-                let tok = gristmill_engine::load_tokenizer(p)
+                let tok = gristmill_engine::load_tokenizer(&crate::hub::resolve_model(p)?)
                     .with_context(|| format!("cannot load a tokenizer from {}", p.display()))?;
                 Arc::new(move |r: &Request| {
                     let ids = match &r.prompt {

@@ -8,8 +8,11 @@ use gristmill_engine::EngineOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// A GGUF file, or an HF directory with config.json, safetensors weights and tokenizer.json.
-    /// The default is the default model under $GRISTMILL_CACHE_DIR (else ~/.cache/gristmill),
+    /// A GGUF file, an HF directory with config.json, safetensors weights and tokenizer.json, or
+    /// a Hugging Face id: `org/name` (an HF checkpoint) or `org/name:file.gguf` (one GGUF file),
+    /// taken from the Hugging Face cache ($HF_HOME/hub, else ~/.cache/huggingface/hub) or
+    /// downloaded into it (HF_TOKEN authenticates; HF_HUB_OFFLINE=1 forbids downloads). The
+    /// default is the default model under $GRISTMILL_CACHE_DIR (else ~/.cache/gristmill),
     /// fetched by `make model`.
     #[arg(short, long, env = "GRISTMILL_MODEL",
           default_value_os_t = gristmill_engine::default_model_path())]
@@ -53,9 +56,9 @@ impl EngineArgs {
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
-        let path = &self.model;
-        gristmill_engine::Engine::load_parallel(path, self.tensor_parallel_size)
-            .with_context(|| format!("cannot load the model {}", path.display()))
+        let path = crate::hub::resolve_model(&self.model)?;
+        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size)
+            .with_context(|| format!("cannot load the model {}", self.model.display()))
     }
 
     /// One line about a loaded engine: the model, its shape, the process's memory and the CPU

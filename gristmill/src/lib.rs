@@ -4,4 +4,5 @@
 
 pub mod cluster;
 pub mod engine_args;
+pub mod hub;
 pub mod nats;
