@@ -222,6 +222,12 @@ impl ModelConfig {
                 })
         };
         let float = |key: &str| g.meta(&format!("{arch}.{key}")).and_then(MetaValue::as_f64);
+        if g.tensors.contains_key("rope_factors_long.weight") {
+            return Err(Error::config(
+                path,
+                "long-context RoPE (rope_factors_long/short, Phi-3 \"longrope\") is not supported",
+            ));
+        }
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
