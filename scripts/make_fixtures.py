@@ -339,6 +339,46 @@ def tiny_spm():
         dump(OUT / f"tiny-spm-{arch}.json", {"file": target.name, "cases": cases, "logits": logits})
 
 
+CHAT_TEMPLATES = {
+    # Real templates, as llama.cpp keeps copies of them (models/templates/ of its sources).
+    "qwen3": ("Qwen-Qwen3-0.6B.jinja", "<|endoftext|>", "<|im_end|>"),
+    "phi3.5": ("microsoft-Phi-3.5-mini-instruct.jinja", "<s>", "<|endoftext|>"),
+    # Gemma 3's own template is not among them; Gemma 2's has the same raise_exception role
+    # checks and turn markers.
+    "gemma2": ("google-gemma-2-2b-it.jinja", "<bos>", "<eos>"),
+}
+
+CHAT_CONVERSATIONS = [
+    [{"role": "user", "content": "Scaffold a Go service."}],
+    [{"role": "system", "content": "You write Rust."}, {"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write  code\nwith  spaces."}],
+    [{"role": "user", "content": "ünïcödé 🚀"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nok"},
+     {"role": "user", "content": "again"}],
+]
+
+
+def chat_templates():
+    """Real chat templates rendered by transformers' own renderer, with a generation prompt."""
+    from transformers import PreTrainedTokenizerFast
+
+    cases = []
+    for name, (file, bos, eos) in CHAT_TEMPLATES.items():
+        template = (LLAMA_CPP / "models" / "templates" / file).read_text()
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(OUT / "tiny-qwen3" / "tokenizer.json"),
+                                      bos_token=bos, eos_token=eos)
+        for messages in CHAT_CONVERSATIONS:
+            try:
+                text = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+                cases.append({"template": name, "messages": messages, "rendered": text})
+            except Exception as e:  # a template that refuses a conversation (Gemma: system role)
+                cases.append({"template": name, "messages": messages, "error": str(e)})
+    templates = {name: (LLAMA_CPP / "models" / "templates" / f).read_text() for name, (f, _, _) in CHAT_TEMPLATES.items()}
+    specials = {name: {"bos": b, "eos": e} for name, (_, b, e) in CHAT_TEMPLATES.items()}
+    dump(OUT / "chat_templates.json", {"templates": templates, "specials": specials, "cases": cases})
+
+
 LLAMA_CPP = pathlib.Path(os.environ.get("LLAMA_CPP", "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 
 
@@ -448,6 +488,8 @@ if __name__ == "__main__":
         tiny_gemma3()
     if "tiny-phi3" in what:
         tiny_phi3()
+    if "chat" in what:
+        chat_templates()
     if "spm" in what:
         tiny_spm()
     if "k-quants" in what:

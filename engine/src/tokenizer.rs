@@ -347,36 +347,47 @@ impl Tokenizer {
                 "the model has no chat template; send /v1/completions lines instead".into(),
             )
         })?;
-        let mut env = Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_function("strftime_now", |fmt: String| -> String {
-            // Templates use it for "today's date" lines; render the date in UTC.
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            format_date(&fmt, secs)
-        });
-        env.add_template("chat", template)
-            .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.bos_text,
-            eos_token => self.eos_text,
-        })
-        .map_err(|e| Error::Template(format!("rendering failed: {e}")))
+        render_chat_template(template, messages, &self.bos_text, &self.eos_text)
     }
+}
+
+/// Renders a chat template (Jinja, as HF's `apply_chat_template` does: `raise_exception`,
+/// `strftime_now`, Python string methods) with `add_generation_prompt = true`.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[ChatMessage],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| -> String {
+        // Templates use it for "today's date" lines; render the date in UTC.
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format_date(&fmt, secs)
+    });
+    env.add_template("chat", template)
+        .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(e.to_string()))?;
+    tmpl.render(context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| Error::Template(format!("rendering failed: {e}")))
 }
 
 fn ids_of(v: Option<&Value>) -> Vec<u32> {

@@ -351,3 +351,32 @@ fn sentencepiece_gguf_tokenizers_give_transformers_ids() {
         }
     }
 }
+
+/// Real chat templates (Qwen3, Phi-3.5, Gemma 2's — Gemma 3's is not among llama.cpp's copies,
+/// Gemma 2's has its role checks) render as transformers renders them, and a conversation a
+/// template refuses (Gemma: a system turn) is refused with the template's own message.
+#[test]
+fn real_chat_templates_render_as_transformers_renders_them() {
+    let fx = load_json("chat_templates.json");
+    for case in fx["cases"].as_array().expect("cases") {
+        let name = case["template"].as_str().expect("name");
+        let template = fx["templates"][name].as_str().expect("template");
+        let specials = &fx["specials"][name];
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(case["messages"].clone()).expect("messages");
+        let got = gristmill_engine::tokenizer::render_chat_template(
+            template,
+            &messages,
+            specials["bos"].as_str().expect("bos"),
+            specials["eos"].as_str().expect("eos"),
+        );
+        match (case["rendered"].as_str(), case["error"].as_str()) {
+            (Some(want), _) => assert_eq!(got.expect("renders"), want, "{name}: {messages:?}"),
+            (None, Some(why)) => {
+                let e = got.expect_err("the template refuses it").to_string();
+                assert!(e.contains(why), "{name}: {e} (wanted {why:?})");
+            }
+            _ => panic!("a case without an outcome"),
+        }
+    }
+}
