@@ -254,6 +254,19 @@ def tiny_qwen3():
                {"tie_word_embeddings": True, "rope_theta": 1000000.0, "head_dim": 32}, torch.bfloat16, "10MB")
 
 
+def tiny_phi3_longrope():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # Phi-3.5's long-context RoPE: per-dimension short factors (used up to the original length,
+    # 64 here; the prompts are shorter) and an attention factor from max/original = 4.
+    short = [1.0 + 0.15 * i for i in range(8)]
+    tiny_model("tiny-phi3-longrope", Phi3Config, Phi3ForCausalLM,
+               {"tie_word_embeddings": False, "rope_theta": 10000.0, "pad_token_id": 0,
+                "original_max_position_embeddings": 64,
+                "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": [4.0] * 8}},
+               torch.float32, "10MB")
+
+
 def tiny_gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -455,6 +468,7 @@ def tiny_models():
 
     tiny_qwen3()
     tiny_phi3()
+    tiny_phi3_longrope()
     tiny_gemma3()
     tiny_model("tiny-qwen2", Qwen2Config, Qwen2ForCausalLM,
                {"tie_word_embeddings": False, "rope_theta": 1000000.0}, torch.float32, "60KB")
@@ -484,6 +498,8 @@ if __name__ == "__main__":
         tiny_models()
     if "tiny-qwen3" in what:
         tiny_qwen3()
+    if "tiny-phi3-longrope" in what:
+        tiny_phi3_longrope()
     if "tiny-gemma3" in what:
         tiny_gemma3()
     if "tiny-phi3" in what:

@@ -16,6 +16,30 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: f32,
 }
 
+/// Phi-3's long-context RoPE (`longrope`): per-dimension divisors of the rotary frequencies and
+/// a factor on the rotated queries and keys. transformers switches to the long factors once a
+/// sequence passes `original_max_position_embeddings`, a switch that depends on the longest
+/// sequence of a batch; Gristmill keeps the short factors and caps the context there, where
+/// every sequence is computed exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f32>,
+    pub attention_factor: f32,
+}
+
+impl LongRope {
+    /// transformers' default attention factor: `sqrt(1 + ln(s) / ln(original))` for the scale
+    /// `s = max_position / original` above 1.
+    fn default_attention_factor(max_position: f64, original: f64) -> f32 {
+        let scale = max_position / original;
+        if scale <= 1.0 {
+            1.0
+        } else {
+            (1.0 + scale.ln() / original.ln()).sqrt() as f32
+        }
+    }
+}
+
 /// What Gemma 3 adds to the Llama shape: embeddings scaled by `sqrt(hidden_size)`, RMSNorm
 /// weights applied as `1 + w`, norms after attention and after the MLP as well as before,
 /// GeGLU (tanh GELU), its own attention scale, and local layers with a sliding window and their
@@ -114,6 +138,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Phi-3 `longrope` (short factors; the context is capped at the original length).
+    pub longrope: Option<LongRope>,
     /// Longest sequence (prompt + generated) the model accepts.
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
@@ -192,6 +218,16 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
+        if let Some(l) = &self.longrope {
+            if l.short_factor.len() != self.head_dim / 2 {
+                return bad(format!(
+                    "longrope has {} short factors for a head of {} dimensions (wants {})",
+                    l.short_factor.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                ));
+            }
+        }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head dim {} is odd; RoPE needs pairs",
@@ -222,12 +258,26 @@ impl ModelConfig {
                 })
         };
         let float = |key: &str| g.meta(&format!("{arch}.{key}")).and_then(MetaValue::as_f64);
-        if g.tensors.contains_key("rope_factors_long.weight") {
-            return Err(Error::config(
-                path,
-                "long-context RoPE (rope_factors_long/short, Phi-3 \"longrope\") is not supported",
-            ));
-        }
+        let longrope = if g.tensors.contains_key("rope_factors_short.weight") {
+            let heads = int("attention.head_count")?.max(1);
+            let dim = int("attention.key_length").unwrap_or(int("embedding_length")? / heads);
+            let original = int("rope.scaling.original_context_length")?;
+            Some((
+                LongRope {
+                    short_factor: g.tensor_f32("rope_factors_short.weight", &[dim / 2])?,
+                    attention_factor: match float("rope.scaling.attn_factor") {
+                        Some(f) => f as f32,
+                        None => LongRope::default_attention_factor(
+                            int("context_length")? as f64,
+                            original as f64,
+                        ),
+                    },
+                },
+                original,
+            ))
+        } else {
+            None
+        };
         let hidden_size = int("embedding_length")?;
         let num_heads = int("attention.head_count")?;
         let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
@@ -259,11 +309,14 @@ impl ModelConfig {
             // Llama-3 GGUFs carry their scaling as a `rope_freqs.weight` tensor, applied by the
             // model at load; there is no formula to reproduce here.
             rope_scaling: None,
-            // As for HF configs below: a sliding window caps the context (Gemma 3 masks it).
+            // As for HF configs below: a sliding window caps the context (Gemma 3 masks it), and
+            // so does longrope's original length.
             max_position_embeddings: match int("attention.sliding_window") {
                 Ok(w) if w > 0 && arch != "gemma3" => int("context_length")?.min(w),
                 _ => int("context_length")?,
-            },
+            }
+            .min(longrope.as_ref().map_or(usize::MAX, |(_, o)| *o)),
+            longrope: longrope.map(|(l, _)| l),
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
@@ -357,6 +410,7 @@ impl ModelConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10_000.0) as f32;
+        let mut longrope = None;
         let rope_scaling = match rope {
             Some(r) => {
                 let kind = r
@@ -380,10 +434,41 @@ impl ModelConfig {
                         high_freq_factor: f("high_freq_factor")?,
                         original_max_position_embeddings: f("original_max_position_embeddings")?,
                     }),
+                    "longrope" | "su" => {
+                        let original = r
+                            .get("original_max_position_embeddings")
+                            .or_else(|| j.get("original_max_position_embeddings"))
+                            .and_then(Value::as_u64)
+                            .ok_or_else(|| {
+                                Error::config(path, "longrope: original_max_position_embeddings is missing")
+                            })?;
+                        let short_factor: Vec<f32> = r
+                            .get("short_factor")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| Error::config(path, "longrope: short_factor is missing"))?
+                            .iter()
+                            .map(|v| v.as_f64().unwrap_or(1.0) as f32)
+                            .collect();
+                        let attention_factor = match r.get("attention_factor").and_then(Value::as_f64) {
+                            Some(a) => a as f32,
+                            None => LongRope::default_attention_factor(
+                                int("max_position_embeddings")? as f64,
+                                original as f64,
+                            ),
+                        };
+                        longrope = Some((
+                            LongRope {
+                                short_factor,
+                                attention_factor,
+                            },
+                            original as usize,
+                        ));
+                        None
+                    }
                     other => {
                         return Err(Error::config(
                             path,
-                            format!("rope scaling type {other:?} is not supported (supported: default, llama3)"),
+                            format!("rope scaling type {other:?} is not supported (supported: default, llama3, longrope)"),
                         ))
                     }
                 }
@@ -415,7 +500,9 @@ impl ModelConfig {
                     int("max_position_embeddings")?.min(w as usize)
                 }
                 _ => int("max_position_embeddings")?,
-            },
+            }
+            .min(longrope.as_ref().map_or(usize::MAX, |(_, o)| *o)),
+            longrope: longrope.map(|(l, _)| l),
             // Gemma ties its embeddings unless it says otherwise.
             tie_word_embeddings: j
                 .get("tie_word_embeddings")

@@ -299,6 +299,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             rope_scaling: None,
+            longrope: None,
             max_position_embeddings: 2048,
             tie_word_embeddings: true,
             attention_bias: false,

@@ -269,6 +269,13 @@ fn tiny_llama3_bf16_with_rope_scaling_and_tied_head_matches_transformers() {
 }
 
 #[test]
+fn tiny_phi3_with_longrope_matches_transformers_within_its_original_length() {
+    tiny_model_matches("tiny-phi3-longrope");
+    let engine = Engine::load(&fixtures().join("tiny-phi3-longrope")).expect("loads");
+    assert_eq!(engine.model.cfg().max_position_embeddings, 64);
+}
+
+#[test]
 fn tiny_gemma3_with_a_sliding_window_and_sandwich_norms_matches_transformers() {
     tiny_model_matches("tiny-gemma3");
 }

@@ -376,6 +376,11 @@ impl<B: Backend> Llama<B> {
         };
         let norm = l.norm("model.norm.weight", h)?;
         let mut inv_freq = cfg.rope_inv_freq();
+        if let Some(l) = &cfg.longrope {
+            for (f, d) in inv_freq.iter_mut().zip(&l.short_factor) {
+                *f /= d;
+            }
+        }
         let mut inv_freq_local = inv_freq.clone();
         if let Some(g) = &cfg.gemma3 {
             for f in &mut inv_freq {
@@ -497,6 +502,11 @@ impl<B: Backend> Llama<B> {
             }
             b.rope(&mut q, &positions, tp.heads, cfg.head_dim, inv_freq);
             b.rope(&mut k, &positions, tp.kv_heads, cfg.head_dim, inv_freq);
+            // longrope scales the rotated queries and keys (transformers: cos and sin).
+            if let Some(l) = cfg.longrope.as_ref().filter(|l| l.attention_factor != 1.0) {
+                b.scale(&mut q, l.attention_factor);
+                b.scale(&mut k, l.attention_factor);
+            }
             // Every sequence's new keys and values are stored before any attention reads them, so
             // sequences sharing prefix blocks within one step see complete blocks.
             b.write_kv(&mut kv.store, li, &k, &v, &slots);
