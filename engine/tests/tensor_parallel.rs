@@ -62,6 +62,7 @@ fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers()
         "tiny-llama3",
         "tiny-qwen3",
         "tiny-phi3",
+        "tiny-phi3-longrope",
         "tiny-gemma3",
     ] {
         let dir = fixture(name);
