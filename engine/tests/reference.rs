@@ -245,15 +245,25 @@ fn model_matches(name: &str, model: &std::path::Path, reference: &std::path::Pat
             want_ids,
             "{name}: tokenizer differs on {prompt:?}"
         );
-        let rows = all_logits(&engine.model, &want_ids);
-        for (pos, (row, want)) in rows
-            .iter()
-            .zip(case["logits"].as_array().expect("logits"))
-            .enumerate()
-        {
-            for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate() {
-                check_logit(got, w, || format!("{name} {prompt:?} pos {pos} id {id}"));
-            }
+        logits_match(
+            &engine,
+            &want_ids,
+            &case["logits"],
+            &format!("{name} {prompt:?}"),
+        );
+    }
+}
+
+/// Every logit the model gives at every position of `ids` is `want`'s (rows of logits).
+fn logits_match(engine: &Engine, ids: &[u32], want: &Value, what: &str) {
+    let rows = all_logits(&engine.model, ids);
+    for (pos, (row, want)) in rows
+        .iter()
+        .zip(want.as_array().expect("logit rows"))
+        .enumerate()
+    {
+        for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate() {
+            check_logit(got, w, || format!("{what} pos {pos} id {id}"));
         }
     }
 }
@@ -325,17 +335,12 @@ fn sentencepiece_gguf_tokenizers_give_transformers_ids() {
                         .expect("ids"),
                     want_ids
                 );
-                let rows = all_logits(&engine.model, &want_ids);
-                for (pos, (row, want)) in rows
-                    .iter()
-                    .zip(case["logits"].as_array().expect("rows"))
-                    .enumerate()
-                {
-                    for (id, (&got, w)) in row.iter().zip(want.as_array().expect("row")).enumerate()
-                    {
-                        check_logit(got, w, || format!("tiny-spm-{arch} pos {pos} id {id}"));
-                    }
-                }
+                logits_match(
+                    &engine,
+                    &want_ids,
+                    &case["logits"],
+                    &format!("tiny-spm-{arch}"),
+                );
             }
         }
         for case in fx["cases"].as_array().expect("cases") {

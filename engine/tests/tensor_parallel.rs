@@ -55,6 +55,43 @@ fn default_model_split_over_3_ranks_matches_the_whole_model() {
     eprintln!("TP 3 vs TP 1, largest logit difference: {worst:e}");
 }
 
+/// The model at `path` split over each of `worlds` ranks gives the whole model's logits and
+/// `reference`'s (transformers') for every case of it.
+fn splits_match(name: &str, path: &std::path::Path, reference: &std::path::Path, worlds: &[usize]) {
+    let fx: Value = serde_json::from_str(&std::fs::read_to_string(reference).expect("reference"))
+        .expect("json");
+    let whole = load_model(path, 1).expect("loads");
+    for &world in worlds {
+        let split = load_model(path, world).expect("splits");
+        for case in fx["cases"].as_array().expect("cases") {
+            let ids: Vec<u32> = case["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            let got = score(&split, &ids);
+            compare(
+                &got,
+                &score(&whole, &ids),
+                &format!("{name} TP {world} vs TP 1"),
+            );
+            let want: Vec<f32> = case["logits"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .flat_map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|v| v.as_f64().expect("logit") as f32)
+                })
+                .collect();
+            compare(&got, &want, &format!("{name} TP {world} vs transformers"));
+        }
+    }
+}
+
 #[test]
 fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers() {
     for name in [
@@ -66,41 +103,8 @@ fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers()
         "tiny-gemma3",
     ] {
         let dir = fixture(name);
-        let fx: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("reference.json")).expect("reference"),
-        )
-        .expect("json");
-        let whole = load_model(&dir, 1).expect("loads");
         // 4 heads, 2 KV heads: TP 2 splits the KV heads, TP 4 replicates them.
-        for world in [2, 4] {
-            let split = load_model(&dir, world).expect("splits");
-            for case in fx["cases"].as_array().expect("cases") {
-                let ids: Vec<u32> = case["ids"]
-                    .as_array()
-                    .expect("ids")
-                    .iter()
-                    .map(|v| v.as_u64().expect("id") as u32)
-                    .collect();
-                let got = score(&split, &ids);
-                compare(
-                    &got,
-                    &score(&whole, &ids),
-                    &format!("{name} TP {world} vs TP 1"),
-                );
-                let want: Vec<f32> = case["logits"]
-                    .as_array()
-                    .expect("rows")
-                    .iter()
-                    .flat_map(|r| {
-                        r.as_array()
-                            .expect("row")
-                            .iter()
-                            .map(|v| v.as_f64().expect("logit") as f32)
-                    })
-                    .collect();
-                compare(&got, &want, &format!("{name} TP {world} vs transformers"));
-            }
-        }
+        splits_match(name, &dir, &dir.join("reference.json"), &[2, 4]);
     }
 }
 
@@ -108,37 +112,12 @@ fn tiny_models_split_over_2_and_4_ranks_match_the_whole_model_and_transformers()
 fn a_q4_k_m_gguf_split_over_2_ranks_matches_the_whole_model_and_transformers() {
     // Row splits keep whole Q4_K/Q6_K rows quantised; column splits of 128 fall inside a
     // 256-wide super-block and are dequantised: both paths run.
-    let path = fixture("tiny-qwen3-Q4_K_M.gguf");
-    let fx: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("tiny-qwen3-Q4_K_M.json")).expect("reference"),
-    )
-    .expect("json");
-    let (whole, split) = (
-        load_model(&path, 1).expect("loads"),
-        load_model(&path, 2).expect("splits"),
+    splits_match(
+        "Q4_K_M",
+        &fixture("tiny-qwen3-Q4_K_M.gguf"),
+        &fixture("tiny-qwen3-Q4_K_M.json"),
+        &[2],
     );
-    for case in fx["cases"].as_array().expect("cases") {
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
-        let got = score(&split, &ids);
-        compare(&got, &score(&whole, &ids), "Q4_K_M TP 2 vs TP 1");
-        let want: Vec<f32> = case["logits"]
-            .as_array()
-            .expect("rows")
-            .iter()
-            .flat_map(|r| {
-                r.as_array()
-                    .expect("row")
-                    .iter()
-                    .map(|v| v.as_f64().expect("logit") as f32)
-            })
-            .collect();
-        compare(&got, &want, "Q4_K_M TP 2 vs transformers");
-    }
 }
 
 fn request(i: usize, max_tokens: usize, temperature: f32) -> Request {
