@@ -17,7 +17,7 @@ pub enum Error {
     #[error("{path} is not a usable model file: {reason}")]
     Format { path: PathBuf, reason: String },
 
-    #[error("{path}: tensor {tensor:?} has type {ty}, which Gristmill cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")]
+    #[error("{path}: tensor {tensor:?} has type {ty}, which Gristmill cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)")]
     UnsupportedTensorType {
         path: PathBuf,
         tensor: String,

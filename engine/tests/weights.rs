@@ -335,7 +335,8 @@ fn every_supported_gguf_type_loads_and_stays_close() {
 }
 
 /// A model whose matrices are K-quant and 5-bit blocks, mixed per tensor as llama.cpp's
-/// `Q4_K_M` and `Q5_K_M` files mix them (every type Gristmill reads appears), and its twin with
+/// `Q4_K_M` and `Q5_K_M` files mix them (every quantised type but Q4_0, which the tiny model
+/// covers, appears), and its twin with
 /// the same weights dequantised to F32 (the values ggml's reference dequantisers give, as
 /// `kernels/tests/quant_reference.rs` checks). Rows are 256 and 512 long, whole super-blocks.
 fn k_quant_twins() -> (GgufWriter, GgufWriter) {
@@ -363,8 +364,8 @@ fn k_quant_twins() -> (GgufWriter, GgufWriter) {
     use GgmlType::*;
     put("token_embd.weight", [cfg.vocab_size, h], Q6K);
     let layers = [
-        [Q4K, Q4K, Q6K, Q5K, Q3K, Q2K, Q6K],
-        [Q5_0, Q5_1, Q8_0, Q4_0, Q4_1, Q5K, Q4K],
+        [Q4K, IQ4XS, Q6K, Q5K, Q3K, Q2K, Q6K],
+        [Q5_0, Q5_1, Q8_0, IQ4NL, Q4_1, Q5K, Q4K],
     ];
     for (l, types) in layers.iter().enumerate() {
         let names = [
@@ -461,17 +462,17 @@ fn unknown_tensor_type_missing_tensor_and_wrong_shape_are_named() {
         "{msg}"
     );
 
-    // IQ4_NL (ggml type 20) is a real type Gristmill does not read yet.
+    // IQ2_XXS (ggml type 16) is a real type Gristmill does not read yet.
     w.raw_tensor(
         "blk.0.ffn_up.weight",
         &[160, 64],
-        20,
-        vec![0u8; 160 * 64 / 32 * 18],
+        16,
+        vec![0u8; 160 * 64 / 256 * 66],
     );
-    let p = write(&tmp, "iq4.gguf", &w.to_bytes());
+    let p = write(&tmp, "iq2.gguf", &w.to_bytes());
     let msg = load_err(&p).to_string();
     assert!(
-        msg.contains("iq4.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ4_NL"),
+        msg.contains("iq2.gguf") && msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ2_XXS"),
         "{msg}"
     );
 

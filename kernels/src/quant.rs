@@ -4,7 +4,9 @@
 //! (low nibbles are elements 0..16, high nibbles 16..32); `Q4_1` adds an f16 minimum; `Q8_0` is an
 //! f16 scale and 32 signed bytes; `Q5_0`/`Q5_1` add a 32-bit word of fifth bits. The K-quants
 //! (`Q2_K` … `Q6_K`) hold 256 values in super-blocks with an f16 scale (and minimum) and 6- or
-//! 8-bit sub-block scales of 16 or 32 values.
+//! 8-bit sub-block scales of 16 or 32 values; `IQ4_NL`/`IQ4_XS` are 4-bit indices into a fixed
+//! non-linear table, with an f16 scale per 32 values (IQ4_NL) or 6-bit scales per 32 in a
+//! 256-value super-block (IQ4_XS).
 //!
 //! Every quantised type is read the same way ([`decode_block`]): a block is small integers `v`,
 //! and per sub-block a scale `d` and, for types with minima, an offset `m`; the weight is
@@ -31,7 +33,14 @@ pub enum GgmlType {
     Q4K,
     Q5K,
     Q6K,
+    IQ4NL,
+    IQ4XS,
 }
+
+/// The 16 values a 4-bit index picks in IQ4_NL and IQ4_XS blocks (ggml's `kvalues_iq4nl`).
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -52,6 +61,8 @@ impl GgmlType {
             12 => Self::Q4K,
             13 => Self::Q5K,
             14 => Self::Q6K,
+            20 => Self::IQ4NL,
+            23 => Self::IQ4XS,
             30 => Self::BF16,
             _ => return None,
         })
@@ -71,6 +82,8 @@ impl GgmlType {
             Self::Q4K => 12,
             Self::Q5K => 13,
             Self::Q6K => 14,
+            Self::IQ4NL => 20,
+            Self::IQ4XS => 23,
             Self::BF16 => 30,
         }
     }
@@ -90,8 +103,8 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1 => 32,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 | Self::Q5_0 | Self::Q5_1 | Self::IQ4NL => 32,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K | Self::IQ4XS => QK_K,
         }
     }
 
@@ -110,6 +123,8 @@ impl GgmlType {
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
+            Self::IQ4NL => 18,
+            Self::IQ4XS => 136,
         }
     }
 
@@ -127,7 +142,7 @@ impl GgmlType {
     }
 
     /// Every type Gristmill reads.
-    pub const ALL: [GgmlType; 13] = [
+    pub const ALL: [GgmlType; 15] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -141,13 +156,15 @@ impl GgmlType {
         Self::Q4K,
         Self::Q5K,
         Self::Q6K,
+        Self::IQ4NL,
+        Self::IQ4XS,
     ];
 
     /// How a block of this type decodes, for the quantised types; `None` for F32, F16, BF16.
     pub fn sub_blocks(self) -> Option<SubBlocks> {
         let (len, min) = match self {
             Self::F32 | Self::F16 | Self::BF16 => return None,
-            Self::Q4_0 | Self::Q8_0 | Self::Q5_0 => (32, false),
+            Self::Q4_0 | Self::Q8_0 | Self::Q5_0 | Self::IQ4NL | Self::IQ4XS => (32, false),
             Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => (32, true),
             Self::Q3K | Self::Q6K => (16, false),
             Self::Q2K => (16, true),
@@ -274,6 +291,27 @@ pub fn decode_block(ty: GgmlType, b: &[u8], v: &mut [i8], d: &mut [f32], m: &mut
                 *ve = (low | high) as i8;
             }
         }
+        GgmlType::IQ4NL => {
+            d[0] = f16_at(b, 0);
+            for (i, &q) in b[2..18].iter().enumerate() {
+                v[i] = IQ4_VALUES[(q & 0x0f) as usize];
+                v[i + 16] = IQ4_VALUES[(q >> 4) as usize];
+            }
+        }
+        GgmlType::IQ4XS => {
+            let dd = f16_at(b, 0);
+            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+            let (scales_l, qs) = (&b[4..8], &b[8..136]);
+            for (j, dj) in d.iter_mut().enumerate().take(8) {
+                let lo = (scales_l[j / 2] >> (4 * (j % 2))) & 0x0f;
+                let hi = ((scales_h >> (2 * j)) & 3) as u8;
+                *dj = dd * (((lo | (hi << 4)) as i8) - 32) as f32;
+            }
+            for (e, ve) in v.iter_mut().enumerate().take(QK_K) {
+                let (j, t) = (e / 32, e % 32);
+                *ve = IQ4_VALUES[((qs[j * 16 + t % 16] >> (4 * (t / 16))) & 0x0f) as usize];
+            }
+        }
         GgmlType::Q6K => {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let dd = f16_at(b, 208);
@@ -348,6 +386,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 pub fn random_blocks(ty: GgmlType, blocks: usize, seed: u64, max_scale: f32) -> Vec<u8> {
     let f16_fields: &[usize] = match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::IQ4NL | GgmlType::IQ4XS => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
         GgmlType::Q2K => &[80, 82],
         GgmlType::Q3K => &[108],
@@ -542,8 +581,8 @@ mod tests {
             assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
         }
         assert_eq!(GgmlType::Q4K.name(), "Q4_K");
-        assert_eq!(GgmlType::from_id(20), None);
-        assert_eq!(GgmlType::name_of_id(20), "IQ4_NL");
+        assert_eq!(GgmlType::from_id(16), None);
+        assert_eq!(GgmlType::name_of_id(16), "IQ2_XXS");
         assert_eq!(GgmlType::name_of_id(999), "unknown");
     }
 }
