@@ -28,6 +28,13 @@ pub fn parse_id(spec: &str) -> Option<HubModel> {
         None => (spec, None),
     };
     let (org, name) = repo.split_once('/')?;
+    // `models/x.gguf` that does not exist is a mistyped path, not a repository.
+    if [".gguf", ".safetensors", ".json", ".bin"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+    {
+        return None;
+    }
     let ok = |s: &str| {
         !s.is_empty()
             && !s.starts_with('.')
@@ -82,8 +89,8 @@ pub fn resolve_model(spec: &Path) -> Result<PathBuf> {
                 return Ok(None);
             }
             bail!(
-                "model {}: {file} is not in the Hugging Face cache (looked in {}) and \
-                 HF_HUB_OFFLINE forbids downloading it",
+                "model {}: no such path here, and {file} is not in the Hugging Face cache (looked \
+                 in {}); HF_HUB_OFFLINE forbids downloading it",
                 model.repo,
                 folder.display()
             );
@@ -162,6 +169,7 @@ mod tests {
             "org/",
             "../x",
             "org/n:x.bin",
+            "models/x.gguf",
         ] {
             assert_eq!(parse_id(path), None, "{path}");
         }
