@@ -492,23 +492,22 @@ def tiny_models():
     )
 
 
+TARGETS = {
+    "tiny": tiny_models,
+    "tiny-qwen3": tiny_qwen3,
+    "tiny-phi3": tiny_phi3,
+    "tiny-phi3-longrope": tiny_phi3_longrope,
+    "tiny-gemma3": tiny_gemma3,
+    "chat": chat_templates,
+    "spm": tiny_spm,
+    "k-quants": tiny_qwen3_k_quants,
+    "smollm2": smollm2,
+}
+
 if __name__ == "__main__":
     what = sys.argv[1:] or ["smollm2", "tiny"]
-    if "tiny" in what:
-        tiny_models()
-    if "tiny-qwen3" in what:
-        tiny_qwen3()
-    if "tiny-phi3-longrope" in what:
-        tiny_phi3_longrope()
-    if "tiny-gemma3" in what:
-        tiny_gemma3()
-    if "tiny-phi3" in what:
-        tiny_phi3()
-    if "chat" in what:
-        chat_templates()
-    if "spm" in what:
-        tiny_spm()
-    if "k-quants" in what:
-        tiny_qwen3_k_quants()
-    if "smollm2" in what:
-        smollm2()
+    unknown = [w for w in what if w not in TARGETS]
+    if unknown:
+        sys.exit(f"unknown fixture target(s) {unknown}; choose from {sorted(TARGETS)}")
+    for w in what:
+        TARGETS[w]()

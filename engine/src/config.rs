@@ -378,7 +378,13 @@ impl ModelConfig {
         }
         for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
             if j.get(key).is_some_and(|v| !v.is_null()) {
-                return Err(Error::config(path, format!("{key} is not supported")));
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "{key} is not supported (Gemma 2 uses it; supported: {})",
+                        SUPPORTED.join(", ")
+                    ),
+                ));
             }
         }
         let hidden_size = int("hidden_size")?;

@@ -8,6 +8,7 @@
 //! template, rendered with minijinja.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use gristmill_protocol::ChatMessage;
 use minijinja::{context, Environment, ErrorKind};
@@ -31,6 +32,9 @@ pub struct Tokenizer {
     bos_text: String,
     eos_text: String,
     template: Option<String>,
+    /// The template compiled once, on first use (a broken one fails each request that needs it,
+    /// with the same message, and never the load).
+    chat_env: OnceLock<std::result::Result<Environment<'static>, String>>,
     source: PathBuf,
 }
 
@@ -76,8 +80,9 @@ impl Tokenizer {
             .and_then(MetaValue::as_str)
             .unwrap_or("");
         let spm = model == "llama";
+        let gemma = spm && arch.starts_with("gemma");
         let mut tokens = strings("tokenizer.ggml.tokens")?;
-        if spm && arch.starts_with("gemma") {
+        if gemma {
             // Gemma files store tokens of two or more spaces as spaces; its vocabulary (and HF's
             // conversion) spells them with the SentencePiece space mark.
             for t in tokens.iter_mut() {
@@ -96,7 +101,7 @@ impl Tokenizer {
                 .map(split)
                 .collect(),
             (true, None) => {
-                let scores: Vec<f64> = if arch.starts_with("gemma") {
+                let scores: Vec<f64> = if gemma {
                     // Gemma's scores do not follow its merge order; its file order does.
                     (0..tokens.len()).map(|i| -(i as f64)).collect()
                 } else {
@@ -213,6 +218,7 @@ impl Tokenizer {
                 .meta("tokenizer.chat_template")
                 .and_then(MetaValue::as_str)
                 .map(str::to_string),
+            chat_env: OnceLock::new(),
             source: path.to_path_buf(),
         })
     }
@@ -284,6 +290,7 @@ impl Tokenizer {
                 .unwrap_or(false),
             use_post_processor: true,
             template,
+            chat_env: OnceLock::new(),
             source: path,
         })
     }
@@ -347,7 +354,12 @@ impl Tokenizer {
                 "the model has no chat template; send /v1/completions lines instead".into(),
             )
         })?;
-        render_chat_template(template, messages, &self.bos_text, &self.eos_text)
+        let env = self
+            .chat_env
+            .get_or_init(|| chat_environment(template.to_string()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| Error::Template(e.clone()))?;
+        render(env, messages, &self.bos_text, &self.eos_text)
     }
 }
 
@@ -359,6 +371,16 @@ pub fn render_chat_template(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
+    render(
+        &chat_environment(template.to_string())?,
+        messages,
+        bos_token,
+        eos_token,
+    )
+}
+
+/// A Jinja environment holding `template` as `chat`, with the functions HF templates call.
+fn chat_environment(template: String) -> Result<Environment<'static>> {
     let mut env = Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -376,8 +398,17 @@ pub fn render_chat_template(
             .unwrap_or(0);
         format_date(&fmt, secs)
     });
-    env.add_template("chat", template)
+    env.add_template_owned("chat", template)
         .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
+    Ok(env)
+}
+
+fn render(
+    env: &Environment<'static>,
+    messages: &[ChatMessage],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
     let tmpl = env
         .get_template("chat")
         .map_err(|e| Error::Template(e.to_string()))?;

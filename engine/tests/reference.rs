@@ -227,16 +227,20 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
     assert_eq!(engine.tokenizer.decode(&ids).expect("decodes"), text);
 }
 
-fn tiny_model_matches(name: &str) {
-    let dir = fixtures().join(name);
-    model_matches(name, &dir, &dir.join("reference.json"));
+/// The tiny model `name` gives transformers' ids and logits (`name/reference.json`); returns it.
+fn tiny_model_matches(name: &str) -> Engine {
+    model_matches(
+        name,
+        &fixtures().join(name),
+        &format!("{name}/reference.json"),
+    )
 }
 
-/// The model at `model` gives the token ids and the logits of `reference` (transformers').
-fn model_matches(name: &str, model: &std::path::Path, reference: &std::path::Path) {
+/// The model at `model` gives the token ids and the logits of the fixture `reference`
+/// (transformers'); returns it.
+fn model_matches(name: &str, model: &std::path::Path, reference: &str) -> Engine {
     let engine = Engine::load(model).unwrap_or_else(|e| panic!("{name} loads: {e}"));
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(reference).expect("reference"))
-        .expect("json");
+    let fx = load_json(reference);
     for case in fx["cases"].as_array().expect("cases") {
         let prompt = case["prompt"].as_str().expect("prompt");
         let want_ids = ids(&case["ids"]);
@@ -252,6 +256,7 @@ fn model_matches(name: &str, model: &std::path::Path, reference: &std::path::Pat
             &format!("{name} {prompt:?}"),
         );
     }
+    engine
 }
 
 /// Every logit the model gives at every position of `ids` is `want`'s (rows of logits).
@@ -280,8 +285,7 @@ fn tiny_llama3_bf16_with_rope_scaling_and_tied_head_matches_transformers() {
 
 #[test]
 fn tiny_phi3_with_longrope_matches_transformers_within_its_original_length() {
-    tiny_model_matches("tiny-phi3-longrope");
-    let engine = Engine::load(&fixtures().join("tiny-phi3-longrope")).expect("loads");
+    let engine = tiny_model_matches("tiny-phi3-longrope");
     assert_eq!(engine.model.cfg().max_position_embeddings, 64);
 }
 
@@ -292,9 +296,8 @@ fn tiny_gemma3_with_a_sliding_window_and_sandwich_norms_matches_transformers() {
 
 #[test]
 fn tiny_phi3_with_fused_projections_matches_transformers() {
-    tiny_model_matches("tiny-phi3");
+    let engine = tiny_model_matches("tiny-phi3");
     // Its sliding window (200 positions) caps the context: within it, attention is exact.
-    let engine = Engine::load(&fixtures().join("tiny-phi3")).expect("loads");
     assert_eq!(engine.model.cfg().max_position_embeddings, 200);
 }
 
@@ -305,7 +308,7 @@ fn a_q4_k_m_gguf_made_by_llama_quantize_matches_transformers() {
     model_matches(
         "tiny-qwen3-Q4_K_M",
         &fixtures().join("tiny-qwen3-Q4_K_M.gguf"),
-        &fixtures().join("tiny-qwen3-Q4_K_M.json"),
+        "tiny-qwen3-Q4_K_M.json",
     );
 }
 

@@ -279,23 +279,28 @@ impl CoordinatorArgs {
                 bail!("--advertise-url must be an http:// URL (coordinators talk plain HTTP to each other), got {u:?}");
             }
         }
-        if !args.lease_ttl.is_finite() || args.lease_ttl < 1.0 {
-            bail!(
-                "--lease-ttl must be at least 1 second, got {}",
-                args.lease_ttl
-            );
-        }
-        for (flag, v) in [
-            ("--autoscale-idle-s", args.autoscale_idle_s),
+        // Durations in seconds, and the least each may be.
+        for (flag, v, least) in [
+            ("--lease-ttl", args.lease_ttl, 1.0),
+            ("--autoscale-idle-s", args.autoscale_idle_s, 0.0),
             (
                 "--autoscale-stabilization-s",
                 args.autoscale_stabilization_s,
+                0.0,
             ),
-            ("--autoscale-startup-s", args.autoscale_startup_s),
-            ("--autoscale-target-drain-s", args.autoscale_target_drain_s),
+            ("--autoscale-startup-s", args.autoscale_startup_s, 0.0),
+            (
+                "--autoscale-target-drain-s",
+                args.autoscale_target_drain_s,
+                0.0,
+            ),
+            ("--autoscale-interval", args.autoscale_interval, 0.5),
+            ("--http-header-timeout", args.http_header_timeout, 0.1),
+            ("--http-idle-timeout", args.http_idle_timeout, 0.1),
+            ("--ack-wait", args.ack_wait, 1.0),
         ] {
-            if !v.is_finite() || v < 0.0 {
-                bail!("{flag} must be a number of seconds, got {v}");
+            if !v.is_finite() || v < least {
+                bail!("{flag} must be a number of seconds, at least {least}, got {v}");
             }
         }
         if args.autoscale_min_replicas > args.autoscale_max_replicas {
@@ -305,28 +310,8 @@ impl CoordinatorArgs {
                 args.autoscale_max_replicas
             );
         }
-        if !args.autoscale_interval.is_finite() || args.autoscale_interval < 0.5 {
-            bail!(
-                "--autoscale-interval must be at least 0.5 seconds, got {}",
-                args.autoscale_interval
-            );
-        }
-        for (flag, v) in [
-            ("--http-header-timeout", args.http_header_timeout),
-            ("--http-idle-timeout", args.http_idle_timeout),
-        ] {
-            if !v.is_finite() || v < 0.1 {
-                bail!("{flag} must be at least 0.1 seconds, got {v}");
-            }
-        }
         if args.http_max_connections == 0 {
             bail!("--http-max-connections must be at least 1");
-        }
-        if !args.ack_wait.is_finite() || args.ack_wait < 1.0 {
-            bail!(
-                "--ack-wait must be at least 1 second, got {}",
-                args.ack_wait
-            );
         }
         let tokenizer: Arc<PromptTokens> = match &args.tokenizer {
             None => Arc::new(byte_tokens),

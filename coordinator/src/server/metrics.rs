@@ -7,7 +7,7 @@
 use prometheus_client::encoding::text::encode_registry;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use super::*;
@@ -82,37 +82,13 @@ impl Counters {
     }
 }
 
-/// A gauge holding `v`, for one scrape.
-fn gauge<T>(v: T) -> Gauge<T, <T as GaugeAtomic>::Atomic>
-where
-    T: GaugeAtomic,
-    Gauge<T, <T as GaugeAtomic>::Atomic>: Default,
-{
-    let g = Gauge::<T, T::Atomic>::default();
-    g.set(v);
-    g
-}
-
-/// The atomic behind a gauge of `Self`.
-trait GaugeAtomic: Sized {
-    type Atomic: prometheus_client::metrics::gauge::Atomic<Self> + Default + std::fmt::Debug;
-}
-
-impl GaugeAtomic for i64 {
-    type Atomic = std::sync::atomic::AtomicI64;
-}
-
-impl GaugeAtomic for f64 {
-    type Atomic = AtomicU64;
-}
-
 /// The leader gauge alone, as a standby (which has no [`Coordinator`]) exports it.
 pub fn leader_registry(leading: bool) -> Registry {
     let mut r = Registry::default();
     r.register(
         "gristmill_coordinator_leader",
         "Whether this coordinator holds the leader lease (standbys forward to the leader).",
-        gauge(i64::from(leading)),
+        ConstGauge::new(i64::from(leading)),
     );
     r
 }
@@ -160,12 +136,12 @@ impl Coordinator {
         r.register(
             "gristmill_queue_shards",
             "Shards waiting in or held from the work queue.",
-            gauge(queue_shards as i64),
+            ConstGauge::new(queue_shards as i64),
         );
         r.register(
             "gristmill_queue_tokens",
             "Prompt plus max_tokens of lines not yet finished (what the autoscaler weighs).",
-            gauge(queue_tokens as i64),
+            ConstGauge::new(queue_tokens as i64),
         );
         r.register("gristmill_batches", "Batches by status.", batches);
         self.counters.register(&mut r);
@@ -184,7 +160,7 @@ impl Coordinator {
         r.register(
             "gristmill_completion_tokens_per_second",
             "Tokens generated per second over the last 10 s.",
-            gauge(rate),
+            ConstGauge::new(rate),
         );
         let (measured, active) = {
             let m = self.meter.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,13 +169,13 @@ impl Coordinator {
         r.register(
             "gristmill_workers_active",
             "Workers that published results in the throughput meter's window.",
-            gauge(active as i64),
+            ConstGauge::new(active as i64),
         );
         if let Some(rate) = measured {
             r.register(
                 "gristmill_worker_tokens_per_second",
                 "Queue tokens (prompt plus max_tokens) one worker retires per second, measured while shards wait (what the autoscaler divides by).",
-                gauge(rate),
+                ConstGauge::new(rate),
             );
         }
         if self.settings.autoscale_dry_run.is_some() {
@@ -207,7 +183,7 @@ impl Coordinator {
             r.register(
                 "gristmill_autoscale_desired_replicas",
                 "Workers the autoscaling policy asks for (applied with --autoscale, logged only with --autoscale-dry-run).",
-                gauge(i64::from(desired)),
+                ConstGauge::new(i64::from(desired)),
             );
         }
         r
@@ -246,7 +222,7 @@ mod tests {
     #[test]
     fn float_gauges_keep_their_fraction() {
         let mut r = Registry::default();
-        r.register("rate", "A rate.", gauge(12.5f64));
+        r.register("rate", "A rate.", ConstGauge::new(12.5f64));
         assert!(exposition(&[r]).contains("\nrate 12.5\n"));
     }
 }

@@ -156,17 +156,16 @@ impl PackedMatrix {
                 }
                 for (t, &value) in v[..blen].iter().enumerate() {
                     let at = (p * k + kb * blen + t) * bpk;
-                    match kind {
+                    if kind.nibbles() {
                         // Q4_0's values are stored with their +8 (as the block holds them).
-                        QKind::Q4Sym => {
-                            let nib = (value + 8) as u8;
-                            q[at + j % 8] |= if j < 8 { nib } else { nib << 4 };
-                        }
-                        QKind::Q4Min => {
-                            let nib = value as u8;
-                            q[at + j % 8] |= if j < 8 { nib } else { nib << 4 };
-                        }
-                        QKind::Q8 | QKind::Q8Min => q[at + j] = value as u8,
+                        let nib = if kind == QKind::Q4Sym {
+                            value + 8
+                        } else {
+                            value
+                        } as u8;
+                        q[at + j % 8] |= if j < 8 { nib } else { nib << 4 };
+                    } else {
+                        q[at + j] = value as u8;
                     }
                 }
             }
@@ -693,36 +692,49 @@ mod tests {
         }
     }
 
+    /// Packs the `[n, k]` blocks `bytes` of `ty` quantised and (dequantised) as f32, checks that
+    /// both give the same `linear` results at every `m` of `ms` (m ≤ MR takes the fused kernel,
+    /// larger m the dequantised panels) and the same rows, and returns the two matrices.
+    fn packed_twins(
+        ty: GgmlType,
+        bytes: &[u8],
+        (n, k): (usize, usize),
+        x: &[f32],
+        ms: &[usize],
+    ) -> (PackedMatrix, PackedMatrix) {
+        use crate::quant::dequantize;
+        let mut deq = vec![0f32; n * k];
+        dequantize(ty, bytes, &mut deq);
+        let q = PackedMatrix::pack_quantized(ty, bytes, n, k).expect("packs");
+        let f = PackedMatrix::pack(&deq, n, k);
+        for &m in ms {
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            linear(&x[..m * k], m, &q, &mut a);
+            linear(&x[..m * k], m, &f, &mut b);
+            assert_eq!(a, b, "{ty:?} m={m}: quantised storage changed a result");
+        }
+        let mut row = vec![0f32; k];
+        for i in [0, n / 2, n - 1] {
+            q.row_into(i, &mut row);
+            assert_eq!(row, &deq[i * k..(i + 1) * k], "{ty:?} row {i}");
+        }
+        (q, f)
+    }
+
     #[test]
     fn quantized_panels_give_exactly_the_f32_results() {
-        use crate::quant::{dequantize, quantize};
+        use crate::quant::quantize;
         let (k, n) = (96, 37);
         let src = data(n * k, 6);
         let x = data(40 * k, 7);
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            let bytes = quantize(ty, &src);
-            let mut deq = vec![0f32; n * k];
-            dequantize(ty, &bytes, &mut deq);
-            let q = PackedMatrix::pack_quantized(ty, &bytes, n, k).expect("packs");
-            let f = PackedMatrix::pack(&deq, n, k);
+            let (q, f) = packed_twins(ty, &quantize(ty, &src), (n, k), &x, &[1, 4, 6, 7, 40]);
             assert!(
                 q.bytes() * 3 < f.bytes(),
                 "{ty:?}: {} vs {} bytes",
                 q.bytes(),
                 f.bytes()
             );
-            // m ≤ MR takes the fused kernel, larger m the dequantised panels.
-            for m in [1, 4, 6, 7, 40] {
-                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-                linear(&x[..m * k], m, &q, &mut a);
-                linear(&x[..m * k], m, &f, &mut b);
-                assert_eq!(a, b, "{ty:?} m={m}: quantised storage changed a result");
-            }
-            let mut row = vec![0f32; k];
-            for i in [0, 17, 36] {
-                q.row_into(i, &mut row);
-                assert_eq!(row, &deq[i * k..(i + 1) * k], "{ty:?} row {i}");
-            }
         }
         assert!(PackedMatrix::pack_quantized(GgmlType::F16, &[0; 4], 1, 2).is_none());
         assert!(PackedMatrix::pack_quantized(GgmlType::Q8_0, &[0; 34], 1, 16).is_none());
@@ -730,7 +742,7 @@ mod tests {
 
     #[test]
     fn every_quantised_type_packs_and_multiplies_exactly_as_dequantised() {
-        use crate::quant::{dequantize, random_blocks};
+        use crate::quant::random_blocks;
         let (k, n) = (512, 21);
         let x = data(7 * k, 8);
         for ty in GgmlType::ALL
@@ -738,10 +750,7 @@ mod tests {
             .filter(|t| t.sub_blocks().is_some())
         {
             let bytes = random_blocks(ty, n * k / ty.block_len(), ty.id() as u64, 0.01);
-            let mut deq = vec![0f32; n * k];
-            dequantize(ty, &bytes, &mut deq);
-            let q = PackedMatrix::pack_quantized(ty, &bytes, n, k).expect("packs");
-            let f = PackedMatrix::pack(&deq, n, k);
+            let (q, f) = packed_twins(ty, &bytes, (n, k), &x, &[1, 5, 7]);
             assert!(q.bytes() * 2 < f.bytes(), "{ty:?}: {} bytes", q.bytes());
             // The size a model's weights are checked against before loading is the real one.
             assert_eq!(
@@ -753,17 +762,6 @@ mod tests {
                 f.bytes() as u64,
                 PackedMatrix::packed_bytes(GgmlType::F32, n, k)
             );
-            for m in [1, 5, 7] {
-                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-                linear(&x[..m * k], m, &q, &mut a);
-                linear(&x[..m * k], m, &f, &mut b);
-                assert_eq!(a, b, "{ty:?} m={m}: quantised storage changed a result");
-            }
-            let mut row = vec![0f32; k];
-            for i in [0, 16, 20] {
-                q.row_into(i, &mut row);
-                assert_eq!(row, &deq[i * k..(i + 1) * k], "{ty:?} row {i}");
-            }
         }
         // A row that is not a whole number of K-quant super-blocks stays unpacked.
         let bytes = random_blocks(GgmlType::Q4K, 2, 1, 0.01);
