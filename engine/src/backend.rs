@@ -131,9 +131,51 @@ impl CpuTensor {
     }
 }
 
-/// The reference backend: f32 on the host, parallel over the rayon pool.
+/// How the CPU computes the linear layers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 activations against weights expanded to f32 in registers: HF transformers' results
+    /// up to near-ties (the oracle).
+    #[default]
+    Exact,
+    /// int8 activations (per 32 values) against the stored blocks of quantised weights, with
+    /// integer dot products: llama.cpp's arithmetic, several times faster. Weights that are not
+    /// quantised (f32, f16, bf16 checkpoints) stay on the f32 path.
+    Fast,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "fast" => Ok(Precision::Fast),
+            _ => Err(format!("unknown precision {s:?}: expected fast or exact")),
+        }
+    }
+}
+
+/// The reference backend: f32 on the host (int8 matmuls at [`Precision::Fast`]), parallel over
+/// the rayon pool.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    pub precision: Precision,
+}
 
 /// Host KV memory: per layer, one `[num_blocks * block_size, width]` matrix of keys and one of
 /// values.
@@ -166,7 +208,10 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Option<PackedMatrix> {
-        PackedMatrix::pack_quantized(ty, data, rows, cols)
+        match self.precision {
+            Precision::Exact => PackedMatrix::pack_quantized(ty, data, rows, cols),
+            Precision::Fast => PackedMatrix::pack_int8(ty, data, rows, cols),
+        }
     }
 
     fn kv_store(

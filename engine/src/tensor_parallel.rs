@@ -212,7 +212,7 @@ pub struct TpGroup {
 impl TpGroup {
     /// Loads a checkpoint split over `world` rank threads. Fails early, naming the dimension,
     /// if the model does not split that way.
-    pub fn load(path: &Path, world: usize) -> Result<Self> {
+    pub fn load(path: &Path, world: usize, backend: CpuBackend) -> Result<Self> {
         let cfg = Checkpoint::open(path)?.config()?;
         let plans: Vec<TpPlan> = (0..world)
             .map(|r| plan(&cfg, r, world))
@@ -230,7 +230,7 @@ impl TpGroup {
             let rank = c.rank();
             let handle = std::thread::Builder::new()
                 .name(format!("tp-rank-{rank}"))
-                .spawn(move || rank_main(path, c, rx, reply_tx, ready_tx))
+                .spawn(move || rank_main(path, backend, c, rx, reply_tx, ready_tx))
                 .map_err(|e| Error::TensorParallel(format!("cannot start rank {rank}: {e}")))?;
             threads.push(handle);
         }
@@ -331,6 +331,7 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 
 fn rank_main(
     path: std::path::PathBuf,
+    backend: CpuBackend,
     c: ThreadCollective,
     jobs: Receiver<Job>,
     replies: Sender<Reply>,
@@ -338,7 +339,7 @@ fn rank_main(
 ) {
     let rank = c.rank();
     let loaded = Checkpoint::open(&path)
-        .and_then(|ckpt| Llama::load_rank(&ckpt, CpuBackend, Arc::new(c.clone())));
+        .and_then(|ckpt| Llama::load_rank(&ckpt, backend, Arc::new(c.clone())));
     let model = match loaded {
         Ok(m) => {
             let _ = ready.send((rank, Ok(())));
@@ -398,11 +399,11 @@ fn rank_main(
 }
 
 /// Loads a model whole (`world` 1) or split over `world` rank threads.
-pub fn load_model(path: &Path, world: usize) -> Result<Model<CpuBackend>> {
+pub fn load_model(path: &Path, world: usize, backend: CpuBackend) -> Result<Model<CpuBackend>> {
     if world <= 1 {
         let ckpt = Checkpoint::open(path)?;
-        Ok(Model::Single(Llama::load(&ckpt, CpuBackend)?))
+        Ok(Model::Single(Llama::load(&ckpt, backend)?))
     } else {
-        Ok(Model::Parallel(TpGroup::load(path, world)?))
+        Ok(Model::Parallel(TpGroup::load(path, world, backend)?))
     }
 }

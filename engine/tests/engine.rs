@@ -1,14 +1,23 @@
 //! The determinism contract and the scheduler's features on the default model: a request's
 //! tokens are byte-identical alone or in a batch of 64, with chunked prefill, with prefix caching
-//! on or off, and across preemptions when KV memory runs short.
+//! on or off, and across preemptions when KV memory runs short — at both precisions.
 
 use std::collections::HashMap;
 
-use gristmill_engine::{Engine, EngineOptions, Outcome, RunStats};
+use gristmill_engine::{Engine, EngineOptions, Outcome, Precision, RunStats};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 
 fn engine() -> Engine {
     Engine::load(&gristmill_testkit::default_model()).expect("default model loads")
+}
+
+/// The default model at each precision.
+fn engines() -> [(Precision, Engine); 2] {
+    [Precision::Exact, Precision::Fast].map(|p| {
+        let e = Engine::load_parallel(&gristmill_testkit::default_model(), 1, p)
+            .expect("default model loads");
+        (p, e)
+    })
 }
 
 const TOPICS: &[&str] = &[
@@ -88,31 +97,50 @@ fn opts(max_num_seqs: usize, budget: usize) -> EngineOptions {
 
 #[test]
 fn outputs_are_identical_alone_and_in_a_batch_of_64() {
-    let engine = engine();
+    let mut outputs = Vec::new();
+    for (precision, engine) in engines() {
+        outputs.push(alone_and_batched(precision, &engine));
+    }
+    assert_ne!(
+        outputs[0], outputs[1],
+        "fast and exact computed the same tokens everywhere"
+    );
+}
+
+fn alone_and_batched(precision: Precision, engine: &Engine) -> HashMap<String, Vec<Vec<u32>>> {
     let batch: Vec<Request> = (0..64).map(|i| request(i, "")).collect();
-    let (together, stats) = run(&engine, batch.clone(), opts(64, 4096));
+    let (together, stats) = run(engine, batch.clone(), opts(64, 4096));
     assert_eq!(together.len(), 64);
     assert_eq!(stats.max_batch, 64, "all 64 ran in one step");
     // A few requests of each kind, each run entirely alone.
     for i in [0, 1, 2, 5, 30, 63] {
-        let (alone, _) = run(&engine, vec![batch[i].clone()], opts(1, 4096));
+        let (alone, _) = run(engine, vec![batch[i].clone()], opts(1, 4096));
         assert_eq!(
             alone[&batch[i].custom_id], together[&batch[i].custom_id],
-            "request {i} changed when batched"
+            "{precision}: request {i} changed when batched"
         );
     }
     // Small budgets split prompts into chunks and mix them with decoding: no change either.
-    let (chunked, chunked_stats) = run(&engine, batch, opts(16, 37));
+    let (chunked, chunked_stats) = run(engine, batch, opts(16, 37));
     assert!(
         chunked_stats.steps > 2 * stats.steps,
         "a 37-token budget should need many more steps"
     );
-    assert_eq!(chunked, together, "chunked prefill changed an output");
+    assert_eq!(
+        chunked, together,
+        "{precision}: chunked prefill changed an output"
+    );
+    together
 }
 
 #[test]
 fn prefix_caching_reuses_blocks_without_changing_outputs() {
-    let engine = engine();
+    for (precision, engine) in engines() {
+        prefix_caching(precision, &engine);
+    }
+}
+
+fn prefix_caching(precision: Precision, engine: &Engine) {
     let prefix = "You are reviewing a Rust workspace with a coordinator, workers, kernels and a protocol crate. \
                   Answer briefly and precisely, in one sentence, without lists. ";
     let batch: Vec<Request> = (0..24).map(|i| request(i, prefix)).collect();
@@ -120,10 +148,13 @@ fn prefix_caching_reuses_blocks_without_changing_outputs() {
         enable_prefix_caching: false,
         ..opts(8, 512)
     };
-    let (plain, plain_stats) = run(&engine, batch.clone(), no_cache);
+    let (plain, plain_stats) = run(engine, batch.clone(), no_cache);
     assert_eq!(plain_stats.scheduler.cached_tokens, 0);
-    let (cached, stats) = run(&engine, batch, opts(8, 512));
-    assert_eq!(cached, plain, "prefix caching changed an output");
+    let (cached, stats) = run(engine, batch, opts(8, 512));
+    assert_eq!(
+        cached, plain,
+        "{precision}: prefix caching changed an output"
+    );
     let s = stats.scheduler;
     let rate = s.cached_tokens as f64 / s.prefill_tokens as f64;
     eprintln!(
@@ -140,15 +171,20 @@ fn prefix_caching_reuses_blocks_without_changing_outputs() {
 
 #[test]
 fn preemption_under_memory_pressure_recomputes_to_the_same_outputs() {
-    let engine = engine();
+    for (precision, engine) in engines() {
+        preemption(precision, &engine);
+    }
+}
+
+fn preemption(precision: Precision, engine: &Engine) {
     let batch: Vec<Request> = (0..16).map(|i| request(i, "")).collect();
-    let (ample, _) = run(&engine, batch.clone(), opts(16, 2048));
+    let (ample, _) = run(engine, batch.clone(), opts(16, 2048));
     // Room for 12 blocks of 16 positions: each request needs 3–4, so only a few fit at once.
     let tight = EngineOptions {
         kv_cache_bytes: 12 * 16 * engine.model.kv_bytes_per_token(),
         ..opts(16, 2048)
     };
-    let (squeezed, stats) = run(&engine, batch, tight);
+    let (squeezed, stats) = run(engine, batch, tight);
     assert_eq!(stats.kv_blocks, 12);
     assert!(
         stats.scheduler.preemptions > 0,
@@ -157,7 +193,7 @@ fn preemption_under_memory_pressure_recomputes_to_the_same_outputs() {
     eprintln!("{} preemptions", stats.scheduler.preemptions);
     assert_eq!(
         squeezed, ample,
-        "recomputation after preemption changed an output"
+        "{precision}: recomputation after preemption changed an output"
     );
 }
 

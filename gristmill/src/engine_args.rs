@@ -48,6 +48,18 @@ pub struct EngineArgs {
     /// gets an error listing those that work.
     #[arg(long, default_value_t = 1, env = "GRISTMILL_TENSOR_PARALLEL_SIZE")]
     pub tensor_parallel_size: usize,
+
+    /// How the linear layers compute. `fast`: activations quantised to int8 per 32 values and
+    /// integer dot products against the quantised weight blocks (llama.cpp's arithmetic, with
+    /// kernels chosen for this CPU: AVX-512 VNNI, AVX-512BW, AVX2 or portable); weights that are
+    /// not quantised stay f32. `exact`: f32 throughout, HF transformers' results up to near-ties.
+    /// Both give a request the same tokens whatever it is batched with.
+    #[arg(long, default_value = "fast", env = "GRISTMILL_PRECISION",
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::builder::PossibleValuesParser::new(["fast", "exact"]),
+              // Only the listed values reach here, and both parse.
+              |s| s.parse::<gristmill_engine::Precision>().unwrap_or_default()))]
+    pub precision: gristmill_engine::Precision,
 }
 
 impl EngineArgs {
@@ -57,7 +69,7 @@ impl EngineArgs {
             bail!("--tensor-parallel-size must be at least 1");
         }
         let path = crate::hub::resolve_model(&self.model)?;
-        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size)
+        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size, self.precision)
             .with_context(|| format!("cannot load the model {}", self.model.display()))
     }
 
@@ -75,7 +87,7 @@ impl EngineArgs {
             .map_or_else(|| "?".to_string(), |kb| (kb / 1024).to_string());
         format!(
             "loaded {} ({} {} layers, {} heads, vocab {}) in {load_secs:.1} s; weights {} MB, KV cache {} KB \
-             per token; process memory {rss_mb} MB; CPU kernels {}, {} threads",
+             per token; process memory {rss_mb} MB; precision {}, CPU kernels {}, {} threads",
             self.model.display(),
             cfg.architecture,
             cfg.num_layers,
@@ -83,6 +95,7 @@ impl EngineArgs {
             cfg.vocab_size,
             engine.weight_bytes >> 20,
             engine.model.kv_bytes_per_token().div_ceil(1024),
+            self.precision,
             gristmill_engine::cpu_isa(),
             rayon::current_num_threads(),
         )

@@ -1,9 +1,11 @@
-//! GFLOP/s of the CPU matmul at model shapes, f32 and Q4_1 storage side by side:
+//! GFLOP/s of the CPU matmul at model shapes, side by side: f32 and Q4_1 storage on the exact
+//! path, then Q4_1 and Q8_0 on the fast path's int8 kernels, one line per variant this CPU runs:
 //! `cargo run --release -p gristmill-kernels --example gemm`.
 
 use std::time::Instant;
 
-use gristmill_kernels::cpu::{linear, PackedMatrix};
+use gristmill_kernels::cpu::int8::Isa;
+use gristmill_kernels::cpu::{linear_with, PackedMatrix};
 use gristmill_kernels::quant::{quantize, GgmlType};
 
 fn main() {
@@ -19,14 +21,27 @@ fn main() {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
         let q4 = quantize(GgmlType::Q4_1, &w);
-        let variants = [
-            ("f32 ", PackedMatrix::pack(&w, n, k)),
+        let q8 = quantize(GgmlType::Q8_0, &w);
+        let best = Isa::available()[0];
+        let mut variants = vec![
+            ("f32 exact".to_string(), best, PackedMatrix::pack(&w, n, k)),
             (
-                "q4_1",
+                "q4_1 exact".to_string(),
+                best,
                 PackedMatrix::pack_quantized(GgmlType::Q4_1, &q4, n, k).expect("q4_1 packs"),
             ),
         ];
-        for (name, p) in &variants {
+        for isa in Isa::available() {
+            for (ty, bytes) in [(GgmlType::Q4_1, &q4), (GgmlType::Q8_0, &q8)] {
+                variants.push((
+                    format!("{} int8 {}", ty.name(), isa.name()),
+                    isa,
+                    PackedMatrix::pack_int8(ty, bytes, n, k).expect("packs"),
+                ));
+            }
+        }
+        for (name, isa, p) in &variants {
+            let linear = |x: &[f32], m, p, out: &mut [f32]| linear_with(*isa, x, m, p, out);
             let mut out = vec![0f32; m * n];
             let flops = 2.0 * (m * k * n) as f64;
             let reps = ((2e10 / flops) as usize).clamp(3, 2000);
@@ -37,7 +52,7 @@ fn main() {
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "{name} m={m:4} k={k:5} n={n:6}: {:7.1} GFLOP/s {:8.3} ms ({:5.1} GB/s of weights)",
+                "{name:22} m={m:4} k={k:5} n={n:6}: {:7.1} GFLOP/s {:8.3} ms ({:5.1} GB/s of weights)",
                 flops / s / 1e9,
                 s * 1e3,
                 p.bytes() as f64 / s / 1e9

@@ -61,9 +61,9 @@ pub(super) fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
 }
 
 impl Engine<CpuBackend> {
-    /// Loads a GGUF file or HF safetensors directory on the CPU backend.
+    /// Loads a GGUF file or HF safetensors directory on the CPU backend, `exact` precision.
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_with(path, CpuBackend)
+        Self::load_with(path, CpuBackend::default())
     }
 
     /// An engine over a [`ScriptedModel`] (no weights) with the tokenizer and configuration of
@@ -76,16 +76,22 @@ impl Engine<CpuBackend> {
         Ok(Self::assemble(path, model, tokenizer, 0))
     }
 
-    /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1).
-    pub fn load_parallel(path: &Path, tensor_parallel_size: usize) -> Result<Self> {
+    /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1), computing
+    /// at `precision`.
+    pub fn load_parallel(
+        path: &Path,
+        tensor_parallel_size: usize,
+        precision: Precision,
+    ) -> Result<Self> {
+        let backend = CpuBackend { precision };
         if tensor_parallel_size <= 1 {
-            return Self::load(path);
+            return Self::load_with(path, backend);
         }
         let ckpt = Checkpoint::open(path)?;
         let tokenizer = checkpoint_tokenizer(&ckpt)?;
         let weight_bytes = ckpt.check_fits_in_memory()?;
         drop(ckpt);
-        let model = load_model(path, tensor_parallel_size)?;
+        let model = load_model(path, tensor_parallel_size, backend)?;
         Ok(Self::assemble(path, model, tokenizer, weight_bytes))
     }
 }

@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use super::int8::{self, Int8Rows, Isa};
 use crate::quant::{decode_block, GgmlType, QK_K};
 
 /// Output columns per packed panel (two AVX2 vectors).
@@ -32,20 +33,23 @@ const MC: usize = 96;
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    storage: Storage,
+    pub(super) storage: Storage,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Storage {
+pub(super) enum Storage {
     /// `ceil(n / NR)` panels of `k × NR` floats, k-major; columns past `n` are zero.
     F32(Vec<f32>),
     /// Quantised panels; rows past `n` have zero scales (so they dequantise to zero).
     Quant(QuantPanels),
+    /// Quantised panels in the int8 kernels' layout (see [`super::int8`]), for the `fast`
+    /// precision.
+    Int8(QuantPanels),
 }
 
 /// How a panel stores its values and which formula turns a value into a weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QKind {
+pub(super) enum QKind {
     /// A nibble `q`, the weight `(q - 8) * d` (Q4_0).
     Q4Sym,
     /// A nibble `q`, the weight `q * d + m` (Q4_1, Q4_K, Q2_K).
@@ -58,7 +62,7 @@ enum QKind {
 
 impl QKind {
     /// Bytes of quantised values per `k` step of a panel.
-    fn bytes_per_k(self) -> usize {
+    pub(super) fn bytes_per_k(self) -> usize {
         match self {
             QKind::Q4Sym | QKind::Q4Min => NR / 2,
             QKind::Q8 | QKind::Q8Min => NR,
@@ -66,7 +70,7 @@ impl QKind {
     }
 
     /// f32 scale vectors per sub-block of a panel (`d`, and `m` for the kinds with offsets).
-    fn scale_sets(self) -> usize {
+    pub(super) fn scale_sets(self) -> usize {
         if matches!(self, QKind::Q4Min | QKind::Q8Min) {
             2
         } else {
@@ -74,7 +78,7 @@ impl QKind {
         }
     }
 
-    fn nibbles(self) -> bool {
+    pub(super) fn nibbles(self) -> bool {
         matches!(self, QKind::Q4Sym | QKind::Q4Min)
     }
 
@@ -91,10 +95,10 @@ impl QKind {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-struct QuantPanels {
+pub(super) struct QuantPanels {
     kind: QKind,
     /// Values per sub-block of `k` (32, or 16).
-    sub: usize,
+    pub(super) sub: usize,
     /// Per panel, per `k`: `NR` values. Q4: byte `t` holds row `t` (low nibble) and row `t + 8`
     /// (high nibble); Q8: one signed byte per row.
     q: Vec<u8>,
@@ -128,6 +132,22 @@ impl PackedMatrix {
     /// type that is not quantised, for a `k` that is not a whole number of blocks, or a size
     /// mismatch.
     pub fn pack_quantized(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        Self::pack_blocks(ty, bytes, n, k, false)
+    }
+
+    /// Packs a row-major `[n, k]` matrix of ggml blocks for the int8 kernels of the `fast`
+    /// precision (same bytes as [`PackedMatrix::pack_quantized`], regrouped); `None` where
+    /// that returns `None`.
+    pub fn pack_int8(ty: GgmlType, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
+        Self::pack_blocks(ty, bytes, n, k, true)
+    }
+
+    /// Whether [`linear`] computes with this matrix in int8 (the `fast` precision).
+    pub fn is_int8(&self) -> bool {
+        matches!(self.storage, Storage::Int8(_))
+    }
+
+    fn pack_blocks(ty: GgmlType, bytes: &[u8], n: usize, k: usize, int8: bool) -> Option<Self> {
         let kind = QKind::of(ty)?;
         let sb = ty.sub_blocks()?;
         let (blen, bb) = (ty.block_len(), ty.block_bytes());
@@ -155,6 +175,11 @@ impl PackedMatrix {
                     }
                 }
                 for (t, &value) in v[..blen].iter().enumerate() {
+                    if int8 {
+                        let panel = &mut q[p * k * bpk..(p + 1) * k * bpk];
+                        int8::store_value(kind, panel, j, kb * blen + t, value);
+                        continue;
+                    }
                     let at = (p * k + kb * blen + t) * bpk;
                     if kind.nibbles() {
                         // Q4_0's values are stored with their +8 (as the block holds them).
@@ -170,15 +195,20 @@ impl PackedMatrix {
                 }
             }
         }
+        let panels = QuantPanels {
+            kind,
+            sub: sb.len,
+            q,
+            scales,
+        };
         Some(Self {
             n,
             k,
-            storage: Storage::Quant(QuantPanels {
-                kind,
-                sub: sb.len,
-                q,
-                scales,
-            }),
+            storage: if int8 {
+                Storage::Int8(panels)
+            } else {
+                Storage::Quant(panels)
+            },
         })
     }
 
@@ -199,7 +229,7 @@ impl PackedMatrix {
     pub fn bytes(&self) -> usize {
         match &self.storage {
             Storage::F32(d) => d.len() * 4,
-            Storage::Quant(qp) => qp.q.len() + qp.scales.len() * 4,
+            Storage::Quant(qp) | Storage::Int8(qp) => qp.q.len() + qp.scales.len() * 4,
         }
     }
 
@@ -208,7 +238,27 @@ impl PackedMatrix {
         let (bpk, sets, subs) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / qp.sub);
         let byte = qp.q[(p * k + kk) * bpk + if qp.kind.nibbles() { j % 8 } else { j }];
         let sc = &qp.scales[((p * subs + kk / qp.sub) * sets) * NR..];
-        match qp.kind {
+        Self::weight_of(qp.kind, byte, j, sc)
+    }
+
+    /// Weight `(j, kk)` of panel `p` of an int8-layout matrix.
+    fn int8_weight(qp: &QuantPanels, k: usize, p: usize, j: usize, kk: usize) -> f32 {
+        let (bpk, sets, subs) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / qp.sub);
+        let v = int8::stored_value(qp.kind, &qp.q[p * k * bpk..(p + 1) * k * bpk], j, kk);
+        let sc = &qp.scales[((p * subs + kk / qp.sub) * sets) * NR..];
+        // The same formulas as the original layout's, from the value as it would be stored there.
+        let byte = if qp.kind.nibbles() {
+            (v as u8) | ((v as u8) << 4)
+        } else {
+            v as i8 as u8
+        };
+        Self::weight_of(qp.kind, byte, j, sc)
+    }
+
+    /// A weight from its stored byte (a nibble pair for the 4-bit kinds, `j` picking one) and
+    /// its sub-block's scales.
+    fn weight_of(kind: QKind, byte: u8, j: usize, sc: &[f32]) -> f32 {
+        match kind {
             QKind::Q4Min => {
                 let v = if j < 8 { byte & 0x0f } else { byte >> 4 };
                 v as f32 * sc[j] + sc[NR + j]
@@ -227,6 +277,7 @@ impl PackedMatrix {
         let k = self.k;
         match &self.storage {
             Storage::F32(d) => &d[p * k * NR..(p + 1) * k * NR],
+            Storage::Int8(_) => unreachable!("int8 matrices go through int8::linear"),
             Storage::Quant(qp) => {
                 scratch.resize(k * NR, 0.0);
                 #[cfg(target_arch = "x86_64")]
@@ -268,12 +319,17 @@ impl PackedMatrix {
                     *o = Self::quant_weight(qp, k, p, j, kk);
                 }
             }
+            Storage::Int8(qp) => {
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = Self::int8_weight(qp, k, p, j, kk);
+                }
+            }
         }
     }
 }
 
 /// The quantised values and scales of panel `p`.
-fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> QPanel<'_> {
+pub(super) fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> QPanel<'_> {
     let (bpk, sets, subs) = (qp.kind.bytes_per_k(), qp.kind.scale_sets(), k / qp.sub);
     QPanel {
         kind: qp.kind,
@@ -285,26 +341,49 @@ fn qpanel(qp: &QuantPanels, k: usize, p: usize) -> QPanel<'_> {
 
 /// One panel of a quantised matrix: its values and its sub-blocks' scales.
 #[derive(Debug, Clone, Copy)]
-struct QPanel<'a> {
-    kind: QKind,
-    sub: usize,
-    q: &'a [u8],
-    sc: &'a [f32],
+pub struct QPanel<'a> {
+    pub(super) kind: QKind,
+    pub(super) sub: usize,
+    pub(super) q: &'a [u8],
+    pub(super) sc: &'a [f32],
 }
-
-impl PackedMatrix {}
 
 /// Computes `out[m, n] = x[m, k] · Wᵀ`, splitting the panels over the rayon pool.
 ///
 /// # Panics
 /// If the slice lengths do not match `m`, `w.cols()` and `w.rows()`.
 pub fn linear(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
+    linear_with(Isa::chosen(), x, m, w, out)
+}
+
+/// [`linear`] with the int8 kernels of `isa` (for int8-layout matrices; benchmarks and tests).
+///
+/// # Panics
+/// As [`linear`]; if `isa` does not run on this CPU.
+pub fn linear_with(isa: Isa, x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "linear: x is not [{m}, {k}]");
     assert_eq!(out.len(), m * n, "linear: out is not [{m}, {n}]");
     if m == 0 || n == 0 {
         return;
     }
+    if let Storage::Int8(qp) = &w.storage {
+        let a = Int8Rows::quantize(x, m, k, qp.sub);
+        for_panels(n, out, |p0, p1, out| {
+            // SAFETY: as `task`'s.
+            unsafe { int8_task(isa, &a, w.n, qp, p0, p1, out) }
+        });
+        return;
+    }
+    for_panels(n, out, |p0, p1, out| {
+        // SAFETY: `for_panels` hands each task disjoint panels of `out`.
+        unsafe { task(x, m, w, p0, p1, out) }
+    });
+}
+
+/// Splits the panels of an `n`-column output over the rayon pool: `f(p0, p1, out)` computes the
+/// columns of panels `p0..p1` of every row (and no other column) through `out`.
+fn for_panels(n: usize, out: &mut [f32], f: impl Fn(usize, usize, *mut f32) + Sync) {
     let panels = n.div_ceil(NR);
     let threads = rayon::current_num_threads().max(1);
     // A few tasks per thread for balance, each a run of whole panels.
@@ -314,10 +393,45 @@ pub fn linear(x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f32]) {
     tasks.par_iter().for_each(|&p0| {
         let p1 = (p0 + per_task).min(panels);
         let out_ptr = &out_ptr;
-        // SAFETY: tasks cover disjoint panel ranges, hence disjoint output columns, of `out`,
-        // which outlives the parallel loop.
-        unsafe { task(x, m, w, p0, p1, out_ptr.0) };
+        // Tasks cover disjoint panel ranges, hence disjoint output columns, of `out`, which
+        // outlives the parallel loop.
+        f(p0, p1, out_ptr.0);
     });
+}
+
+/// [`task`] for an int8-layout matrix and quantised activations.
+///
+/// # Safety
+/// As [`task`]'s.
+unsafe fn int8_task(
+    isa: Isa,
+    a: &Int8Rows,
+    n: usize,
+    qp: &QuantPanels,
+    p0: usize,
+    p1: usize,
+    out: *mut f32,
+) {
+    let (k, m) = (a.k, a.q.len() / a.k);
+    let mut tile = [0f32; int8::MR * NR];
+    for m0 in (0..m).step_by(MC) {
+        let m1 = (m0 + MC).min(m);
+        for p in p0..p1 {
+            let cols = NR.min(n - p * NR);
+            let panel = qpanel(qp, k, p);
+            for i in (m0..m1).step_by(int8::MR) {
+                let rows = int8::MR.min(m1 - i);
+                int8::tile(isa, a, i, rows, panel, &mut tile);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        // SAFETY: row i + r < m and column p * NR + c < n; the column belongs
+                        // to this task.
+                        unsafe { *out.add((i + r) * n + p * NR + c) = tile[r * NR + c] };
+                    }
+                }
+            }
+        }
+    }
 }
 
 struct SendPtr(*mut f32);
