@@ -154,7 +154,10 @@ impl<B: Backend> Model<B> {
     /// One engine step: the logits each sequence asked for.
     pub fn forward(&self, kv: &mut ModelKv<B>, seqs: &[StepSeq<'_>]) -> Result<Vec<Vec<f32>>> {
         match (self, kv) {
-            (Model::Single(m), ModelKv::Single(kv)) => Ok(m.forward(kv, seqs)),
+            // The whole step runs on a worker of the rayon pool: each op's parallel loop then
+            // splits work with the other workers (kept spinning between ops) instead of handing
+            // every op from this thread to the pool and waiting on a lock.
+            (Model::Single(m), ModelKv::Single(kv)) => Ok(rayon::scope(|_| m.forward(kv, seqs))),
             (Model::Scripted(m), ModelKv::Scripted { tokens, block_size }) => {
                 Ok(m.forward(tokens, *block_size, seqs))
             }

@@ -130,7 +130,7 @@ pub fn paged_attention(
                 unsafe { attend_group_avx2(&job, scratch, o) };
                 return;
             }
-            attend_group(&job, scratch, o);
+            attend_group::<false>(&job, scratch, o);
         });
 }
 
@@ -159,13 +159,83 @@ struct Scratch {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_group_avx2(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
-    attend_group(job, scratch, out);
+    attend_group::<true>(job, scratch, out);
+}
+
+/// `scores[h][j] = dot(q_h, k_{rows[j]}) · scale` for the `group` heads of `q`.
+fn scores_portable(
+    q: &[f32],
+    group: usize,
+    hd: usize,
+    rows: &[usize],
+    k: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let n = rows.len();
+    for (j, &base) in rows.iter().enumerate() {
+        for h in 0..group {
+            scores[h * n + j] = dot(&q[h * hd..(h + 1) * hd], &k[base..base + hd]) * scale;
+        }
+    }
+}
+
+/// [`scores_portable`] with AVX2, bit-identical: each score is [`dot`]'s chain of additions,
+/// but eight of them (4 heads × 2 positions) advance together so that their latencies overlap.
+///
+/// # Safety
+/// AVX2 must be available; `hd` a multiple of 8; `q` holds `group × hd` values and every
+/// `rows[j]` starts `hd` values of `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scores_avx2(
+    q: &[f32],
+    group: usize,
+    hd: usize,
+    rows: &[usize],
+    k: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = rows.len();
+    assert!(q.len() >= group * hd && scores.len() >= group * n);
+    assert!(rows.iter().all(|&r| r + hd <= k.len()));
+    for j0 in (0..n).step_by(2) {
+        // A missing second position or head repeats the first (computed, not stored).
+        let r = [rows[j0], rows[(j0 + 1).min(n - 1)]];
+        for h0 in (0..group).step_by(4) {
+            let hs = [0, 1, 2, 3].map(|i| (h0 + i).min(group - 1));
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..hd).step_by(8) {
+                // SAFETY: c + 8 ≤ hd; rows and heads are in bounds (asserted above).
+                unsafe {
+                    let kv = r.map(|r| _mm256_loadu_ps(k.as_ptr().add(r + c)));
+                    for (i, &h) in hs.iter().enumerate() {
+                        let qv = _mm256_loadu_ps(q.as_ptr().add(h * hd + c));
+                        for (p, &kp) in kv.iter().enumerate() {
+                            let a = &mut acc[i * 2 + p];
+                            *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kp));
+                        }
+                    }
+                }
+            }
+            for (i, &h) in hs.iter().enumerate().take(group - h0) {
+                for (p, a) in acc[i * 2..i * 2 + 2].iter().enumerate().take(n - j0) {
+                    let t = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                    let v = _mm_add_ps(t, _mm_shuffle_ps(t, t, 0b10_11_00_01));
+                    let d = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehl_ps(v, v)));
+                    scores[h * n + j0 + p] = d * scale;
+                }
+            }
+        }
+    }
 }
 
 /// Scores in ascending position order, a max-subtracted softmax summed sequentially, values
 /// accumulated in ascending order: the same arithmetic whatever else is in the step.
 #[inline(always)]
-fn attend_group(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
     let AttentionShape {
         kv_heads,
         head_dim: hd,
@@ -183,12 +253,16 @@ fn attend_group(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
     );
     scores.clear();
     scores.resize(group * n, 0.0);
-    for (j, &base) in rows.iter().enumerate() {
-        let kr = &job.kv.k[base..base + hd];
-        for h in 0..group {
-            scores[h * n + j] = dot(&job.q[h * hd..(h + 1) * hd], kr) * scale;
-        }
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && hd.is_multiple_of(8) {
+        // SAFETY: AVX2 is present (only attend_group_avx2 passes AVX2 = true); every row in
+        // `rows` has hd keys in the cache.
+        unsafe { scores_avx2(job.q, group, hd, rows, job.kv.k, scale, scores) };
+    } else {
+        scores_portable(job.q, group, hd, rows, job.kv.k, scale, scores);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    scores_portable(job.q, group, hd, rows, job.kv.k, scale, scores);
     for h in 0..group {
         let sc = &mut scores[h * n..(h + 1) * n];
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -202,16 +276,37 @@ fn attend_group(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
             *s *= inv;
         }
     }
-    out.fill(0.0);
-    for (j, &base) in rows.iter().enumerate() {
-        let vr = &job.kv.v[base..base + hd];
-        for h in 0..group {
-            let w = scores[h * n + j];
-            for (a, &b) in out[h * hd..(h + 1) * hd].iter_mut().zip(vr) {
-                *a += w * b;
+    // Each head's output in registers while the values stream past; every element is still
+    // `a += w * v` in ascending position order.
+    for (h, o) in out.chunks_exact_mut(hd).enumerate().take(group) {
+        let w = &scores[h * n..(h + 1) * n];
+        match hd {
+            64 => weighted_sum::<64>(w, rows, job.kv.v, o),
+            128 => weighted_sum::<128>(w, rows, job.kv.v, o),
+            _ => {
+                o.fill(0.0);
+                for (&wj, &base) in w.iter().zip(rows.iter()) {
+                    for (a, &b) in o.iter_mut().zip(&job.kv.v[base..base + hd]) {
+                        *a += wj * b;
+                    }
+                }
             }
         }
     }
+}
+
+/// `o = Σ_j w[j] · v[rows[j]..][..HD]`, summed in order of `j`, in a local array the compiler
+/// keeps in registers.
+#[inline(always)]
+fn weighted_sum<const HD: usize>(w: &[f32], rows: &[usize], v: &[f32], o: &mut [f32]) {
+    let mut acc = [0f32; HD];
+    for (&wj, &base) in w.iter().zip(rows) {
+        let vr: &[f32; HD] = v[base..base + HD].try_into().expect("a row of HD values");
+        for (a, &b) in acc.iter_mut().zip(vr) {
+            *a += wj * b;
+        }
+    }
+    o.copy_from_slice(&acc);
 }
 
 #[inline(always)]
@@ -233,6 +328,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_scores_add_in_the_same_order_as_the_portable_ones() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut s = 12345u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 20001) as f32 / 997.0 - 10.0
+        };
+        // Scores of 1–5 heads over 1–7 positions: the batched chains give the same bits.
+        for (group, n) in [(1, 1), (3, 7), (4, 2), (5, 5), (2, 3)] {
+            let hd = 64;
+            let q: Vec<f32> = (0..group * hd).map(|_| next()).collect();
+            let k: Vec<f32> = (0..(n + 3) * hd).map(|_| next()).collect();
+            let rows: Vec<usize> = (0..n).map(|j| ((j * 5) % (n + 3)) * hd).collect();
+            let (mut a, mut b) = (vec![0f32; group * n], vec![1f32; group * n]);
+            scores_portable(&q, group, hd, &rows, &k, 0.125, &mut a);
+            // SAFETY: AVX2 is present (checked above); sizes as documented.
+            unsafe { scores_avx2(&q, group, hd, &rows, &k, 0.125, &mut b) };
+            assert_eq!(a, b, "{group} heads, {n} positions");
+        }
+    }
 
     const ONE: AttentionShape = AttentionShape {
         heads: 1,
