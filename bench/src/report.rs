@@ -69,6 +69,43 @@ pub struct ThroughputResult {
     pub preemptions: u64,
     pub engine_steps: u64,
     pub machine: MachineLoad,
+    /// `fast` or `exact` (`--precision`).
+    #[serde(default)]
+    pub precision: String,
+    /// The CPU kernels used (`f32 avx2+fma, int8 avx512vnni`).
+    #[serde(default)]
+    pub cpu_kernels: String,
+    /// The same figures under the key names of vLLM's `benchmark_throughput` JSON.
+    #[serde(flatten)]
+    pub vllm: VllmKeys,
+}
+
+/// The keys of vLLM's `benchmarks/benchmark_throughput.py --output-json` (plus
+/// `output_tokens_per_second`), so that its readers read ours.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct VllmKeys {
+    pub elapsed_time: f64,
+    pub num_requests: usize,
+    pub total_num_tokens: u64,
+    pub requests_per_second: f64,
+    pub tokens_per_second: f64,
+    pub output_tokens_per_second: f64,
+}
+
+impl VllmKeys {
+    pub fn new(elapsed_s: f64, requests: usize, prompt_tokens: u64, output_tokens: u64) -> Self {
+        let total = prompt_tokens + output_tokens;
+        let per_s = |v: f64| if elapsed_s > 0.0 { v / elapsed_s } else { 0.0 };
+        Self {
+            elapsed_time: elapsed_s,
+            num_requests: requests,
+            total_num_tokens: total,
+            requests_per_second: per_s(requests as f64),
+            tokens_per_second: per_s(total as f64),
+            output_tokens_per_second: per_s(output_tokens as f64),
+        }
+    }
 }
 
 /// 1-minute load average, if the system reports one.
@@ -157,9 +194,22 @@ mod tests {
             preemptions: 0,
             engine_steps: 1,
             machine: MachineLoad::default(),
+            precision: "fast".into(),
+            cpu_kernels: "f32 portable, int8 portable".into(),
+            vllm: VllmKeys::new(2.0, 4, 300, 100),
         };
         let v = serde_json::to_value(&r).expect("serialises");
         assert_eq!(v["schema_version"], 1);
         assert!(v["ttft"]["p99_ms"].is_number());
+        assert_eq!(v["precision"], "fast");
+        // vLLM's keys, at the top level as its benchmark writes them.
+        assert_eq!(v["elapsed_time"], 2.0);
+        assert_eq!(v["num_requests"], 4);
+        assert_eq!(v["total_num_tokens"], 400);
+        assert_eq!(v["requests_per_second"], 2.0);
+        assert_eq!(v["tokens_per_second"], 200.0);
+        assert_eq!(v["output_tokens_per_second"], 50.0);
+        let back: ThroughputResult = serde_json::from_value(v).expect("reads back");
+        assert_eq!(back, r);
     }
 }

@@ -70,6 +70,10 @@ pub struct Sampler {
     frequency_penalty: f32,
     presence_penalty: f32,
     seed: u64,
+    /// How often each generated token occurred (for the penalties), and the tokens counted:
+    /// updated with each step's new tokens, not rebuilt.
+    counts: std::collections::HashMap<u32, u32>,
+    counted: Vec<u32>,
 }
 
 impl Sampler {
@@ -90,17 +94,25 @@ impl Sampler {
             frequency_penalty: p.frequency_penalty,
             presence_penalty: p.presence_penalty,
             seed,
+            counts: std::collections::HashMap::new(),
+            counted: Vec::new(),
         }
     }
 
     /// The logits less OpenAI's frequency and presence penalties for the tokens generated so far.
-    fn penalise(&self, logits: &[f32], generated: &[u32]) -> Vec<f32> {
-        let mut out = logits.to_vec();
-        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-        for &t in generated {
-            *counts.entry(t).or_default() += 1;
+    fn penalise(&mut self, logits: &[f32], generated: &[u32]) -> Vec<f32> {
+        if !generated.starts_with(&self.counted) {
+            // Not a continuation of what was counted: count afresh.
+            self.counts.clear();
+            self.counted.clear();
         }
-        for (t, c) in counts {
+        for &t in &generated[self.counted.len()..] {
+            *self.counts.entry(t).or_default() += 1;
+        }
+        self.counted
+            .extend_from_slice(&generated[self.counted.len()..]);
+        let mut out = logits.to_vec();
+        for (&t, &c) in &self.counts {
             if let Some(v) = out.get_mut(t as usize) {
                 *v -= c as f32 * self.frequency_penalty + self.presence_penalty;
             }
@@ -110,7 +122,7 @@ impl Sampler {
 
     /// Picks the token for generation step `step` from one row of logits, given the tokens the
     /// sequence generated so far (for penalties).
-    pub fn sample(&self, logits: &[f32], step: u64, generated: &[u32]) -> u32 {
+    pub fn sample(&mut self, logits: &[f32], step: u64, generated: &[u32]) -> u32 {
         let penalised;
         let logits = if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
             penalised = self.penalise(logits, generated);
@@ -134,27 +146,58 @@ impl Sampler {
             idx.select_nth_unstable_by(self.top_k - 1, by_logit);
             idx.truncate(self.top_k);
         }
-        idx.sort_unstable_by(by_logit);
-        let Some(&best) = idx.first() else { return 0 };
-        let max = logits[best as usize] as f64;
-        let t = self.temperature as f64;
-        let mut probs: Vec<f64> = idx
+        let Some(max) = idx
             .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        if self.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (n, p) in probs.iter().enumerate() {
-                mass += p / total;
-                if mass >= self.top_p as f64 {
-                    keep = n + 1;
-                    break;
+            .map(|&i| logits[i as usize])
+            .max_by(f32::total_cmp)
+        else {
+            return 0;
+        };
+        let (max, t) = (max as f64, self.temperature as f64);
+        let prob = |i: u32| ((logits[i as usize] as f64 - max) / t).exp();
+        // The normaliser over every candidate, summed in id order.
+        let mut all = idx.clone();
+        all.sort_unstable();
+        let total: f64 = all.iter().map(|&i| prob(i)).sum();
+        // Only the head of the order is sorted: the most likely `head` candidates, doubled
+        // until their mass reaches top_p (a full sort only when it never does).
+        if self.top_p >= 1.0 {
+            // Every candidate is kept: draw walking them in id order, no sort needed.
+            let target = uniform(self.seed, step) * total;
+            let mut acc = 0.0;
+            for &i in &all {
+                acc += prob(i);
+                if target < acc {
+                    return i;
                 }
             }
-            probs.truncate(keep);
+            return all[all.len() - 1];
+        }
+        let mut head = 64;
+        let mut probs: Vec<f64>;
+        loop {
+            if head < idx.len() {
+                idx.select_nth_unstable_by(head - 1, by_logit);
+                idx[..head].sort_unstable_by(by_logit);
+            } else {
+                head = idx.len();
+                idx.sort_unstable_by(by_logit);
+            }
+            probs = idx[..head].iter().map(|&i| prob(i)).collect();
+            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            let mut mass = 0.0;
+            let keep = probs.iter().position(|p| {
+                mass += p / total;
+                mass >= self.top_p as f64
+            });
+            if let Some(n) = keep {
+                probs.truncate(n + 1);
+                break;
+            }
+            if head == idx.len() {
+                break;
+            }
+            head *= 2;
         }
         let total: f64 = probs.iter().sum();
         let target = uniform(self.seed, step) * total;
@@ -184,16 +227,44 @@ mod tests {
     }
 
     #[test]
+    fn top_p_beyond_the_first_64_candidates_sorts_more_of_them() {
+        // 1000 nearly equal logits: top_p 0.5 needs about 500 of them.
+        let logits: Vec<f32> = (0..1000).map(|i| 1.0 - i as f32 * 1e-4).collect();
+        let mut s = Sampler::new(&params(1.0, 0, 0.5), 0, 0);
+        let drawn: Vec<u32> = (0..400).map(|step| s.sample(&logits, step, &[])).collect();
+        assert!(drawn.iter().all(|&t| t < 520), "outside the top-p set");
+        assert!(drawn.iter().any(|&t| t > 200), "only the head was kept");
+    }
+
+    #[test]
+    fn penalties_counted_step_by_step_equal_penalties_counted_afresh() {
+        let f = GenerationParams {
+            frequency_penalty: 0.7,
+            presence_penalty: 0.3,
+            ..params(1.0, 0, 0.9)
+        };
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 11) as f32 * 0.3).collect();
+        let mut generated = Vec::new();
+        let mut stepwise = Sampler::new(&f, 0, 0);
+        for step in 0..30 {
+            let t = stepwise.sample(&logits, step, &generated);
+            let fresh = Sampler::new(&f, 0, 0).sample(&logits, step, &generated);
+            assert_eq!(t, fresh, "step {step}");
+            generated.push(t);
+        }
+    }
+
+    #[test]
     fn greedy_takes_the_lowest_index_of_the_max() {
-        let s = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
+        let mut s = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
         assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], 0, &[]), 1);
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
-        let k2 = Sampler::new(&params(1.0, 2, 1.0), 0, 0);
-        let p = Sampler::new(&params(1.0, 0, 0.3), 0, 0);
+        let mut k2 = Sampler::new(&params(1.0, 2, 1.0), 0, 0);
+        let mut p = Sampler::new(&params(1.0, 0, 0.3), 0, 0);
         for step in 0..200 {
             assert!([0, 1].contains(&k2.sample(&logits, step, &[])));
             assert_eq!(
@@ -207,7 +278,7 @@ mod tests {
     #[test]
     fn draws_follow_the_distribution_and_depend_only_on_seed_and_step() {
         let logits = [1.0f32.ln(), 3.0f32.ln()]; // probabilities 1/4, 3/4
-        let s = Sampler::new(&params(1.0, 0, 1.0), 0, 0);
+        let mut s = Sampler::new(&params(1.0, 0, 1.0), 0, 0);
         let ones = (0..4000)
             .filter(|&i| s.sample(&logits, i, &[]) == 1)
             .count();
@@ -215,7 +286,7 @@ mod tests {
             (2800..3200).contains(&ones),
             "{ones} of 4000 draws picked p = 0.75"
         );
-        let again = Sampler::new(&params(1.0, 0, 1.0), 999, 0);
+        let mut again = Sampler::new(&params(1.0, 0, 1.0), 999, 0);
         assert!((0..100).all(|i| s.sample(&logits, i, &[]) == again.sample(&logits, i, &[])));
     }
 
@@ -232,14 +303,14 @@ mod tests {
     #[test]
     fn penalties_lower_repeated_tokens() {
         let logits = [1.0, 0.9, 0.2];
-        let plain = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
+        let mut plain = Sampler::new(&params(0.0, 0, 1.0), 0, 0);
         assert_eq!(plain.sample(&logits, 1, &[0]), 0);
         let mut p = params(0.0, 0, 1.0);
         p.presence_penalty = 0.5;
         assert_eq!(Sampler::new(&p, 0, 0).sample(&logits, 1, &[0]), 1);
         let mut f = params(0.0, 0, 1.0);
         f.frequency_penalty = 0.4;
-        let s = Sampler::new(&f, 0, 0);
+        let mut s = Sampler::new(&f, 0, 0);
         assert_eq!(
             s.sample(&logits, 1, &[1]),
             0,

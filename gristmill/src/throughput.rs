@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use gristmill_bench::report::{
     load_average, svg_line_chart, wait_for_quiet, MachineLoad, Percentiles, ThroughputResult,
-    THROUGHPUT_SCHEMA,
+    VllmKeys, THROUGHPUT_SCHEMA,
 };
 use gristmill_coordinator::LineValidator;
 use gristmill_engine::{Engine, Outcome};
@@ -170,6 +170,9 @@ fn one_run(
             waited_s: waited,
             cpus,
         },
+        precision: a.engine.precision.to_string(),
+        cpu_kernels: gristmill_engine::cpu_isa(),
+        vllm: VllmKeys::new(elapsed, completed, prompt_tokens, output_tokens),
     })
 }
 
