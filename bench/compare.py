@@ -91,7 +91,10 @@ def gristmill(exe: Path, model: str, threads: int, precision: str, pp: int, tg: 
     subprocess.run(
         [str(exe), "bench", "throughput", "--model", model, "--threads", str(threads), "--precision", precision,
          "--num-prompts", str(n), "--max-num-seqs", str(n), "--input-len", str(pp), "--output-len", str(tg),
-         "--output-json", str(j)],
+         "--output-json", str(j),
+         # The runs alternate back to back on an otherwise idle machine: the 1-minute load
+         # average (still high from the previous run) says nothing about this one.
+         "--quiet-load", "1000"],
         check=True, stdout=subprocess.DEVNULL,
     )
     r = json.loads(j.read_text())

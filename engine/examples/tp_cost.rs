@@ -54,7 +54,7 @@ fn main() {
     let layers = 30;
     println!("  per decode step: 2 all-reduces x {layers} layers + 1 embedding all-reduce + 1 logits all-gather");
     for world in [1, 3] {
-        let model = Arc::new(load_model(&path, world).expect("model loads"));
+        let model = Arc::new(load_model(&path, world, Default::default()).expect("model loads"));
         for batch in [1usize, 16] {
             let prompt: Vec<u32> = (0..32).map(|i| 100 + i).collect();
             let blocks_per_seq = 8; // 128 positions

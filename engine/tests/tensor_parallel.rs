@@ -38,8 +38,9 @@ fn score(m: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
 #[test]
 fn default_model_split_over_3_ranks_matches_the_whole_model() {
     let path = default_model();
-    let whole = load_model(&path, 1).expect("loads");
-    let split = load_model(&path, 3).expect("9 heads and 3 KV heads split over 3");
+    let whole = load_model(&path, 1, Default::default()).expect("loads");
+    let split =
+        load_model(&path, 3, Default::default()).expect("9 heads and 3 KV heads split over 3");
     assert_eq!(split.world_size(), 3);
     assert_eq!(split.kv_bytes_per_token(), whole.kv_bytes_per_token());
     let engine = Engine::load(&path).expect("loads");
@@ -60,9 +61,9 @@ fn default_model_split_over_3_ranks_matches_the_whole_model() {
 fn splits_match(name: &str, path: &std::path::Path, reference: &std::path::Path, worlds: &[usize]) {
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(reference).expect("reference"))
         .expect("json");
-    let whole = load_model(path, 1).expect("loads");
+    let whole = load_model(path, 1, Default::default()).expect("loads");
     for &world in worlds {
-        let split = load_model(path, world).expect("splits");
+        let split = load_model(path, world, Default::default()).expect("splits");
         for case in fx["cases"].as_array().expect("cases") {
             let ids: Vec<u32> = case["ids"]
                 .as_array()
@@ -159,7 +160,7 @@ fn run(engine: &Engine, reqs: Vec<Request>) -> HashMap<String, Vec<u32>> {
 fn greedy_tokens_at_tp3_equal_tp1_up_to_the_first_near_tie_and_are_batch_invariant() {
     let path = default_model();
     let whole = Engine::load(&path).expect("loads");
-    let split = Engine::load_parallel(&path, 3).expect("splits");
+    let split = Engine::load_parallel(&path, 3, Default::default()).expect("splits");
     let reqs: Vec<Request> = (0..6).map(|i| request(i, 16, 0.0)).collect();
     let a = run(&whole, reqs.clone());
     let b = run(&split, reqs.clone());
@@ -199,7 +200,8 @@ fn greedy_tokens_at_tp3_equal_tp1_up_to_the_first_near_tie_and_are_batch_invaria
 
 #[test]
 fn an_impossible_split_names_the_dimension_and_the_sizes_that_work() {
-    let err = Engine::load_parallel(&default_model(), 2).expect_err("9 heads over 2");
+    let err =
+        Engine::load_parallel(&default_model(), 2, Default::default()).expect_err("9 heads over 2");
     let msg = err.to_string();
     assert!(
         msg.contains("num_attention_heads = 9 is not divisible by 2"),
@@ -209,7 +211,8 @@ fn an_impossible_split_names_the_dimension_and_the_sizes_that_work() {
         msg.contains("sizes that work for this model: 1, 3"),
         "{msg}"
     );
-    let err = Engine::load_parallel(&fixture("tiny-qwen2"), 3).expect_err("4 heads over 3");
+    let err = Engine::load_parallel(&fixture("tiny-qwen2"), 3, Default::default())
+        .expect_err("4 heads over 3");
     assert!(err.to_string().contains("1, 2, 4"), "{err}");
 }
 

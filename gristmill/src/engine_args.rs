@@ -49,11 +49,12 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 1, env = "GRISTMILL_TENSOR_PARALLEL_SIZE")]
     pub tensor_parallel_size: usize,
 
-    /// How the linear layers compute. `fast`: activations quantised to int8 per 32 values and
-    /// integer dot products against the quantised weight blocks (llama.cpp's arithmetic, with
-    /// kernels chosen for this CPU: AVX-512 VNNI, AVX-512BW, AVX2 or portable); weights that are
-    /// not quantised stay f32. `exact`: f32 throughout, HF transformers' results up to near-ties.
-    /// Both give a request the same tokens whatever it is batched with.
+    /// How the model computes. `fast`: activations quantised per 32 values to int8 in two passes
+    /// (about 15 bits), integer dot products against the quantised weight blocks with kernels
+    /// chosen for this CPU (AVX-512 VNNI, AVX-512BW, AVX2 or portable), a vectorised exp;
+    /// weights that are not quantised stay f32. `exact`: f32 throughout, HF transformers' results
+    /// up to near-ties. Both give a request the same tokens whatever it is batched with (see
+    /// docs/concepts.md on other machines).
     #[arg(long, default_value = "fast", env = "GRISTMILL_PRECISION",
           value_parser = clap::builder::TypedValueParser::map(
               clap::builder::PossibleValuesParser::new(["fast", "exact"]),

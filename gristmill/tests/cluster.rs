@@ -376,8 +376,9 @@ fn the_autoscaler_measures_worker_throughput_from_live_results() {
         "--shard-max-lines",
         "1",
     ]);
+    // Enough work for several autoscaler ticks at the fast precision's speed.
     let lines: Vec<String> = (0..12)
-        .map(|i| chat_line(&format!("t-{i}"), &format!("Count to {i}."), 32, i))
+        .map(|i| chat_line(&format!("t-{i}"), &format!("Count to {i}."), 128, i))
         .collect();
     let id = c.create_batch(&lines, "24h");
     c.wait_batch(&id, LONG, "dispatch", |b| b["status"] == "in_progress");
@@ -397,7 +398,9 @@ fn the_autoscaler_measures_worker_throughput_from_live_results() {
     let elapsed = started.elapsed().as_secs_f64();
     let (out, _) = c.results(&done, &ids(&lines));
     assert_eq!(out.len(), 12);
-    let measured = measured.expect("a throughput measured while shards waited");
+    let measured = measured.unwrap_or_else(|| {
+        panic!("no throughput measured while shards waited ({elapsed:.1} s)\n{}", c.logs())
+    });
     // Over the whole run (model loading included) the worker retired the queue at least this
     // fast; its busy rate is higher, but not wildly so.
     let overall = queued / elapsed;

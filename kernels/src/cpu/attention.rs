@@ -16,6 +16,9 @@ pub struct AttentionShape {
     pub scale: f32,
     /// A sliding window: a query at position `p` sees keys `p + 1 - window ..= p` only.
     pub window: Option<usize>,
+    /// The softmax's `exp` is [`super::fastmath::exp`] (vectorised, about 2 ulp) instead of the
+    /// C library's (the `fast` precision).
+    pub fast_exp: bool,
 }
 
 impl AttentionShape {
@@ -27,6 +30,7 @@ impl AttentionShape {
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: None,
+            fast_exp: false,
         }
     }
 }
@@ -267,9 +271,19 @@ fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out
         let sc = &mut scores[h * n..(h + 1) * n];
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        if job.shape.fast_exp {
+            for s in sc.iter_mut() {
+                *s -= max;
+            }
+            super::fastmath::exp_in_place(sc);
+            for s in sc.iter() {
+                sum += *s;
+            }
+        } else {
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
         }
         let inv = 1.0 / sum;
         for s in sc.iter_mut() {
@@ -362,6 +376,7 @@ mod tests {
         head_dim: 1,
         scale: 1.0,
         window: None,
+        fast_exp: false,
     };
 
     #[test]

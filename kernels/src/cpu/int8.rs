@@ -1,6 +1,8 @@
 //! The `fast` precision's matmul: activations quantised per 32 values to int8 (as llama.cpp's
 //! Q8 activations), integer dot products against the stored weight values of each sub-block,
-//! then one f32 step per sub-block to apply the two scales (and the weight offset).
+//! then one f32 step per sub-block to apply the two scales (and the weight offset). A matrix
+//! may take its activations in two passes ([`super::PackedMatrix::two_pass_activations`]): the
+//! int8 values, then the int8 rounding of what they left, summed in f32 — about 15 bits.
 //!
 //! Kernels come in one variant per instruction set ([`Isa`]): AVX-512 VNNI (`vpdpbusd`),
 //! AVX-512BW and AVX2 (`vpmaddubsw` + `vpmaddwd`), and a portable one. The integer sums are
@@ -168,6 +170,27 @@ impl Int8Rows {
     }
 }
 
+impl Int8Rows {
+    /// What quantisation left of `x` (the rows this was quantised from): `x - dx · q`, for a
+    /// second pass that brings the activations to about 15 bits.
+    pub fn residual(&self, x: &[f32]) -> Vec<f32> {
+        let per = QK / self.sub;
+        let mut r = vec![0f32; x.len()];
+        for (b, ((r, x), q)) in r
+            .chunks_exact_mut(QK)
+            .zip(x.chunks_exact(QK))
+            .zip(self.q.chunks_exact(QK))
+            .enumerate()
+        {
+            let d = self.dx[b * per];
+            for ((r, &x), &q) in r.iter_mut().zip(x).zip(q) {
+                *r = x - d * q as f32;
+            }
+        }
+        r
+    }
+}
+
 /// One block of 32: `d = max|x| / 127`, `q = round_ties_even(x / d)` (computed as `x · (1/d)`).
 fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -228,8 +251,7 @@ pub fn tile(isa: Isa, a: &Int8Rows, row0: usize, rows: usize, panel: QPanel<'_>,
         isa.name()
     );
     assert!(
-        rows >= 1
-            && rows <= MR
+        (1..=MR).contains(&rows)
             && (row0 + rows) * k <= a.q.len()
             && tile.len() >= rows * NR
             && panel.q.len() >= k * panel.kind.bytes_per_k()
@@ -447,9 +469,9 @@ mod avx2 {
         unsafe { _mm256_set1_epi32((xp.add(at) as *const i32).read_unaligned()) }
     }
 
-    // The 4-bit pair sums cannot saturate: 2 × 15 × 127 < 2¹⁵. The 8-bit kinds multiply |w| ≤ 128
-    // by x with w's sign: 2 × 128 × 127 < 2¹⁵.
-    const _: () = assert!(2 * 15 * 127 < 1 << 15 && 2 * 128 * 127 < 1 << 15);
+    // `vpmaddubsw` saturates its pair sums at 2¹⁵ - 1, which neither kind reaches: the 4-bit
+    // values give at most 2 × 15 × 127 = 3,810; the 8-bit kinds multiply |w| ≤ 128 by x with w's
+    // sign, at most 2 × 128 × 127 = 32,512.
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -592,7 +614,7 @@ mod tests {
                 s ^= s << 17;
                 // Mostly small values with an occasional large one, as activations have.
                 let v = (s % 2001) as f32 / 1000.0 - 1.0;
-                if s % 97 == 0 {
+                if s.is_multiple_of(97) {
                     v * 20.0
                 } else {
                     v
@@ -745,6 +767,49 @@ mod tests {
                     "{ty:?} m={m}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod two_pass_tests {
+    use crate::cpu::{linear, PackedMatrix};
+    use crate::quant::{dequantize, random_blocks, GgmlType};
+
+    #[test]
+    fn two_passes_bring_the_product_much_closer_to_the_exact_one() {
+        let (k, n, m) = (512, 48, 5);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::Q6K,
+        ] {
+            let bytes = random_blocks(ty, n * k / ty.block_len(), 3, 0.01);
+            let mut deq = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut deq);
+            let one = PackedMatrix::pack_int8(ty, &bytes, n, k).expect("packs");
+            let two = one.clone().two_pass_activations();
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            linear(&x, m, &one, &mut a);
+            linear(&x, m, &two, &mut b);
+            let err = |o: &[f32]| -> f64 {
+                (0..m * n)
+                    .map(|e| {
+                        let (i, j) = (e / n, e % n);
+                        let exact: f64 = (0..k)
+                            .map(|p| x[i * k + p] as f64 * deq[j * k + p] as f64)
+                            .sum();
+                        (o[e] as f64 - exact).powi(2)
+                    })
+                    .sum::<f64>()
+                    .sqrt()
+            };
+            let (e1, e2) = (err(&a), err(&b));
+            assert!(e2 * 20.0 < e1, "{ty:?}: one pass {e1:e}, two passes {e2:e}");
         }
     }
 }

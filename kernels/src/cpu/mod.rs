@@ -1,6 +1,7 @@
 //! CPU reference kernels (f32). Rows are contiguous, row-major; shapes are passed explicitly.
 
 mod attention;
+pub mod fastmath;
 pub mod int8;
 mod matmul;
 mod ops;
