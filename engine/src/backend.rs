@@ -308,7 +308,10 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
-        cpu::silu_mul(&mut gate.data, &up.data);
+        match self.precision {
+            Precision::Exact => cpu::silu_mul(&mut gate.data, &up.data),
+            Precision::Fast => cpu::fastmath::silu_mul(&mut gate.data, &up.data),
+        }
     }
 
     fn gelu_tanh_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) {
@@ -374,6 +377,10 @@ impl Backend for CpuBackend {
             })
             .collect();
         let mut out = vec![0f32; q.data.len()];
+        let shape = AttentionShape {
+            fast_exp: self.precision == Precision::Fast,
+            ..shape
+        };
         cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
         CpuTensor {
             data: out,

@@ -399,7 +399,10 @@ fn the_autoscaler_measures_worker_throughput_from_live_results() {
     let (out, _) = c.results(&done, &ids(&lines));
     assert_eq!(out.len(), 12);
     let measured = measured.unwrap_or_else(|| {
-        panic!("no throughput measured while shards waited ({elapsed:.1} s)\n{}", c.logs())
+        panic!(
+            "no throughput measured while shards waited ({elapsed:.1} s)\n{}",
+            c.logs()
+        )
     });
     // Over the whole run (model loading included) the worker retired the queue at least this
     // fast; its busy rate is higher, but not wildly so.
