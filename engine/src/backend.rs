@@ -53,13 +53,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         None
     }
     /// KV memory for `layers` layers of `num_blocks` blocks of `block_size` positions, each
-    /// position `width` values of keys and as many of values.
+    /// position `kv_heads × head_dim` values of keys and as many of values.
     fn kv_store(
         &self,
         layers: usize,
         num_blocks: usize,
         block_size: usize,
-        width: usize,
+        kv_heads: usize,
+        head_dim: usize,
     ) -> Self::KvStore;
     /// Rows `ids[i]` of an embedding table.
     /// Rows of `table` for `ids`, where `table` holds the ids `first_id ..` (a vocabulary shard);
@@ -178,14 +179,14 @@ pub struct CpuBackend {
     pub precision: Precision,
 }
 
-/// Host KV memory: per layer, one `[num_blocks * block_size, width]` matrix of keys and one of
-/// values.
+/// Host KV memory: per layer, keys and values as `[num_blocks, kv_heads, block_size, head_dim]`
+/// (each KV head's positions of a block side by side, so attention reads them in one run).
 #[derive(Debug)]
 pub struct CpuKvStore {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     block_size: usize,
-    width: usize,
+    head_dim: usize,
 }
 
 impl Backend for CpuBackend {
@@ -226,15 +227,16 @@ impl Backend for CpuBackend {
         layers: usize,
         num_blocks: usize,
         block_size: usize,
-        width: usize,
+        kv_heads: usize,
+        head_dim: usize,
     ) -> CpuKvStore {
         // Zeroed allocations are mapped lazily by the OS: untouched blocks cost no memory.
-        let n = num_blocks * block_size * width;
+        let n = num_blocks * block_size * kv_heads * head_dim;
         CpuKvStore {
             k: (0..layers).map(|_| vec![0f32; n]).collect(),
             v: (0..layers).map(|_| vec![0f32; n]).collect(),
             block_size,
-            width,
+            head_dim,
         }
     }
 
@@ -351,8 +353,9 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         slots: &[usize],
     ) {
-        cpu::write_kv(&mut store.k[layer], &k.data, slots, store.width);
-        cpu::write_kv(&mut store.v[layer], &v.data, slots, store.width);
+        let (hd, bs) = (store.head_dim, store.block_size);
+        cpu::write_kv(&mut store.k[layer], &k.data, slots, k.cols, hd, bs);
+        cpu::write_kv(&mut store.v[layer], &v.data, slots, v.cols, hd, bs);
     }
 
     fn attention(

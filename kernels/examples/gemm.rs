@@ -33,10 +33,16 @@ fn main() {
         ];
         for isa in Isa::available() {
             for (ty, bytes) in [(GgmlType::Q4_1, &q4), (GgmlType::Q8_0, &q8)] {
+                let m8 = PackedMatrix::pack_int8(ty, bytes, n, k).expect("packs");
                 variants.push((
                     format!("{} int8 {}", ty.name(), isa.name()),
                     isa,
-                    PackedMatrix::pack_int8(ty, bytes, n, k).expect("packs"),
+                    m8.clone(),
+                ));
+                variants.push((
+                    format!("{} int8x2 {}", ty.name(), isa.name()),
+                    isa,
+                    m8.two_pass_activations(),
                 ));
             }
         }
@@ -52,7 +58,7 @@ fn main() {
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "{name:22} m={m:4} k={k:5} n={n:6}: {:7.1} GFLOP/s {:8.3} ms ({:5.1} GB/s of weights)",
+                "{name:24} m={m:4} k={k:5} n={n:6}: {:7.1} GFLOP/s {:8.3} ms ({:5.1} GB/s of weights)",
                 flops / s / 1e9,
                 s * 1e3,
                 p.bytes() as f64 / s / 1e9

@@ -266,10 +266,19 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
         )
         .expect("launch");
         let us: Vec<usize> = slots.iter().map(|&x| x as usize).collect();
-        cpu::write_kv(&mut kh, &f32s(&kr), &us, width);
-        cpu::write_kv(&mut vh, &f32s(&vr), &us, width);
-        assert_eq!(f32s(&down(s, &k_cache)), kh, "keys");
-        assert_eq!(f32s(&down(s, &v_cache)), vh, "values");
+        // The GPU cache is slot-major (`[slot, width]`); the CPU one keeps each KV head's
+        // positions of a block together. Compare the GPU's with a slot-major copy of the rows.
+        let slot_major = |rows: &[f32]| {
+            let mut c = vec![0f32; num_blocks * block_size * width];
+            for (row, &slot) in rows.chunks_exact(width).zip(&us) {
+                c[slot * width..(slot + 1) * width].copy_from_slice(row);
+            }
+            c
+        };
+        assert_eq!(f32s(&down(s, &k_cache)), slot_major(&f32s(&kr)), "keys");
+        assert_eq!(f32s(&down(s, &v_cache)), slot_major(&f32s(&vr)), "values");
+        cpu::write_kv(&mut kh, &f32s(&kr), &us, width, head_dim, block_size);
+        cpu::write_kv(&mut vh, &f32s(&vr), &us, width, head_dim, block_size);
         let q = rng.bf16s(n * heads * head_dim);
         let mut out = poisoned(s, n * heads * head_dim);
         let ctx: Vec<i32> = lens.iter().map(|&l| l as i32).collect();

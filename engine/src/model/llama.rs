@@ -421,11 +421,15 @@ impl<B: Backend> Llama<B> {
 
     /// Allocates paged KV memory of `num_blocks` blocks of `block_size` positions.
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache<B> {
-        let width = self.tp.kv_heads * self.cfg.head_dim;
+        let (kv_heads, head_dim) = (self.tp.kv_heads, self.cfg.head_dim);
         KvCache {
-            store: self
-                .backend
-                .kv_store(self.cfg.num_layers, num_blocks, block_size, width),
+            store: self.backend.kv_store(
+                self.cfg.num_layers,
+                num_blocks,
+                block_size,
+                kv_heads,
+                head_dim,
+            ),
             block_size,
             num_blocks,
         }

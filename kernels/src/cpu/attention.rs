@@ -35,9 +35,10 @@ impl AttentionShape {
     }
 }
 
-/// A paged KV cache of one layer: `num_slots = num_blocks * block_size` rows of
-/// `kv_heads * head_dim` keys (and values); position `p` of a sequence lives in slot
-/// `block_table[p / block_size] * block_size + p % block_size`.
+/// A paged KV cache of one layer: keys (and values) as `[num_blocks, kv_heads, block_size,
+/// head_dim]`; position `p` of a sequence lives in slot `p % block_size` of block
+/// `block_table[p / block_size]` (see [`write_kv`]). Each KV head's positions of a block are
+/// contiguous, so attention, which works per KV head, reads them in one run.
 #[derive(Debug, Clone, Copy)]
 pub struct PagedKv<'a> {
     pub k: &'a [f32],
@@ -55,16 +56,45 @@ pub struct SeqAttention<'a> {
     pub block_table: &'a [u32],
 }
 
-/// Writes rows of keys or values into their cache slots.
-pub fn write_kv(cache: &mut [f32], rows: &[f32], slots: &[usize], width: usize) {
+/// Writes rows of keys or values (`width = kv_heads × head_dim` values each) into their cache
+/// slots (`slot = block × block_size + position in the block`), in [`PagedKv`]'s layout.
+pub fn write_kv(
+    cache: &mut [f32],
+    rows: &[f32],
+    slots: &[usize],
+    width: usize,
+    head_dim: usize,
+    block_size: usize,
+) {
     assert_eq!(
         rows.len(),
         slots.len() * width,
         "write_kv: rows and slots differ in count"
     );
+    assert!(
+        width.is_multiple_of(head_dim),
+        "write_kv: width is not whole heads"
+    );
+    let kv_heads = width / head_dim;
     for (row, &slot) in rows.chunks_exact(width).zip(slots) {
-        cache[slot * width..(slot + 1) * width].copy_from_slice(row);
+        for (g, head) in row.chunks_exact(head_dim).enumerate() {
+            let at = kv_offset(
+                slot / block_size,
+                g,
+                slot % block_size,
+                kv_heads,
+                head_dim,
+                block_size,
+            );
+            cache[at..at + head_dim].copy_from_slice(head);
+        }
     }
+}
+
+/// Offset of (block, KV head, position in the block) in [`PagedKv`]'s layout.
+#[inline]
+fn kv_offset(block: usize, g: usize, pos: usize, kv_heads: usize, hd: usize, bs: usize) -> usize {
+    ((block * kv_heads + g) * bs + pos) * hd
 }
 
 /// Causal attention of the query rows of several sequences over their paged caches, which
@@ -247,13 +277,12 @@ fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out
     } = job.shape;
     let group = job.q.len() / hd;
     let (n, bs) = (job.len - job.first, job.kv.block_size);
-    let kv_row = kv_heads * hd;
     let scale = job.shape.scale;
     let Scratch { scores, rows } = scratch;
     rows.clear();
     rows.extend(
         (job.first..job.len)
-            .map(|p| (job.table[p / bs] as usize * bs + p % bs) * kv_row + job.g * hd),
+            .map(|p| kv_offset(job.table[p / bs] as usize, job.g, p % bs, kv_heads, hd, bs)),
     );
     scores.clear();
     scores.resize(group * n, 0.0);
@@ -460,7 +489,11 @@ mod tests {
     #[test]
     fn write_kv_puts_rows_in_slots() {
         let mut cache = [0f32; 6];
-        write_kv(&mut cache, &[1.0, 2.0, 3.0, 4.0], &[2, 0], 2);
+        write_kv(&mut cache, &[1.0, 2.0, 3.0, 4.0], &[2, 0], 2, 2, 1);
         assert_eq!(cache, [3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+        // Two KV heads of 1 value, blocks of 2: [block][head][position].
+        let mut cache = [0f32; 8];
+        write_kv(&mut cache, &[1.0, 2.0, 3.0, 4.0], &[1, 2], 2, 1, 2);
+        assert_eq!(cache, [0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 4.0, 0.0]);
     }
 }

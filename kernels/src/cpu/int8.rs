@@ -92,15 +92,20 @@ impl Isa {
     }
 }
 
-/// Rows of activations quantised for the int8 kernels: per row and 32 values, a scale `d` and
-/// 32 signed bytes `q` with `x ≈ d · q`; and per sub-block of the weight (`sub` values, 16 or
-/// 32) the sum `s` of its `q`, the scale `dx` of the block it lies in, and `dx · s` (for the
-/// weight offsets and the offset storage of some kinds).
+/// Rows of activations quantised for the int8 kernels. Per row and block of 32 values: 32 signed
+/// bytes `q` with `x ≈ d · q` (`d = max|x| / 127`), and, with a fine pass, 32 more `q2` with
+/// `x ≈ d · (q + q2 / 256)` — about 15 bits. The kernels multiply the weights by both and
+/// combine the integer sums as `256 · Σ w·q + Σ w·q2`, then apply one scale `dx` (`d`, or
+/// `d / 256` with a fine pass). Per sub-block of the weight (`sub` values, 16 or 32): `s`, the
+/// same combination of the activations' sums (for the weight offsets and the offset storage of
+/// some kinds), `dx`, and `dx · s`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Int8Rows {
     pub k: usize,
     pub sub: usize,
     pub q: Vec<i8>,
+    /// The fine pass (empty without one).
+    pub q2: Vec<i8>,
     pub s: Vec<i32>,
     pub dx: Vec<f32>,
     pub dxs: Vec<f32>,
@@ -108,8 +113,8 @@ pub struct Int8Rows {
 
 impl Int8Rows {
     /// Quantises `m` rows of `k` values (`k` a multiple of [`QK`]) for weights whose sub-blocks
-    /// are `sub` wide (16 or 32).
-    pub fn quantize(x: &[f32], m: usize, k: usize, sub: usize) -> Self {
+    /// are `sub` wide (16 or 32), with a fine pass if `fine`.
+    pub fn quantize(x: &[f32], m: usize, k: usize, sub: usize, fine: bool) -> Self {
         assert!(
             k.is_multiple_of(QK) && x.len() == m * k && matches!(sub, 16 | 32),
             "int8 rows: x is not [{m}, {k}] in blocks of 32, or sub-blocks of {sub}"
@@ -119,85 +124,106 @@ impl Int8Rows {
             k,
             sub,
             q: vec![0; m * k],
+            q2: vec![0; if fine { m * k } else { 0 }],
             s: vec![0; m * k / sub],
             dx: vec![0.0; m * k / sub],
             dxs: vec![0.0; m * k / sub],
         };
-        type Block<'a> = (
-            ((&'a [f32], &'a mut [i8]), &'a mut [i32]),
-            (&'a mut [f32], &'a mut [f32]),
+        let q2_len = if fine { QK } else { 0 };
+        // Runs of blocks, one per task: the whole batch, or an eighth of a large one each.
+        let blocks = m * k / QK;
+        let per_task = if m * k >= 1 << 15 {
+            blocks.div_ceil(8)
+        } else {
+            blocks.max(1)
+        };
+        /// First block, blocks, and their q, q2, s, dx, dxs.
+        type Task<'a> = (
+            usize,
+            usize,
+            &'a mut [i8],
+            &'a mut [i8],
+            &'a mut [i32],
+            &'a mut [f32],
+            &'a mut [f32],
         );
-        let quantize_block = |(((xb, qb), s), (dx, dxs)): Block<'_>| {
-            let mut d = 0f32;
-            #[cfg(target_arch = "x86_64")]
-            if Isa::chosen() >= Isa::Avx2 {
-                // SAFETY: AVX2 is present (the chosen variant runs here); sizes are fixed.
-                unsafe { avx2::quantize_block(xb, qb, &mut d) };
-            } else {
-                quantize_block(xb, qb, &mut d);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            quantize_block(xb, qb, &mut d);
-            for (i, q) in qb.chunks_exact(sub).enumerate() {
-                s[i] = q.iter().map(|&v| v as i32).sum();
-                dx[i] = d;
-                dxs[i] = d * s[i] as f32;
+        let mut tasks: Vec<Task<'_>> = Vec::new();
+        let (mut q, mut q2) = (&mut out.q[..], &mut out.q2[..]);
+        let (mut sr, mut dxr, mut dxsr) = (&mut out.s[..], &mut out.dx[..], &mut out.dxs[..]);
+        let mut b0 = 0;
+        while b0 < blocks {
+            let n = per_task.min(blocks - b0);
+            let (a, rest) = std::mem::take(&mut q).split_at_mut(n * QK);
+            q = rest;
+            let (a2, rest) = std::mem::take(&mut q2).split_at_mut(n * q2_len);
+            q2 = rest;
+            let (s, rest) = std::mem::take(&mut sr).split_at_mut(n * per);
+            sr = rest;
+            let (dx, rest) = std::mem::take(&mut dxr).split_at_mut(n * per);
+            dxr = rest;
+            let (dxs, rest) = std::mem::take(&mut dxsr).split_at_mut(n * per);
+            dxsr = rest;
+            tasks.push((b0, n, a, a2, s, dx, dxs));
+            b0 += n;
+        }
+        let run = |(b0, n, q, q2, s, dx, dxs): Task<'_>| {
+            for l in 0..n {
+                let xb = &x[(b0 + l) * QK..(b0 + l + 1) * QK];
+                let qb = &mut q[l * QK..(l + 1) * QK];
+                let q2b = &mut q2[l * q2_len..(l + 1) * q2_len];
+                let mut d = 0f32;
+                #[cfg(target_arch = "x86_64")]
+                if Isa::chosen() >= Isa::Avx2 {
+                    // SAFETY: AVX2 is present (the chosen variant runs here); sizes are fixed.
+                    unsafe { avx2::quantize_block(xb, qb, q2b, &mut d) };
+                } else {
+                    quantize_block(xb, qb, q2b, &mut d);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                quantize_block(xb, qb, q2b, &mut d);
+                for i in 0..per {
+                    let r = i * sub..(i + 1) * sub;
+                    let s1: i32 = qb[r.clone()].iter().map(|&v| v as i32).sum();
+                    let (si, di) = if fine {
+                        let s2: i32 = q2b[r].iter().map(|&v| v as i32).sum();
+                        (256 * s1 + s2, d / 256.0)
+                    } else {
+                        (s1, d)
+                    };
+                    s[l * per + i] = si;
+                    dx[l * per + i] = di;
+                    dxs[l * per + i] = di * si as f32;
+                }
             }
         };
-        if m * k >= 1 << 15 {
+        if tasks.len() > 1 {
             use rayon::prelude::*;
-            x.par_chunks_exact(QK)
-                .zip(out.q.par_chunks_exact_mut(QK))
-                .zip(out.s.par_chunks_exact_mut(per))
-                .zip(
-                    out.dx
-                        .par_chunks_exact_mut(per)
-                        .zip(out.dxs.par_chunks_exact_mut(per)),
-                )
-                .for_each(quantize_block);
+            tasks.into_par_iter().for_each(run);
         } else {
-            x.chunks_exact(QK)
-                .zip(out.q.chunks_exact_mut(QK))
-                .zip(out.s.chunks_exact_mut(per))
-                .zip(
-                    out.dx
-                        .chunks_exact_mut(per)
-                        .zip(out.dxs.chunks_exact_mut(per)),
-                )
-                .for_each(quantize_block);
+            tasks.into_iter().for_each(run);
         }
         out
     }
-}
 
-impl Int8Rows {
-    /// What quantisation left of `x` (the rows this was quantised from): `x - dx · q`, for a
-    /// second pass that brings the activations to about 15 bits.
-    pub fn residual(&self, x: &[f32]) -> Vec<f32> {
-        let per = QK / self.sub;
-        let mut r = vec![0f32; x.len()];
-        for (b, ((r, x), q)) in r
-            .chunks_exact_mut(QK)
-            .zip(x.chunks_exact(QK))
-            .zip(self.q.chunks_exact(QK))
-            .enumerate()
-        {
-            let d = self.dx[b * per];
-            for ((r, &x), &q) in r.iter_mut().zip(x).zip(q) {
-                *r = x - d * q as f32;
-            }
-        }
-        r
+    /// Whether the rows carry a fine pass.
+    pub fn fine(&self) -> bool {
+        !self.q2.is_empty()
     }
 }
 
-/// One block of 32: `d = max|x| / 127`, `q = round_ties_even(x / d)` (computed as `x · (1/d)`).
-fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32) {
+/// One block of 32: `d = max|x| / 127`, `q = round_ties_even(x · 127 / max|x|)`, and for the fine
+/// pass (`q2` of 32, else empty) `q2 = round_ties_even((x - d·q) · 256 · 127 / max|x|)`.
+fn quantize_block(x: &[f32], q: &mut [i8], q2: &mut [i8], d: &mut f32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     *d = amax / 127.0;
     let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     for (q, &v) in q.iter_mut().zip(x) {
         *q = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
+    }
+    let id2 = id * 256.0;
+    for ((q2, &q), &v) in q2.iter_mut().zip(q.iter()).zip(x) {
+        let r = v - *d * q as f32;
+        *q2 = ((r * id2).round_ties_even() as i32).clamp(-127, 127) as i8;
     }
 }
 
@@ -253,44 +279,52 @@ pub fn tile(isa: Isa, a: &Int8Rows, row0: usize, rows: usize, panel: QPanel<'_>,
     assert!(
         (1..=MR).contains(&rows)
             && (row0 + rows) * k <= a.q.len()
+            && (!a.fine() || a.q2.len() == a.q.len())
             && tile.len() >= rows * NR
             && panel.q.len() >= k * panel.kind.bytes_per_k()
             && panel.sc.len() >= k / panel.sub * panel.kind.scale_sets() * NR
             && panel.sub == a.sub
     );
+    // One monomorphised kernel per (variant, rows, fine pass).
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! by_rows {
+        ($m:ident :: $f:ident, $fine:expr, $rows:expr, $row0:expr, $t:expr) => {
+            match ($fine, $rows) {
+                (false, 1) => $m::$f::<1, false>(a, $row0, panel, $t),
+                (false, 2) => $m::$f::<2, false>(a, $row0, panel, $t),
+                (false, 3) => $m::$f::<3, false>(a, $row0, panel, $t),
+                (false, 4) => $m::$f::<4, false>(a, $row0, panel, $t),
+                (false, 5) => $m::$f::<5, false>(a, $row0, panel, $t),
+                (false, 6) => $m::$f::<6, false>(a, $row0, panel, $t),
+                (false, 7) => $m::$f::<7, false>(a, $row0, panel, $t),
+                (false, _) => $m::$f::<8, false>(a, $row0, panel, $t),
+                (true, 1) => $m::$f::<1, true>(a, $row0, panel, $t),
+                (true, 2) => $m::$f::<2, true>(a, $row0, panel, $t),
+                (true, 3) => $m::$f::<3, true>(a, $row0, panel, $t),
+                (true, _) => $m::$f::<4, true>(a, $row0, panel, $t),
+            }
+        };
+    }
     match isa {
         Isa::Portable => portable(a, row0, rows, panel, tile),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the variant runs here and the sizes were checked above.
         _ => unsafe {
-            match (isa, rows) {
-                (Isa::Avx512Vnni, 1) => avx512::tile_vnni::<1>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 2) => avx512::tile_vnni::<2>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 3) => avx512::tile_vnni::<3>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 4) => avx512::tile_vnni::<4>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 1) => avx512::tile_bw::<1>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 2) => avx512::tile_bw::<2>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 3) => avx512::tile_bw::<3>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 4) => avx512::tile_bw::<4>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 5) => avx512::tile_vnni::<5>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 6) => avx512::tile_vnni::<6>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, 7) => avx512::tile_vnni::<7>(a, row0, panel, tile),
-                (Isa::Avx512Vnni, _) => avx512::tile_vnni::<8>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 5) => avx512::tile_bw::<5>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 6) => avx512::tile_bw::<6>(a, row0, panel, tile),
-                (Isa::Avx512Bw, 7) => avx512::tile_bw::<7>(a, row0, panel, tile),
-                (Isa::Avx512Bw, _) => avx512::tile_bw::<8>(a, row0, panel, tile),
-                // AVX2 has 16 registers: at most 4 rows per pass.
-                _ => {
-                    for r0 in (0..rows).step_by(4) {
-                        let t = &mut tile[r0 * NR..];
-                        match rows - r0 {
-                            1 => avx2::tile::<1>(a, row0 + r0, panel, t),
-                            2 => avx2::tile::<2>(a, row0 + r0, panel, t),
-                            3 => avx2::tile::<3>(a, row0 + r0, panel, t),
-                            _ => avx2::tile::<4>(a, row0 + r0, panel, t),
-                        }
-                    }
+            let fine = a.fine();
+            // The register file bounds the rows per call: AVX-512 8 (4 with the fine pass),
+            // AVX2 4 (2).
+            let step = match (isa, fine) {
+                (Isa::Avx2, false) => 4,
+                (Isa::Avx2, true) => 2,
+                (_, false) => 8,
+                (_, true) => 4,
+            };
+            for r0 in (0..rows).step_by(step) {
+                let (n, t) = ((rows - r0).min(step), &mut tile[r0 * NR..]);
+                match isa {
+                    Isa::Avx512Vnni => by_rows!(avx512::tile_vnni, fine, n, row0 + r0, t),
+                    Isa::Avx512Bw => by_rows!(avx512::tile_bw, fine, n, row0 + r0, t),
+                    _ => by_rows!(avx2::tile, fine, n, row0 + r0, t),
                 }
             }
         },
@@ -306,13 +340,26 @@ fn portable(a: &Int8Rows, row0: usize, rows: usize, panel: QPanel<'_>, tile: &mu
     for r in 0..rows {
         let row = row0 + r;
         let xq = &a.q[row * k..(row + 1) * k];
+        let xq2 = if a.fine() {
+            &a.q2[row * k..(row + 1) * k]
+        } else {
+            &[][..]
+        };
         for j in 0..NR {
             let mut acc = 0f32;
             for sb in 0..k / sub {
                 let k0 = sb * sub;
-                let dot: i32 = (k0..k0 + sub)
+                let dot1: i32 = (k0..k0 + sub)
                     .map(|kk| stored_value(kind, q, j, kk) * xq[kk] as i32)
                     .sum();
+                let dot = if a.fine() {
+                    let dot2: i32 = (k0..k0 + sub)
+                        .map(|kk| stored_value(kind, q, j, kk) * xq2[kk] as i32)
+                        .sum();
+                    (dot1 << 8) + dot2
+                } else {
+                    dot1
+                };
                 let at = row * (k / sub) + sb;
                 let (xs, dx) = (a.s[at], a.dx[at]);
                 let s = &sc[sb * sets * NR..];
@@ -332,14 +379,15 @@ mod avx2 {
 
     use super::{offset, Int8Rows, QPanel, NR, QK};
 
-    /// [`super::quantize_block`] with AVX2; bit-identical (round-to-nearest-even conversion).
+    /// [`super::quantize_block`] with AVX2; bit-identical (the same operations lane by lane;
+    /// conversions round to nearest even).
     ///
     /// # Safety
-    /// AVX2 must be available; `x` and `q` hold 32 values.
+    /// AVX2 must be available; `x` and `q` hold 32 values, `q2` 32 or none.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], d: &mut f32) {
-        assert!(x.len() >= QK && q.len() >= QK);
-        // SAFETY: 32 floats are read from x and 32 bytes written to q (asserted).
+    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], q2: &mut [i8], d: &mut f32) {
+        assert!(x.len() >= QK && q.len() >= QK && (q2.is_empty() || q2.len() >= QK));
+        // SAFETY: 32 floats are read from x and 32 bytes written to q (and q2) (asserted).
         unsafe {
             let p = x.as_ptr();
             let v = [
@@ -358,27 +406,43 @@ mod avx2 {
             let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
             let amax = _mm_cvtss_f32(m1);
             *d = amax / 127.0;
-            let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-            let i: [__m256i; 4] = v.map(|vi| {
-                let r = _mm256_cvtps_epi32(_mm256_mul_ps(vi, id));
-                _mm256_min_epi32(_mm256_max_epi32(r, lo), hi)
-            });
-            let a = _mm256_packs_epi32(i[0], i[1]);
-            let b = _mm256_packs_epi32(i[2], i[3]);
-            let ab = _mm256_packs_epi16(a, b);
-            let ordered =
-                _mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+            let round =
+                |f: __m256| _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(f), lo), hi);
+            let i: [__m256i; 4] = v.map(|vi| round(_mm256_mul_ps(vi, _mm256_set1_ps(id))));
+            store32(q, i);
+            if !q2.is_empty() {
+                let (dv, id2) = (_mm256_set1_ps(*d), _mm256_set1_ps(id * 256.0));
+                let r: [__m256i; 4] = [0, 1, 2, 3].map(|t| {
+                    let back = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(i[t]));
+                    round(_mm256_mul_ps(_mm256_sub_ps(v[t], back), id2))
+                });
+                store32(q2, r);
+            }
         }
     }
 
-    /// `R` rows × 16 columns, in two halves of 8 columns (to stay within 16 registers).
+    /// Stores 32 i32 (each within i8) as 32 bytes, in order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn store32(q: &mut [i8], i: [__m256i; 4]) {
+        let a = _mm256_packs_epi32(i[0], i[1]);
+        let b = _mm256_packs_epi32(i[2], i[3]);
+        let ab = _mm256_packs_epi16(a, b);
+        let ordered = _mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        assert!(q.len() >= 32);
+        // SAFETY: q holds at least 32 bytes (asserted).
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered) };
+    }
+
+    /// `R` rows × 16 columns, in two halves of 8 columns (to stay within 16 registers); `FINE`:
+    /// the activations' fine pass too.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; sizes as [`super::tile`] checks.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const R: usize>(
+    pub unsafe fn tile<const R: usize, const FINE: bool>(
         a: &Int8Rows,
         row0: usize,
         panel: QPanel<'_>,
@@ -389,15 +453,16 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let nib = _mm256_set1_epi8(0x0f);
         let flip = _mm256_set1_epi8(-128);
-        let xp = a.q.as_ptr();
+        let (xp, xp2) = (a.q.as_ptr(), a.q2.as_ptr());
         let off = offset(kind);
         for h in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for sb in 0..k / sub {
                 let k0 = sb * sub;
                 let mut dot = [_mm256_setzero_si256(); R];
+                let mut dot2 = [_mm256_setzero_si256(); R];
                 // SAFETY: every offset is within the panel (k × bytes_per_k bytes) and the R
-                // activation rows (checked by the caller).
+                // activation rows of both passes (checked by the caller).
                 unsafe {
                     if kind.nibbles() {
                         for kk in (k0..k0 + sub).step_by(8) {
@@ -406,13 +471,18 @@ mod avx2 {
                             );
                             let lo = _mm256_and_si256(b, nib);
                             let hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-                            for (r, d) in dot.iter_mut().enumerate() {
-                                let pl = _mm256_maddubs_epi16(lo, x4(xp, (row0 + r) * k + kk));
-                                let ph = _mm256_maddubs_epi16(hi, x4(xp, (row0 + r) * k + kk + 4));
-                                *d = _mm256_add_epi32(
-                                    *d,
-                                    _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
-                                );
+                            for r in 0..R {
+                                let at = (row0 + r) * k + kk;
+                                let pl = _mm256_maddubs_epi16(lo, x4(xp, at));
+                                let ph = _mm256_maddubs_epi16(hi, x4(xp, at + 4));
+                                let sum = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+                                dot[r] = _mm256_add_epi32(dot[r], sum);
+                                if FINE {
+                                    let pl = _mm256_maddubs_epi16(lo, x4(xp2, at));
+                                    let ph = _mm256_maddubs_epi16(hi, x4(xp2, at + 4));
+                                    let sum = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+                                    dot2[r] = _mm256_add_epi32(dot2[r], sum);
+                                }
                             }
                         }
                     } else {
@@ -422,31 +492,37 @@ mod avx2 {
                             );
                             let w = _mm256_xor_si256(b, flip);
                             let aw = _mm256_abs_epi8(w);
-                            for (r, d) in dot.iter_mut().enumerate() {
-                                let p = _mm256_maddubs_epi16(
-                                    aw,
-                                    _mm256_sign_epi8(x4(xp, (row0 + r) * k + kk), w),
-                                );
-                                *d = _mm256_add_epi32(*d, _mm256_madd_epi16(p, ones));
+                            for r in 0..R {
+                                let at = (row0 + r) * k + kk;
+                                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x4(xp, at), w));
+                                dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p, ones));
+                                if FINE {
+                                    let x = _mm256_sign_epi8(x4(xp2, at), w);
+                                    let p = _mm256_maddubs_epi16(aw, x);
+                                    dot2[r] = _mm256_add_epi32(dot2[r], _mm256_madd_epi16(p, ones));
+                                }
                             }
                         }
                     }
                     let s = sc.as_ptr().add(sb * sets * NR + h * 8);
                     let dw = _mm256_loadu_ps(s);
-                    for (r, (acc, mut d)) in acc.iter_mut().zip(dot).enumerate() {
+                    for r in 0..R {
                         let at = (row0 + r) * (k / sub) + sb;
+                        let mut d = dot[r];
+                        if FINE {
+                            d = _mm256_add_epi32(_mm256_slli_epi32(d, 8), dot2[r]);
+                        }
                         if off != 0 {
-                            d = _mm256_sub_epi32(
-                                d,
-                                _mm256_set1_epi32(off * *a.s.get_unchecked(at)),
-                            );
+                            let c = _mm256_set1_epi32(off * *a.s.get_unchecked(at));
+                            d = _mm256_sub_epi32(d, c);
                         }
                         let dx = _mm256_set1_ps(*a.dx.get_unchecked(at));
-                        *acc = _mm256_fmadd_ps(_mm256_mul_ps(dx, dw), _mm256_cvtepi32_ps(d), *acc);
+                        let d = _mm256_cvtepi32_ps(d);
+                        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dx, dw), d, acc[r]);
                         if sets == 2 {
                             let m = _mm256_loadu_ps(s.add(NR));
-                            *acc =
-                                _mm256_fmadd_ps(m, _mm256_set1_ps(*a.dxs.get_unchecked(at)), *acc);
+                            let dxs = _mm256_set1_ps(*a.dxs.get_unchecked(at));
+                            acc[r] = _mm256_fmadd_ps(m, dxs, acc[r]);
                         }
                     }
                 }
@@ -508,14 +584,15 @@ mod avx512 {
         )
     }
 
-    /// One variant's kernel: `R` rows × 16 columns, one 512-bit vector per row.
+    /// One variant's kernel: `R` rows × 16 columns, one 512-bit vector per row; `FINE`: the
+    /// activations' fine pass too.
     macro_rules! kernel {
         ($name:ident, $features:literal, $dp:ident, $vnni:expr) => {
             /// # Safety
             /// The variant's instruction sets must be available; sizes as [`super::tile`]
             /// checks.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const R: usize>(
+            pub unsafe fn $name<const R: usize, const FINE: bool>(
                 a: &Int8Rows,
                 row0: usize,
                 panel: QPanel<'_>,
@@ -525,32 +602,42 @@ mod avx512 {
                 let (k, sets) = (a.k, kind.scale_sets());
                 let nib = _mm512_set1_epi8(0x0f);
                 let flip = _mm512_set1_epi8(-128);
-                let xp = a.q.as_ptr();
+                let zero = _mm512_setzero_si512();
+                let (xp, xp2) = (a.q.as_ptr(), a.q2.as_ptr());
                 // With VNNI the 8-bit kinds are multiplied as stored (+128, unsigned) and the
                 // activations' sum times 128 comes off at the end of the sub-block.
                 let off = offset(kind) + if $vnni && !kind.nibbles() { 128 } else { 0 };
                 let mut acc = [_mm512_setzero_ps(); R];
                 for sb in 0..k / sub {
                     let k0 = sb * sub;
-                    let mut dot = [_mm512_setzero_si512(); R];
-                    // SAFETY: every offset is within the panel and the R activation rows
-                    // (checked by the caller).
+                    let mut dot = [zero; R];
+                    let mut dot2 = [zero; R];
+                    // SAFETY: every offset is within the panel and the R activation rows of
+                    // both passes (checked by the caller).
                     unsafe {
                         if kind.nibbles() {
                             for kk in (k0..k0 + sub).step_by(8) {
                                 let b = _mm512_loadu_si512(q.as_ptr().add(kk / 8 * 64) as *const _);
                                 let lo = _mm512_and_si512(b, nib);
                                 let hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-                                for (r, d) in dot.iter_mut().enumerate() {
+                                for r in 0..R {
                                     let at = (row0 + r) * k + kk;
-                                    *d = $dp($dp(*d, lo, x4(xp, at)), hi, x4(xp, at + 4));
+                                    dot[r] = $dp($dp(dot[r], lo, x4(xp, at)), hi, x4(xp, at + 4));
+                                    if FINE {
+                                        let d2 = $dp(dot2[r], lo, x4(xp2, at));
+                                        dot2[r] = $dp(d2, hi, x4(xp2, at + 4));
+                                    }
                                 }
                             }
                         } else if $vnni {
                             for kk in (k0..k0 + sub).step_by(4) {
                                 let b = _mm512_loadu_si512(q.as_ptr().add(kk / 4 * 64) as *const _);
-                                for (r, d) in dot.iter_mut().enumerate() {
-                                    *d = $dp(*d, b, x4(xp, (row0 + r) * k + kk));
+                                for r in 0..R {
+                                    let at = (row0 + r) * k + kk;
+                                    dot[r] = $dp(dot[r], b, x4(xp, at));
+                                    if FINE {
+                                        dot2[r] = $dp(dot2[r], b, x4(xp2, at));
+                                    }
                                 }
                             }
                         } else {
@@ -559,29 +646,38 @@ mod avx512 {
                                 let w = _mm512_xor_si512(b, flip);
                                 let aw = _mm512_abs_epi8(w);
                                 let neg = _mm512_movepi8_mask(w);
-                                for (r, d) in dot.iter_mut().enumerate() {
-                                    let x = x4(xp, (row0 + r) * k + kk);
-                                    let sx =
-                                        _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-                                    *d = $dp(*d, aw, sx);
+                                for r in 0..R {
+                                    let at = (row0 + r) * k + kk;
+                                    let x = x4(xp, at);
+                                    let sx = _mm512_mask_sub_epi8(x, neg, zero, x);
+                                    dot[r] = $dp(dot[r], aw, sx);
+                                    if FINE {
+                                        let x = x4(xp2, at);
+                                        let sx = _mm512_mask_sub_epi8(x, neg, zero, x);
+                                        dot2[r] = $dp(dot2[r], aw, sx);
+                                    }
                                 }
                             }
                         }
                         let s = sc.as_ptr().add(sb * sets * NR);
                         let dw = _mm512_loadu_ps(s);
-                        for (r, (acc, mut d)) in acc.iter_mut().zip(dot).enumerate() {
+                        for r in 0..R {
                             let at = (row0 + r) * (k / sub) + sb;
+                            let mut d = dot[r];
+                            if FINE {
+                                d = _mm512_add_epi32(_mm512_slli_epi32(d, 8), dot2[r]);
+                            }
                             if off != 0 {
                                 let c = _mm512_set1_epi32(off * *a.s.get_unchecked(at));
                                 d = _mm512_sub_epi32(d, c);
                             }
                             let dx = _mm512_set1_ps(*a.dx.get_unchecked(at));
                             let d = _mm512_cvtepi32_ps(d);
-                            *acc = _mm512_fmadd_ps(_mm512_mul_ps(dx, dw), d, *acc);
+                            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dx, dw), d, acc[r]);
                             if sets == 2 {
                                 let m = _mm512_loadu_ps(s.add(NR));
                                 let dxs = _mm512_set1_ps(*a.dxs.get_unchecked(at));
-                                *acc = _mm512_fmadd_ps(m, dxs, *acc);
+                                acc[r] = _mm512_fmadd_ps(m, dxs, acc[r]);
                             }
                         }
                     }
@@ -644,30 +740,32 @@ mod tests {
             let Storage::Int8(qp) = &w.storage else {
                 panic!("{ty:?} is not in the int8 layout")
             };
-            let a = Int8Rows::quantize(&x, 11, k, qp.sub);
-            for p in 0..n / NR {
-                let panel = super::super::matmul::qpanel(qp, k, p);
-                for (row0, rows) in [
-                    (0, 8),
-                    (8, 3),
-                    (2, 5),
-                    (10, 1),
-                    (1, 7),
-                    (3, 2),
-                    (4, 4),
-                    (0, 6),
-                ] {
-                    let mut want = [0f32; MR * NR];
-                    tile(Isa::Portable, &a, row0, rows, panel, &mut want);
-                    for &isa in &available {
-                        let mut got = [f32::NAN; MR * NR];
-                        tile(isa, &a, row0, rows, panel, &mut got);
-                        assert_eq!(
-                            got[..rows * NR],
-                            want[..rows * NR],
-                            "{ty:?} {} panel {p} rows {row0}+{rows}",
-                            isa.name()
-                        );
+            for fine in [false, true] {
+                let a = Int8Rows::quantize(&x, 11, k, qp.sub, fine);
+                for p in 0..n / NR {
+                    let panel = super::super::matmul::qpanel(qp, k, p);
+                    for (row0, rows) in [
+                        (0, 8),
+                        (8, 3),
+                        (2, 5),
+                        (10, 1),
+                        (1, 7),
+                        (3, 2),
+                        (4, 4),
+                        (0, 6),
+                    ] {
+                        let mut want = [0f32; MR * NR];
+                        tile(Isa::Portable, &a, row0, rows, panel, &mut want);
+                        for &isa in &available {
+                            let mut got = [f32::NAN; MR * NR];
+                            tile(isa, &a, row0, rows, panel, &mut got);
+                            assert_eq!(
+                                got[..rows * NR],
+                                want[..rows * NR],
+                                "{ty:?} {} panel {p} rows {row0}+{rows} fine {fine}",
+                                isa.name()
+                            );
+                        }
                     }
                 }
             }
@@ -681,14 +779,27 @@ mod tests {
         x[5 * 32..6 * 32].fill(0.0); // an all-zero block
         x[7 * 32 + 3] = 0.5 * 127.0 / 127.0; // and ties are rounded to even in both
         for (b, xb) in x.chunks_exact(QK).enumerate() {
-            let (mut q1, mut d1) = ([0i8; QK], 0f32);
-            quantize_block(xb, &mut q1, &mut d1);
+            let (mut q1, mut f1, mut d1) = ([0i8; QK], [0i8; QK], 0f32);
+            quantize_block(xb, &mut q1, &mut f1, &mut d1);
             #[cfg(target_arch = "x86_64")]
             if Isa::Avx2.runs_here() {
-                let (mut q2, mut d2) = ([0i8; QK], 0f32);
+                let (mut q2, mut f2, mut d2) = ([0i8; QK], [0i8; QK], 0f32);
                 // SAFETY: AVX2 runs here; the blocks hold 32 values.
-                unsafe { avx2::quantize_block(xb, &mut q2, &mut d2) };
-                assert_eq!((q1, d1.to_bits()), (q2, d2.to_bits()), "block {b}");
+                unsafe { avx2::quantize_block(xb, &mut q2, &mut f2, &mut d2) };
+                assert_eq!((q1, f1, d1.to_bits()), (q2, f2, d2.to_bits()), "block {b}");
+            }
+            // The fine pass leaves half of its own step (a whole one where ±127 clamps it).
+            for ((&q, &f), &v) in q1.iter().zip(&f1).zip(xb) {
+                let back = d1 * q as f32 + d1 / 256.0 * f as f32;
+                let bound = if f.unsigned_abs() == 127 {
+                    256.0
+                } else {
+                    512.0
+                };
+                assert!(
+                    (back - v).abs() <= d1 / bound * 1.01 + 1e-7,
+                    "block {b}: {v} → {back} ({q}, {f}, step {d1})"
+                );
             }
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             for (&q, &v) in q1.iter().zip(xb) {

@@ -35,7 +35,7 @@ pub struct PackedMatrix {
     k: usize,
     pub(super) storage: Storage,
     /// Int8 storage only: activations go in two int8 passes (the values, then what their
-    /// quantisation left), about 15 bits in all, for the inputs that 8 bits serve worst.
+    /// rounding left, at 1/256 of the step), about 15 bits in all.
     two_pass: bool,
 }
 
@@ -151,9 +151,9 @@ impl PackedMatrix {
         matches!(self.storage, Storage::Int8(_))
     }
 
-    /// An int8 matrix takes its activations in two int8 passes: the quantised values, then the
-    /// quantised remainder (twice the integer work, about 15-bit activations). No effect on
-    /// other storage.
+    /// An int8 matrix takes its activations in two int8 passes: the rounded values, then their
+    /// rounding error at 1/256 of the step, combined in the integer sums (twice the integer
+    /// work, one f32 step per sub-block; about 15-bit activations). No effect on other storage.
     pub fn two_pass_activations(mut self) -> Self {
         self.two_pass = self.is_int8();
         self
@@ -381,13 +381,10 @@ pub fn linear_with(isa: Isa, x: &[f32], m: usize, w: &PackedMatrix, out: &mut [f
         return;
     }
     if let Storage::Int8(qp) = &w.storage {
-        let a = Int8Rows::quantize(x, m, k, qp.sub);
-        let rest = w
-            .two_pass
-            .then(|| Int8Rows::quantize(&a.residual(x), m, k, qp.sub));
+        let a = Int8Rows::quantize(x, m, k, qp.sub, w.two_pass);
         for_panels(n, out, |p0, p1, out| {
             // SAFETY: as `task`'s.
-            unsafe { int8_task(isa, &a, rest.as_ref(), w.n, qp, p0, p1, out) }
+            unsafe { int8_task(isa, &a, w.n, qp, p0, p1, out) }
         });
         return;
     }
@@ -419,11 +416,9 @@ fn for_panels(n: usize, out: &mut [f32], f: impl Fn(usize, usize, *mut f32) + Sy
 ///
 /// # Safety
 /// As [`task`]'s.
-#[allow(clippy::too_many_arguments)]
 unsafe fn int8_task(
     isa: Isa,
     a: &Int8Rows,
-    rest: Option<&Int8Rows>,
     n: usize,
     qp: &QuantPanels,
     p0: usize,
@@ -432,7 +427,6 @@ unsafe fn int8_task(
 ) {
     let (k, m) = (a.k, a.q.len() / a.k);
     let mut tile = [0f32; int8::MR * NR];
-    let mut tile2 = [0f32; int8::MR * NR];
     for m0 in (0..m).step_by(MC) {
         let m1 = (m0 + MC).min(m);
         for p in p0..p1 {
@@ -441,12 +435,6 @@ unsafe fn int8_task(
             for i in (m0..m1).step_by(int8::MR) {
                 let rows = int8::MR.min(m1 - i);
                 int8::tile(isa, a, i, rows, panel, &mut tile);
-                if let Some(rest) = rest {
-                    int8::tile(isa, rest, i, rows, panel, &mut tile2);
-                    for (t, t2) in tile.iter_mut().zip(&tile2).take(rows * NR) {
-                        *t += t2;
-                    }
-                }
                 for r in 0..rows {
                     for c in 0..cols {
                         // SAFETY: row i + r < m and column p * NR + c < n; the column belongs
