@@ -4,6 +4,7 @@
 //! weights are `Backend::Weight`. The CPU backend is the reference; a CUDA backend implements the
 //! same trait with device buffers, and tensor parallelism wraps the linear ops with collectives.
 
+use gristmill_kernels::cpu::int8::Isa;
 use gristmill_kernels::cpu::{self, PackedMatrix};
 use gristmill_kernels::GgmlType;
 
@@ -147,6 +148,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Whether quantised weights are multiplied in int8 on this CPU: at `fast`, where the CPU has
+    /// AVX-512 VNNI. Only `vpdpbusd` makes the two activation passes pay: without it the int8
+    /// matmul is slower than the f32 one, so the weights take `exact`'s layout
+    /// (docs/benchmarks.md).
+    pub fn int8_matmuls(self) -> bool {
+        self == Precision::Fast && Isa::chosen() >= Isa::Avx512Vnni
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Exact => "exact",
@@ -213,12 +222,12 @@ impl Backend for CpuBackend {
         match self.precision {
             Precision::Exact => PackedMatrix::pack_quantized(ty, data, rows, cols),
             // Two int8 passes per activation block (about 15 bits): on 48 prompts × 64 greedy
-            // tokens this agreed with HF transformers on every token, where one pass (llama.cpp's
-            // 8-bit activations) agreed on fewer than half; decode, bound by weight memory,
-            // costs the same (bench/accuracy, docs/benchmarks.md).
-            Precision::Fast => {
+            // tokens this agreed with HF transformers on 3,022 of 3,072 tokens, where one pass
+            // (llama.cpp's 8-bit activations) agreed on fewer than half (bench/accuracy).
+            Precision::Fast if self.precision.int8_matmuls() => {
                 PackedMatrix::pack_int8(ty, data, rows, cols).map(|m| m.two_pass_activations())
             }
+            Precision::Fast => PackedMatrix::pack_quantized(ty, data, rows, cols),
         }
     }
 

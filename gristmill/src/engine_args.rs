@@ -96,7 +96,13 @@ impl EngineArgs {
             cfg.vocab_size,
             engine.weight_bytes >> 20,
             engine.model.kv_bytes_per_token().div_ceil(1024),
-            self.precision,
+            if self.precision == gristmill_engine::Precision::Fast
+                && !self.precision.int8_matmuls()
+            {
+                "fast (f32 matmuls: no AVX-512 VNNI)".to_string()
+            } else {
+                self.precision.to_string()
+            },
             gristmill_engine::cpu_isa(),
             rayon::current_num_threads(),
         )
