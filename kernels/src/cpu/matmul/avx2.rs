@@ -1,0 +1,221 @@
+//! The AVX2+FMA f32 micro-kernels of the `exact` matmul, and the in-register expansion of
+//! quantised panels.
+
+use std::arch::x86_64::*;
+
+use super::{QKind, QPanel, MR, NR};
+
+/// The 16 weights of one `k` step of a quantised panel: rows 0–7 and rows 8–15.
+///
+/// # Safety
+/// `q` must point at the step's `kind.bytes_per_k()` bytes; `d` (and `m`) at the block's 16
+/// scales (minima).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn expand(kind: QKind, q: *const u8, d: [__m256; 2], m: [__m256; 2]) -> [__m256; 2] {
+    // SAFETY: reads 8 (Q4) or 16 (Q8) bytes at q, per the contract.
+    unsafe {
+        match kind {
+            QKind::Q8Min => {
+                let b = _mm_loadu_si128(q as *const __m128i);
+                let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+                [
+                    _mm256_add_ps(_mm256_mul_ps(lo, d[0]), m[0]),
+                    _mm256_add_ps(_mm256_mul_ps(hi, d[1]), m[1]),
+                ]
+            }
+            QKind::Q4Min | QKind::Q4Sym => {
+                let b = _mm_loadl_epi64(q as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm256_cvtepu8_epi32(_mm_and_si128(b, mask));
+                let hi = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+                if kind == QKind::Q4Min {
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo), d[0]), m[0]),
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi), d[1]), m[1]),
+                    ]
+                } else {
+                    let eight = _mm256_set1_epi32(8);
+                    [
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, eight)), d[0]),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, eight)), d[1]),
+                    ]
+                }
+            }
+            QKind::Q8 => {
+                let b = _mm_loadu_si128(q as *const __m128i);
+                [
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d[0]),
+                    _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+                        d[1],
+                    ),
+                ]
+            }
+        }
+    }
+}
+
+/// The scale (and offset) vectors of sub-block `kb` of a panel.
+///
+/// # Safety
+/// Sub-block `kb`'s scales must lie within `sc`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scales(kind: QKind, sc: &[f32], kb: usize) -> ([__m256; 2], [__m256; 2]) {
+    let sets = kind.scale_sets();
+    let base = sc.as_ptr();
+    // SAFETY: sub-block kb's scales lie at (kb * sets) * NR .. (kb + 1) * sets * NR of sc.
+    unsafe {
+        let s = base.add(kb * sets * NR);
+        let d = [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))];
+        let m = if sets == 2 {
+            [_mm256_loadu_ps(s.add(NR)), _mm256_loadu_ps(s.add(NR + 8))]
+        } else {
+            [_mm256_setzero_ps(); 2]
+        };
+        (d, m)
+    }
+}
+
+/// Dequantises a quantised panel into k-major f32 `out` (`k * NR` floats).
+///
+/// # Safety
+/// AVX2 must be available; `(q, sc)` must be one panel as `super::qpanel` returns it.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dequantize_panel(panel: QPanel<'_>, k: usize, out: &mut [f32]) {
+    let QPanel { kind, sub, q, sc } = panel;
+    let bpk = kind.bytes_per_k();
+    assert!(
+        q.len() >= k * bpk && out.len() >= k * NR && sc.len() >= k / sub * kind.scale_sets() * NR
+    );
+    for kb in 0..k / sub {
+        // SAFETY: sizes asserted above.
+        let (d, m) = unsafe { scales(kind, sc, kb) };
+        for kk in kb * sub..(kb + 1) * sub {
+            // SAFETY: kk < k, so the step's bytes and the 16 output floats are in bounds.
+            unsafe {
+                let w = expand(kind, q.as_ptr().add(kk * bpk), d, m);
+                _mm256_storeu_ps(out.as_mut_ptr().add(kk * NR), w[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(kk * NR + 8), w[1]);
+            }
+        }
+    }
+}
+
+/// The fused kernel: a `rows × NR` tile (rows ≤ MR) straight from a quantised panel.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `xs` holds `rows × k` floats and `(q, sc)` is one panel.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn qkernel(
+    xs: &[f32],
+    rows: usize,
+    k: usize,
+    panel: QPanel<'_>,
+    tile: &mut [f32; MR * NR],
+) {
+    assert!(
+        xs.len() >= rows * k
+            && panel.q.len() >= k * panel.kind.bytes_per_k()
+            && panel.sc.len() >= k / panel.sub * panel.kind.scale_sets() * NR
+    );
+    // SAFETY: sizes asserted above; rows ≤ MR.
+    unsafe {
+        match rows {
+            6 => qblock::<6>(xs, k, panel, tile),
+            5 => qblock::<5>(xs, k, panel, tile),
+            4 => qblock::<4>(xs, k, panel, tile),
+            3 => qblock::<3>(xs, k, panel, tile),
+            2 => qblock::<2>(xs, k, panel, tile),
+            _ => qblock::<1>(xs, k, panel, tile),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn qblock<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    QPanel { kind, sub, q, sc }: QPanel<'_>,
+    tile: &mut [f32; MR * NR],
+) {
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    let xp = xs.as_ptr();
+    let bpk = kind.bytes_per_k();
+    for kb in 0..k / sub {
+        // SAFETY: the caller's panel covers every sub-block of k.
+        let (d, m) = unsafe { scales(kind, sc, kb) };
+        for kk in kb * sub..(kb + 1) * sub {
+            // SAFETY: kk < k: the step's bytes are in q and xp.add(r * k + kk) in xs.
+            unsafe {
+                let [w0, w1] = expand(kind, q.as_ptr().add(kk * bpk), d, m);
+                for r in 0..R {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                    lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: tile has MR * NR floats and r < R ≤ MR.
+        unsafe {
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
+        }
+    }
+}
+
+/// Computes a `rows × NR` tile (rows ≤ MR) into `tile`.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn kernel(xs: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
+    // SAFETY (all blocks below): `xs` holds rows × k floats, `panel` k × NR, `tile` MR × NR;
+    // every offset used is inside those bounds.
+    unsafe {
+        match rows {
+            6 => block::<6>(xs, k, panel, tile),
+            5 => block::<5>(xs, k, panel, tile),
+            4 => block::<4>(xs, k, panel, tile),
+            3 => block::<3>(xs, k, panel, tile),
+            2 => block::<2>(xs, k, panel, tile),
+            _ => block::<1>(xs, k, panel, tile),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block<const R: usize>(xs: &[f32], k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    let xp = xs.as_ptr();
+    let mut wp = panel.as_ptr();
+    for kk in 0..k {
+        // SAFETY: kk < k, so wp points at panel[kk * NR..kk * NR + 16] and
+        // xp.add(r * k + kk) at xs[r][kk].
+        unsafe {
+            let w0 = _mm256_loadu_ps(wp);
+            let w1 = _mm256_loadu_ps(wp.add(8));
+            for r in 0..R {
+                let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+            }
+            wp = wp.add(NR);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: tile has MR * NR floats and r < R ≤ MR.
+        unsafe {
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
+        }
+    }
+}
