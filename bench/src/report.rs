@@ -72,6 +72,9 @@ pub struct ThroughputResult {
     /// `fast` or `exact` (`--precision`).
     #[serde(default)]
     pub precision: String,
+    /// `f32` or `f16`: the value type of the KV cache (`--kv-cache-dtype`).
+    #[serde(default)]
+    pub kv_cache_dtype: String,
     /// The CPU kernels used (`f32 avx2+fma, int8 avx512vnni`).
     #[serde(default)]
     pub cpu_kernels: String,
@@ -195,6 +198,7 @@ mod tests {
             engine_steps: 1,
             machine: MachineLoad::default(),
             precision: "fast".into(),
+            kv_cache_dtype: "f16".into(),
             cpu_kernels: "f32 portable, int8 portable".into(),
             vllm: VllmKeys::new(2.0, 4, 300, 100),
         };

@@ -1,12 +1,13 @@
-//! Greedy continuations of chat prompts at both precisions, for `bench/accuracy/run.sh`:
+//! Greedy continuations of chat prompts at both precisions (and at `fast` with an f32 KV cache,
+//! to tell the f16 cache's share), for `bench/accuracy/run.sh`:
 //! `cargo run --release -p gristmill-engine --example greedy -- PROMPTS.json TOKENS OUT.json`.
 //!
 //! PROMPTS.json is a list of user messages; each is rendered with the model's chat template and
 //! continued for TOKENS tokens (end of sequence ignored) at temperature 0, on `$GRISTMILL_MODEL`
-//! or the default model. OUT.json holds the prompts' token ids and each precision's generated
-//! ids.
+//! or the default model. OUT.json holds the prompts' token ids and each configuration's
+//! generated ids (keys `exact`, `fast`, `fast f32 kv`).
 
-use gristmill_engine::{Engine, EngineOptions, Outcome, Precision};
+use gristmill_engine::{CpuBackend, Engine, EngineOptions, KvCacheDtype, Outcome, Precision};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 
 fn main() {
@@ -21,8 +22,17 @@ fn main() {
     let tokens: usize = tokens.parse().expect("TOKENS is a number");
     let model = gristmill_engine::model_path_from_env();
     let mut result = serde_json::json!({ "model": model.display().to_string() });
-    for precision in [Precision::Exact, Precision::Fast] {
-        let engine = Engine::load_parallel(&model, 1, precision).expect("the model loads");
+    let configs = [
+        ("exact", Precision::Exact, KvCacheDtype::Auto),
+        ("fast", Precision::Fast, KvCacheDtype::Auto),
+        ("fast f32 kv", Precision::Fast, KvCacheDtype::F32),
+    ];
+    for (name, precision, kv_cache_dtype) in configs {
+        let backend = CpuBackend {
+            precision,
+            kv_cache_dtype,
+        };
+        let engine = Engine::load_parallel(&model, 1, backend).expect("the model loads");
         let ids: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| {
@@ -65,7 +75,7 @@ fn main() {
             Outcome::Failed { error, .. } => panic!("a prompt failed: {}", error.message),
         });
         result["prompts"] = serde_json::json!(ids);
-        result[precision.name()] = serde_json::json!(generated);
+        result[name] = serde_json::json!(generated);
     }
     std::fs::write(out, serde_json::to_string(&result).expect("serialises")).expect("writes");
 }

@@ -53,6 +53,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let _ = (ty, data, rows, cols);
         None
     }
+    /// Bytes one cached key or value takes (4 for f32, 2 for f16): sizes the KV cache.
+    fn kv_value_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
     /// KV memory for `layers` layers of `num_blocks` blocks of `block_size` positions, each
     /// position `kv_heads × head_dim` values of keys and as many of values.
     fn kv_store(
@@ -142,8 +146,9 @@ pub enum Precision {
     Exact,
     /// Activations quantised per 32 values to int8, in two passes (the values, then what the
     /// first rounding left: about 15 bits), integer dot products against the stored blocks of
-    /// quantised weights, and a vectorised `exp`. Weights that are not quantised (f32, f16,
-    /// bf16 checkpoints) stay on the f32 path.
+    /// quantised weights, a vectorised `exp`, and keys and values cached in f16 (half the
+    /// memory: twice the sequences in the same `--kv-cache-memory`). Weights that are not
+    /// quantised (f32, f16, bf16 checkpoints) stay on the f32 path.
     Fast,
 }
 
@@ -181,21 +186,83 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// The value type of the KV cache (vLLM's `--kv-cache-dtype`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// f32 at [`Precision::Exact`], f16 at [`Precision::Fast`].
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl KvCacheDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::F32 => "f32",
+            KvCacheDtype::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(KvCacheDtype::Auto),
+            "f32" | "float32" => Ok(KvCacheDtype::F32),
+            "f16" | "float16" | "half" => Ok(KvCacheDtype::F16),
+            _ => Err(format!(
+                "unknown KV cache dtype {s:?}: expected auto, f32 or f16"
+            )),
+        }
+    }
+}
+
 /// The reference backend: f32 on the host (int8 matmuls at [`Precision::Fast`]), parallel over
 /// the rayon pool.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
     pub precision: Precision,
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+impl From<Precision> for CpuBackend {
+    fn from(precision: Precision) -> Self {
+        Self {
+            precision,
+            kv_cache_dtype: KvCacheDtype::Auto,
+        }
+    }
+}
+
+impl CpuBackend {
+    /// Whether keys and values are cached in f16 (else f32).
+    pub fn kv_f16(&self) -> bool {
+        match self.kv_cache_dtype {
+            KvCacheDtype::Auto => self.precision == Precision::Fast,
+            KvCacheDtype::F32 => false,
+            KvCacheDtype::F16 => true,
+        }
+    }
 }
 
 /// Host KV memory: per layer, keys and values as `[num_blocks, kv_heads, block_size, head_dim]`
-/// (each KV head's positions of a block side by side, so attention reads them in one run).
+/// (each KV head's positions of a block side by side, so attention reads them in one run), in
+/// f32 or f16 ([`CpuBackend::kv_f16`]).
 #[derive(Debug)]
 pub struct CpuKvStore {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    values: KvValues,
     block_size: usize,
     head_dim: usize,
+}
+
+/// Per layer, keys and values.
+#[derive(Debug)]
+enum KvValues {
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    F16(Vec<Vec<half::f16>>, Vec<Vec<half::f16>>),
 }
 
 impl Backend for CpuBackend {
@@ -231,6 +298,14 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn kv_value_bytes(&self) -> usize {
+        if self.kv_f16() {
+            std::mem::size_of::<half::f16>()
+        } else {
+            std::mem::size_of::<f32>()
+        }
+    }
+
     fn kv_store(
         &self,
         layers: usize,
@@ -241,9 +316,19 @@ impl Backend for CpuBackend {
     ) -> CpuKvStore {
         // Zeroed allocations are mapped lazily by the OS: untouched blocks cost no memory.
         let n = num_blocks * block_size * kv_heads * head_dim;
+        let values = if self.kv_f16() {
+            KvValues::F16(
+                (0..layers).map(|_| vec![half::f16::ZERO; n]).collect(),
+                (0..layers).map(|_| vec![half::f16::ZERO; n]).collect(),
+            )
+        } else {
+            KvValues::F32(
+                (0..layers).map(|_| vec![0f32; n]).collect(),
+                (0..layers).map(|_| vec![0f32; n]).collect(),
+            )
+        };
         CpuKvStore {
-            k: (0..layers).map(|_| vec![0f32; n]).collect(),
-            v: (0..layers).map(|_| vec![0f32; n]).collect(),
+            values,
             block_size,
             head_dim,
         }
@@ -363,8 +448,16 @@ impl Backend for CpuBackend {
         slots: &[usize],
     ) {
         let (hd, bs) = (store.head_dim, store.block_size);
-        cpu::write_kv(&mut store.k[layer], &k.data, slots, k.cols, hd, bs);
-        cpu::write_kv(&mut store.v[layer], &v.data, slots, v.cols, hd, bs);
+        match &mut store.values {
+            KvValues::F32(ks, vs) => {
+                cpu::write_kv(&mut ks[layer], &k.data, slots, k.cols, hd, bs);
+                cpu::write_kv(&mut vs[layer], &v.data, slots, v.cols, hd, bs);
+            }
+            KvValues::F16(ks, vs) => {
+                cpu::write_kv(&mut ks[layer], &k.data, slots, k.cols, hd, bs);
+                cpu::write_kv(&mut vs[layer], &v.data, slots, v.cols, hd, bs);
+            }
+        }
     }
 
     fn attention(
@@ -375,11 +468,6 @@ impl Backend for CpuBackend {
         seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> CpuTensor {
-        let kv = cpu::PagedKv {
-            k: &store.k[layer],
-            v: &store.v[layer],
-            block_size: store.block_size,
-        };
         let seqs: Vec<cpu::SeqAttention<'_>> = seqs
             .iter()
             .map(|s| cpu::SeqAttention {
@@ -393,7 +481,25 @@ impl Backend for CpuBackend {
             fast_exp: self.precision == Precision::Fast,
             ..shape
         };
-        cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
+        let block_size = store.block_size;
+        match &store.values {
+            KvValues::F32(k, v) => {
+                let kv = cpu::PagedKv {
+                    k: &k[layer],
+                    v: &v[layer],
+                    block_size,
+                };
+                cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
+            }
+            KvValues::F16(k, v) => {
+                let kv = cpu::PagedKv {
+                    k: &k[layer],
+                    v: &v[layer],
+                    block_size,
+                };
+                cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
+            }
+        }
         CpuTensor {
             data: out,
             cols: q.cols,

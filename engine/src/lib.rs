@@ -17,7 +17,7 @@ pub mod tensor_parallel;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::Precision;
+pub use backend::{CpuBackend, KvCacheDtype, Precision};
 pub use engine::{load_tokenizer, Completion, Engine, EngineOptions, Outcome, RunStats};
 pub use error::{Error, Result};
 /// The instruction set of the CPU kernels on this machine (chosen at run time).

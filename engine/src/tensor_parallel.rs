@@ -253,7 +253,7 @@ impl TpGroup {
             * cfg.num_layers
             * plans[0].kv_heads
             * cfg.head_dim
-            * std::mem::size_of::<f32>()
+            * backend.kv_value_bytes()
             * world;
         Ok(Self {
             cfg,

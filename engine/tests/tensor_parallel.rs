@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use gristmill_engine::backend::CpuBackend;
 use gristmill_engine::model::llama::{slice_matrix, Part};
 use gristmill_engine::tensor_parallel::{load_model, Model};
-use gristmill_engine::{Engine, EngineOptions, Outcome};
+use gristmill_engine::{Engine, EngineOptions, Outcome, Precision};
 use gristmill_protocol::{ChatMessage, Endpoint, GenerationParams, Prompt, Request};
 use gristmill_testkit::{default_model, fixture};
 use serde_json::Value;
@@ -160,7 +160,7 @@ fn run(engine: &Engine, reqs: Vec<Request>) -> HashMap<String, Vec<u32>> {
 fn greedy_tokens_at_tp3_equal_tp1_up_to_the_first_near_tie_and_are_batch_invariant() {
     let path = default_model();
     let whole = Engine::load(&path).expect("loads");
-    let split = Engine::load_parallel(&path, 3, Default::default()).expect("splits");
+    let split = Engine::load_parallel(&path, 3, Precision::default()).expect("splits");
     let reqs: Vec<Request> = (0..6).map(|i| request(i, 16, 0.0)).collect();
     let a = run(&whole, reqs.clone());
     let b = run(&split, reqs.clone());
@@ -200,8 +200,8 @@ fn greedy_tokens_at_tp3_equal_tp1_up_to_the_first_near_tie_and_are_batch_invaria
 
 #[test]
 fn an_impossible_split_names_the_dimension_and_the_sizes_that_work() {
-    let err =
-        Engine::load_parallel(&default_model(), 2, Default::default()).expect_err("9 heads over 2");
+    let err = Engine::load_parallel(&default_model(), 2, Precision::default())
+        .expect_err("9 heads over 2");
     let msg = err.to_string();
     assert!(
         msg.contains("num_attention_heads = 9 is not divisible by 2"),
@@ -211,7 +211,7 @@ fn an_impossible_split_names_the_dimension_and_the_sizes_that_work() {
         msg.contains("sizes that work for this model: 1, 3"),
         "{msg}"
     );
-    let err = Engine::load_parallel(&fixture("tiny-qwen2"), 3, Default::default())
+    let err = Engine::load_parallel(&fixture("tiny-qwen2"), 3, Precision::default())
         .expect_err("4 heads over 3");
     assert!(err.to_string().contains("1, 2, 4"), "{err}");
 }

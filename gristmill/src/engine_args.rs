@@ -61,6 +61,16 @@ pub struct EngineArgs {
               // Only the listed values reach here, and both parse.
               |s| s.parse::<gristmill_engine::Precision>().unwrap_or_default()))]
     pub precision: gristmill_engine::Precision,
+
+    /// The value type of cached keys and values: `f16` halves the KV memory (twice the
+    /// sequences in the same --kv-cache-memory) and the attention's memory traffic, `f32` keeps
+    /// them exact. `auto`: f16 at --precision fast, f32 at exact.
+    #[arg(long, default_value = "auto", env = "GRISTMILL_KV_CACHE_DTYPE",
+          value_parser = clap::builder::TypedValueParser::map(
+              clap::builder::PossibleValuesParser::new(["auto", "f32", "f16"]),
+              // Only the listed values reach here, and all of them parse.
+              |s| s.parse::<gristmill_engine::KvCacheDtype>().unwrap_or_default()))]
+    pub kv_cache_dtype: gristmill_engine::KvCacheDtype,
 }
 
 impl EngineArgs {
@@ -70,8 +80,16 @@ impl EngineArgs {
             bail!("--tensor-parallel-size must be at least 1");
         }
         let path = crate::hub::resolve_model(&self.model)?;
-        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size, self.precision)
+        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size, self.backend())
             .with_context(|| format!("cannot load the model {}", self.model.display()))
+    }
+
+    /// The CPU backend's settings from the flags.
+    pub fn backend(&self) -> gristmill_engine::CpuBackend {
+        gristmill_engine::CpuBackend {
+            precision: self.precision,
+            kv_cache_dtype: self.kv_cache_dtype,
+        }
     }
 
     /// One line about a loaded engine: the model, its shape, the process's memory and the CPU
@@ -88,7 +106,7 @@ impl EngineArgs {
             .map_or_else(|| "?".to_string(), |kb| (kb / 1024).to_string());
         format!(
             "loaded {} ({} {} layers, {} heads, vocab {}) in {load_secs:.1} s; weights {} MB, KV cache {} KB \
-             per token; process memory {rss_mb} MB; precision {}, CPU kernels {}, {} threads",
+             per token ({}); process memory {rss_mb} MB; precision {}, CPU kernels {}, {} threads",
             self.model.display(),
             cfg.architecture,
             cfg.num_layers,
@@ -96,6 +114,7 @@ impl EngineArgs {
             cfg.vocab_size,
             engine.weight_bytes >> 20,
             engine.model.kv_bytes_per_token().div_ceil(1024),
+            if self.backend().kv_f16() { "f16" } else { "f32" },
             if self.precision == gristmill_engine::Precision::Fast
                 && !self.precision.int8_matmuls()
             {

@@ -171,6 +171,12 @@ fn one_run(
             cpus,
         },
         precision: a.engine.precision.to_string(),
+        kv_cache_dtype: if a.engine.backend().kv_f16() {
+            "f16"
+        } else {
+            "f32"
+        }
+        .into(),
         cpu_kernels: gristmill_engine::cpu_isa(),
         vllm: VllmKeys::new(elapsed, completed, prompt_tokens, output_tokens),
     })

@@ -77,13 +77,13 @@ impl Engine<CpuBackend> {
     }
 
     /// Loads a model split over `tensor_parallel_size` rank threads (whole when 1), computing
-    /// at `precision`.
+    /// at a precision (or with a [`CpuBackend`]'s settings).
     pub fn load_parallel(
         path: &Path,
         tensor_parallel_size: usize,
-        precision: Precision,
+        backend: impl Into<CpuBackend>,
     ) -> Result<Self> {
-        let backend = CpuBackend { precision };
+        let backend = backend.into();
         if tensor_parallel_size <= 1 {
             return Self::load_with(path, backend);
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gristmill_protocol::{codes, Endpoint, FinishReason, LineError, Prompt, Request, Usage};
 
-use crate::backend::{Backend, CpuBackend, Precision};
+use crate::backend::{Backend, CpuBackend};
 use crate::error::Result;
 use crate::kv_cache::BlockPool;
 use crate::model::llama::{Llama, Logits, StepSeq};

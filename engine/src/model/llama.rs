@@ -413,10 +413,13 @@ impl<B: Backend> Llama<B> {
         &self.backend
     }
 
-    /// Bytes of KV memory one token position takes over all layers on this rank (f32 keys and
-    /// values of its KV heads).
+    /// Bytes of KV memory one token position takes over all layers on this rank (keys and
+    /// values of its KV heads, in the backend's cache type).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.cfg.num_layers * self.tp.kv_heads * self.cfg.head_dim * std::mem::size_of::<f32>()
+        2 * self.cfg.num_layers
+            * self.tp.kv_heads
+            * self.cfg.head_dim
+            * self.backend.kv_value_bytes()
     }
 
     /// Allocates paged KV memory of `num_blocks` blocks of `block_size` positions.

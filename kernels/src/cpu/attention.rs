@@ -4,7 +4,60 @@
 //! max-subtracted softmax summed sequentially, values accumulated in ascending order — so it is
 //! the same whatever else is in the step.
 
+use half::f16;
 use rayon::prelude::*;
+
+/// A value type of the KV cache: f32 (the `exact` precision) or f16 (the `fast` one, half the
+/// memory and half the attention's memory traffic). Reads widen exactly to f32, so the
+/// arithmetic after the load is the same for both.
+pub trait KvValue: Copy + Default + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Eight consecutive values widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be available and `p` must point at eight readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvValue for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees AVX2 and eight readable values at p.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvValue for f16 {
+    /// Rounds to nearest, ties to even (IEEE 754), in software or with F16C alike.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // The const conversion is plain integer code the compiler inlines and vectorises; it is
+        // exact, as is F16C's.
+        self.to_f32_const()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX2 and F16C and eight readable values at p.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
 
 /// Head geometry of an attention call, its score scale and its window.
 #[derive(Debug, Clone, Copy)]
@@ -38,11 +91,12 @@ impl AttentionShape {
 /// A paged KV cache of one layer: keys (and values) as `[num_blocks, kv_heads, block_size,
 /// head_dim]`; position `p` of a sequence lives in slot `p % block_size` of block
 /// `block_table[p / block_size]` (see [`write_kv`]). Each KV head's positions of a block are
-/// contiguous, so attention, which works per KV head, reads them in one run.
+/// contiguous, so attention, which works per KV head, reads them in one run. The values are f32
+/// or f16 ([`KvValue`]).
 #[derive(Debug, Clone, Copy)]
-pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct PagedKv<'a, T = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub block_size: usize,
 }
 
@@ -57,9 +111,10 @@ pub struct SeqAttention<'a> {
 }
 
 /// Writes rows of keys or values (`width = kv_heads × head_dim` values each) into their cache
-/// slots (`slot = block × block_size + position in the block`), in [`PagedKv`]'s layout.
-pub fn write_kv(
-    cache: &mut [f32],
+/// slots (`slot = block × block_size + position in the block`), in [`PagedKv`]'s layout,
+/// rounded to the cache's value type.
+pub fn write_kv<T: KvValue>(
+    cache: &mut [T],
     rows: &[f32],
     slots: &[usize],
     width: usize,
@@ -86,7 +141,9 @@ pub fn write_kv(
                 head_dim,
                 block_size,
             );
-            cache[at..at + head_dim].copy_from_slice(head);
+            for (c, &x) in cache[at..at + head_dim].iter_mut().zip(head) {
+                *c = T::from_f32(x);
+            }
         }
     }
 }
@@ -102,9 +159,9 @@ fn kv_offset(block: usize, g: usize, pos: usize, kv_heads: usize, hd: usize, bs:
 /// sequences' rows in order. Grouped-query attention maps head `h` to KV head
 /// `h / (heads / kv_heads)`; the heads of a group are computed together so that each cached
 /// key and value row is read once per group.
-pub fn paged_attention(
+pub fn paged_attention<T: KvValue>(
     q: &[f32],
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, T>,
     seqs: &[SeqAttention<'_>],
     shape: AttentionShape,
     out: &mut [f32],
@@ -139,10 +196,34 @@ pub fn paged_attention(
             "attention: block table too short"
         );
     }
-    let group = heads / kv_heads;
     #[cfg(target_arch = "x86_64")]
-    let fast =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let simd = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    attend_rows(q, kv, seqs, &rows, shape, out, simd);
+}
+
+/// The rows of [`paged_attention`], with AVX2 (`simd`, which the caller has checked) or
+/// portable code: the two give the same bits.
+fn attend_rows<T: KvValue>(
+    q: &[f32],
+    kv: PagedKv<'_, T>,
+    seqs: &[SeqAttention<'_>],
+    rows: &[(usize, usize)],
+    shape: AttentionShape,
+    out: &mut [f32],
+    simd: bool,
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = shape;
+    let row = heads * head_dim;
+    let group = heads / kv_heads;
     out.par_chunks_mut(group * head_dim)
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (idx, o)| {
@@ -159,20 +240,21 @@ pub fn paged_attention(
                 shape,
             };
             #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: AVX2 and FMA are present (checked above).
+            if simd {
+                // SAFETY: AVX2, FMA and F16C are present (checked by the caller).
                 unsafe { attend_group_avx2(&job, scratch, o) };
                 return;
             }
-            attend_group::<false>(&job, scratch, o);
+            let _ = simd;
+            attend_group::<false, T>(&job, scratch, o);
         });
 }
 
 /// One (query row, KV head) of an attention call.
-struct GroupJob<'a> {
+struct GroupJob<'a, T> {
     /// The `group` query heads that share KV head `g`, concatenated.
     q: &'a [f32],
-    kv: PagedKv<'a>,
+    kv: PagedKv<'a, T>,
     table: &'a [u32],
     /// Positions attended: `first..len`.
     first: usize,
@@ -191,18 +273,22 @@ struct Scratch {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
-    attend_group::<true>(job, scratch, out);
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_group_avx2<T: KvValue>(
+    job: &GroupJob<'_, T>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    attend_group::<true, T>(job, scratch, out);
 }
 
 /// `scores[h][j] = dot(q_h, k_{rows[j]}) · scale` for the `group` heads of `q`.
-fn scores_portable(
+fn scores_portable<T: KvValue>(
     q: &[f32],
     group: usize,
     hd: usize,
     rows: &[usize],
-    k: &[f32],
+    k: &[T],
     scale: f32,
     scores: &mut [f32],
 ) {
@@ -218,16 +304,16 @@ fn scores_portable(
 /// but eight of them (4 heads × 2 positions) advance together so that their latencies overlap.
 ///
 /// # Safety
-/// AVX2 must be available; `hd` a multiple of 8; `q` holds `group × hd` values and every
-/// `rows[j]` starts `hd` values of `k`.
+/// AVX2 and F16C must be available; `hd` a multiple of 8; `q` holds `group × hd` values and
+/// every `rows[j]` starts `hd` values of `k`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn scores_avx2(
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scores_avx2<T: KvValue>(
     q: &[f32],
     group: usize,
     hd: usize,
     rows: &[usize],
-    k: &[f32],
+    k: &[T],
     scale: f32,
     scores: &mut [f32],
 ) {
@@ -244,7 +330,7 @@ unsafe fn scores_avx2(
             for c in (0..hd).step_by(8) {
                 // SAFETY: c + 8 ≤ hd; rows and heads are in bounds (asserted above).
                 unsafe {
-                    let kv = r.map(|r| _mm256_loadu_ps(k.as_ptr().add(r + c)));
+                    let kv = r.map(|r| T::load8(k.as_ptr().add(r + c)));
                     for (i, &h) in hs.iter().enumerate() {
                         let qv = _mm256_loadu_ps(q.as_ptr().add(h * hd + c));
                         for (p, &kp) in kv.iter().enumerate() {
@@ -269,7 +355,11 @@ unsafe fn scores_avx2(
 /// Scores in ascending position order, a max-subtracted softmax summed sequentially, values
 /// accumulated in ascending order: the same arithmetic whatever else is in the step.
 #[inline(always)]
-fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+fn attend_group<const AVX2: bool, T: KvValue>(
+    job: &GroupJob<'_, T>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
     let AttentionShape {
         kv_heads,
         head_dim: hd,
@@ -288,8 +378,8 @@ fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out
     scores.resize(group * n, 0.0);
     #[cfg(target_arch = "x86_64")]
     if AVX2 && hd.is_multiple_of(8) {
-        // SAFETY: AVX2 is present (only attend_group_avx2 passes AVX2 = true); every row in
-        // `rows` has hd keys in the cache.
+        // SAFETY: AVX2 and F16C are present (only attend_group_avx2 passes AVX2 = true); every
+        // row in `rows` has hd keys in the cache.
         unsafe { scores_avx2(job.q, group, hd, rows, job.kv.k, scale, scores) };
     } else {
         scores_portable(job.q, group, hd, rows, job.kv.k, scale, scores);
@@ -323,14 +413,20 @@ fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out
     // `a += w * v` in ascending position order.
     for (h, o) in out.chunks_exact_mut(hd).enumerate().take(group) {
         let w = &scores[h * n..(h + 1) * n];
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 && hd.is_multiple_of(64) {
+            // SAFETY: AVX2 and F16C are present (as above); every row in `rows` has hd values.
+            unsafe { weighted_sum_avx2(w, rows, job.kv.v, o) };
+            continue;
+        }
         match hd {
-            64 => weighted_sum::<64>(w, rows, job.kv.v, o),
-            128 => weighted_sum::<128>(w, rows, job.kv.v, o),
+            64 => weighted_sum::<64, T>(w, rows, job.kv.v, o),
+            128 => weighted_sum::<128, T>(w, rows, job.kv.v, o),
             _ => {
                 o.fill(0.0);
                 for (&wj, &base) in w.iter().zip(rows.iter()) {
                     for (a, &b) in o.iter_mut().zip(&job.kv.v[base..base + hd]) {
-                        *a += wj * b;
+                        *a += wj * b.to_f32();
                     }
                 }
             }
@@ -341,29 +437,62 @@ fn attend_group<const AVX2: bool>(job: &GroupJob<'_>, scratch: &mut Scratch, out
 /// `o = Σ_j w[j] · v[rows[j]..][..HD]`, summed in order of `j`, in a local array the compiler
 /// keeps in registers.
 #[inline(always)]
-fn weighted_sum<const HD: usize>(w: &[f32], rows: &[usize], v: &[f32], o: &mut [f32]) {
+fn weighted_sum<const HD: usize, T: KvValue>(w: &[f32], rows: &[usize], v: &[T], o: &mut [f32]) {
     let mut acc = [0f32; HD];
     for (&wj, &base) in w.iter().zip(rows) {
-        let vr: &[f32; HD] = v[base..base + HD].try_into().expect("a row of HD values");
+        let vr: &[T; HD] = v[base..base + HD].try_into().expect("a row of HD values");
         for (a, &b) in acc.iter_mut().zip(vr) {
-            *a += wj * b;
+            *a += wj * b.to_f32();
         }
     }
     o.copy_from_slice(&acc);
 }
 
+/// [`weighted_sum`] with AVX2 for a multiple of 64 values, bit-identical (a multiply then an
+/// add, no fused multiply-add; f16 values widened by F16C): 64 outputs at a time stay in eight
+/// registers while the rows stream past.
+///
+/// # Safety
+/// AVX2 and F16C must be available; `o.len()` (= hd) a multiple of 64; every `rows[j]` starts
+/// `hd` values of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn weighted_sum_avx2<T: KvValue>(w: &[f32], rows: &[usize], v: &[T], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = o.len();
+    assert!(hd.is_multiple_of(64));
+    assert!(rows.iter().all(|&r| r + hd <= v.len()));
+    for (chunk, out) in o.chunks_exact_mut(64).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (&wj, &base) in w.iter().zip(rows) {
+            let wv = _mm256_set1_ps(wj);
+            // SAFETY: base + 64·chunk + 64 ≤ base + hd ≤ v.len() (asserted above).
+            let p = unsafe { v.as_ptr().add(base + chunk * 64) };
+            for (c, a) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, c < 8.
+                let x = unsafe { T::load8(p.add(c * 8)) };
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, x));
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            // SAFETY: 8c + 8 ≤ 64 = out.len().
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), *a) };
+        }
+    }
+}
+
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let full = a.len() / 8 * 8;
     for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].to_f32();
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in a[full..].iter().zip(&b[full..]) {
-        s += x * y;
+        s += x * y.to_f32();
     }
     s
 }
@@ -397,6 +526,122 @@ mod tests {
             unsafe { scores_avx2(&q, group, hd, &rows, &k, 0.125, &mut b) };
             assert_eq!(a, b, "{group} heads, {n} positions");
         }
+    }
+
+    /// Random caches of `blocks` blocks, query rows of three sequences (one decoding, two
+    /// prefilling across blocks), written through [`write_kv`] into an f32 and an f16 cache.
+    /// (queries, keys, values, block tables, (rows, start) per sequence).
+    type Call = (
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<Vec<u32>>,
+        Vec<(usize, usize)>,
+    );
+
+    fn random_call(heads: usize, kv_heads: usize, hd: usize, seed: u32) -> Call {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 20001) as f32 / 2001.0 - 5.0
+        };
+        let (bs, blocks) = (4, 12);
+        let width = kv_heads * hd;
+        let k: Vec<f32> = (0..blocks * bs * width).map(|_| next()).collect();
+        let v: Vec<f32> = (0..blocks * bs * width).map(|_| next()).collect();
+        let tables = vec![vec![3, 0, 7], vec![5, 1, 2, 11], vec![9, 4]];
+        // (rows, start) per sequence.
+        let spans = vec![(1, 9), (6, 8), (3, 2)];
+        let n: usize = spans.iter().map(|s| s.0).sum();
+        let q: Vec<f32> = (0..n * heads * hd).map(|_| next()).collect();
+        (q, k, v, tables, spans)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_attention_gives_the_portable_bits_for_f32_and_f16_caches() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma") && has!("f16c")) {
+            return;
+        }
+        fn both<T: KvValue>(
+            q: &[f32],
+            k: &[T],
+            v: &[T],
+            seqs: &[SeqAttention<'_>],
+            shape: AttentionShape,
+        ) -> (Vec<f32>, Vec<f32>) {
+            let rows: Vec<(usize, usize)> = seqs
+                .iter()
+                .enumerate()
+                .flat_map(|(i, s)| (0..s.rows).map(move |r| (i, s.start + r)))
+                .collect();
+            let kv = PagedKv {
+                k,
+                v,
+                block_size: 4,
+            };
+            let (mut a, mut b) = (vec![0f32; q.len()], vec![1f32; q.len()]);
+            attend_rows(q, kv, seqs, &rows, shape, &mut a, false);
+            attend_rows(q, kv, seqs, &rows, shape, &mut b, true);
+            (a, b)
+        }
+        for (heads, kv_heads, hd, fast_exp) in [
+            (9, 3, 64, false),
+            (9, 3, 64, true),
+            (4, 4, 128, false),
+            (2, 1, 40, true),
+        ] {
+            let (q, k, v, tables, spans) = random_call(heads, kv_heads, hd, 7 + hd as u32);
+            let seqs: Vec<SeqAttention<'_>> = tables
+                .iter()
+                .zip(&spans)
+                .map(|(t, &(rows, start))| SeqAttention {
+                    rows,
+                    start,
+                    block_table: t,
+                })
+                .collect();
+            let shape = AttentionShape {
+                fast_exp,
+                ..AttentionShape::new(heads, kv_heads, hd)
+            };
+            let (a, b) = both(&q, &k, &v, &seqs, shape);
+            assert_eq!(a, b, "f32 cache, {heads}/{kv_heads} heads of {hd}");
+            let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+            let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let (c, d) = both(&q, &k16, &v16, &seqs, shape);
+            assert_eq!(c, d, "f16 cache, {heads}/{kv_heads} heads of {hd}");
+            // f16 keys and values move the outputs by about their rounding (2^-11 relative).
+            for (x, y) in a.iter().zip(&c) {
+                assert!(
+                    (x - y).abs() <= 0.02 + 0.01 * x.abs(),
+                    "f16 {y} far from f32 {x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_f16_cache_stores_rounded_values_and_reads_them_back_exactly() {
+        // 1 + 2^-11 is a tie between 1 and 1 + 2^-10: it rounds to even (1). 65504 is f16's
+        // largest finite value; 1e-7 is subnormal in f16.
+        let rows = [
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            65504.0,
+            1e-7,
+        ];
+        let mut cache = [f16::ZERO; 4];
+        write_kv(&mut cache, &rows, &[0], 4, 4, 1);
+        let back: Vec<f32> = cache.iter().map(|&h| KvValue::to_f32(h)).collect();
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[1], 1.0 + 2.0 * 2f32.powi(-10));
+        assert_eq!(back[2], 65504.0);
+        assert_eq!(back[3], f16::from_f32(1e-7).to_f32());
+        assert!(back[3] > 0.0 && (back[3] - 1e-7).abs() < 3e-8);
     }
 
     const ONE: AttentionShape = AttentionShape {
