@@ -1,5 +1,5 @@
-//! GFLOP/s of the CPU matmul at model shapes, side by side: f32 and Q4_1 storage on the exact
-//! path, then Q4_1 and Q8_0 on the fast path's int8 kernels, one line per variant this CPU runs:
+//! GFLOP/s of the CPU matmul at model shapes, side by side: f32, bf16 (the same bf16 values in
+//! 16 bits, as a bf16 checkpoint is stored) and Q4_1 storage on the exact path, then Q4_1 and Q8_0 on the fast path's int8 kernels, one line per variant this CPU runs:
 //! `cargo run --release -p gristmill-kernels --example gemm`.
 
 use std::time::Instant;
@@ -19,12 +19,20 @@ fn main() {
     ];
     for &(m, k, n) in &shapes {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        // Values a bf16 checkpoint could hold, so that f32 and bf16 storage compute the same.
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| half::bf16::from_f32((i % 5) as f32 * 0.1).to_f32())
+            .collect();
         let q4 = quantize(GgmlType::Q4_1, &w);
         let q8 = quantize(GgmlType::Q8_0, &w);
         let best = Isa::available()[0];
         let mut variants = vec![
-            ("f32 exact".to_string(), best, PackedMatrix::pack(&w, n, k)),
+            (
+                "f32 exact".to_string(),
+                best,
+                PackedMatrix::pack_f32(&w, n, k),
+            ),
+            ("bf16 exact".to_string(), best, PackedMatrix::pack(&w, n, k)),
             (
                 "q4_1 exact".to_string(),
                 best,

@@ -3,7 +3,101 @@
 
 use std::arch::x86_64::*;
 
-use super::{QKind, QPanel, MR, NR};
+use super::{HalfKind, QKind, QPanel, MR, NR};
+
+/// Eight 16-bit floats widened to f32 (exactly).
+///
+/// # Safety
+/// AVX2 and F16C must be available; `p` must point at eight readable values.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn widen8(kind: HalfKind, p: *const u16) -> __m256 {
+    // SAFETY: reads 16 bytes at p, per the contract.
+    unsafe {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        match kind {
+            HalfKind::F16 => _mm256_cvtph_ps(b),
+            HalfKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)),
+        }
+    }
+}
+
+/// Widens a 16-bit panel into f32 `out` (as many values).
+///
+/// # Safety
+/// AVX2 and F16C must be available.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn widen_panel(kind: HalfKind, bits: &[u16], out: &mut [f32]) {
+    assert!(out.len() >= bits.len() && bits.len().is_multiple_of(8));
+    for c in (0..bits.len()).step_by(8) {
+        // SAFETY: c + 8 ≤ bits.len() ≤ out.len().
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), widen8(kind, bits.as_ptr().add(c))) };
+    }
+}
+
+/// [`kernel`] straight from a 16-bit panel (`k × NR` values), widening each `k` step in
+/// registers: the same FMA chains on the same f32 weights.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `xs` holds `rows × k` floats, rows ≤ MR.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn hkernel(
+    xs: &[f32],
+    rows: usize,
+    k: usize,
+    kind: HalfKind,
+    bits: &[u16],
+    tile: &mut [f32; MR * NR],
+) {
+    assert!(xs.len() >= rows * k && bits.len() >= k * NR && rows <= MR);
+    // SAFETY: sizes asserted above.
+    unsafe {
+        match rows {
+            6 => hblock::<6>(xs, k, kind, bits, tile),
+            5 => hblock::<5>(xs, k, kind, bits, tile),
+            4 => hblock::<4>(xs, k, kind, bits, tile),
+            3 => hblock::<3>(xs, k, kind, bits, tile),
+            2 => hblock::<2>(xs, k, kind, bits, tile),
+            _ => hblock::<1>(xs, k, kind, bits, tile),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hblock<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    kind: HalfKind,
+    bits: &[u16],
+    tile: &mut [f32; MR * NR],
+) {
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    let xp = xs.as_ptr();
+    let mut wp = bits.as_ptr();
+    for kk in 0..k {
+        // SAFETY: kk < k, so wp points at bits[kk * NR..kk * NR + 16] and xp.add(r * k + kk)
+        // at xs[r][kk].
+        unsafe {
+            let w0 = widen8(kind, wp);
+            let w1 = widen8(kind, wp.add(8));
+            for r in 0..R {
+                let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
+                lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+            }
+            wp = wp.add(NR);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: tile has MR * NR floats and r < R ≤ MR.
+        unsafe {
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
+            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
+        }
+    }
+}
 
 /// The 16 weights of one `k` step of a quantised panel: rows 0–7 and rows 8–15.
 ///

@@ -11,11 +11,17 @@
 //! feeds the same FMA chains. Results are therefore bit-identical to the f32 path, with 3–6×
 //! less weight memory to stream.
 //!
+//! Float weights that are exactly 16-bit values (bf16 and f16 checkpoints, read as f32) are
+//! stored in 16 bits, in the same k-major panels, and widened in registers (bf16 by a shift, f16
+//! by F16C): the FMA chains see the same f32 weights, so the results are bit-identical to f32
+//! storage with half the memory to stream.
+//!
 //! Determinism: every output element is a single FMA chain over `k` in ascending order, starting
 //! from zero — `acc = fma(x[i][k], w[j][k], acc)` for `k = 0, 1, …` — whichever micro-kernel
 //! (1 to [`MR`] rows) and whichever thread computes it. The tiling depends on `m`; the arithmetic
 //! of an element does not, so a row's result is bit-identical at any batch size.
 
+use half::f16;
 use rayon::prelude::*;
 
 use super::int8::{self, Int8Rows, Isa};
@@ -43,11 +49,48 @@ pub struct PackedMatrix {
 pub(super) enum Storage {
     /// `ceil(n / NR)` panels of `k × NR` floats, k-major; columns past `n` are zero.
     F32(Vec<f32>),
+    /// As `F32`, each weight in 16 bits (bf16 or f16) because every one of them fits exactly.
+    Half(HalfKind, Vec<u16>),
     /// Quantised panels; rows past `n` have zero scales (so they dequantise to zero).
     Quant(QuantPanels),
     /// Quantised panels in the int8 kernels' layout (see [`super::int8`]), for the `fast`
     /// precision.
     Int8(QuantPanels),
+}
+
+/// Which 16-bit float a [`Storage::Half`] matrix holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HalfKind {
+    Bf16,
+    F16,
+}
+
+impl HalfKind {
+    /// The kind that holds every value of `w` exactly, if one does (bf16 first: it widens by a
+    /// shift).
+    fn exact_for(w: &[f32]) -> Option<Self> {
+        if w.iter().all(|x| x.to_bits() & 0xffff == 0) {
+            Some(HalfKind::Bf16)
+        } else if w.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
+            Some(HalfKind::F16)
+        } else {
+            None
+        }
+    }
+
+    fn bits(self, x: f32) -> u16 {
+        match self {
+            HalfKind::Bf16 => (x.to_bits() >> 16) as u16,
+            HalfKind::F16 => f16::from_f32(x).to_bits(),
+        }
+    }
+
+    pub(super) fn widen(self, b: u16) -> f32 {
+        match self {
+            HalfKind::Bf16 => f32::from_bits((b as u32) << 16),
+            HalfKind::F16 => f16::from_bits(b).to_f32_const(),
+        }
+    }
 }
 
 /// How a panel stores its values and which formula turns a value into a weight.
@@ -121,8 +164,21 @@ pub(super) struct QuantPanels {
 }
 
 impl PackedMatrix {
-    /// Packs a row-major `[n, k]` matrix.
+    /// Packs a row-major `[n, k]` matrix: in 16 bits where every value is a bf16 or every value
+    /// an f16 (a 16-bit checkpoint widened to f32; lossless), else in f32.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        let m = Self::pack_f32(w, n, k);
+        match (HalfKind::exact_for(w), m.storage) {
+            (Some(kind), Storage::F32(data)) => Self {
+                storage: Storage::Half(kind, data.iter().map(|&x| kind.bits(x)).collect()),
+                ..m
+            },
+            (_, storage) => Self { storage, ..m },
+        }
+    }
+
+    /// Packs a row-major `[n, k]` matrix in f32.
+    pub fn pack_f32(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "pack: w is not [{n}, {k}]");
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
@@ -239,6 +295,7 @@ impl PackedMatrix {
                 let values = n * k * kind.bytes_per_k() as u64 / NR as u64;
                 values + n * (k / sb.len as u64) * kind.scale_sets() as u64 * 4
             }
+            _ if matches!(ty, GgmlType::F16 | GgmlType::BF16) => n * k * 2,
             _ => n * k * 4,
         }
     }
@@ -247,6 +304,7 @@ impl PackedMatrix {
     pub fn bytes(&self) -> usize {
         match &self.storage {
             Storage::F32(d) => d.len() * 4,
+            Storage::Half(_, d) => d.len() * 2,
             Storage::Quant(qp) | Storage::Int8(qp) => qp.q.len() + qp.scales.len() * 4,
         }
     }
@@ -295,6 +353,22 @@ impl PackedMatrix {
         let k = self.k;
         match &self.storage {
             Storage::F32(d) => &d[p * k * NR..(p + 1) * k * NR],
+            Storage::Half(kind, d) => {
+                let bits = &d[p * k * NR..(p + 1) * k * NR];
+                scratch.resize(k * NR, 0.0);
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: AVX2 and F16C are present; scratch holds as many values as bits.
+                    unsafe { avx2::widen_panel(*kind, bits, scratch) };
+                    return scratch;
+                }
+                for (o, &b) in scratch.iter_mut().zip(bits) {
+                    *o = kind.widen(b);
+                }
+                scratch
+            }
             Storage::Int8(_) => unreachable!("int8 matrices go through int8::linear"),
             Storage::Quant(qp) => {
                 scratch.resize(k * NR, 0.0);
@@ -330,6 +404,12 @@ impl PackedMatrix {
                 let panel = &d[p * k * NR..(p + 1) * k * NR];
                 for (kk, o) in out.iter_mut().enumerate().take(k) {
                     *o = panel[kk * NR + j];
+                }
+            }
+            Storage::Half(kind, d) => {
+                let panel = &d[p * k * NR..(p + 1) * k * NR];
+                for (kk, o) in out.iter_mut().enumerate().take(k) {
+                    *o = kind.widen(panel[kk * NR + j]);
                 }
             }
             Storage::Quant(qp) => {
@@ -461,8 +541,9 @@ unsafe impl Sync for SendPtr {}
 unsafe fn task(x: &[f32], m: usize, w: &PackedMatrix, p0: usize, p1: usize, out: *mut f32) {
     let k = w.k;
     #[cfg(target_arch = "x86_64")]
-    let fast =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let fast = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     let mut tile = [0f32; MR * NR];
@@ -478,6 +559,20 @@ unsafe fn task(x: &[f32], m: usize, w: &PackedMatrix, p0: usize, p1: usize, out:
                 let rows = m1 - m0;
                 // SAFETY: AVX2 and FMA are present; the slices have the sizes `qpanel` gives.
                 unsafe { avx2::qkernel(&x[m0 * k..m1 * k], rows, k, qpanel(qp, k, p), &mut tile) };
+                for r in 0..rows {
+                    for c in 0..cols {
+                        // SAFETY: as below.
+                        unsafe { *out.add((m0 + r) * w.n + p * NR + c) = tile[r * NR + c] };
+                    }
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let (true, Storage::Half(kind, d), true) = (fast, &w.storage, m1 - m0 <= MR) {
+                let rows = m1 - m0;
+                let bits = &d[p * k * NR..(p + 1) * k * NR];
+                // SAFETY: AVX2, FMA and F16C are present; bits is one k × NR panel.
+                unsafe { avx2::hkernel(&x[m0 * k..m1 * k], rows, k, *kind, bits, &mut tile) };
                 for r in 0..rows {
                     for c in 0..cols {
                         // SAFETY: as below.

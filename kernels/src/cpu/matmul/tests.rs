@@ -145,3 +145,48 @@ fn packed_rows_read_back() {
         assert_eq!(row, &w[i * k..(i + 1) * k]);
     }
 }
+
+/// Weights that are exactly bf16 (or f16) values, as a 16-bit checkpoint gives them.
+fn rounded(w: &[f32], kind: HalfKind) -> Vec<f32> {
+    w.iter()
+        .map(|&x| match kind {
+            HalfKind::Bf16 => half::bf16::from_f32(x).to_f32(),
+            HalfKind::F16 => half::f16::from_f32(x).to_f32(),
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_bit_weights_are_stored_in_16_bits_and_give_the_f32_bits() {
+    for kind in [HalfKind::Bf16, HalfKind::F16] {
+        for &(k, n) in &[(64, 16), (200, 70), (576, 33)] {
+            let w = rounded(&data(n * k, 5), kind);
+            let half = PackedMatrix::pack(&w, n, k);
+            let full = PackedMatrix::pack_f32(&w, n, k);
+            assert!(
+                matches!(half.storage, Storage::Half(kd, _) if kd == kind),
+                "{kind:?}"
+            );
+            assert_eq!(half.bytes() * 2, full.bytes());
+            // The decode kernel (≤ MR rows), the widened-panel path (more rows), the gather.
+            for m in [1, 2, 5, 6, 7, 13, 100] {
+                let x = data(m * k, 6 + m as u32);
+                let (mut a, mut b) = (vec![0f32; m * n], vec![1f32; m * n]);
+                linear(&x, m, &full, &mut a);
+                linear(&x, m, &half, &mut b);
+                assert_eq!(a, b, "{kind:?} ({m}, {k}, {n})");
+            }
+            let (mut a, mut b) = (vec![0f32; k], vec![1f32; k]);
+            full.row_into(n - 1, &mut a);
+            half.row_into(n - 1, &mut b);
+            assert_eq!(a, b);
+        }
+    }
+    // One value off the grid keeps the matrix in f32.
+    let mut w = rounded(&data(64 * 16, 7), HalfKind::Bf16);
+    w[100] = 0.1;
+    assert!(matches!(
+        PackedMatrix::pack(&w, 16, 64).storage,
+        Storage::F32(_)
+    ));
+}
