@@ -18,12 +18,15 @@ Standard library only; run by hand, never in CI.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -49,11 +52,18 @@ def build_llama_cpp() -> Path:
     src = base / "src"
     if not (src / "CMakeLists.txt").exists():
         dl = base / "sdist"
-        subprocess.run(
-            [str(venv / "bin" / "pip"), "download", "-q", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)],
-            check=True,
-        )
+        dl.mkdir(parents=True, exist_ok=True)
+        # The sdist straight from PyPI's simple index (`pip download --no-binary` would build
+        # its build dependencies, cmake among them, from source just to read its metadata).
+        index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+        name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        m = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', index)
+        if not m:
+            raise SystemExit(f"{name} not found on PyPI's simple index")
+        data = urllib.request.urlopen(m.group(1)).read()
+        if hashlib.sha256(data).hexdigest() != m.group(2):
+            raise SystemExit(f"{name}: sha256 mismatch")
+        (dl / name).write_bytes(data)
         tgz = next(dl.glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(tgz) as t:
             t.extractall(base / "extract", filter="data")
