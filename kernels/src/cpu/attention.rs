@@ -216,20 +216,17 @@ fn attend_rows<T: KvValue>(
     out: &mut [f32],
     simd: bool,
 ) {
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-        ..
-    } = shape;
-    let row = heads * head_dim;
-    let group = heads / kv_heads;
-    out.par_chunks_mut(group * head_dim)
+    let (kv_heads, width) = (
+        shape.kv_heads,
+        shape.heads / shape.kv_heads * shape.head_dim,
+    );
+    let row = kv_heads * width;
+    out.par_chunks_mut(width)
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (idx, o)| {
             let (r, g) = (idx / kv_heads, idx % kv_heads);
             let (si, pos) = rows[r];
-            let qg = &q[r * row + g * group * head_dim..r * row + (g + 1) * group * head_dim];
+            let qg = &q[r * row + g * width..r * row + (g + 1) * width];
             let job = GroupJob {
                 q: qg,
                 kv,

@@ -72,22 +72,41 @@ unsafe fn hblock<const R: usize>(
     bits: &[u16],
     tile: &mut [f32; MR * NR],
 ) {
+    let wp = bits.as_ptr();
+    // SAFETY: the caller's panel holds k × NR values, so step kk's 16 lie at kk * NR.
+    let load = |kk: usize| unsafe {
+        [
+            widen8(kind, wp.add(kk * NR)),
+            widen8(kind, wp.add(kk * NR + 8)),
+        ]
+    };
+    // SAFETY: xs holds R × k floats (the caller's contract).
+    unsafe { chains::<R>(xs, k, load, tile) };
+}
+
+/// The `R × NR` tile of FMA chains `acc = fma(x[r][kk], w[kk], acc)`, `kk` ascending, with
+/// step `kk`'s 16 weights from `load(kk)`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `xs` holds `R × k` floats; `load` is valid for `kk < k`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn chains<const R: usize>(
+    xs: &[f32],
+    k: usize,
+    load: impl Fn(usize) -> [__m256; 2],
+    tile: &mut [f32; MR * NR],
+) {
     let mut lo = [_mm256_setzero_ps(); R];
     let mut hi = [_mm256_setzero_ps(); R];
     let xp = xs.as_ptr();
-    let mut wp = bits.as_ptr();
     for kk in 0..k {
-        // SAFETY: kk < k, so wp points at bits[kk * NR..kk * NR + 16] and xp.add(r * k + kk)
-        // at xs[r][kk].
-        unsafe {
-            let w0 = widen8(kind, wp);
-            let w1 = widen8(kind, wp.add(8));
-            for r in 0..R {
-                let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
-                lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
-            }
-            wp = wp.add(NR);
+        let [w0, w1] = load(kk);
+        for r in 0..R {
+            // SAFETY: r < R and kk < k: xp.add(r * k + kk) is xs[r][kk].
+            let xv = unsafe { _mm256_broadcast_ss(&*xp.add(r * k + kk)) };
+            lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
         }
     }
     for r in 0..R {
@@ -287,29 +306,14 @@ pub unsafe fn kernel(xs: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mu
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn block<const R: usize>(xs: &[f32], k: usize, panel: &[f32], tile: &mut [f32; MR * NR]) {
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
-    let xp = xs.as_ptr();
-    let mut wp = panel.as_ptr();
-    for kk in 0..k {
-        // SAFETY: kk < k, so wp points at panel[kk * NR..kk * NR + 16] and
-        // xp.add(r * k + kk) at xs[r][kk].
-        unsafe {
-            let w0 = _mm256_loadu_ps(wp);
-            let w1 = _mm256_loadu_ps(wp.add(8));
-            for r in 0..R {
-                let xv = _mm256_broadcast_ss(&*xp.add(r * k + kk));
-                lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
-                hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
-            }
-            wp = wp.add(NR);
-        }
-    }
-    for r in 0..R {
-        // SAFETY: tile has MR * NR floats and r < R ≤ MR.
-        unsafe {
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), lo[r]);
-            _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), hi[r]);
-        }
-    }
+    let wp = panel.as_ptr();
+    // SAFETY: the panel holds k × NR floats, so step kk's 16 lie at kk * NR.
+    let load = |kk: usize| unsafe {
+        [
+            _mm256_loadu_ps(wp.add(kk * NR)),
+            _mm256_loadu_ps(wp.add(kk * NR + 8)),
+        ]
+    };
+    // SAFETY: xs holds R × k floats (the caller's contract).
+    unsafe { chains::<R>(xs, k, load, tile) };
 }
