@@ -317,9 +317,12 @@ impl Backend for CpuBackend {
         // Zeroed allocations are mapped lazily by the OS: untouched blocks cost no memory.
         let n = num_blocks * block_size * kv_heads * head_dim;
         let values = if self.kv_f16() {
+            // From zeroed u16s, reinterpreted (f16 is u16's layout; zero bits are 0.0): `vec![f16::ZERO;
+            // n]` would write every element, committing the whole cache at start-up.
+            let zeroed = || half::vec::HalfBitsVecExt::reinterpret_into(vec![0u16; n]);
             KvValues::F16(
-                (0..layers).map(|_| vec![half::f16::ZERO; n]).collect(),
-                (0..layers).map(|_| vec![half::f16::ZERO; n]).collect(),
+                (0..layers).map(|_| zeroed()).collect(),
+                (0..layers).map(|_| zeroed()).collect(),
             )
         } else {
             KvValues::F32(
@@ -508,5 +511,44 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
         x.data.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident memory of this process (Linux), in bytes.
+    fn rss() -> Option<u64> {
+        let s = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+        Some(
+            kb.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?
+                * 1024,
+        )
+    }
+
+    #[test]
+    fn an_untouched_kv_cache_takes_no_memory_in_either_value_type() {
+        for kv_cache_dtype in [KvCacheDtype::F32, KvCacheDtype::F16] {
+            let backend = CpuBackend {
+                precision: Precision::Fast,
+                kv_cache_dtype,
+            };
+            let Some(before) = rss() else { return };
+            // 2 layers × 2 × 2^27 values: 1 GiB in f32, 512 MiB in f16.
+            let store = backend.kv_store(2, 1 << 17, 16, 1, 64);
+            let grown = rss().unwrap_or(before).saturating_sub(before);
+            assert!(
+                grown < 64 << 20,
+                "{kv_cache_dtype:?}: allocating the cache made {} MiB resident",
+                grown >> 20
+            );
+            drop(store);
+        }
     }
 }
