@@ -246,6 +246,15 @@ impl CpuBackend {
             KvCacheDtype::F16 => true,
         }
     }
+
+    /// The KV cache's value type as the start-up line and the bench JSON name it.
+    pub fn kv_value_name(&self) -> &'static str {
+        if self.kv_f16() {
+            "f16"
+        } else {
+            "f32"
+        }
+    }
 }
 
 /// Host KV memory: per layer, keys and values as `[num_blocks, kv_heads, block_size, head_dim]`

@@ -114,7 +114,7 @@ impl EngineArgs {
             cfg.vocab_size,
             engine.weight_bytes >> 20,
             engine.model.kv_bytes_per_token().div_ceil(1024),
-            if self.backend().kv_f16() { "f16" } else { "f32" },
+            self.backend().kv_value_name(),
             if self.precision == gristmill_engine::Precision::Fast
                 && !self.precision.int8_matmuls()
             {

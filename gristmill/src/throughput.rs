@@ -171,12 +171,7 @@ fn one_run(
             cpus,
         },
         precision: a.engine.precision.to_string(),
-        kv_cache_dtype: if a.engine.backend().kv_f16() {
-            "f16"
-        } else {
-            "f32"
-        }
-        .into(),
+        kv_cache_dtype: a.engine.backend().kv_value_name().into(),
         cpu_kernels: gristmill_engine::cpu_isa(),
         vllm: VllmKeys::new(elapsed, completed, prompt_tokens, output_tokens),
     })

@@ -221,6 +221,8 @@ fn attend_rows<T: KvValue>(
         shape.heads / shape.kv_heads * shape.head_dim,
     );
     let row = kv_heads * width;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd; // only x86-64 has a SIMD variant
     out.par_chunks_mut(width)
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (idx, o)| {
@@ -242,7 +244,6 @@ fn attend_rows<T: KvValue>(
                 unsafe { attend_group_avx2(&job, scratch, o) };
                 return;
             }
-            let _ = simd;
             attend_group::<false, T>(&job, scratch, o);
         });
 }
