@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use gristmill_protocol::cluster::MAX_CUSTOM_ID_BYTES;
 use gristmill_protocol::{
-    codes, ChatMessage, Endpoint, GenerationParams, LineError, Prompt, Request,
+    codes, ChatMessage, Constraint, Endpoint, GenerationParams, LineError, Prompt, Request,
 };
 use serde_json::{Map, Value};
 
@@ -463,6 +463,7 @@ impl Fields<'_> {
             return Err(self.err("stream", "streaming is not available in batch mode".into()));
         }
         p.logprobs = self.logprobs(endpoint)?;
+        p.constraint = self.constraint()?;
         for (field, slot) in [
             ("frequency_penalty", &mut p.frequency_penalty),
             ("presence_penalty", &mut p.presence_penalty),
@@ -475,6 +476,259 @@ impl Fields<'_> {
             }
         }
         Ok(p)
+    }
+}
+
+/// The fields that may constrain the output, besides `response_format`: vLLM's
+/// `structured_outputs` object and its older `guided_*` spellings.
+const STRUCTURED_OUTPUTS_KEYS: [&str; 5] = ["json", "regex", "choice", "grammar", "json_object"];
+const GUIDED_FIELDS: [&str; 4] = [
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+];
+
+/// The longest compiler message quoted in an error line.
+const MAX_REASON_BYTES: usize = 600;
+
+impl Fields<'_> {
+    /// The request's structured-output constraint: OpenAI's `response_format`, vLLM's
+    /// `structured_outputs` object, or vLLM's older `guided_json`/`guided_regex`/
+    /// `guided_choice`/`guided_grammar` fields; at most one of them. Compiled here, so a
+    /// constraint llguidance rejects is this line's error before the batch runs.
+    fn constraint(&self) -> Result<Option<Constraint>, LineError> {
+        let mut found: Vec<(String, Constraint)> = Vec::new();
+        if let Some(c) = self.response_format()? {
+            found.push(c);
+        }
+        if let Some(so) = self.present("structured_outputs") {
+            let Value::Object(so) = so else {
+                return Err(self.err(
+                    "structured_outputs",
+                    format!("expected an object, got {}", type_name(so)),
+                ));
+            };
+            for (key, v) in so {
+                let field = format!("structured_outputs.{key}");
+                if v.is_null() || v == &Value::Bool(false) && key == "json_object" {
+                    continue;
+                }
+                if !STRUCTURED_OUTPUTS_KEYS.contains(&key.as_str()) {
+                    return Err(self.err(
+                        &field,
+                        format!(
+                            "is not supported; structured_outputs takes one of {}",
+                            STRUCTURED_OUTPUTS_KEYS.join(", ")
+                        ),
+                    ));
+                }
+                found.push((field.clone(), self.constraint_field(&field, key, v)?));
+            }
+        }
+        for name in GUIDED_FIELDS {
+            if let Some(v) = self.present(name) {
+                let kind = name.trim_start_matches("guided_");
+                found.push((name.to_string(), self.constraint_field(name, kind, v)?));
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => {
+                let (field, c) = found.remove(0);
+                self.compiles(&field, c).map(Some)
+            }
+            _ => Err(self.err(
+                &found[1].0,
+                format!(
+                    "and body.{} both constrain the output; give only one",
+                    found[0].0
+                ),
+            )),
+        }
+    }
+
+    /// OpenAI's `response_format`: `text`, `json_object` or `json_schema`.
+    fn response_format(&self) -> Result<Option<(String, Constraint)>, LineError> {
+        let Some(rf) = self.present("response_format") else {
+            return Ok(None);
+        };
+        let Value::Object(rf) = rf else {
+            return Err(self.err(
+                "response_format",
+                format!("expected an object, got {}", type_name(rf)),
+            ));
+        };
+        match rf.get("type") {
+            Some(Value::String(t)) if t == "text" => Ok(None),
+            Some(Value::String(t)) if t == "json_object" => {
+                Ok(Some(("response_format".into(), Constraint::JsonObject)))
+            }
+            Some(Value::String(t)) if t == "json_schema" => {
+                let field = "response_format.json_schema";
+                let js = match rf.get("json_schema") {
+                    Some(Value::Object(js)) => js,
+                    Some(other) => {
+                        return Err(self.err(
+                            field,
+                            format!("expected an object, got {}", type_name(other)),
+                        ))
+                    }
+                    None => {
+                        return Err(self.err(
+                            field,
+                            "is missing; \"type\": \"json_schema\" needs \"json_schema\": \
+                             {\"name\", \"schema\", \"strict\"}"
+                                .into(),
+                        ))
+                    }
+                };
+                match js.get("name") {
+                    Some(Value::String(n))
+                        if !n.is_empty()
+                            && n.len() <= 64
+                            && n.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                    Some(Value::String(n)) => {
+                        return Err(self.err(
+                            &format!("{field}.name"),
+                            format!("{n:?} must be 1 to 64 letters, digits, underscores or dashes"),
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(self.err(
+                            &format!("{field}.name"),
+                            format!("expected a string, got {}", type_name(other)),
+                        ))
+                    }
+                    None => return Err(self.err(&format!("{field}.name"), "is missing".into())),
+                }
+                if let Some(strict) = js.get("strict").filter(|v| !v.is_null() && !v.is_boolean()) {
+                    return Err(self.err(
+                        &format!("{field}.strict"),
+                        format!("expected a boolean, got {}", type_name(strict)),
+                    ));
+                }
+                let schema_field = format!("{field}.schema");
+                match js.get("schema") {
+                    Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some((
+                        schema_field,
+                        Constraint::JsonSchema {
+                            schema: schema.clone(),
+                        },
+                    ))),
+                    Some(other) => Err(self.err(
+                        &schema_field,
+                        format!("expected a JSON Schema object, got {}", type_name(other)),
+                    )),
+                    None => Err(self.err(&schema_field, "is missing".into())),
+                }
+            }
+            Some(Value::String(t)) => Err(self.err(
+                "response_format.type",
+                format!("{t:?} is not supported; use \"text\", \"json_object\" or \"json_schema\""),
+            )),
+            Some(other) => Err(self.err(
+                "response_format.type",
+                format!("expected a string, got {}", type_name(other)),
+            )),
+            None => Err(self.err("response_format.type", "is missing".into())),
+        }
+    }
+
+    /// One constraint given as `kind` (`json`, `regex`, `choice`, `grammar`, `json_object`)
+    /// in `field`.
+    fn constraint_field(
+        &self,
+        field: &str,
+        kind: &str,
+        v: &Value,
+    ) -> Result<Constraint, LineError> {
+        let string = |what: &str| match v {
+            Value::String(s) if !s.is_empty() => Ok(s.clone()),
+            other => Err(self.err(
+                field,
+                format!("expected a non-empty {what} string, got {other}"),
+            )),
+        };
+        Ok(match kind {
+            "json" => match v {
+                Value::Object(_) | Value::Bool(_) => Constraint::JsonSchema { schema: v.clone() },
+                Value::String(s) => Constraint::JsonSchema {
+                    schema: serde_json::from_str(s).map_err(|e| {
+                        self.err(
+                            field,
+                            format!("is a string but not a JSON Schema in JSON: {e}"),
+                        )
+                    })?,
+                },
+                other => {
+                    return Err(self.err(
+                        field,
+                        format!("expected a JSON Schema object, got {}", type_name(other)),
+                    ))
+                }
+            },
+            "regex" => Constraint::Regex {
+                pattern: string("regular expression")?,
+            },
+            "grammar" => Constraint::Grammar {
+                lark: string("Lark grammar")?,
+            },
+            "choice" => match v {
+                Value::Array(items) if !items.is_empty() => Constraint::Choice {
+                    choices: items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| match c {
+                            Value::String(s) => Ok(s.clone()),
+                            other => Err(self.err(
+                                &format!("{field}[{i}]"),
+                                format!("expected a string, got {}", type_name(other)),
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?,
+                },
+                other => {
+                    return Err(self.err(
+                        field,
+                        format!("expected a non-empty array of strings, got {other}"),
+                    ))
+                }
+            },
+            "json_object" => match v {
+                Value::Bool(true) => Constraint::JsonObject,
+                other => return Err(self.err(field, format!("expected true, got {other}"))),
+            },
+            other => return Err(self.err(field, format!("{other:?} is not a kind of constraint"))),
+        })
+    }
+
+    /// `c` if llguidance compiles it, else an error naming `field` and the compiler's reason.
+    fn compiles(&self, field: &str, c: Constraint) -> Result<Constraint, LineError> {
+        match gristmill_structured::check(&c) {
+            Ok(()) => Ok(c),
+            Err(why) => {
+                let mut why = why.trim().replace('\n', " ");
+                if why.len() > MAX_REASON_BYTES {
+                    let mut end = MAX_REASON_BYTES;
+                    while !why.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    why.truncate(end);
+                    why.push('…');
+                }
+                Err(LineError::new(
+                    codes::INVALID_REQUEST,
+                    format!(
+                        "line {}: body.{field} cannot be enforced ({} constraint): {why}",
+                        self.line,
+                        c.kind()
+                    ),
+                )
+                .with_param(format!("body.{field}")))
+            }
+        }
     }
 }
 
@@ -748,5 +1002,134 @@ mod tests {
             .remove(0)
             .expect("valid");
         assert_eq!(r.prompt, Prompt::Tokens(vec![1, 2, 3]));
+    }
+
+    fn chat(extra: &str) -> String {
+        format!(
+            r#"{{"custom_id":"a","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}}}"#
+        )
+    }
+
+    fn constraint_of(extra: &str) -> Option<Constraint> {
+        check(&[&chat(extra)])
+            .remove(0)
+            .expect("valid")
+            .params
+            .constraint
+    }
+
+    #[test]
+    fn every_spelling_of_a_constraint_is_read() {
+        let schema =
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            constraint_of(&format!(
+                r#","response_format":{{"type":"json_schema","json_schema":{{"name":"x","strict":true,"schema":{schema}}}}}"#
+            )),
+            Some(Constraint::JsonSchema {
+                schema: schema.clone()
+            })
+        );
+        assert_eq!(
+            constraint_of(r#","response_format":{"type":"json_object"}"#),
+            Some(Constraint::JsonObject)
+        );
+        assert_eq!(constraint_of(r#","response_format":{"type":"text"}"#), None);
+        assert_eq!(
+            constraint_of(&format!(r#","structured_outputs":{{"json":{schema}}}"#)),
+            Some(Constraint::JsonSchema {
+                schema: schema.clone()
+            })
+        );
+        let as_string = serde_json::to_string(&schema.to_string()).expect("string");
+        assert_eq!(
+            constraint_of(&format!(r#","guided_json":{as_string}"#)),
+            Some(Constraint::JsonSchema { schema })
+        );
+        assert_eq!(
+            constraint_of(r#","structured_outputs":{"regex":"[a-z]+"}"#),
+            Some(Constraint::Regex {
+                pattern: "[a-z]+".into()
+            })
+        );
+        assert_eq!(
+            constraint_of(r#","guided_choice":["yes","no"]"#),
+            Some(Constraint::Choice {
+                choices: vec!["yes".into(), "no".into()]
+            })
+        );
+        assert_eq!(
+            constraint_of(r#","structured_outputs":{"grammar":"start: \"a\"+"}"#),
+            Some(Constraint::Grammar {
+                lark: "start: \"a\"+".into()
+            })
+        );
+        // Completions lines take the extensions too.
+        let r = check(&[r#"{"custom_id":"a","url":"/v1/completions","body":{"prompt":"x","structured_outputs":{"choice":["a"]}}}"#])
+            .remove(0)
+            .expect("valid");
+        assert!(r.params.constraint.is_some());
+    }
+
+    #[test]
+    fn a_bad_constraint_is_an_error_naming_line_and_field() {
+        let cases = [
+            (
+                r##","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","properties":{"a":{"$ref":"#/$defs/nope"}},"required":["a"]}}}"##,
+                "body.response_format.json_schema.schema cannot be enforced",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"strnig"}}}"#,
+                "body.response_format.json_schema.schema cannot be enforced",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"schema":{}}}"#,
+                "body.response_format.json_schema.name is missing",
+            ),
+            (
+                r#","response_format":{"type":"json_schema"}"#,
+                "body.response_format.json_schema is missing",
+            ),
+            (
+                r#","response_format":{"type":"yaml"}"#,
+                "body.response_format.type \"yaml\" is not supported",
+            ),
+            (
+                r#","response_format":"json""#,
+                "body.response_format expected an object",
+            ),
+            (
+                r#","guided_regex":"(open""#,
+                "body.guided_regex cannot be enforced (regex constraint)",
+            ),
+            (
+                r#","structured_outputs":{"grammar":"start: undefined_rule"}"#,
+                "body.structured_outputs.grammar cannot be enforced",
+            ),
+            (
+                r#","structured_outputs":{"choice":[]}"#,
+                "body.structured_outputs.choice expected a non-empty array",
+            ),
+            (
+                r#","structured_outputs":{"ebnf":"x"}"#,
+                "body.structured_outputs.ebnf is not supported",
+            ),
+            (
+                r#","structured_outputs":{"regex":"a"},"response_format":{"type":"json_object"}"#,
+                "both constrain the output",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let e = err(&chat(extra));
+            assert!(e.message.starts_with("line 1: "), "{}", e.message);
+            assert!(e.message.contains(expected), "{extra}: {}", e.message);
+            assert_eq!(e.code, codes::INVALID_REQUEST);
+        }
+        // The next line is still read.
+        let results = check(&[
+            &chat(r#","guided_regex":"(open""#),
+            r#"{"custom_id":"b","url":"/v1/completions","body":{"prompt":"x"}}"#,
+        ]);
+        assert!(results[0].is_err() && results[1].is_ok());
     }
 }

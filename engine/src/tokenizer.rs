@@ -343,6 +343,54 @@ impl Tokenizer {
             .map_err(|e| tok_err(&self.source, format!("cannot decode ids: {e}")))
     }
 
+    /// The bytes each of the first `vocab_size` ids stands for, as llguidance wants them:
+    /// special tokens as 0xFF followed by their text, byte-level BPE symbols mapped back to
+    /// bytes, SentencePiece's `▁` as a space and its `<0xNN>` pieces as the byte. Ids the
+    /// tokenizer does not know (a model's padded embeddings) are empty: never generated.
+    pub fn token_bytes(&self, vocab_size: usize) -> Vec<Vec<u8>> {
+        let byte_level = serde_json::to_string(&self.inner.get_decoder())
+            .is_ok_and(|d| d.contains("\"ByteLevel\""));
+        let unicode_to_byte = byte_level_alphabet();
+        let mut out = vec![Vec::new(); vocab_size];
+        for (text, id) in self.inner.get_vocab(false) {
+            let Some(slot) = out.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = if byte_level {
+                // Every symbol of a byte-level vocabulary is one of the 256 byte stand-ins; one
+                // that is not keeps its UTF-8 text.
+                text.chars()
+                    .map(|c| {
+                        unicode_to_byte
+                            .get(&c)
+                            .copied()
+                            .map_or_else(|| c.to_string().into_bytes(), |b| vec![b])
+                    })
+                    .collect::<Vec<_>>()
+                    .concat()
+            } else if let Some(b) = text
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .filter(|h| h.len() == 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                vec![b]
+            } else {
+                text.replace('\u{2581}', " ").into_bytes()
+            };
+        }
+        for (id, added) in self.inner.get_added_tokens_decoder() {
+            if let Some(slot) = out.get_mut(id as usize) {
+                let mut bytes = added.content.into_bytes();
+                if added.special {
+                    bytes.insert(0, 0xFF);
+                }
+                *slot = bytes;
+            }
+        }
+        out
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.template.is_some()
     }
@@ -479,4 +527,23 @@ mod tests {
         assert_eq!(format_date("%d %b %Y", 0), "01 Jan 1970");
         assert_eq!(format_date("%Y-%m-%d", 1_795_996_800), "2026-11-30");
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte.
+/// Printable Latin-1 bytes stand for themselves; the other 68 map to U+0100 onwards in order.
+fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 0u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                // 256 + n is below 0x200: always a valid char.
+                char::from_u32(255 + next).unwrap_or(char::REPLACEMENT_CHARACTER)
+            };
+            (c, b)
+        })
+        .collect()
 }

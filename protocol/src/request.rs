@@ -76,6 +76,41 @@ pub struct GenerationParams {
     /// Completions to generate for the prompt (OpenAI's `n`).
     #[serde(default = "one")]
     pub n: usize,
+    /// What the output must match (structured outputs), enforced token by token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
+}
+
+/// A structured-output constraint: the grammar a request's output must belong to.
+///
+/// Batch lines spell it as OpenAI's `response_format` or as vLLM's `structured_outputs` object
+/// (or its older `guided_*` fields); validation turns each into one of these.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON value valid against the JSON Schema.
+    JsonSchema { schema: serde_json::Value },
+    /// Any JSON object (OpenAI's JSON mode).
+    JsonObject,
+    /// Text matching the regular expression as a whole.
+    Regex { pattern: String },
+    /// Exactly one of these strings.
+    Choice { choices: Vec<String> },
+    /// Text derived from a grammar in llguidance's Lark dialect.
+    Grammar { lark: String },
+}
+
+impl Constraint {
+    /// A short name for logs and errors: `json_schema`, `regex`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::JsonSchema { .. } => "json_schema",
+            Self::JsonObject => "json_object",
+            Self::Regex { .. } => "regex",
+            Self::Choice { .. } => "choice",
+            Self::Grammar { .. } => "grammar",
+        }
+    }
 }
 
 fn one() -> usize {
@@ -96,6 +131,7 @@ impl Default for GenerationParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             n: 1,
+            constraint: None,
         }
     }
 }

@@ -110,12 +110,15 @@ impl<B: Backend> Engine<B> {
         let generated = seq.generated();
         let last = *generated.last()?;
         let p = &req.params;
-        let eos = !p.ignore_eos && self.tokenizer.eos_ids.contains(&last);
+        let is_eos = self.tokenizer.eos_ids.contains(&last);
+        let eos = !p.ignore_eos && is_eos;
+        // A complete constraint ends the output: its grammar allows nothing but end-of-sequence.
+        let complete = l.guide.as_ref().is_some_and(|g| g.is_finished());
         let at_limit = generated.len() >= l.max_tokens || seq.tokens.len() >= ctx;
-        if !eos && !at_limit && !self.tail_has_stop(generated, &p.stop) {
+        if !eos && !complete && !at_limit && !self.tail_has_stop(generated, &p.stop) {
             return None;
         }
-        let visible = if eos {
+        let visible = if is_eos && (eos || complete) {
             &generated[..generated.len() - 1]
         } else {
             generated
@@ -136,7 +139,7 @@ impl<B: Backend> Engine<B> {
             .min();
         let (text, finish_reason) = match cut {
             Some(cut) => (text[..cut].to_string(), FinishReason::Stop),
-            None if eos => (text, FinishReason::Stop),
+            None if eos || complete => (text, FinishReason::Stop),
             None if at_limit => (text, FinishReason::Length),
             None => return None,
         };

@@ -40,6 +40,7 @@ impl<B: Backend> Engine<B> {
             weight_bytes,
             seed_base,
             generated_tokens: AtomicU64::new(0),
+            structured: std::sync::OnceLock::new(),
         }
     }
 }

@@ -22,9 +22,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gristmill_protocol::{codes, Endpoint, FinishReason, LineError, Prompt, Request, Usage};
+use gristmill_structured::{Guide, Vocabulary};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::error::Result;
@@ -72,6 +74,10 @@ pub struct RunStats {
     pub kv_blocks: usize,
     /// Largest number of sequences in one step.
     pub max_batch: usize,
+    /// Token masks computed for constrained sequences, and the time spent computing them (on a
+    /// thread beside the model's forward pass).
+    pub masks: u64,
+    pub mask_time: Duration,
 }
 
 /// A request that finished generating.
@@ -138,6 +144,8 @@ pub struct Engine<B: Backend = CpuBackend> {
     seed_base: u64,
     /// Tokens generated so far by every run of this engine (for live progress displays).
     pub generated_tokens: AtomicU64,
+    /// llguidance's view of the vocabulary, built on the first constrained request.
+    structured: OnceLock<std::result::Result<Vocabulary, String>>,
 }
 
 /// What a request source has for the engine.
@@ -163,6 +171,8 @@ struct Live {
     choice: usize,
     max_tokens: usize,
     sampler: Sampler,
+    /// The sequence's place in its structured-output constraint, if it has one.
+    guide: Option<Guide>,
     /// One entry per generated token when the request asked for logprobs.
     logprobs: Vec<TokenLogprob>,
 }
@@ -218,6 +228,45 @@ impl<T> Group<T> {
 }
 
 impl<B: Backend> Engine<B> {
+    /// A guide for a request's constraint over this model's vocabulary (built once), or the
+    /// error line that says why there is none.
+    fn guide(&self, req: &Request) -> std::result::Result<Option<Guide>, LineError> {
+        let Some(c) = &req.params.constraint else {
+            return Ok(None);
+        };
+        let vocab = self
+            .structured
+            .get_or_init(|| {
+                let vocab_size = self.model.cfg().vocab_size;
+                Vocabulary::new(
+                    self.tokenizer.token_bytes(vocab_size),
+                    &self.tokenizer.eos_ids,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|why| {
+                LineError::new(
+                    codes::INVALID_REQUEST,
+                    format!(
+                        "line {}: this model cannot follow a {} constraint: {why}",
+                        req.line,
+                        c.kind()
+                    ),
+                )
+            })?;
+        vocab.guide(c).map(Some).map_err(|why| {
+            LineError::new(
+                codes::INVALID_REQUEST,
+                format!(
+                    "line {}: the {} constraint cannot be enforced over this model's vocabulary: {why}",
+                    req.line,
+                    c.kind()
+                ),
+            )
+        })
+    }
+
     /// Runs every request of `requests` to completion, calling `on_outcome` as each finishes
     /// (in completion order, not input order).
     pub fn run<I, F>(&self, requests: I, opts: EngineOptions, on_outcome: F) -> RunStats

@@ -72,6 +72,10 @@ impl<T, B: Backend> InFlight<T, B> {
             Ok(p) => p,
             Err(error) => return Some((tag, failed(req, error))),
         };
+        let guide = match engine.guide(&req) {
+            Ok(g) => g,
+            Err(error) => return Some((tag, failed(req, error))),
+        };
         let max_tokens = req.params.max_tokens.unwrap_or(self.ctx - prompt.len());
         let n = req.params.n.max(1);
         let group = self.next_id;
@@ -96,6 +100,7 @@ impl<T, B: Backend> InFlight<T, B> {
                     choice,
                     max_tokens,
                     sampler,
+                    guide: guide.clone(),
                     logprobs: Vec::new(),
                 },
             );
@@ -191,6 +196,7 @@ impl<T, B: Backend> InFlight<T, B> {
         }
         self.stats.steps += 1;
         self.stats.max_batch = self.stats.max_batch.max(plan.chunks.len());
+        let mut masks = HashMap::new();
         let logits = {
             let steps: Vec<StepSeq<'_>> = plan
                 .chunks
@@ -205,9 +211,47 @@ impl<T, B: Backend> InFlight<T, B> {
                     })
                 })
                 .collect();
-            match self.kv.as_mut() {
+            // The masks of constrained sequences are computed beside the forward pass, on a
+            // thread of their own; a step without constrained sequences starts no thread.
+            let live = &mut self.live;
+            let constrained: Vec<SeqId> = plan
+                .chunks
+                .iter()
+                .filter(|c| c.sample && live.get(&c.seq).is_some_and(|l| l.guide.is_some()))
+                .map(|c| c.seq)
+                .collect();
+            let kv = self.kv.as_mut();
+            let forward = move || match kv {
                 Some(kv) => engine.model.forward(kv, &steps).map_err(|e| e.to_string()),
                 None => Err("no KV cache".to_string()),
+            };
+            if constrained.is_empty() {
+                forward()
+            } else {
+                let (logits, (m, took)) = std::thread::scope(|scope| {
+                    let masker = scope.spawn(|| {
+                        let start = Instant::now();
+                        let masks: HashMap<SeqId, _> = constrained
+                            .iter()
+                            .filter_map(|id| {
+                                let guide = live.get_mut(id)?.guide.as_mut()?;
+                                Some((*id, guide.mask()))
+                            })
+                            .collect();
+                        (masks, start.elapsed())
+                    });
+                    let logits = forward();
+                    // The masking thread only calls llguidance, which catches its own panics
+                    // and reports them as errors.
+                    let masks = masker
+                        .join()
+                        .unwrap_or_else(|_| (HashMap::new(), Duration::ZERO));
+                    (logits, masks)
+                });
+                self.stats.masks += m.len() as u64;
+                self.stats.mask_time += took;
+                masks = m;
+                logits
             }
         };
         let logits = match logits {
@@ -231,7 +275,24 @@ impl<T, B: Backend> InFlight<T, B> {
                 continue;
             };
             let step = (seq.tokens.len() - seq.prompt_len) as u64;
-            let token = l.sampler.sample(&row, step, seq.generated());
+            let mut guided = Ok(());
+            let token = match masks.remove(&c.seq) {
+                None => l.sampler.sample(&row, step, seq.generated()),
+                Some(Ok(mask)) => {
+                    let mut allowed = row.clone();
+                    gristmill_structured::apply(&mask, &mut allowed);
+                    let token = l.sampler.sample(&allowed, step, seq.generated());
+                    if let Some(guide) = l.guide.as_mut() {
+                        guided = guide.commit(token);
+                    }
+                    token
+                }
+                Some(Err(e)) => {
+                    guided = Err(e);
+                    0
+                }
+            };
+            // Logprobs are the model's own (before the mask), as vLLM reports them by default.
             if let Some(top) = g.req.params.logprobs {
                 l.logprobs.push(token_logprob(&row, token, top));
             }
@@ -242,7 +303,17 @@ impl<T, B: Backend> InFlight<T, B> {
             let Some(seq) = self.sched.seq(c.seq) else {
                 continue;
             };
-            match engine.check_finished(l, &g.req, seq, self.ctx) {
+            let verdict = match guided {
+                Ok(()) => engine.check_finished(l, &g.req, seq, self.ctx),
+                Err(why) => Some(Err(LineError::new(
+                    codes::INTERNAL,
+                    format!(
+                        "line {}: the structured-output constraint failed while generating: {why}",
+                        g.req.line
+                    ),
+                ))),
+            };
+            match verdict {
                 None => continue,
                 Some(Ok(choice)) => g.choices[l.choice] = Some(choice),
                 Some(Err(error)) => {
