@@ -5,7 +5,7 @@
 //! which is one token for typical byte-level BPE vocabularies (a leading space included), so a
 //! `--input-len` of N gives prompts of about N tokens.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 pub mod chart;
 pub mod report;
@@ -73,6 +73,53 @@ impl Workload {
             })
             .collect()
     }
+}
+
+/// The schema of `--dataset json-schema`: a manifest of services, each a nested object with
+/// a bounded string, integers with ranges, an enum and an array of strings. It asks for at
+/// least 64 services, more than any `--output-len` in use fits, so every constrained request
+/// runs to `max_tokens` exactly as an unconstrained one with `ignore_eos` does, and the two
+/// runs compare tokens for tokens.
+pub fn bench_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "services": {
+                "type": "array",
+                "minItems": 64,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 24},
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "replicas": {"type": "integer", "minimum": 1, "maximum": 9},
+                        "tier": {"enum": ["web", "worker", "cron"]},
+                        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}
+                    },
+                    "required": ["name", "port", "replicas", "tier", "tags"],
+                    "additionalProperties": false
+                }
+            }
+        },
+        "required": ["services"],
+        "additionalProperties": false
+    })
+}
+
+/// `lines` (batch lines) with every request constrained to [`bench_schema`] through the
+/// `structured_outputs` field.
+pub fn with_bench_schema(lines: Vec<String>) -> Vec<String> {
+    let schema = bench_schema();
+    lines
+        .into_iter()
+        .map(|l| match serde_json::from_str::<Value>(&l) {
+            Ok(mut v) => {
+                v["body"]["structured_outputs"] = json!({"json": schema});
+                v.to_string()
+            }
+            Err(_) => l,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -78,6 +78,12 @@ pub struct ThroughputResult {
     /// The CPU kernels used (`f32 avx2+fma, int8 avx512vnni`).
     #[serde(default)]
     pub cpu_kernels: String,
+    /// Token masks computed for constrained requests (`--dataset json-schema`), and their mean
+    /// time in microseconds (computed beside the forward pass, not added to it).
+    #[serde(default)]
+    pub masks: u64,
+    #[serde(default)]
+    pub mask_us_mean: f64,
     /// The same figures under the key names of vLLM's `benchmark_throughput` JSON.
     #[serde(flatten)]
     pub vllm: VllmKeys,
@@ -198,6 +204,8 @@ mod tests {
             engine_steps: 1,
             machine: MachineLoad::default(),
             precision: "fast".into(),
+            masks: 0,
+            mask_us_mean: 0.0,
             kv_cache_dtype: "f16".into(),
             cpu_kernels: "f32 portable, int8 portable".into(),
             vllm: VllmKeys::new(2.0, 4, 300, 100),

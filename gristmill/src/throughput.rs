@@ -22,6 +22,10 @@ pub enum Dataset {
     Random,
     /// Prompts that share one of `--num-prefixes` prefixes of `--prefix-len` words.
     PrefixRepetition,
+    /// Random prompts whose outputs must follow a nested JSON Schema (a manifest of at least
+    /// 64 services, so every request generates `--output-len` tokens): the cost of structured
+    /// outputs, against `random` with the same flags.
+    JsonSchema,
     /// Requests from an OpenAI batch file (`--dataset-path`).
     Jsonl,
 }
@@ -91,6 +95,9 @@ fn requests(a: &ThroughputArgs, num_prompts: usize) -> Result<Vec<Request>> {
             }
             a.synthetic.workload(num_prompts, true)?.lines()
         }
+        Dataset::JsonSchema => {
+            gristmill_bench::with_bench_schema(a.synthetic.workload(num_prompts, true)?.lines())
+        }
     };
     let mut v = LineValidator::new();
     lines
@@ -147,7 +154,10 @@ fn one_run(
         schema_version: THROUGHPUT_SCHEMA,
         gristmill_version: env!("CARGO_PKG_VERSION").to_string(),
         model: model.to_string(),
-        dataset: format!("{:?}", a.dataset).to_lowercase(),
+        dataset: a
+            .dataset
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
         num_prompts: n,
         max_num_seqs,
         threads: rayon::current_num_threads(),
@@ -173,6 +183,8 @@ fn one_run(
         precision: a.engine.precision.to_string(),
         kv_cache_dtype: a.engine.backend().kv_value_name().into(),
         cpu_kernels: gristmill_engine::cpu_isa(),
+        masks: stats.masks,
+        mask_us_mean: stats.mask_time.as_secs_f64() * 1e6 / stats.masks.max(1) as f64,
         vllm: VllmKeys::new(elapsed, completed, prompt_tokens, output_tokens),
     })
 }
@@ -220,6 +232,12 @@ pub fn run(a: ThroughputArgs) -> Result<()> {
             r.preemptions,
             r.machine.load_before.map_or("?".into(), |l| format!("{l:.2}")),
         );
+        if r.masks > 0 {
+            println!(
+                "{:>8} constrained: {} token masks, {:.0} µs each on average (beside the forward pass)",
+                "", r.masks, r.mask_us_mean
+            );
+        }
         results.push(r);
     }
     if let Some(p) = &a.output_json {

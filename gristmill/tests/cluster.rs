@@ -52,12 +52,26 @@ fn two_workers_produce_what_gristmill_run_produces() {
             } else {
                 "Scaffold a Rust service named"
             };
-            chat_line(
+            let line = chat_line(
                 &format!("svc-{i}"),
                 &format!("{template} svc{i}."),
                 10,
                 7 + i as u64,
-            )
+            );
+            // A third of the lines follow a JSON Schema and a third a choice: structured
+            // outputs are as deterministic through the cluster as through `gristmill run`.
+            let mut v: Value = serde_json::from_str(&line).expect("json");
+            match i % 3 {
+                0 => {
+                    v["body"]["response_format"] = json!({"type": "json_schema", "json_schema": {
+                        "name": "service", "strict": true, "schema": {
+                            "type": "object", "properties": {"go": {"type": "boolean"}},
+                            "required": ["go"], "additionalProperties": false}}});
+                }
+                1 => v["body"]["structured_outputs"] = json!({"choice": ["go", "rust", "zig"]}),
+                _ => {}
+            }
+            v.to_string()
         })
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,6 +128,20 @@ fn two_workers_produce_what_gristmill_run_produces() {
         texts(&remote),
         "cluster output differs from gristmill run"
     );
+    for (id, text) in texts(&remote) {
+        let i: usize = id.trim_start_matches("svc-").parse().expect("index");
+        match i % 3 {
+            0 => assert!(
+                serde_json::from_str::<Value>(&text).is_ok_and(|v| v["go"].is_boolean()),
+                "{id}: {text:?}"
+            ),
+            1 => assert!(
+                ["go", "rust", "zig"].contains(&text.as_str()),
+                "{id}: {text:?}"
+            ),
+            _ => {}
+        }
+    }
     for v in remote.values() {
         assert_eq!(v["response"]["status_code"], 200);
         assert!(v["id"]
@@ -801,13 +829,17 @@ fn bad_files_lines_endpoints_and_keys_get_clear_errors() {
         json!({"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions", "body": {"max_tokens": 3}}).to_string(),
         json!({"custom_id": "hot", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "temperature": 9}}).to_string(),
         chat_line("good-2", "Say bye.", 3, 2),
+        json!({"custom_id": "bad-schema", "method": "POST", "url": "/v1/chat/completions", "body": {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objcet"}}}}})
+        .to_string(),
     ];
     let id = c.create_batch(&lines, "24h");
     let b = c.wait_done(&id, LONG);
     assert_eq!(b["status"], "completed", "{b}");
     assert_eq!(
         b["request_counts"],
-        json!({"total": 5, "completed": 2, "failed": 3})
+        json!({"total": 6, "completed": 2, "failed": 4})
     );
     let err = c.file_lines(&b["error_file_id"]);
     let mut got: Vec<(u64, String)> = err
@@ -825,7 +857,8 @@ fn bad_files_lines_endpoints_and_keys_get_clear_errors() {
         vec![
             (2, "invalid_json".into()),
             (3, "invalid_request".into()),
-            (4, "invalid_request".into())
+            (4, "invalid_request".into()),
+            (6, "invalid_request".into())
         ],
         "{err:?}"
     );

@@ -72,6 +72,44 @@ for o in out:
     assert body["usage"]["completion_tokens"] <= 4
 assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
 
+# structured outputs: response_format with a JSON Schema, as the SDK's users write it
+schema = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green", "blue"]}, "hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"}},
+    "required": ["colour", "hex"],
+    "additionalProperties": False,
+}
+so_lines = "\n".join(
+    json.dumps(
+        {
+            "custom_id": f"json-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": f"Pick a colour ({i}) as JSON."}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "colour", "strict": True, "schema": schema}},
+                "max_tokens": 40,
+                "seed": i,
+            },
+        }
+    )
+    for i in range(3)
+).encode()
+fs = client.files.create(file=("so.jsonl", io.BytesIO(so_lines)), purpose="batch")
+bs = client.batches.create(input_file_id=fs.id, endpoint="/v1/chat/completions", completion_window="24h")
+deadline = time.time() + 180
+while bs.status not in ("completed", "failed", "expired", "cancelled"):
+    assert time.time() < deadline, f"batch stuck in {bs.status}"
+    time.sleep(0.5)
+    bs = client.batches.retrieve(bs.id)
+assert bs.status == "completed" and bs.request_counts.completed == 3, bs
+for l in client.files.content(bs.output_file_id).text.splitlines():
+    choice = json.loads(l)["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    parsed = json.loads(choice["message"]["content"])
+    assert parsed["colour"] in ("red", "green", "blue") and len(parsed["hex"]) == 7, parsed
+
 # batches.list with pagination
 f2 = client.files.create(file=("b2.jsonl", io.BytesIO(lines("slow", 40, 64))), purpose="batch")
 b2 = client.batches.create(input_file_id=f2.id, endpoint="/v1/chat/completions", completion_window="24h")

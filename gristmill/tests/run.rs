@@ -652,3 +652,92 @@ fn the_demo_batch_ends_on_its_own_without_loops() {
         "{summary}"
     );
 }
+
+#[test]
+fn structured_outputs_hold_through_gristmill_run_and_a_bad_schema_is_an_error_line() {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "tier": {"enum": ["web", "worker"]},
+            "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}, "minItems": 1, "maxItems": 2}
+        },
+        "required": ["name", "tier", "ports"],
+        "additionalProperties": false
+    });
+    let lines = vec![
+        chat(
+            "schema",
+            "Describe a web service as JSON.",
+            json!({"max_tokens": 60, "seed": 3, "response_format": {"type": "json_schema",
+                "json_schema": {"name": "service", "strict": true, "schema": schema}}}),
+        ),
+        chat(
+            "bad-schema",
+            "x",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}, "required": ["a"]}}}}),
+        ),
+        chat(
+            "mode",
+            "Give me a JSON object about a dog.",
+            json!({"max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}}),
+        ),
+        completion(
+            "choice",
+            "The best colour is",
+            json!({"max_tokens": 8, "structured_outputs": {"choice": ["red", "blue"]}}),
+        ),
+        chat(
+            "regex",
+            "When?",
+            json!({"max_tokens": 20, "guided_regex": "[0-9]{4}-[0-9]{2}-[0-9]{2}"}),
+        ),
+    ];
+    let r = run_lines(&lines, &[]);
+    assert_eq!(
+        r.outputs.len(),
+        4,
+        "{}",
+        String::from_utf8_lossy(&r.out.stderr)
+    );
+    assert_eq!(r.errors.len(), 1);
+    let e = &r.errors[0];
+    assert_eq!(e["custom_id"], "bad-schema");
+    assert_eq!(e["error"]["code"], "invalid_request");
+    let msg = e["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with("line 2: body.response_format.json_schema.schema cannot be enforced"),
+        "{msg}"
+    );
+    let finish =
+        |id: &str| r.outputs[id]["response"]["body"]["choices"][0]["finish_reason"].clone();
+    if finish("schema") == "stop" {
+        let v: Value =
+            serde_json::from_str(&text_of(&r.outputs["schema"])).expect("schema output parses");
+        assert!(
+            ["web", "worker"].contains(&v["tier"].as_str().expect("tier")),
+            "{v}"
+        );
+        assert!(
+            v["name"].as_str().is_some_and(|n| n.chars().count() <= 20),
+            "{v}"
+        );
+    }
+    if finish("mode") == "stop" {
+        let m: Value =
+            serde_json::from_str(&text_of(&r.outputs["mode"])).expect("json_object parses");
+        assert!(m.is_object(), "{m}");
+    }
+    assert!(["red", "blue"].contains(&text_of(&r.outputs["choice"]).as_str()));
+    let date = text_of(&r.outputs["regex"]);
+    assert!(
+        date.len() == 10
+            && date.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 {
+                c == '-'
+            } else {
+                c.is_ascii_digit()
+            }),
+        "{date:?}"
+    );
+}
