@@ -518,17 +518,6 @@ fn format_date(fmt: &str, secs: u64) -> String {
         .replace("%B", FULL[m])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::format_date;
-
-    #[test]
-    fn dates_render() {
-        assert_eq!(format_date("%d %b %Y", 0), "01 Jan 1970");
-        assert_eq!(format_date("%Y-%m-%d", 1_795_996_800), "2026-11-30");
-    }
-}
-
 /// GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte.
 /// Printable Latin-1 bytes stand for themselves; the other 68 map to U+0100 onwards in order.
 fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
@@ -546,4 +535,15 @@ fn byte_level_alphabet() -> std::collections::HashMap<char, u8> {
             (c, b)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_date;
+
+    #[test]
+    fn dates_render() {
+        assert_eq!(format_date("%d %b %Y", 0), "01 Jan 1970");
+        assert_eq!(format_date("%Y-%m-%d", 1_795_996_800), "2026-11-30");
+    }
 }

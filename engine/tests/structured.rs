@@ -346,3 +346,57 @@ fn constrained_requests_are_the_same_alone_and_in_a_batch_and_plain_ones_pay_not
     let (_, stats) = run(&e, plain);
     assert_eq!((stats.masks, stats.mask_time.as_nanos()), (0, 0));
 }
+
+/// The bytes llguidance is given for each token are the bytes the tokenizer decodes it to:
+/// byte-level BPE (the default model, an HF checkpoint) and SentencePiece with byte fallback.
+#[test]
+fn token_bytes_agree_with_the_tokenizers_own_decoding() {
+    let models = [
+        gristmill_testkit::default_model(),
+        gristmill_testkit::fixture("tiny-llama3"),
+        gristmill_testkit::fixture("tiny-spm-llama.gguf"),
+        gristmill_testkit::fixture("tiny-spm-gemma3.gguf"),
+    ];
+    for path in models {
+        let tok = gristmill_engine::load_tokenizer(&path).expect("tokenizer loads");
+        let n = tok.vocab_size();
+        let bytes = tok.token_bytes(n);
+        let specials = bytes.iter().filter(|b| b.first() == Some(&0xFF)).count();
+        assert!(specials > 0, "{}: no special token marked", path.display());
+        let plain: Vec<u32> = (0..n as u32)
+            .filter(|&i| bytes[i as usize].first().is_some_and(|&b| b != 0xFF))
+            .collect();
+        let mut state = 12345u64;
+        let mut checked = 0;
+        for _ in 0..2000 {
+            let ids: Vec<u32> = (0..3)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    plain[(state >> 33) as usize % plain.len()]
+                })
+                .collect();
+            let joined: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| bytes[i as usize].clone())
+                .collect();
+            let Ok(joined) = String::from_utf8(joined) else {
+                continue; // a multi-byte character cut between tokens: decoders differ there
+            };
+            let decoded = tok.decode(&ids).expect("decodes");
+            // SentencePiece decoders drop the space mark of the first token.
+            assert!(
+                decoded == joined || joined.strip_prefix(' ') == Some(decoded.as_str()),
+                "{}: {ids:?} decodes to {decoded:?}, bytes say {joined:?}",
+                path.display()
+            );
+            checked += 1;
+        }
+        assert!(
+            checked > 100,
+            "{}: only {checked} sequences checked",
+            path.display()
+        );
+    }
+}
