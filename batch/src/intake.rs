@@ -67,7 +67,7 @@ pub type PromptTokens = dyn Fn(&Request) -> Vec<u32> + Send + Sync;
 /// One non-blank line of an input file.
 #[derive(Debug)]
 pub enum Scanned {
-    Valid(Request),
+    Valid(Box<Request>),
     Invalid(InvalidLine),
 }
 
@@ -171,7 +171,7 @@ impl Scanner {
                     ),
                 }),
                 Ok(text) => match LineValidator::new().validate(line, text) {
-                    Ok(req) => Scanned::Valid(req),
+                    Ok(req) => Scanned::Valid(Box::new(req)),
                     Err(bad) => Scanned::Invalid(bad),
                 },
             })
@@ -352,7 +352,7 @@ impl Planner {
         let mut invalid = Vec::new();
         for s in lines {
             match s {
-                Scanned::Valid(r) => valid.push(r),
+                Scanned::Valid(r) => valid.push(*r),
                 Scanned::Invalid(bad) => invalid.push(fail(bad.custom_id, bad.line, bad.error)),
             }
         }

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use gristmill_protocol::cluster::MAX_CUSTOM_ID_BYTES;
 use gristmill_protocol::{
     codes, ChatMessage, Constraint, Endpoint, GenerationParams, LineError, Prompt, Request,
+    ToolChoice, Tools,
 };
 use serde_json::{Map, Value};
 
@@ -464,6 +465,24 @@ impl Fields<'_> {
         }
         p.logprobs = self.logprobs(endpoint)?;
         p.constraint = self.constraint()?;
+        p.tools = self.tools(endpoint)?;
+        if let Some(Tools {
+            choice,
+            definitions,
+        }) = &p.tools
+        {
+            if let Some(c) = forced_call(choice, definitions) {
+                if p.constraint.is_some() {
+                    return Err(self.err(
+                        "tool_choice",
+                        "forces a tool call, and the line also constrains its output \
+                         (response_format or structured_outputs); give only one"
+                            .into(),
+                    ));
+                }
+                p.constraint = Some(self.compiles("tool_choice", c)?);
+            }
+        }
         for (field, slot) in [
             ("frequency_penalty", &mut p.frequency_penalty),
             ("presence_penalty", &mut p.presence_penalty),
@@ -548,6 +567,116 @@ impl Fields<'_> {
         }
     }
 
+    /// OpenAI's `tools` and `tool_choice` (chat only). A call is honoured when it is forced
+    /// (`"required"` or a named function), where the call's JSON is enforced; `"none"` only
+    /// shows the tools to the model. `"auto"` would need the model's own tool-call syntax
+    /// parsed back out of free text, which Gristmill does not do: it is an error, not a
+    /// silent plain-text answer.
+    fn tools(&self, endpoint: Endpoint) -> Result<Option<Tools>, LineError> {
+        let tools = self.present("tools");
+        let choice = self.present("tool_choice");
+        let Some(tools) = tools else {
+            if choice.is_some() {
+                return Err(self.err("tool_choice", "needs \"tools\"".into()));
+            }
+            return Ok(None);
+        };
+        if endpoint != Endpoint::ChatCompletions {
+            return Err(self.err("tools", "is only for /v1/chat/completions".into()));
+        }
+        let Value::Array(list) = tools else {
+            return Err(self.err(
+                "tools",
+                format!("expected an array, got {}", type_name(tools)),
+            ));
+        };
+        if list.is_empty() {
+            return Err(self.err("tools", "must contain at least one tool".into()));
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for (i, t) in list.iter().enumerate() {
+            let field = format!("tools[{i}]");
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(self.err(&format!("{field}.type"), "must be \"function\"".into()));
+            }
+            let Some(Value::Object(f)) = t.get("function") else {
+                return Err(self.err(&format!("{field}.function"), "must be an object".into()));
+            };
+            match f.get("name").and_then(Value::as_str) {
+                Some(n) if valid_name(n) => {
+                    if names.contains(&n) {
+                        return Err(self.err(
+                            &format!("{field}.function.name"),
+                            format!("{n:?} is used by an earlier tool"),
+                        ));
+                    }
+                    names.push(n);
+                }
+                _ => {
+                    return Err(self.err(
+                        &format!("{field}.function.name"),
+                        "must be 1 to 64 letters, digits, underscores or dashes".into(),
+                    ))
+                }
+            }
+            match f.get("parameters") {
+                None | Some(Value::Null | Value::Object(_)) => {}
+                Some(other) => {
+                    return Err(self.err(
+                        &format!("{field}.function.parameters"),
+                        format!("expected a JSON Schema object, got {}", type_name(other)),
+                    ))
+                }
+            }
+        }
+        let choice = match choice {
+            None => None,
+            Some(Value::String(c)) if c == "none" => Some(ToolChoice::None),
+            Some(Value::String(c)) if c == "required" => Some(ToolChoice::Required),
+            Some(Value::String(c)) if c == "auto" => None,
+            Some(Value::Object(c)) => {
+                let name = c
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str);
+                match name {
+                    Some(n) if names.contains(&n) => Some(ToolChoice::Function(n.to_string())),
+                    Some(n) => {
+                        return Err(self.err(
+                            "tool_choice.function.name",
+                            format!("{n:?} is not one of the tools ({})", names.join(", ")),
+                        ))
+                    }
+                    None => {
+                        return Err(self.err(
+                            "tool_choice",
+                            "expected {\"type\": \"function\", \"function\": {\"name\": …}}".into(),
+                        ))
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(self.err(
+                    "tool_choice",
+                    format!("expected \"none\", \"required\" or a named function, got {other}"),
+                ))
+            }
+        };
+        let Some(choice) = choice else {
+            return Err(self.err(
+                "tool_choice",
+                "\"auto\" (the default when tools are given) is not supported: Gristmill makes \
+                 a tool call only when it is forced; set \"required\", name a function with \
+                 {\"type\": \"function\", \"function\": {\"name\": …}}, or \"none\""
+                    .into(),
+            ));
+        };
+        Ok(Some(Tools {
+            definitions: list.clone(),
+            choice,
+        }))
+    }
+
     /// OpenAI's `response_format`: `text`, `json_object` or `json_schema`.
     fn response_format(&self) -> Result<Option<(String, Constraint)>, LineError> {
         let Some(rf) = self.present("response_format") else {
@@ -584,11 +713,7 @@ impl Fields<'_> {
                     }
                 };
                 match js.get("name") {
-                    Some(Value::String(n))
-                        if !n.is_empty()
-                            && n.len() <= 64
-                            && n.chars()
-                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                    Some(Value::String(n)) if valid_name(n) => {}
                     Some(Value::String(n)) => {
                         return Err(self.err(
                             &format!("{field}.name"),
@@ -729,6 +854,42 @@ impl Fields<'_> {
                 .with_param(format!("body.{field}")))
             }
         }
+    }
+}
+
+/// OpenAI's rule for schema and function names.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The constraint of a forced tool call: the named function's arguments, or, for
+/// `"required"`, `{"name", "arguments"}` of any one tool.
+fn forced_call(choice: &ToolChoice, definitions: &[Value]) -> Option<Constraint> {
+    let parameters = |t: &Value| -> Value {
+        match t["function"].get("parameters") {
+            Some(p @ Value::Object(_)) => p.clone(),
+            _ => serde_json::json!({"type": "object"}),
+        }
+    };
+    match choice {
+        ToolChoice::None => None,
+        ToolChoice::Function(name) => definitions
+            .iter()
+            .find(|t| t["function"]["name"] == name.as_str())
+            .map(|t| Constraint::JsonSchema {
+                schema: parameters(t),
+            }),
+        ToolChoice::Required => Some(Constraint::JsonSchema {
+            schema: serde_json::json!({"anyOf": definitions.iter().map(|t| serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, "arguments": parameters(t)},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })).collect::<Vec<_>>()}),
+        }),
     }
 }
 
@@ -1131,5 +1292,61 @@ mod tests {
             r#"{"custom_id":"b","url":"/v1/completions","body":{"prompt":"x"}}"#,
         ]);
         assert!(results[0].is_err() && results[1].is_ok());
+    }
+
+    #[test]
+    fn forced_tool_calls_become_constraints_and_auto_is_refused_clearly() {
+        let weather = r#"{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"],"additionalProperties":false}}}"#;
+        let time = r#"{"type":"function","function":{"name":"get_time"}}"#;
+        let named = check(&[&chat(&format!(
+            r#","tools":[{weather},{time}],"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}"#
+        ))])
+        .remove(0)
+        .expect("valid");
+        let tools = named.params.tools.expect("tools");
+        assert_eq!(tools.choice, ToolChoice::Function("get_weather".into()));
+        assert_eq!(tools.definitions.len(), 2);
+        match named.params.constraint {
+            Some(Constraint::JsonSchema { schema }) => assert_eq!(schema["required"][0], "city"),
+            other => panic!("{other:?}"),
+        }
+        let required = check(&[&chat(&format!(
+            r#","tools":[{weather},{time}],"tool_choice":"required""#
+        ))])
+        .remove(0)
+        .expect("valid");
+        match required.params.constraint {
+            Some(Constraint::JsonSchema { schema }) => {
+                assert_eq!(
+                    schema["anyOf"][1]["properties"]["name"]["const"],
+                    "get_time"
+                );
+                assert_eq!(
+                    schema["anyOf"][1]["properties"]["arguments"]["type"],
+                    "object"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let none = check(&[&chat(&format!(r#","tools":[{time}],"tool_choice":"none""#))])
+            .remove(0)
+            .expect("valid");
+        assert_eq!(none.params.constraint, None);
+        assert_eq!(none.params.tools.map(|t| t.choice), Some(ToolChoice::None));
+
+        let cases = [
+            (format!(r#","tools":[{time}]"#), "body.tool_choice \"auto\" (the default when tools are given) is not supported"),
+            (format!(r#","tools":[{time}],"tool_choice":"auto""#), "is not supported"),
+            (r#","tool_choice":"required""#.to_string(), "body.tool_choice needs \"tools\""),
+            (format!(r#","tools":[{time},{time}],"tool_choice":"required""#), "body.tools[1].function.name \"get_time\" is used by an earlier tool"),
+            (format!(r#","tools":[{time}],"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#), "body.tool_choice.function.name \"nope\" is not one of the tools"),
+            (r#","tools":[{"type":"retrieval"}],"tool_choice":"required""#.to_string(), "body.tools[0].type must be \"function\""),
+            (format!(r#","tools":[{time}],"tool_choice":"required","response_format":{{"type":"json_object"}}"#), "give only one"),
+            (r#","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"nonsense"}}}],"tool_choice":"required""#.to_string(), "body.tool_choice cannot be enforced"),
+        ];
+        for (extra, expected) in cases {
+            let e = err(&chat(&extra));
+            assert!(e.message.contains(expected), "{extra}: {}", e.message);
+        }
     }
 }

@@ -397,6 +397,17 @@ impl Tokenizer {
 
     /// Renders chat messages with the model's template and `add_generation_prompt = true`.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None)
+    }
+
+    /// Renders chat messages and, when given, the request's `tools` (the template sees them as
+    /// `tools`, as with HF's `apply_chat_template(tools=...)`; templates that ignore tools
+    /// render as without them).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Value]>,
+    ) -> Result<String> {
         let template = self.template.as_deref().ok_or_else(|| {
             Error::Template(
                 "the model has no chat template; send /v1/completions lines instead".into(),
@@ -407,7 +418,7 @@ impl Tokenizer {
             .get_or_init(|| chat_environment(template.to_string()).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| Error::Template(e.clone()))?;
-        render(env, messages, &self.bos_text, &self.eos_text)
+        render(env, messages, tools, &self.bos_text, &self.eos_text)
     }
 }
 
@@ -422,6 +433,7 @@ pub fn render_chat_template(
     render(
         &chat_environment(template.to_string())?,
         messages,
+        None,
         bos_token,
         eos_token,
     )
@@ -454,6 +466,7 @@ fn chat_environment(template: String) -> Result<Environment<'static>> {
 fn render(
     env: &Environment<'static>,
     messages: &[ChatMessage],
+    tools: Option<&[Value]>,
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
@@ -462,6 +475,7 @@ fn render(
         .map_err(|e| Error::Template(e.to_string()))?;
     tmpl.render(context! {
         messages => messages,
+        tools => tools,
         add_generation_prompt => true,
         bos_token => bos_token,
         eos_token => eos_token,

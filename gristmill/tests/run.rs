@@ -741,3 +741,66 @@ fn structured_outputs_hold_through_gristmill_run_and_a_bad_schema_is_an_error_li
         "{date:?}"
     );
 }
+
+#[test]
+fn forced_tool_calls_come_back_as_tool_calls() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 30}}, "required": ["zone"], "additionalProperties": false}}}
+    ]);
+    let lines = vec![
+        chat(
+            "named",
+            "What is the weather in Paris?",
+            json!({"max_tokens": 40, "temperature": 0, "tools": tools,
+                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        ),
+        chat(
+            "required",
+            "What time is it in Tokyo?",
+            json!({"max_tokens": 50, "temperature": 0, "tools": tools, "tool_choice": "required"}),
+        ),
+        chat("auto", "Hi", json!({"tools": tools})),
+    ];
+    let r = run_lines(&lines, &[]);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0]["custom_id"], "auto");
+    let call = |id: &str| {
+        let c = &r.outputs[id]["response"]["body"]["choices"][0];
+        assert!(c["message"]["content"].is_null(), "{c}");
+        let calls = c["message"]["tool_calls"].as_array().expect("tool_calls");
+        assert_eq!(calls.len(), 1, "{c}");
+        assert!(calls[0]["id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("call_")));
+        assert_eq!(calls[0]["type"], "function");
+        let name = calls[0]["function"]["name"]
+            .as_str()
+            .expect("name")
+            .to_string();
+        let args: Value = serde_json::from_str(
+            calls[0]["function"]["arguments"]
+                .as_str()
+                .expect("arguments string"),
+        )
+        .expect("arguments are JSON");
+        (name, args, c["finish_reason"].clone())
+    };
+    let (name, args, finish) = call("named");
+    assert_eq!((name.as_str(), finish), ("get_weather", json!("stop")));
+    assert!(
+        args["city"].is_string()
+            && ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap_or("")),
+        "{args}"
+    );
+    let (name, args, finish) = call("required");
+    assert_eq!(finish, json!("tool_calls"));
+    match name.as_str() {
+        "get_weather" => assert!(args["city"].is_string(), "{args}"),
+        "get_time" => assert!(args["zone"].is_string(), "{args}"),
+        other => panic!("called {other}"),
+    }
+}

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 pub mod cluster;
 pub mod request;
 
-pub use request::{ChatMessage, Constraint, Endpoint, GenerationParams, Prompt, Request};
+pub use request::{
+    ChatMessage, Constraint, Endpoint, GenerationParams, Prompt, Request, ToolChoice, Tools,
+};
 
 /// Environment variable that overrides the cache folder (`~/.cache/gristmill` by default).
 pub const ENV_CACHE_DIR: &str = "GRISTMILL_CACHE_DIR";

@@ -79,6 +79,31 @@ pub struct GenerationParams {
     /// What the output must match (structured outputs), enforced token by token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<Constraint>,
+    /// The chat request's `tools` and `tool_choice`. A forced call also sets `constraint` to
+    /// the call's JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Tools>,
+}
+
+/// OpenAI's `tools` with a `tool_choice` Gristmill can honour exactly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tools {
+    /// The `tools` entries as given (`{"type": "function", "function": {...}}`), passed to the
+    /// chat template as `tools`, as HF's `apply_chat_template` does.
+    pub definitions: Vec<serde_json::Value>,
+    pub choice: ToolChoice,
+}
+
+/// Whether and which tool the output calls.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// No call: the tools are only shown to the model.
+    None,
+    /// One call of any of the tools: the output is `{"name": …, "arguments": {…}}`.
+    Required,
+    /// One call of this function: the output is its arguments.
+    Function(String),
 }
 
 /// A structured-output constraint: the grammar a request's output must belong to.
@@ -132,6 +157,7 @@ impl Default for GenerationParams {
             presence_penalty: 0.0,
             n: 1,
             constraint: None,
+            tools: None,
         }
     }
 }

@@ -11,7 +11,10 @@ impl<B: Backend> Engine<B> {
             Prompt::Chat(messages) => {
                 let text = self
                     .tokenizer
-                    .apply_chat_template(messages)
+                    .apply_chat_template_with_tools(
+                        messages,
+                        req.params.tools.as_ref().map(|t| &t.definitions[..]),
+                    )
                     .map_err(|e| LineError::new(codes::TEMPLATE_ERROR, format!("line {line}: {e}")))?;
                 self.tokenizer.encode(&text)
             }

@@ -25,7 +25,9 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gristmill_protocol::{codes, Endpoint, FinishReason, LineError, Prompt, Request, Usage};
+use gristmill_protocol::{
+    codes, Endpoint, FinishReason, LineError, Prompt, Request, ToolChoice, Usage,
+};
 use gristmill_structured::{Guide, Vocabulary};
 
 use crate::backend::{Backend, CpuBackend};
@@ -96,6 +98,8 @@ pub struct Completion {
     pub time_to_first_token: Duration,
     /// From the first generated token to the last.
     pub decode_time: Duration,
+    /// The request's forced tool call, if any: its choices' text is the call's JSON.
+    pub tool_choice: Option<ToolChoice>,
 }
 
 /// One generated completion of a request.
@@ -215,6 +219,7 @@ impl<T> Group<T> {
                 self.prompt_len,
                 choices.iter().map(|c| c.token_ids.len()).sum(),
             ),
+            tool_choice: req.params.tools.map(|t| t.choice),
             custom_id: req.custom_id,
             line: req.line,
             endpoint: req.endpoint,

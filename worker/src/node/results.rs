@@ -170,5 +170,6 @@ pub(super) fn echo(req: Request) -> Outcome {
         usage: Usage::new(words, words * n),
         time_to_first_token: Duration::ZERO,
         decode_time: Duration::ZERO,
+        tool_choice: None,
     })
 }
