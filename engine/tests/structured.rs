@@ -400,3 +400,51 @@ fn token_bytes_agree_with_the_tokenizers_own_decoding() {
         );
     }
 }
+
+/// Preemption under memory pressure and chunked prefill recompute a constrained sequence's KV
+/// cache; its guide keeps its place, so the outputs are the same as with room to spare.
+#[test]
+fn constrained_outputs_survive_preemption_and_chunked_prefill() {
+    let e = engine();
+    let schemas = schemas();
+    let batch: Vec<Request> = (0..8)
+        .map(|i| {
+            let (prompt, schema) = &schemas[i % schemas.len()];
+            chat(
+                i,
+                prompt,
+                Constraint::JsonSchema {
+                    schema: schema.clone(),
+                },
+                sampled(i, 40),
+            )
+        })
+        .collect();
+    let (ample, _) = run(&e, batch.clone());
+    let tight = EngineOptions {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 24,
+        // Room for 14 blocks of 16 positions: each request needs about 6.
+        kv_cache_bytes: 14 * 16 * e.model.kv_bytes_per_token(),
+        ..EngineOptions::default()
+    };
+    let mut squeezed = HashMap::new();
+    let stats = e.run(batch, tight, |o| match o {
+        Outcome::Done(c) => {
+            squeezed.insert(c.custom_id.clone(), c);
+        }
+        Outcome::Failed {
+            custom_id, error, ..
+        } => panic!("{custom_id} failed: {error:?}"),
+    });
+    assert!(
+        stats.scheduler.preemptions > 0,
+        "the tight cache should force preemptions"
+    );
+    for (id, c) in &ample {
+        assert_eq!(
+            squeezed[id].choices[0].token_ids, c.choices[0].token_ids,
+            "{id} changed under preemption"
+        );
+    }
+}
