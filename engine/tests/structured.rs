@@ -42,8 +42,16 @@ fn sampled(i: usize, max_tokens: usize) -> GenerationParams {
 }
 
 fn run(engine: &Engine, reqs: Vec<Request>) -> (HashMap<String, Completion>, RunStats) {
+    run_with(engine, reqs, EngineOptions::default())
+}
+
+fn run_with(
+    engine: &Engine,
+    reqs: Vec<Request>,
+    opts: EngineOptions,
+) -> (HashMap<String, Completion>, RunStats) {
     let mut out = HashMap::new();
-    let stats = engine.run(reqs, EngineOptions::default(), |o| match o {
+    let stats = engine.run(reqs, opts, |o| match o {
         Outcome::Done(c) => {
             out.insert(c.custom_id.clone(), c);
         }
@@ -226,7 +234,6 @@ fn json_mode_regex_and_choice_hold_with_n_and_seeds() {
         ),
     ];
     let (out, _) = run(&e, reqs);
-    let phone = regex_lite(r"^\(\d{3}\) \d{3}-\d{4}$");
     for (id, c) in &out {
         for ch in &c.choices {
             let t = &ch.text;
@@ -242,7 +249,7 @@ fn json_mode_regex_and_choice_hold_with_n_and_seeds() {
                     serde_json::from_str::<Value>(t).is_ok_and(|v| v.is_object()),
                     "{t:?}"
                 ),
-                "r1" => assert!(phone(t), "{t:?}"),
+                "r1" => assert!(is_phone_number(t), "{t:?}"),
                 "r2" => assert!(["yes", "no", "it depends"].contains(&t.as_str()), "{t:?}"),
                 _ => assert!(
                     (2..=3).contains(&t.split(" + ").count())
@@ -258,19 +265,17 @@ fn json_mode_regex_and_choice_hold_with_n_and_seeds() {
     assert!(r0[0] != r0[1] || r0[1] != r0[2], "{r0:?}");
 }
 
-/// `\(\d{3}\) \d{3}-\d{4}` as a hand-written check (no regex crate needed in the tests).
-fn regex_lite(_: &str) -> impl Fn(&str) -> bool {
-    |t: &str| {
-        let b = t.as_bytes();
-        let d = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-        b.len() == 14
-            && b[0] == b'('
-            && d(1..4)
-            && &b[4..6] == b") "
-            && d(6..9)
-            && b[9] == b'-'
-            && d(10..14)
-    }
+/// Whether `t` matches `\(\d{3}\) \d{3}-\d{4}` (checked by hand: no regex crate in the tests).
+fn is_phone_number(t: &str) -> bool {
+    let b = t.as_bytes();
+    let d = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() == 14
+        && b[0] == b'('
+        && d(1..4)
+        && &b[4..6] == b") "
+        && d(6..9)
+        && b[9] == b'-'
+        && d(10..14)
 }
 
 #[test]
@@ -428,15 +433,7 @@ fn constrained_outputs_survive_preemption_and_chunked_prefill() {
         kv_cache_bytes: 14 * 16 * e.model.kv_bytes_per_token(),
         ..EngineOptions::default()
     };
-    let mut squeezed = HashMap::new();
-    let stats = e.run(batch, tight, |o| match o {
-        Outcome::Done(c) => {
-            squeezed.insert(c.custom_id.clone(), c);
-        }
-        Outcome::Failed {
-            custom_id, error, ..
-        } => panic!("{custom_id} failed: {error:?}"),
-    });
+    let (squeezed, stats) = run_with(&e, batch, tight);
     assert!(
         stats.scheduler.preemptions > 0,
         "the tight cache should force preemptions"

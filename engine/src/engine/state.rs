@@ -264,7 +264,7 @@ impl<T, B: Backend> InFlight<T, B> {
             }
         };
         let mut done = Vec::new();
-        for (c, row) in plan.chunks.iter().zip(logits) {
+        for (c, mut row) in plan.chunks.iter().zip(logits) {
             if !c.sample {
                 continue;
             }
@@ -279,9 +279,16 @@ impl<T, B: Backend> InFlight<T, B> {
             let token = match masks.remove(&c.seq) {
                 None => l.sampler.sample(&row, step, seq.generated()),
                 Some(Ok(mask)) => {
-                    let mut allowed = row.clone();
-                    gristmill_structured::apply(&mask, &mut allowed);
-                    let token = l.sampler.sample(&allowed, step, seq.generated());
+                    // The mask goes on the row itself unless logprobs need the raw row later.
+                    let mut copy;
+                    let allowed = if g.req.params.logprobs.is_some() {
+                        copy = row.clone();
+                        &mut copy
+                    } else {
+                        &mut row
+                    };
+                    gristmill_structured::apply(&mask, allowed);
+                    let token = l.sampler.sample(allowed, step, seq.generated());
                     if let Some(guide) = l.guide.as_mut() {
                         guided = guide.commit(token);
                     }
