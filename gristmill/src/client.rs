@@ -26,7 +26,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn request(&self, method: &str, path: &str) -> ureq::Request {
+    pub(crate) fn request(&self, method: &str, path: &str) -> ureq::Request {
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
         let r = ureq::request(method, &url).timeout(Duration::from_secs(300));
         match &self.api_key {
@@ -39,7 +39,11 @@ impl Connection {
     /// `no_leader`; a restarting coordinator refuses connections) it tries again for up to a
     /// minute: any request the coordinator says went nowhere, and reads (GET) after any 503 or
     /// connection error.
-    fn call(&self, req: ureq::Request, body: Option<(&str, &[u8])>) -> Result<ureq::Response> {
+    pub(crate) fn call(
+        &self,
+        req: ureq::Request,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<ureq::Response> {
         let url = req.url().to_string();
         let idempotent = req.method() == "GET";
         let deadline = Instant::now() + RETRY_FOR;
@@ -85,7 +89,7 @@ impl Connection {
         }
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let req = self.request(method, path);
         let bytes = body.map(|b| b.to_string().into_bytes());
         let r = self.call(req, bytes.as_deref().map(|b| ("application/json", b)))?;
@@ -200,28 +204,14 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         .input
         .file_name()
         .map_or("batch.jsonl".into(), |n| n.to_string_lossy().into_owned());
-    let (content_type, body) = multipart(&filename, &data);
-    let file: Value = {
-        let r = conn.call(
-            conn.request("POST", "/v1/files"),
-            Some((&content_type, &body)),
-        )?;
-        serde_json::from_str(&r.into_string()?)?
-    };
-    let file_id = file["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no file id in {file}"))?;
-    let mut create = serde_json::json!({
-        "input_file_id": file_id, "endpoint": endpoint, "completion_window": args.completion_window,
-    });
-    if !metadata.is_empty() {
-        create["metadata"] = Value::Object(metadata);
-    }
-    let batch = conn.json("POST", "/v1/batches", Some(&create))?;
-    let id = batch["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no batch id in {batch}"))?
-        .to_string();
+    let id = create_batch(
+        conn,
+        &filename,
+        &data,
+        &endpoint,
+        &args.completion_window,
+        metadata,
+    )?;
     println!("{id}");
     if !args.wait {
         return Ok(());
@@ -267,6 +257,69 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         "completed" => Ok(()),
         other => bail!("batch {id} ended {other}"),
     }
+}
+
+/// Uploads a batch file and creates its batch; the batch's id.
+pub(crate) fn create_batch(
+    conn: &Connection,
+    filename: &str,
+    data: &[u8],
+    endpoint: &str,
+    completion_window: &str,
+    metadata: serde_json::Map<String, Value>,
+) -> Result<String> {
+    let (content_type, body) = multipart(filename, data);
+    let file: Value = {
+        let r = conn.call(
+            conn.request("POST", "/v1/files"),
+            Some((&content_type, &body)),
+        )?;
+        serde_json::from_str(&r.into_string()?)?
+    };
+    let file_id = file["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no file id in {file}"))?;
+    let mut create = serde_json::json!({
+        "input_file_id": file_id, "endpoint": endpoint, "completion_window": completion_window,
+    });
+    if !metadata.is_empty() {
+        create["metadata"] = Value::Object(metadata);
+    }
+    let batch = conn.json("POST", "/v1/batches", Some(&create))?;
+    Ok(batch["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no batch id in {batch}"))?
+        .to_string())
+}
+
+/// Runs a batch file through a coordinator to its end (a progress bar on a terminal); the
+/// ended batch with its output and error lines.
+pub(crate) fn run_batch(
+    conn: &Connection,
+    filename: &str,
+    data: &[u8],
+    endpoint: &str,
+) -> Result<(Value, Vec<Value>)> {
+    let id = create_batch(conn, filename, data, endpoint, "24h", Default::default())?;
+    let batch = wait(conn, &id)?;
+    let mut lines = Vec::new();
+    for key in ["output_file_id", "error_file_id"] {
+        if let Some(fid) = batch[key].as_str() {
+            let r = conn.call(
+                conn.request("GET", &format!("/v1/files/{fid}/content")),
+                None,
+            )?;
+            let mut data = Vec::new();
+            r.into_reader().read_to_end(&mut data)?;
+            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                lines.push(
+                    serde_json::from_slice(line)
+                        .with_context(|| format!("batch {id}: a result line is not JSON"))?,
+                );
+            }
+        }
+    }
+    Ok((batch, lines))
 }
 
 /// Polls a batch until it ends, with a progress bar on a terminal.

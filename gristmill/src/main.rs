@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod autoscale_bench;
 mod bench;
 mod client;
+mod jobs;
 mod run;
 mod throughput;
 
@@ -43,6 +44,11 @@ enum Command {
     Status(client::StatusArgs),
     /// Cancel a batch: unfinished lines become error lines.
     Cancel(client::CancelArgs),
+    /// Apply one instruction to every matching file of a git repository, verified, onto a new
+    /// branch; re-runs send only what changed.
+    Migrate(jobs::migrate::MigrateArgs),
+    /// Generate one file tree per spec row (JSONL or CSV) from a template.
+    Scaffold(jobs::scaffold::ScaffoldArgs),
     /// Benchmark tools.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -72,6 +78,8 @@ fn main() -> ExitCode {
         Command::Submit(args) => client::submit(args),
         Command::Status(args) => client::status(args),
         Command::Cancel(args) => client::cancel(args),
+        Command::Migrate(args) => jobs::migrate::migrate(args),
+        Command::Scaffold(args) => jobs::scaffold::scaffold(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
