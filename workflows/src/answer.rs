@@ -23,7 +23,7 @@ use thiserror::Error;
 pub enum AnswerError {
     #[error("the answer has no fenced code block")]
     NoBlock,
-    #[error("the answer's code block is not closed (cut off at max_tokens?)")]
+    #[error("the answer's code block is not closed")]
     Unclosed,
     #[error("the answer has {0} code blocks; expected the whole file in one")]
     SeveralBlocks(usize),
