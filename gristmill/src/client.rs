@@ -98,13 +98,19 @@ impl Connection {
             .with_context(|| format!("the coordinator's answer is not JSON: {text}"))
     }
 
-    fn download(&self, file_id: &str, to: &Path) -> Result<u64> {
+    /// A file's content.
+    fn content(&self, file_id: &str) -> Result<Vec<u8>> {
         let r = self.call(
             self.request("GET", &format!("/v1/files/{file_id}/content")),
             None,
         )?;
         let mut data = Vec::new();
         r.into_reader().read_to_end(&mut data)?;
+        Ok(data)
+    }
+
+    fn download(&self, file_id: &str, to: &Path) -> Result<u64> {
+        let data = self.content(file_id)?;
         std::fs::write(to, &data).with_context(|| format!("cannot write {}", to.display()))?;
         Ok(data.len() as u64)
     }
@@ -305,12 +311,7 @@ pub(crate) fn run_batch(
     let mut lines = Vec::new();
     for key in ["output_file_id", "error_file_id"] {
         if let Some(fid) = batch[key].as_str() {
-            let r = conn.call(
-                conn.request("GET", &format!("/v1/files/{fid}/content")),
-                None,
-            )?;
-            let mut data = Vec::new();
-            r.into_reader().read_to_end(&mut data)?;
+            let data = conn.content(fid)?;
             for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
                 lines.push(
                     serde_json::from_slice(line)

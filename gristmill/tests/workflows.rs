@@ -465,36 +465,7 @@ fn migrate_through_a_coordinator_gives_the_local_report() {
         "--url",
         &c.url,
     ]);
-    let mut all = vec![
-        "migrate",
-        "-q",
-        "--include",
-        "*.py",
-        "--exclude",
-        "*_pb2.py",
-        "--max-tokens",
-        "96",
-    ];
-    all.extend(args);
-    let report = dir.path().join("remote.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
-        .args(&all)
-        .arg("--repo")
-        .arg(&repo)
-        .arg("--instruction")
-        .arg(&instr)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.logs()
-    );
-    let remote: Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    let remote = migrate(&repo, &instr, &dir.path().join("remote.json"), &args);
     assert_eq!(outcome(&local), outcome(&remote));
     assert_eq!(sent(&local), sent(&remote));
     assert!(sent(&remote) >= 3);

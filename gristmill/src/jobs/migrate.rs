@@ -10,13 +10,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use gristmill_workflows::answer::{self, parse_file_answer};
 use gristmill_workflows::glob::{any_matches, Glob};
-use gristmill_workflows::report::{tail, Attempt, Item, Report, Status};
+use gristmill_workflows::report::{tail, Item, Report, Status};
 use gristmill_workflows::{language, template};
 use serde_json::{json, Value};
 
 use super::git::{self, Git, Scratch};
 use super::verify::{self, shell_quote, TAIL_BYTES};
-use super::{Ask, JobArgs};
+use super::JobArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ApplyMode {
@@ -339,64 +339,41 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
         if pending.is_empty() {
             break;
         }
-        let seed = job.seed + attempt as u64 - 1;
-        let asks: Vec<Ask> = pending
+        let seed = super::seed_of(job, attempt);
+        let bodies = pending
             .iter()
-            .map(|&i| Ask {
-                body: super::body(
-                    &jobs[i].messages,
-                    job,
-                    seed,
-                    jobs[i].max_tokens,
-                    jobs[i].constraint(),
-                ),
+            .map(|&i| {
+                let fj = &jobs[i];
+                super::body(&fj.messages, job, seed, fj.max_tokens, fj.constraint())
             })
             .collect();
-        let replies = runner.ask(&asks, &format!("attempt {attempt} of {}", job.max_attempts))?;
+        let answers = runner.attempt(attempt, job.max_attempts, seed, bodies)?;
         // (job, answer text) of the answers that parsed and applied, to verify.
         let mut answered: Vec<(usize, String)> = Vec::new();
-        for (&i, reply) in pending.iter().zip(replies) {
+        for (&i, (mut rec, text)) in pending.iter().zip(answers) {
             let fj = &mut jobs[i];
-            let mut rec = Attempt {
-                attempt,
-                seed,
-                cached: reply.cached,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                finish_reason: "error".into(),
-                outcome: String::new(),
-                verify_exit: None,
-            };
-            match reply.answer {
-                Err(message) => {
-                    rec.outcome = format!("request failed: {message}");
-                    fj.item.error = Some(rec.outcome.clone());
-                }
-                Ok(e) => {
-                    rec.prompt_tokens = e.prompt_tokens;
-                    rec.completion_tokens = e.completion_tokens;
-                    rec.finish_reason = e.finish_reason.clone();
-                    match parse_file_answer(&e.text, &fj.original) {
-                        Err(err) => {
-                            let err = cut_off(err.to_string(), &e.finish_reason, fj.max_tokens);
-                            rec.outcome = format!("unparsable: {err}");
-                            fj.item.error = Some(rec.outcome.clone());
-                            fj.feedback(&e.text, format!("Your answer could not be used: {err}."));
-                        }
-                        Ok(new) => {
-                            // An unchanged file is verified too: a check that fails on it (a
-                            // compiler for the new language) says the work is not done.
-                            rec.outcome = if new == fj.original {
-                                "no_change"
-                            } else {
-                                "applied"
-                            }
-                            .into();
-                            fj.candidate = Some(new);
-                            answered.push((i, e.text));
-                        }
+            match text {
+                Err(failure) => fj.item.error = Some(failure),
+                Ok(text) => match parse_file_answer(&text, &fj.original) {
+                    Err(err) => {
+                        let err = cut_off(err.to_string(), &rec.finish_reason, fj.max_tokens);
+                        rec.outcome = format!("unparsable: {err}");
+                        fj.item.error = Some(rec.outcome.clone());
+                        fj.feedback(&text, format!("Your answer could not be used: {err}."));
                     }
-                }
+                    Ok(new) => {
+                        // An unchanged file is verified too: a check that fails on it (a
+                        // compiler for the new language) says the work is not done.
+                        rec.outcome = if new == fj.original {
+                            "no_change"
+                        } else {
+                            "applied"
+                        }
+                        .into();
+                        fj.candidate = Some(new);
+                        answered.push((i, text));
+                    }
+                },
             }
             fj.item.push(rec);
         }

@@ -19,6 +19,7 @@ use clap::Args;
 use gristmill_batch::LineValidator;
 use gristmill_engine::{Engine, EngineOptions, Outcome};
 use gristmill_workflows::cache::{self, Cache, Entry};
+use gristmill_workflows::report::Attempt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
@@ -327,6 +328,55 @@ impl Runner {
         // Every index was filled from the cache or from the batch just above.
         Ok(replies.into_iter().flatten().collect())
     }
+}
+
+impl Runner {
+    /// Sends one attempt's requests (bodies built with `seed`); per request, its attempt record
+    /// (tokens, finish reason, whether cached; `outcome` left for the caller unless the request
+    /// failed) and the answer's text, or the failure already written into the record.
+    pub fn attempt(
+        &mut self,
+        attempt: usize,
+        of: usize,
+        seed: u64,
+        bodies: Vec<Value>,
+    ) -> Result<Vec<(Attempt, Result<String, String>)>> {
+        let asks: Vec<Ask> = bodies.into_iter().map(|body| Ask { body }).collect();
+        let replies = self.ask(&asks, &format!("attempt {attempt} of {of}"))?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| {
+                let mut rec = Attempt {
+                    attempt,
+                    seed,
+                    cached: reply.cached,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    finish_reason: "error".into(),
+                    outcome: String::new(),
+                    verify_exit: None,
+                };
+                let text = match reply.answer {
+                    Ok(e) => {
+                        rec.prompt_tokens = e.prompt_tokens;
+                        rec.completion_tokens = e.completion_tokens;
+                        rec.finish_reason = e.finish_reason;
+                        Ok(e.text)
+                    }
+                    Err(message) => {
+                        rec.outcome = format!("request failed: {message}");
+                        Err(rec.outcome.clone())
+                    }
+                };
+                (rec, text)
+            })
+            .collect())
+    }
+}
+
+/// The seed of attempt `attempt` (from 1).
+pub fn seed_of(args: &JobArgs, attempt: usize) -> u64 {
+    args.seed + attempt as u64 - 1
 }
 
 /// A bar (on a terminal) counting requests as they finish.

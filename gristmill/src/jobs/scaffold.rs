@@ -8,12 +8,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gristmill_workflows::answer::{self, parse_files_answer, FileOut};
 use gristmill_workflows::paths::{check_tree, write_tree, Written};
-use gristmill_workflows::report::{tail, Attempt, Item, Report, Status, TreeFile};
+use gristmill_workflows::report::{tail, Item, Report, Status, TreeFile};
 use gristmill_workflows::{specs, template};
 use serde_json::{json, Value};
 
 use super::verify::{self, shell_quote, TAIL_BYTES};
-use super::{Ask, JobArgs};
+use super::JobArgs;
 
 /// Generates one file tree per spec row from a template.
 #[derive(Debug, Args)]
@@ -146,47 +146,31 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
         if pending.is_empty() {
             break;
         }
-        let seed = job.seed + attempt as u64 - 1;
-        let asks: Vec<Ask> = pending
+        let seed = super::seed_of(job, attempt);
+        let bodies = pending
             .iter()
-            .map(|&i| Ask {
-                body: super::body(
+            .map(|&i| {
+                super::body(
                     &trees[i].messages,
                     job,
                     seed,
                     job.max_tokens,
                     constraint.clone(),
-                ),
+                )
             })
             .collect();
-        let replies = runner.ask(&asks, &format!("attempt {attempt} of {}", job.max_attempts))?;
+        let answers = runner.attempt(attempt, job.max_attempts, seed, bodies)?;
         let bar = super::bar(pending.len(), "trees", job.quiet || job.verify.is_none());
-        for (&i, reply) in pending.iter().zip(replies) {
+        for (&i, (mut rec, text)) in pending.iter().zip(answers) {
             let t = &mut trees[i];
             let root = args.out.join(&t.name);
-            let mut rec = Attempt {
-                attempt,
-                seed,
-                cached: reply.cached,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                finish_reason: "error".into(),
-                outcome: String::new(),
-                verify_exit: None,
-            };
-            let text = match reply.answer {
-                Err(message) => {
-                    rec.outcome = format!("request failed: {message}");
-                    t.item.error = Some(rec.outcome.clone());
+            let text = match text {
+                Err(failure) => {
+                    t.item.error = Some(failure);
                     t.item.push(rec);
                     continue;
                 }
-                Ok(e) => {
-                    rec.prompt_tokens = e.prompt_tokens;
-                    rec.completion_tokens = e.completion_tokens;
-                    rec.finish_reason = e.finish_reason;
-                    e.text
-                }
+                Ok(text) => text,
             };
             let files = parse_files_answer(&text)
                 .map_err(|e| {

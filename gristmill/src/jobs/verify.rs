@@ -70,9 +70,16 @@ pub fn run(command: &str, dir: &Path, env: &[(&str, &str)], timeout: Duration) -
         }
         if started.elapsed() > timeout {
             timed_out = true;
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
-                .status();
+            // The child leads its own process group (above), whose id is its pid: never 0 or
+            // 1 here, which would name our own group or every process.
+            if let Ok(pgid) = i32::try_from(child.id()) {
+                if pgid > 1 {
+                    // SAFETY: kill(2) has no memory effects; it signals the verifier's group.
+                    unsafe {
+                        libc::kill(-pgid, libc::SIGKILL);
+                    }
+                }
+            }
             let _ = child.kill();
             break child.wait().context("waiting for the verifier")?;
         }
