@@ -294,6 +294,10 @@ fn bad_input_is_named() {
 
 /// Runs scaffold with one spec; the report.
 fn scaffold(dir: &Path, out: &Path, force: bool) -> Value {
+    scaffold_with(dir, out, force, &[])
+}
+
+fn scaffold_with(dir: &Path, out: &Path, force: bool, extra: &[&str]) -> Value {
     let template = dir.join("template.md");
     std::fs::write(
         &template,
@@ -315,6 +319,7 @@ fn scaffold(dir: &Path, out: &Path, force: bool) -> Value {
     if force {
         args.push("--force");
     }
+    args.extend(extra);
     gristmill(
         &args,
         &[
@@ -396,13 +401,34 @@ fn scaffold_writes_only_inside_each_tree() {
     );
     assert!(!dir.path().join("etc").exists());
 
-    // A good answer is written; an existing file is kept without --force, replaced with it.
+    // A good answer is written once it verifies (in a staging copy); an existing file is kept
+    // without --force, replaced with it.
     answer_with(
         &cache,
         r#"{"files": [{"path": "cmd/main.go", "content": "package main\n"}, {"path": "README.md", "content": "billing\n"}]}"#,
     );
-    let r = scaffold(dir.path(), &out, false);
+    let r = scaffold_with(
+        dir.path(),
+        &out,
+        false,
+        &["--verify", "echo broken; exit 3"],
+    );
+    let item = &r["items"][0];
+    assert_eq!(item["status"], "failed", "{r}");
+    assert_eq!(item["history"][0]["verify_exit"], 3, "{r}");
+    assert!(item["verify_output"]
+        .as_str()
+        .expect("output")
+        .contains("broken"));
+    assert!(
+        !tree.join("cmd/main.go").exists(),
+        "a tree that fails its check is not written"
+    );
+    let check =
+        "test -f cmd/main.go && test {name} = billing && test \"$GRISTMILL_NAME\" = billing";
+    let r = scaffold_with(dir.path(), &out, false, &["--verify", check]);
     assert_eq!(r["items"][0]["status"], "applied", "{r}");
+    assert!(!out.join(".gristmill/staging/billing").exists());
     assert_eq!(
         std::fs::read_to_string(tree.join("cmd/main.go")).expect("written"),
         "package main\n"

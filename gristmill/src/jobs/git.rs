@@ -311,8 +311,18 @@ impl Scratch {
             .context("cannot make a temporary directory for the verifier")?;
         let path = dir.path().join("tree");
         let p = path.to_string_lossy().into_owned();
+        // The repository's hooks (post-checkout) do not run for a scratch copy.
         git.run(
-            &["worktree", "add", "--detach", "--quiet", &p, commit],
+            &[
+                "-c",
+                "core.hooksPath=/dev/null",
+                "worktree",
+                "add",
+                "--detach",
+                "--quiet",
+                &p,
+                commit,
+            ],
             None,
             &[],
         )

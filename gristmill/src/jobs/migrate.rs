@@ -329,9 +329,20 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
     }
 
     let mut runner = job.runner(cache_dir.clone())?;
-    let scratch = match &job.verify {
-        Some(_) if jobs.iter().any(|j| !j.done) => Some(Scratch::new(&git, &head)?),
-        _ => None,
+    // Scratch worktrees for the verifier: one per verifier running at once.
+    let to_do = jobs.iter().filter(|j| !j.done).count();
+    let scratches = match &job.verify {
+        Some(cmd) if to_do > 0 => {
+            let n = if cmd.contains("{path}") {
+                job.verify_jobs().min(to_do)
+            } else {
+                1
+            };
+            (0..n)
+                .map(|_| Scratch::new(&git, &head))
+                .collect::<Result<Vec<_>>>()?
+        }
+        _ => Vec::new(),
     };
     let timeout = job.verify_timeout();
     for attempt in 1..=job.max_attempts {
@@ -377,9 +388,9 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             }
             fj.item.push(rec);
         }
-        match (&job.verify, &scratch) {
-            (Some(cmd), Some(scratch)) if !answered.is_empty() => {
-                verify_round(cmd, scratch, &mut jobs, &answered, timeout, job.quiet)?;
+        match &job.verify {
+            Some(cmd) if !answered.is_empty() && !scratches.is_empty() => {
+                verify_round(cmd, &scratches, &mut jobs, &answered, timeout, job.quiet)?;
             }
             _ => {
                 for (i, _) in answered {
@@ -393,7 +404,7 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             fj.item.status = Status::Failed;
         }
     }
-    drop(scratch);
+    drop(scratches);
 
     // The branch's tree holds the applied files; the diffs in the report also show the last
     // answer of each failed file.
@@ -459,10 +470,7 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
             .map(|c| c.display().to_string())
             .collect::<Vec<_>>()),
     );
-    st.insert("verify".into(), json!(job.verify));
-    st.insert("max_attempts".into(), job.max_attempts.into());
-    st.insert("temperature".into(), job.temperature.into());
-    st.insert("seed".into(), job.seed.into());
+    super::record_settings(job, st);
 
     let mut where_to = format!("patch {}", patch_path.display());
     if args.apply != ApplyMode::None && s.applied > 0 {
@@ -508,16 +516,14 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
     }
     let html = super::write_report(&report, &report_path)?;
     println!(
-        "migrate: {}: {} applied, {} unchanged, {} failed; {} sent, {} from the cache; {} prompt + {} generated tokens; {where_to}; report {}",
-        crate::client::plural(s.total as u64, "file"),
-        s.applied,
-        s.no_change,
-        s.failed,
-        crate::client::plural(s.requests_sent as u64, "request"),
-        s.cache_hits,
-        s.prompt_tokens,
-        s.completion_tokens,
-        html.display()
+        "{}",
+        super::summary_line(
+            "migrate",
+            "file",
+            "applied",
+            &s,
+            &format!("{where_to}; report {}", html.display())
+        )
     );
     Ok(())
 }
@@ -535,36 +541,52 @@ pub fn cut_off(problem: String, finish_reason: &str, max_tokens: usize) -> Strin
 /// `{path}`, else once for all of them.
 fn verify_round(
     cmd: &str,
-    scratch: &Scratch,
+    scratches: &[Scratch],
     jobs: &mut [FileJob],
     changed: &[(usize, String)],
     timeout: std::time::Duration,
     quiet: bool,
 ) -> Result<()> {
-    let write = |path: &str, content: &str| -> Result<()> {
+    let write_in = |scratch: &Scratch, path: &str, content: &str| -> Result<()> {
         let p = scratch.path.join(path);
         std::fs::write(&p, content).with_context(|| format!("cannot write {}", p.display()))
     };
+    let scratch = &scratches[0];
+    let write = |path: &str, content: &str| write_in(scratch, path, content);
     let bar = super::bar(changed.len(), "verified", quiet);
     if cmd.contains("{path}") {
-        for (i, text) in changed {
-            let fj = &mut jobs[*i];
-            let path = fj.entry.path.clone();
-            let candidate = fj.candidate.clone().unwrap_or_default();
-            write(&path, &candidate)?;
-            let command = cmd.replace("{path}", &shell_quote(&path));
-            let v = verify::run(
-                &command,
-                &scratch.path,
-                &[("GRISTMILL_PATH", &path)],
-                timeout,
-            );
-            write(&path, &fj.original)?;
-            let v = v?;
-            settle(fj, text, &v, &command, timeout);
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
+        // (path, candidate, original) per file; each verifier thread has its own worktree.
+        let work: Vec<(String, String, String)> = changed
+            .iter()
+            .map(|(i, _)| {
+                let fj = &jobs[*i];
+                (
+                    fj.entry.path.clone(),
+                    fj.candidate.clone().unwrap_or_default(),
+                    fj.original.clone(),
+                )
+            })
+            .collect();
+        let verdicts = super::parallel(
+            scratches,
+            &work,
+            bar.as_ref(),
+            |scratch, (path, candidate, original)| -> Result<(String, verify::Verdict)> {
+                write_in(scratch, path, candidate)?;
+                let command = cmd.replace("{path}", &shell_quote(path));
+                let v = verify::run(
+                    &command,
+                    &scratch.path,
+                    &[("GRISTMILL_PATH", path)],
+                    timeout,
+                );
+                write_in(scratch, path, original)?;
+                Ok((command, v?))
+            },
+        );
+        for ((i, text), verdict) in changed.iter().zip(verdicts) {
+            let (command, v) = verdict?;
+            settle(&mut jobs[*i], text, &v, &command, timeout);
         }
     } else {
         // Files applied in earlier rounds are part of the tree being verified.

@@ -42,6 +42,11 @@ pub struct JobArgs {
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub verify_timeout: u64,
 
+    /// Verifiers run at once: per-file verifiers (migrate, one scratch worktree each) and
+    /// trees (scaffold) [default: the number of cores, at most 4].
+    #[arg(long, value_name = "N")]
+    pub verify_jobs: Option<usize>,
+
     /// Requests per file or tree at most: the first, then retries after an answer that does not
     /// parse, apply or verify (each a new request with a new seed and the error appended).
     #[arg(long, default_value_t = 3, value_name = "N")]
@@ -112,6 +117,9 @@ impl JobArgs {
         if !(0.0..=2.0).contains(&self.temperature) {
             bail!("--temperature must be between 0 and 2");
         }
+        if self.verify_jobs == Some(0) {
+            bail!("--verify-jobs must be at least 1");
+        }
         if let Some(v) = &self.verify {
             if v.trim().is_empty() {
                 bail!("--verify is empty");
@@ -120,12 +128,25 @@ impl JobArgs {
         Ok(())
     }
 
+    /// How many verifiers run at once.
+    pub fn verify_jobs(&self) -> usize {
+        self.verify_jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+    }
+
     pub fn verify_timeout(&self) -> Duration {
         Duration::from_secs(self.verify_timeout.max(1))
     }
 
     /// The local engine or the coordinator, and the model's identity for cache keys.
     pub fn runner(&self, cache_dir: PathBuf) -> Result<Runner> {
+        if !self.quiet {
+            if self.no_cache {
+                eprintln!("answer cache: off (--no-cache)");
+            } else {
+                eprintln!("answer cache: {}", cache_dir.display());
+            }
+        }
         let cache = (!self.no_cache).then(|| Cache::new(cache_dir));
         let (backend, identity) = match &self.url {
             Some(url) => {
@@ -142,24 +163,29 @@ impl JobArgs {
             None => {
                 let opts = self.engine.options()?;
                 let path = gristmill::hub::resolve_model(&self.engine.model)?;
-                let started = std::time::Instant::now();
-                let engine = self.engine.load_engine()?;
-                if !self.quiet {
-                    eprintln!(
-                        "{}",
-                        self.engine
-                            .describe(&engine, started.elapsed().as_secs_f64())
-                    );
+                let name = if path.is_dir() {
+                    path.file_name()
+                } else {
+                    path.file_stem()
                 }
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
                 let identity = format!(
-                    "{} sha256-sampled:{} precision={} kv={} tp={}",
-                    engine.model_name,
+                    "{name} sha256-sampled:{} precision={} kv={} tp={}",
                     fingerprint(&path)?,
                     self.engine.precision,
                     self.engine.backend().kv_value_name(),
                     self.engine.tensor_parallel_size
                 );
-                (Backend::Local(Box::new(engine), opts), identity)
+                // Loaded at the first request the cache cannot answer: a re-run that changes
+                // nothing does not wait for a large model to load.
+                (
+                    Backend::Local {
+                        args: Box::new(self.engine.clone()),
+                        opts,
+                        engine: None,
+                    },
+                    identity,
+                )
             }
         };
         Ok(Runner {
@@ -234,14 +260,18 @@ pub fn fingerprint(path: &Path) -> Result<String> {
 }
 
 pub enum Backend {
-    Local(Box<Engine>, EngineOptions),
+    Local {
+        args: Box<EngineArgs>,
+        opts: EngineOptions,
+        engine: Option<Box<Engine>>,
+    },
     Remote(Connection),
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Backend::Local(e, _) => write!(f, "Local({})", e.model_name),
+            Backend::Local { args, .. } => write!(f, "Local({})", args.model.display()),
             Backend::Remote(c) => write!(f, "Remote({})", c.url),
         }
     }
@@ -306,8 +336,21 @@ impl Runner {
                     (id, line.to_string())
                 })
                 .collect();
-            let mut got = match &self.backend {
-                Backend::Local(engine, opts) => run_local(engine, *opts, &lines, self.quiet),
+            let mut got = match &mut self.backend {
+                Backend::Local { args, opts, engine } => {
+                    let engine = match engine {
+                        Some(e) => e,
+                        None => {
+                            let started = std::time::Instant::now();
+                            let e = args.load_engine()?;
+                            if !self.quiet {
+                                eprintln!("{}", args.describe(&e, started.elapsed().as_secs_f64()));
+                            }
+                            engine.insert(Box::new(e))
+                        }
+                    };
+                    run_local(engine, *opts, &lines, self.quiet)
+                }
                 Backend::Remote(conn) => run_remote(conn, &lines)?,
             };
             for &i in &misses {
@@ -377,6 +420,46 @@ impl Runner {
 /// The seed of attempt `attempt` (from 1).
 pub fn seed_of(args: &JobArgs, attempt: usize) -> u64 {
     args.seed + attempt as u64 - 1
+}
+
+/// `f` over `items` on one thread per worker (a scratch worktree, or nothing), each thread
+/// taking the next item when it is free; the results in the items' order.
+pub fn parallel<W: Sync, T: Sync, R: Send>(
+    workers: &[W],
+    items: &[T],
+    bar: Option<&ProgressBar>,
+    f: impl Fn(&W, &T) -> R + Sync,
+) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<Option<R>>> =
+        std::sync::Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for w in workers.iter().take(items.len().max(1)) {
+            let (next, results, f) = (&next, &results, &f);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else {
+                    break;
+                };
+                let r = f(w, item);
+                // A poisoned lock means another verifier thread panicked; its panic is
+                // re-raised when the scope ends.
+                if let Ok(mut slots) = results.lock() {
+                    slots[i] = Some(r);
+                }
+                if let Some(b) = bar {
+                    b.inc(1);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        // Every index below items.len() was taken by one thread and filled.
+        .flatten()
+        .collect()
 }
 
 /// A bar (on a terminal) counting requests as they finish.
@@ -518,6 +601,36 @@ pub fn write_report(report: &gristmill_workflows::report::Report, path: &Path) -
     Ok(html)
 }
 
+/// Records the shared settings of a run in its report.
+pub fn record_settings(args: &JobArgs, settings: &mut serde_json::Map<String, Value>) {
+    settings.insert("verify".into(), json!(args.verify));
+    settings.insert("max_attempts".into(), args.max_attempts.into());
+    settings.insert("temperature".into(), args.temperature.into());
+    settings.insert("seed".into(), args.seed.into());
+}
+
+/// The last line a run prints: its counts, requests and tokens, then `tail`.
+pub fn summary_line(
+    command: &str,
+    noun: &str,
+    applied: &str,
+    s: &gristmill_workflows::report::Summary,
+    tail: &str,
+) -> String {
+    use crate::client::plural;
+    format!(
+        "{command}: {}: {} {applied}, {} unchanged, {} failed; {} sent, {} from the cache; {} prompt + {} generated tokens; {tail}",
+        plural(s.total as u64, noun),
+        s.applied,
+        s.no_change,
+        s.failed,
+        plural(s.requests_sent as u64, "request"),
+        s.cache_hits,
+        s.prompt_tokens,
+        s.completion_tokens,
+    )
+}
+
 /// The usual request body of a job: chat messages, sampling, a constraint.
 pub fn body(
     messages: &[Value],
@@ -538,4 +651,25 @@ pub fn body(
         }
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parallel_work_comes_back_in_order_from_every_worker() {
+        let workers = [10, 20, 30];
+        let items: Vec<u64> = (0..50).collect();
+        let used = std::sync::Mutex::new(std::collections::HashSet::new());
+        let out = super::parallel(&workers, &items, None, |w, &x| {
+            used.lock().expect("lock").insert(*w);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            x * 2
+        });
+        assert_eq!(out, items.iter().map(|x| x * 2).collect::<Vec<_>>());
+        assert!(
+            used.lock().expect("lock").len() > 1,
+            "more than one worker took items"
+        );
+        assert!(super::parallel(&workers, &[] as &[u64], None, |_, &x| x).is_empty());
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gristmill_workflows::answer::{self, parse_files_answer, FileOut};
 use gristmill_workflows::paths::{check_tree, write_tree, Written};
-use gristmill_workflows::report::{tail, Item, Report, Status, TreeFile};
+use gristmill_workflows::report::{tail, Attempt, Item, Report, Status, TreeFile};
 use gristmill_workflows::{specs, template};
 use serde_json::{json, Value};
 
@@ -160,10 +160,10 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
             })
             .collect();
         let answers = runner.attempt(attempt, job.max_attempts, seed, bodies)?;
-        let bar = super::bar(pending.len(), "trees", job.quiet || job.verify.is_none());
+        // Trees whose answer parsed and whose paths passed: (tree, attempt, answer, files).
+        let mut ready: Vec<(usize, Attempt, String, Vec<FileOut>)> = Vec::new();
         for (&i, (mut rec, text)) in pending.iter().zip(answers) {
             let t = &mut trees[i];
-            let root = args.out.join(&t.name);
             let text = match text {
                 Err(failure) => {
                     t.item.error = Some(failure);
@@ -172,6 +172,7 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
                 }
                 Ok(text) => text,
             };
+            let root = args.out.join(&t.name);
             let files = parse_files_answer(&text)
                 .map_err(|e| {
                     super::migrate::cut_off(e.to_string(), &rec.finish_reason, job.max_tokens)
@@ -189,32 +190,49 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
                         })
                         .collect::<Vec<_>>())
                 });
-            let files = match files {
-                Ok(f) => f,
+            match files {
+                Ok(files) => {
+                    t.files = Some(files.clone());
+                    ready.push((i, rec, text, files));
+                }
                 Err(problem) => {
                     rec.outcome = format!("unusable: {problem}");
                     t.item.error = Some(rec.outcome.clone());
                     t.item.push(rec);
                     t.feedback(&text, format!("Your answer could not be used: {problem}."));
-                    continue;
                 }
-            };
-            t.files = Some(files.clone());
-            if let Some(cmd) = &job.verify {
-                let dir = staging.join(&t.name);
-                let v = stage_and_verify(cmd, &dir, &t.name, &files, timeout);
-                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        // Each tree is verified in its own staging folder, several at once.
+        let verdicts: Vec<Option<Result<verify::Verdict>>> = match &job.verify {
+            Some(cmd) => {
+                let bar = super::bar(ready.len(), "trees verified", job.quiet);
+                let workers = vec![(); job.verify_jobs()];
+                let v = super::parallel(&workers, &ready, bar.as_ref(), |_, (i, _, _, files)| {
+                    let name = &trees[*i].name;
+                    let dir = staging.join(name);
+                    let v = stage_and_verify(cmd, &dir, name, files, timeout);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Some(v)
+                });
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                v
+            }
+            None => ready.iter().map(|_| None).collect(),
+        };
+        for ((i, mut rec, text, files), verdict) in ready.into_iter().zip(verdicts) {
+            let t = &mut trees[i];
+            if let (Some(cmd), Some(v)) = (&job.verify, verdict) {
                 let v = v?;
                 rec.verify_exit = v.exit;
-                t.item.verify_output = Some(tail(&v.output, TAIL_BYTES));
-                if let Some(b) = &bar {
-                    b.inc(1);
-                }
+                let out = tail(&v.output, TAIL_BYTES);
+                t.item.verify_output = Some(out.clone());
                 if !v.passed {
                     rec.outcome = format!("verify failed ({})", v.describe(timeout));
                     t.item.error = Some(format!("the verifier failed ({})", v.describe(timeout)));
                     t.item.push(rec);
-                    let out = t.item.verify_output.clone().unwrap_or_default();
                     t.feedback(
                         &text,
                         format!(
@@ -226,6 +244,7 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
                     continue;
                 }
             }
+            let root = args.out.join(&t.name);
             let pairs: Vec<(String, String)> = files
                 .iter()
                 .map(|f| (f.path.clone(), f.content.clone()))
@@ -269,9 +288,6 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
             }
             t.item.push(rec);
         }
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
     }
     let _ = std::fs::remove_dir(&staging);
     for t in &mut trees {
@@ -313,25 +329,19 @@ pub fn scaffold(args: ScaffoldArgs) -> Result<()> {
         args.template.display().to_string().into(),
     );
     st.insert("specs".into(), args.specs.display().to_string().into());
-    st.insert("verify".into(), json!(job.verify));
-    st.insert("max_attempts".into(), job.max_attempts.into());
-    st.insert("temperature".into(), job.temperature.into());
-    st.insert("seed".into(), job.seed.into());
+    super::record_settings(job, st);
     st.insert("force".into(), args.force.into());
     let s = report.summary.clone();
     let html = super::write_report(&report, &report_path)?;
     println!(
-        "scaffold: {}: {} written, {} unchanged, {} failed; {} sent, {} from the cache; {} prompt + {} generated tokens; trees in {}; report {}",
-        crate::client::plural(s.total as u64, "tree"),
-        s.applied,
-        s.no_change,
-        s.failed,
-        crate::client::plural(s.requests_sent as u64, "request"),
-        s.cache_hits,
-        s.prompt_tokens,
-        s.completion_tokens,
-        args.out.display(),
-        html.display()
+        "{}",
+        super::summary_line(
+            "scaffold",
+            "tree",
+            "written",
+            &s,
+            &format!("trees in {}; report {}", args.out.display(), html.display())
+        )
     );
     Ok(())
 }
