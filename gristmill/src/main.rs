@@ -26,8 +26,25 @@ use gristmill::{cluster, engine_args};
                   NO_COLOR=1 turns colours off."
 )]
 struct Cli {
+    /// How log lines on stderr are written: `text` for people, `json` (one object per line:
+    /// timestamp, level, target, fields, the current span) for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "GRISTMILL_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,11 +83,14 @@ fn main() -> ExitCode {
     // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+    let json_logs = cli.log_format == LogFormat::Json;
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Coordinator(args) => cluster::coordinator(args),
@@ -85,7 +105,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json_logs {
+                // A log collector reads the reason a process ended like any other line.
+                tracing::error!(error = %format!("{e:#}"), "exiting");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             // A worker says how it stopped (70: its engine panicked; 130: a second signal).
             let code = e
                 .downcast_ref::<gristmill_worker::node::WorkerError>()

@@ -804,3 +804,50 @@ fn forced_tool_calls_come_back_as_tool_calls() {
         other => panic!("called {other}"),
     }
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_on_every_subcommand() {
+    // A worker waiting for a NATS that is not there logs at info; in JSON, line by line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args([
+            "worker",
+            "--log-format",
+            "json",
+            "--engine",
+            "echo",
+            "--nats",
+            "nats://127.0.0.1:1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut first)
+        .expect("a log line");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let v: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first:?}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert_eq!(v["fields"]["message"], "waiting for NATS", "{v}");
+    assert!(v["timestamp"].is_string() && v["target"].is_string(), "{v}");
+
+    // The reason a process ends is a JSON line too, whatever the subcommand.
+    let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .args(["run", "/nonexistent/batch.jsonl", "-o", "/dev/null"])
+        .env("GRISTMILL_LOG_FORMAT", "json")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let last: Value = serde_json::from_str(text.lines().last().expect("a line"))
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .expect("error")
+            .contains("/nonexistent/batch.jsonl"),
+        "{last}"
+    );
+}
