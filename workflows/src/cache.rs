@@ -37,10 +37,7 @@ pub fn key(model_identity: &str, body: &Value) -> String {
     hex(ctx.finish().as_ref())
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use gristmill_protocol::cluster::hex;
 
 impl Cache {
     pub fn new(dir: impl Into<PathBuf>) -> Cache {

@@ -90,7 +90,8 @@ impl Git {
         Ok(out.stdout)
     }
 
-    fn text(&self, args: &[&str]) -> Result<String> {
+    /// Runs git; its stdout as trimmed text.
+    pub fn text(&self, args: &[&str]) -> Result<String> {
         Ok(String::from_utf8_lossy(&self.run(args, None, &[])?)
             .trim()
             .to_string())
@@ -288,10 +289,6 @@ impl Git {
             }
         }
         Ok(None)
-    }
-
-    pub fn text_of(&self, args: &[&str]) -> Result<String> {
-        self.text(args)
     }
 }
 

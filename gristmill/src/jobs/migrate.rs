@@ -190,7 +190,8 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
     if instruction.trim().is_empty() {
         bail!("the instruction {} is empty", args.instruction.display());
     }
-    for name in template::placeholders(&instruction) {
+    let holes = template::placeholders(&instruction);
+    for name in &holes {
         if !["path", "language", "content"].contains(&name.as_str()) {
             bail!(
                 "the instruction {} uses {{{name}}}; the placeholders are {{path}}, {{language}} and {{content}} (write {{{{{name}}}}} for a literal {{{name}}})",
@@ -302,10 +303,7 @@ pub fn migrate(args: MigrateArgs) -> Result<()> {
                 _ => None,
             })?;
             let mut user = user;
-            if !template::placeholders(&instruction)
-                .iter()
-                .any(|p| p == "content")
-            {
+            if !holes.iter().any(|p| p == "content") {
                 user.push_str(&format!(
                     "\n\nThe file `{path}` ({lang}):\n{}{tag}\n{}{}{}",
                     fj.fence,
@@ -678,14 +676,14 @@ fn publish(
         .with_context(|| format!("--branch {branch:?} is not a valid branch name"))?;
     let tip = git.branch_tip(branch);
     let same = tip.as_deref().is_some_and(|t| {
-        git.text_of(&["rev-parse", &format!("{t}^{{tree}}")])
+        git.text(&["rev-parse", &format!("{t}^{{tree}}")])
             .is_ok_and(|tr| tr == tree)
             && git
-                .text_of(&["rev-parse", &format!("{t}^")])
+                .text(&["rev-parse", &format!("{t}^")])
                 .is_ok_and(|p| p == head)
     });
     if let Some(t) = &tip {
-        let msg = git.text_of(&["log", "-1", "--format=%B", t])?;
+        let msg = git.text(&["log", "-1", "--format=%B", t])?;
         if !same && !msg.contains(git::TRAILER) {
             bail!(
                 "the branch {branch} exists and was not made by gristmill migrate (no `{}` trailer): pass another --branch or delete it",
@@ -701,7 +699,7 @@ fn publish(
     match (&checked_out, args.apply) {
         (Some(at), _) if !same => {
             // The branch is checked out: move it there, where its index and files follow.
-            let status = Git { root: at.clone() }.text_of(&[
+            let status = Git { root: at.clone() }.text(&[
                 "status",
                 "--porcelain",
                 "--untracked-files=no",
