@@ -37,9 +37,10 @@ model:
 tools: system
 	./scripts/fetch-tools.sh
 
-## That plus what only the tests need (about 465 MB more): the OpenAI SDK, NVRTC and CUDA headers, kubectl, kubernetes-validate.
+## That plus what only the tests need (about 465 MB more): the OpenAI SDK, NVRTC and CUDA headers, kubectl, kubernetes-validate; and Debian's headless Chromium for the dashboard's browser test.
 test-tools: system
 	./scripts/fetch-tools.sh --test
+	./scripts/fetch-browser.sh
 
 build:
 	$(CARGO) build --release --locked

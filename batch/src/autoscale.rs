@@ -78,6 +78,20 @@ pub enum Reason {
     Stabilizing,
 }
 
+impl Reason {
+    /// A short name (`deadlines`) and what it means, for people (the dashboard, logs).
+    pub fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Reason::Deadlines => ("deadlines", "the workers needed to finish every batch before its completion window closes, earliest deadline first"),
+            Reason::Drain => ("drain", "the workers needed to empty the queue within the target drain time"),
+            Reason::Pending => ("pending", "one worker at least while anything is pending"),
+            Reason::IdleHold => ("idle_hold", "the queue is empty; workers are kept until the idle time runs out"),
+            Reason::Idle => ("idle", "the queue has been empty long enough: down to the minimum"),
+            Reason::Stabilizing => ("stabilizing", "scaling down waits for the stabilization window (the largest recent recommendation)"),
+        }
+    }
+}
+
 /// The policy's answer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {

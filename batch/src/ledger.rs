@@ -234,6 +234,22 @@ impl Ledger {
         }
     }
 
+    /// Lines and lines reported, per shard (lines rejected at intake, which no shard carries,
+    /// are left out; an open ledger knows only the lines that reported).
+    pub fn shard_counts(&self) -> std::collections::BTreeMap<u32, (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        let slots: Box<dyn Iterator<Item = &Slot>> = match &self.open {
+            Some(seen) => Box::new(seen.values()),
+            None => Box::new(self.lines.iter().map(|(_, s)| s)),
+        };
+        for s in slots.filter(|s| s.shard != NO_SHARD) {
+            let e: &mut (u64, u64) = out.entry(s.shard).or_default();
+            e.0 += 1;
+            e.1 += u64::from(s.is(REPORTED));
+        }
+        out
+    }
+
     /// Forgets what a finalization wrote (before it starts again).
     pub fn reset_written(&mut self) {
         self.clear_flag(WRITTEN);
@@ -310,6 +326,23 @@ mod tests {
             entry(None, 3, None),
             entry(Some("c0+2"), 4, Some(0)),
         ])
+    }
+
+    #[test]
+    fn shard_counts_say_lines_and_reports_per_shard() {
+        let mut l = ledger();
+        assert_eq!(
+            l.shard_counts().into_iter().collect::<Vec<_>>(),
+            [(0, (2, 0)), (1, (1, 0))]
+        );
+        l.record("a", 1, Some(0));
+        l.record("a", 1, Some(0));
+        l.record("", 3, None);
+        assert_eq!(
+            l.shard_counts().into_iter().collect::<Vec<_>>(),
+            [(0, (2, 1)), (1, (1, 0))],
+            "a repeat counts once; the intake-rejected line is no shard's"
+        );
     }
 
     #[test]

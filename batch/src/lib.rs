@@ -7,10 +7,13 @@
 //!   shards ([`shard`]);
 //! - [`batch`]: a batch's record and lifecycle (OpenAI's statuses and their transitions), with
 //!   its [`ledger`] of lines and results, and [`finalize`]: results → output and error lines;
-//! - [`autoscale`]: the worker-count policy (pending tokens, deadlines, measured speed).
+//! - [`autoscale`]: the worker-count policy (pending tokens, deadlines, measured speed);
+//! - [`dashboard`]: what the operator's dashboard shows (progress over time, rates, time left,
+//!   workers, shards, errors by code), computed from what the coordinator counts.
 
 pub mod autoscale;
 pub mod batch;
+pub mod dashboard;
 pub mod finalize;
 pub mod intake;
 pub mod ledger;

@@ -15,5 +15,5 @@ pub mod tenants;
 pub use service::{run, Peer, RunError};
 
 // The batch core's modules, at the paths the coordinator has always used.
-pub use gristmill_batch::{autoscale, batch, finalize, intake, ledger, shard, validate};
+pub use gristmill_batch::{autoscale, batch, dashboard, finalize, intake, ledger, shard, validate};
 pub use gristmill_batch::{InvalidLine, LineValidator};

@@ -23,8 +23,18 @@ pub struct Running {
     pub output_tokens: u64,
 }
 
-/// A batch's latest reports: (shard, worker) → (running tokens, when received).
-type BatchReports = HashMap<(u32, String), (u64, Instant)>;
+/// A batch's latest reports: (shard, worker) → (running tokens, delivery, when received).
+type BatchReports = HashMap<(u32, String), (u64, u32, Instant)>;
+
+/// One shard running on one worker, from a fresh report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningShard {
+    pub shard: u32,
+    pub worker: String,
+    /// Which delivery of the shard (1: the first; 0: not said).
+    pub delivery: u32,
+    pub running_tokens: u64,
+}
 
 /// The latest progress reports.
 #[derive(Debug, Default)]
@@ -47,14 +57,14 @@ impl Progress {
             self.reports
                 .entry(m.batch_id)
                 .or_default()
-                .insert(key, (m.running_tokens, now));
+                .insert(key, (m.running_tokens, m.delivery, now));
         }
     }
 
     /// What is running for a batch, from reports fresh at `now`.
     pub fn running(&self, batch: &str, now: Instant) -> Running {
         let mut r = Running::default();
-        for (tokens, at) in self.reports.get(batch).into_iter().flat_map(|s| s.values()) {
+        for (tokens, _, at) in self.reports.get(batch).into_iter().flat_map(|s| s.values()) {
             if now.saturating_duration_since(*at) < STALE_AFTER {
                 r.shards += 1;
                 r.output_tokens += tokens;
@@ -66,9 +76,39 @@ impl Progress {
     /// Drops stale reports (called now and then, so that dead workers' reports do not pile up).
     pub fn prune(&mut self, now: Instant) {
         self.reports.retain(|_, shards| {
-            shards.retain(|_, (_, at)| now.saturating_duration_since(*at) < STALE_AFTER);
+            shards.retain(|_, (_, _, at)| now.saturating_duration_since(*at) < STALE_AFTER);
             !shards.is_empty()
         });
+    }
+
+    /// The shards of a batch running now (fresh reports), by shard then worker.
+    pub fn running_shards(&self, batch: &str, now: Instant) -> Vec<RunningShard> {
+        let mut out: Vec<RunningShard> = self
+            .reports
+            .get(batch)
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .filter(|(_, (_, _, at))| now.saturating_duration_since(*at) < STALE_AFTER)
+            .map(|((shard, worker), (tokens, delivery, _))| RunningShard {
+                shard: *shard,
+                worker: worker.clone(),
+                delivery: *delivery,
+                running_tokens: *tokens,
+            })
+            .collect();
+        out.sort_by(|a, b| (a.shard, &a.worker).cmp(&(b.shard, &b.worker)));
+        out
+    }
+
+    /// Shards each worker runs now (fresh reports, every batch).
+    pub fn shards_by_worker(&self, now: Instant) -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for ((_, worker), (_, _, at)) in self.reports.values().flat_map(|s| s.iter()) {
+            if now.saturating_duration_since(*at) < STALE_AFTER {
+                *out.entry(worker.clone()).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Forgets a batch (it ended).
@@ -88,6 +128,7 @@ mod tests {
             worker: worker.into(),
             running_tokens: tokens,
             done,
+            delivery: 1,
         }
     }
 
@@ -114,6 +155,18 @@ mod tests {
         // A redelivered shard on another worker is a second report until the first goes stale.
         p.record(report("b1", 1, "w3", 2, false), at);
         assert_eq!(p.running("b1", at).shards, 3);
+        let running = p.running_shards("b1", at);
+        let names: Vec<(u32, &str)> = running
+            .iter()
+            .map(|r| (r.shard, r.worker.as_str()))
+            .collect();
+        assert_eq!(names, [(0, "w1"), (1, "w2"), (1, "w3")]);
+        assert_eq!(running[0].running_tokens, 30);
+        let by_worker = p.shards_by_worker(at);
+        assert_eq!(
+            (by_worker["w1"], by_worker["w2"], by_worker["w3"]),
+            (2, 1, 1)
+        );
         // Done: gone at once.
         p.record(report("b1", 0, "w1", 0, true), at);
         assert_eq!(p.running("b1", at).output_tokens, 7);

@@ -6,7 +6,9 @@
 //! - looking a key up takes the same time whichever key matches, or none, and whatever the
 //!   given key's length: the given key is hashed, then compared with every entry without an
 //!   early exit;
-//! - each key maps to one tenant; a tenant may have several keys (rotation).
+//! - each key maps to one tenant; a tenant may have several keys (rotation);
+//! - a key marked `read-only` reads its tenant's files and batches (and the dashboard) but
+//!   cannot create, cancel or delete anything: only `GET` requests pass with it.
 //!
 //! Everything a tenant creates (files, batches, and the output and error files of its
 //! batches) carries its name; another tenant gets 404 for it, as OpenAI answers for objects of
@@ -29,12 +31,13 @@ fn sha256(data: &[u8]) -> Digest {
 /// The keys a coordinator accepts.
 #[derive(Clone)]
 pub struct ApiKeys {
-    entries: Vec<(Digest, String)>,
+    /// (digest of the key, tenant, read-only).
+    entries: Vec<(Digest, String, bool)>,
 }
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut tenants: Vec<&str> = self.entries.iter().map(|(_, t)| t.as_str()).collect();
+        let mut tenants: Vec<&str> = self.entries.iter().map(|(_, t, _)| t.as_str()).collect();
         tenants.dedup();
         f.debug_struct("ApiKeys")
             .field("keys", &self.entries.len())
@@ -69,14 +72,15 @@ impl ApiKeys {
     /// One key, of the default tenant (`--api-key`).
     pub fn single(key: &str) -> Self {
         Self {
-            entries: vec![(sha256(key.as_bytes()), DEFAULT_TENANT.to_string())],
+            entries: vec![(sha256(key.as_bytes()), DEFAULT_TENANT.to_string(), false)],
         }
     }
 
-    /// Parses a keys file: one `TENANT KEY` per line, `KEY` either the key or `sha256:` and
-    /// its 64 hex digits; blank lines and lines starting with `#` are skipped.
+    /// Parses a keys file: one `TENANT KEY` or `TENANT KEY read-only` per line, `KEY` either
+    /// the key or `sha256:` and its 64 hex digits; blank lines and lines starting with `#` are
+    /// skipped.
     pub fn parse(text: &str) -> Result<Self, KeysError> {
-        let mut entries: Vec<(Digest, String)> = Vec::new();
+        let mut entries: Vec<(Digest, String, bool)> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let l = raw.trim();
@@ -85,8 +89,21 @@ impl ApiKeys {
             }
             let bad = |problem: String| KeysError::Line { line, problem };
             let mut parts = l.split_whitespace();
-            let (Some(tenant), Some(key), None) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(bad("expected `TENANT KEY` (two fields)".into()));
+            let (Some(tenant), Some(key), mode, None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad(
+                    "expected `TENANT KEY` or `TENANT KEY read-only` (two or three fields)".into(),
+                ));
+            };
+            let read_only = match mode {
+                None => false,
+                Some("read-only") => true,
+                Some(other) => {
+                    return Err(bad(format!(
+                        "the third field may only be `read-only`, got {other:?}"
+                    )))
+                }
             };
             if !valid_tenant(tenant) {
                 return Err(bad(format!(
@@ -104,10 +121,10 @@ impl ApiKeys {
                 }
                 None => sha256(key.as_bytes()),
             };
-            if let Some((_, other)) = entries.iter().find(|(d, _)| *d == digest) {
+            if let Some((_, other, _)) = entries.iter().find(|(d, _, _)| *d == digest) {
                 return Err(bad(format!("this key is already tenant {other:?}'s")));
             }
-            entries.push((digest, tenant.to_string()));
+            entries.push((digest, tenant.to_string(), read_only));
         }
         if entries.is_empty() {
             return Err(KeysError::Empty);
@@ -126,17 +143,22 @@ impl ApiKeys {
 
     /// The tenant a presented key belongs to (constant time, see the module's invariants).
     pub fn tenant(&self, presented: &[u8]) -> Option<&str> {
+        self.access(presented).map(|(t, _)| t)
+    }
+
+    /// The tenant a presented key belongs to and whether the key is read-only (constant time).
+    pub fn access(&self, presented: &[u8]) -> Option<(&str, bool)> {
         use subtle::{ConditionallySelectable, ConstantTimeEq};
         let d = sha256(presented);
         // Every entry is compared, and the match (if any) selected, without a branch on secrets.
         let mut found = u64::MAX;
-        for (i, (digest, _)) in self.entries.iter().enumerate() {
+        for (i, (digest, _, _)) in self.entries.iter().enumerate() {
             found.conditional_assign(&(i as u64), digest.ct_eq(&d));
         }
         usize::try_from(found)
             .ok()
             .and_then(|i| self.entries.get(i))
-            .map(|(_, t)| t.as_str())
+            .map(|(_, t, read_only)| (t.as_str(), *read_only))
     }
 }
 
@@ -184,6 +206,12 @@ mod tests {
         assert!(!format!("{keys:?}").contains("key-0123"));
         let single = ApiKeys::single("k");
         assert_eq!(single.tenant(b"k"), Some(DEFAULT_TENANT));
+        assert_eq!(single.access(b"k"), Some((DEFAULT_TENANT, false)));
+        let keys =
+            ApiKeys::parse("ops ops-key-0123456789abc\nops ops-viewer-0123456789 read-only\n")
+                .expect("valid");
+        assert_eq!(keys.access(b"ops-key-0123456789abc"), Some(("ops", false)));
+        assert_eq!(keys.access(b"ops-viewer-0123456789"), Some(("ops", true)));
         assert_eq!(single.tenant(b"k "), None);
     }
 
@@ -191,8 +219,15 @@ mod tests {
     fn a_bad_keys_file_names_its_line() {
         for (text, needle) in [
             ("alice", "line 1: expected `TENANT KEY`"),
-            ("alice k1234567890123456 extra", "line 1: expected"),
-            ("\nal ice k1234567890123456", "line 2: expected"),
+            (
+                "alice k1234567890123456 extra",
+                "line 1: the third field may only be `read-only`",
+            ),
+            ("alice k1234567890123456 read-only x", "line 1: expected"),
+            (
+                "\nal ice k1234567890123456",
+                "line 2: the third field may only be `read-only`",
+            ),
             ("a/b k1234567890123456", "line 1: tenant \"a/b\""),
             ("alice short", "line 1: the key is shorter than 16"),
             ("alice sha256:abc", "line 1: a hashed key"),

@@ -41,7 +41,9 @@ pub struct CoordinatorArgs {
 
     /// File of API keys and their tenants, one `TENANT KEY` per line (`KEY` may be
     /// `sha256:<hex>` of the key); each tenant sees, reads, cancels and deletes only its own
-    /// files and batches. Lines starting with `#` are comments.
+    /// files and batches. `TENANT KEY read-only` admits a key that only reads (GET: the
+    /// dashboard, listings, files), e.g. for people who watch. Lines starting with `#` are
+    /// comments.
     #[arg(long, env = "GRISTMILL_API_KEYS")]
     pub api_keys: Option<PathBuf>,
 
@@ -463,6 +465,11 @@ pub struct WorkerArgs {
     #[arg(long, value_enum, default_value_t = EngineKind::Model, env = "GRISTMILL_ENGINE")]
     pub engine: EngineKind,
 
+    /// With `--engine echo`: milliseconds each request waits before its answer (one at a
+    /// time), to make an echo batch take a while, e.g. to watch it on the dashboard.
+    #[arg(long, default_value_t = 0.0, env = "GRISTMILL_ECHO_DELAY_MS")]
+    pub echo_delay_ms: f64,
+
     /// Shards held at once, all feeding one continuous batch.
     #[arg(long, default_value_t = 4, env = "GRISTMILL_MAX_INFLIGHT_SHARDS")]
     pub max_inflight_shards: usize,
@@ -489,8 +496,16 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     if !args.grace.is_finite() || args.grace < 0.0 {
         bail!("--grace must be a number of seconds, got {}", args.grace);
     }
+    if !(0.0..=60_000.0).contains(&args.echo_delay_ms) {
+        bail!(
+            "--echo-delay-ms must be from 0 to 60000 milliseconds, got {}",
+            args.echo_delay_ms
+        );
+    }
     let generator = match args.engine {
-        EngineKind::Echo => Generator::Echo,
+        EngineKind::Echo => Generator::Echo {
+            delay: Duration::from_secs_f64(args.echo_delay_ms / 1000.0),
+        },
         EngineKind::Model => {
             let opts = args.engine_args.options()?;
             let start = std::time::Instant::now();

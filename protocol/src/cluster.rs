@@ -116,6 +116,9 @@ pub struct ProgressMessage {
     /// The shard ended on this worker (its last report).
     #[serde(default)]
     pub done: bool,
+    /// Which delivery of the shard this is (1: the first; 0 from workers that predate it).
+    #[serde(default)]
+    pub delivery: u32,
 }
 
 /// `Nats-Msg-Id` of a shard: a coordinator that republishes after a crash is deduplicated.

@@ -1,5 +1,5 @@
 //! The HTTP API: OpenAI's Files and Batches endpoints, with OpenAI's object and error shapes,
-//! plus `/healthz`, `/readyz` and `/metrics`.
+//! plus `/healthz`, `/readyz`, `/metrics` and the dashboard (`/`, its data at `/v1/dashboard`).
 //!
 //! With an API key set, every `/v1` request must carry `Authorization: Bearer <key>` (compared
 //! in constant time); the probes and `/metrics` stay open for the kubelet and Prometheus.
@@ -11,9 +11,11 @@
 //! `gristmill_coordinator_leader 0`.
 //!
 //! By resource: this file holds errors, the gate, authentication, extractors, the router and
-//! the probes; `files` and `batches` the OpenAI endpoints; `forward` the standby's proxy.
+//! the probes; `files` and `batches` the OpenAI endpoints; `dashboard` the operator's page and
+//! its data; `forward` the standby's proxy.
 
 mod batches;
+mod dashboard;
 mod files;
 mod forward;
 
@@ -174,6 +176,24 @@ pub struct Gate {
     coordinator: OnceLock<Arc<Coordinator>>,
     /// Forwards a standby's requests to the leader.
     client: Client<HttpConnector, Body>,
+    /// Request durations by method, route and status class (`/metrics`).
+    latency: Latency,
+}
+
+/// Labels of a request's duration: method, route (the matched pattern, `/v1/batches/{id}`),
+/// status class (`2xx`).
+type LatencyLabels = Vec<(&'static str, String)>;
+type Latency = prometheus_client::metrics::family::Family<
+    LatencyLabels,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
+fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 1 ms to about 33 s.
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
+    )
 }
 
 impl std::fmt::Debug for Gate {
@@ -195,6 +215,7 @@ impl Gate {
             lease,
             coordinator: OnceLock::new(),
             client: Client::builder(TokioExecutor::new()).build(connector),
+            latency: Latency::new_with_constructor(latency_histogram),
         })
     }
 
@@ -268,6 +289,8 @@ pub fn router(c: Arc<Gate>) -> Router {
         .route("/v1/batches", post(create_batch).get(list_batches))
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/v1/dashboard", get(dashboard::overview))
+        .route("/v1/dashboard/batches/{id}", get(dashboard::batch_page))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(c.clone(), to_leader))
@@ -277,16 +300,42 @@ pub fn router(c: Arc<Gate>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/", get(dashboard::page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::styles))
         .merge(v1)
-        .layer(middleware::from_fn(http_span))
+        .layer(middleware::from_fn_with_state(c.clone(), http_span))
         .with_state(c)
 }
 
-/// Every request runs in a span naming it, so that what it logs says which request it was.
-async fn http_span(req: Request, next: Next) -> Response {
+/// Every request runs in a span naming it, so that what it logs says which request it was,
+/// and its duration is counted by method, route and status class.
+async fn http_span(State(g): State<AppState>, req: Request, next: Next) -> Response {
     use tracing::Instrument;
     let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
-    next.run(req).instrument(span).await
+    // Known methods only: a client's invented method must not make a series of its own.
+    let method = match *req.method() {
+        Method::GET | Method::POST | Method::DELETE | Method::HEAD | Method::PUT => {
+            req.method().to_string()
+        }
+        _ => "other".to_string(),
+    };
+    // The pattern, never the path itself: ids would make a series per object.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let start = std::time::Instant::now();
+    let response = next.run(req).instrument(span).await;
+    let labels: LatencyLabels = vec![
+        ("method", method),
+        ("route", route),
+        ("code", format!("{}xx", response.status().as_u16() / 100)),
+    ];
+    g.latency
+        .get_or_create(&labels)
+        .observe(start.elapsed().as_secs_f64());
+    response
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
@@ -302,6 +351,10 @@ async fn unknown_route(method: Method, uri: Uri) -> ApiError {
         None,
     )
 }
+
+/// Whether a request's key is read-only (absent: no keys, or a full key).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOnly(pub bool);
 
 /// The tenant a request acts for (from its API key; the default tenant without keys).
 #[derive(Debug, Clone)]
@@ -334,9 +387,20 @@ async fn require_key(State(c): State<AppState>, mut req: Request, next: Next) ->
             let (scheme, key) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         });
-        let found = given.and_then(|g| keys.tenant(g.as_bytes()));
-        if let Some(t) = found {
+        let found = given.and_then(|g| keys.access(g.as_bytes()));
+        if let Some((t, read_only)) = found {
             tenant = t.to_string();
+            if read_only && !matches!(*req.method(), Method::GET | Method::HEAD) {
+                return ApiError {
+                    status: StatusCode::FORBIDDEN,
+                    message: format!("This API key is read-only: it can read {t}'s files and batches but not {} {}.", req.method(), req.uri().path()),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("read_only_key"),
+                }
+                .into_response();
+            }
+            req.extensions_mut().insert(ReadOnly(read_only));
         } else {
             let message = match (header, given) {
                 (None, _) => "You didn't provide an API key. Provide it in the Authorization header as `Bearer <key>`.",
@@ -384,6 +448,13 @@ async fn ready(State(g): State<AppState>) -> Response {
 async fn metrics(State(g): State<AppState>) -> Response {
     let leader = g.coordinator.get();
     let mut registries = vec![crate::server::leader_registry(leader.is_some())];
+    let mut http = prometheus_client::registry::Registry::default();
+    http.register(
+        "gristmill_http_request_duration_seconds",
+        "Durations of the coordinator's HTTP requests, by method, route pattern and status class.",
+        g.latency.clone(),
+    );
+    registries.push(http);
     if let Some(c) = leader {
         registries.push(c.metrics().await);
     }

@@ -64,6 +64,9 @@ impl Coordinator {
         let c = &self.counters;
         // Queue tokens these results retire: each line its share of its batch's weight.
         let mut retired = 0.0;
+        // Lines and completion tokens in the message, counted or not (a redelivered shard's
+        // repeats were work too), for the worker's rate on the dashboard.
+        let (mut lines, mut worked) = (0u64, 0u64);
         {
             // One lock for the whole message.
             let mut map = self.lock();
@@ -76,6 +79,8 @@ impl Coordinator {
                     ),
                     ResultOutcome::Failed { .. } => (false, 0, 0),
                 };
+                lines += 1;
+                worked += tokens;
                 let Some(st) = map.get_mut(&r.batch_id) else {
                     continue;
                 };
@@ -101,6 +106,9 @@ impl Coordinator {
                     }
                 }
                 st.dirty = true;
+                if let ResultOutcome::Failed { error } = &r.outcome {
+                    st.watch.errors.add(&error.code, &error.message);
+                }
                 if st.rec.total > 0 {
                     retired += st.rec.tokens as f64 / st.rec.total as f64;
                 }
@@ -114,6 +122,10 @@ impl Coordinator {
             }
         }
         if let Some((worker, t)) = source {
+            self.workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .results(worker, t, lines, worked, now_s_f64());
             self.meter.lock().unwrap_or_else(|p| p.into_inner()).record(
                 t,
                 worker,
@@ -162,6 +174,9 @@ impl Coordinator {
         await_acks(&mut acks).await?;
         stream.delete_message(seq).await.ok();
         self.counters.dead_shards.inc();
+        if let Some(st) = self.lock().get_mut(&shard.batch_id) {
+            st.watch.dead.insert(shard.shard);
+        }
         tracing::warn!(batch = %shard.batch_id, shard = shard.shard, "shard failed on every delivery; its lines are error lines");
         Ok(())
     }
@@ -183,6 +198,17 @@ impl Coordinator {
                 continue;
             };
             let now = Instant::now();
+            self.workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .heard(&report.worker, now_s_f64());
+            let redelivered = self
+                .lock()
+                .get_mut(&report.batch_id)
+                .is_some_and(|st| st.watch.delivered(report.shard, report.delivery));
+            if redelivered {
+                self.counters.shard_redeliveries.inc();
+            }
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.record(report, now);
             if now.duration_since(pruned) > crate::progress::STALE_AFTER {

@@ -13,6 +13,7 @@ impl Coordinator {
                 rec: rec.clone(),
                 dirty: true,
                 closing: false,
+                watch: Default::default(),
             },
         );
         self.save(&id).await?;

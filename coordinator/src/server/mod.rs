@@ -23,6 +23,7 @@ mod metrics;
 
 pub use metrics::{exposition, leader_registry, Counters};
 mod tick;
+mod watch;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -141,6 +142,8 @@ struct BatchState {
     dirty: bool,
     /// A finalization task owns the batch.
     closing: bool,
+    /// What the dashboard shows of it (advisory, in memory).
+    watch: watch::BatchWatch,
 }
 
 /// The coordinator's shared state.
@@ -171,6 +174,10 @@ pub struct Coordinator {
     next_result_seq: AtomicU64,
     /// Workers' reports on the shards they run (advisory, for progress between results).
     progress: Mutex<crate::progress::Progress>,
+    /// The workers heard from lately (the dashboard's).
+    workers: Mutex<crate::dashboard::Workers>,
+    /// The autoscaler's last decision (the dashboard's).
+    last_decision: Mutex<Option<watch::LastDecision>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -330,6 +337,11 @@ impl Coordinator {
             panics: Arc::new(TaskPanics::default()),
             next_result_seq: AtomicU64::new(1),
             progress: Mutex::new(crate::progress::Progress::default()),
+            workers: Mutex::new(crate::dashboard::Workers::new(
+                watch::WORKERS_WINDOW_S,
+                watch::WORKERS_FORGET_S,
+            )),
+            last_decision: Mutex::new(None),
         });
         let resume = this.load_batches().await?;
         this.spawn_forever("results", |c| c.collect_results());
@@ -421,6 +433,7 @@ impl Coordinator {
                     rec,
                     dirty: false,
                     closing,
+                    watch: Default::default(),
                 },
             );
         }

@@ -68,6 +68,8 @@ impl Coordinator {
                 while rate.len() > 11 {
                     rate.pop_front();
                 }
+                drop(rate);
+                self.sample_batches();
             }
             if n.is_multiple_of(autoscale_every) {
                 let rate = self.measure().await;
@@ -126,6 +128,7 @@ impl Coordinator {
                 }
             })
             .collect();
+        let pending_tokens: f64 = batches.iter().map(|b| b.tokens).sum();
         let (current, d) = {
             let mut state = self.autoscale.lock().unwrap_or_else(|p| p.into_inner());
             let current = live.unwrap_or(state.1);
@@ -139,6 +142,14 @@ impl Coordinator {
             state.1 = d.replicas;
             (current, d)
         };
+        *self.last_decision.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(super::watch::LastDecision {
+                at_s: now_s_f64(),
+                current,
+                decision: d,
+                pending_tokens,
+                tokens_per_s_per_worker: measured_tokens_per_s,
+            });
         if d.replicas == current {
             return;
         }

@@ -69,9 +69,11 @@ pub const ENV_CHAOS_CRASH_CUSTOM_ID: &str = "GRISTMILL_CHAOS_CRASH_CUSTOM_ID";
 pub enum Generator {
     /// The model.
     Model(Arc<Engine>, EngineOptions),
-    /// Answers every request at once with its own prompt: a benchmark mode that measures the
-    /// coordinator and NATS without a model. Clearly not generation.
-    Echo,
+    /// Answers every request with its own prompt, after `delay` (zero: at once): a benchmark
+    /// mode that measures the coordinator and NATS without a model, and, slowed down, a batch
+    /// that takes long enough to be watched (the dashboard's browser test). Clearly not
+    /// generation.
+    Echo { delay: Duration },
 }
 
 /// Settings of a worker.
@@ -189,7 +191,7 @@ pub async fn serve(
     let (fatal_tx, mut fatal) = mpsc::unbounded_channel::<WorkerError>();
     let model_name = match &generator {
         Generator::Model(e, _) => e.model_name.clone(),
-        Generator::Echo => "echo".to_string(),
+        Generator::Echo { .. } => "echo".to_string(),
     };
     {
         let router = router.clone();
@@ -218,8 +220,11 @@ pub async fn serve(
                         );
                         tracing::info!(steps = stats.steps, "engine stopped");
                     }
-                    Generator::Echo => {
+                    Generator::Echo { delay } => {
                         for (tag, req) in from_workers {
+                            if !delay.is_zero() {
+                                std::thread::sleep(delay);
+                            }
                             let _ = out_tx.send((tag, echo(req)));
                         }
                     }
@@ -453,7 +458,7 @@ async fn handle_shard(
     if let Ok(mut a) = shared.router.aborted.write() {
         a.remove(&tag);
     }
-    report_progress(&shared, &shard, 0, true).await;
+    report_progress(&shared, &shard, delivered, 0, true).await;
     match result {
         Ok(()) => {
             tracing::info!(
@@ -507,13 +512,20 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Publishes a shard's progress on core NATS (advisory: a lost report only delays the
 /// coordinator's view; nothing is counted from it).
-async fn report_progress(shared: &Shared, shard: &ShardMessage, running_tokens: u64, done: bool) {
+async fn report_progress(
+    shared: &Shared,
+    shard: &ShardMessage,
+    delivery: i64,
+    running_tokens: u64,
+    done: bool,
+) {
     let report = ProgressMessage {
         batch_id: shard.batch_id.clone(),
         shard: shard.shard,
         worker: shared.name.clone(),
         running_tokens,
         done,
+        delivery: u32::try_from(delivery).unwrap_or(0),
     };
     let Ok(payload) = serde_json::to_vec(&report) else {
         return;
@@ -587,8 +599,11 @@ async fn run_shard(
     heartbeat.tick().await;
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     progress.tick().await;
-    // Completion tokens of the lines finished so far, and the last count reported.
-    let (mut finished_tokens, mut reported) = (0u64, 0u64);
+    // Completion tokens of the lines finished so far.
+    let mut finished_tokens = 0u64;
+    // The first report says at once which worker took the shard, and on which delivery.
+    let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
+    report_progress(shared, shard, delivery, 0, false).await;
     let mut release = shared.release.clone();
     while remaining > 0 {
         tokio::select! {
@@ -644,12 +659,11 @@ async fn run_shard(
                 }
             }
             _ = progress.tick() => {
+                // Every second, changed or not: the report also says which worker holds the
+                // shard (the coordinator forgets reports that are not renewed).
                 let generated = lock(&shared.router.tokens).get(&tag).copied().unwrap_or(0);
                 let running = generated.saturating_sub(finished_tokens);
-                if running != reported {
-                    reported = running;
-                    report_progress(shared, shard, running, false).await;
-                }
+                report_progress(shared, shard, delivery, running, false).await;
             }
             _ = heartbeat.tick() => {
                 msg.ack_with(AckKind::Progress).await.map_err(|e| ShardError::Transport(anyhow!(e)))?;
