@@ -10,6 +10,7 @@ pub mod progress;
 pub mod server;
 mod service;
 pub mod tasks;
+pub mod telemetry;
 pub mod tenants;
 
 pub use service::{run, Peer, RunError};

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod engine_args;
 pub mod hub;
 pub mod nats;
+pub mod telemetry;

@@ -83,12 +83,42 @@ fn main() -> ExitCode {
     // Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(ansi).init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
+    let service = match cli.command {
+        Command::Coordinator(_) => "gristmill-coordinator",
+        Command::Worker(_) => "gristmill-worker",
+        _ => "gristmill",
+    };
+    // Spans go to an OTLP collector too when OTEL_EXPORTER_OTLP_ENDPOINT says where.
+    let telemetry = match gristmill::telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::Layer as _;
+        let logs = match cli.log_format {
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .json()
+                .with_current_span(true)
+                .boxed(),
+        };
+        let spans = telemetry
+            .as_ref()
+            .map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer()));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(spans)
+            .with(logs)
+            .init();
     }
     let json_logs = cli.log_format == LogFormat::Json;
     let result = match cli.command {

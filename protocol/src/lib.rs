@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod request;
 
 pub use request::{

@@ -43,6 +43,22 @@ impl Coordinator {
                 .and_then(|h| h.get(WORKER_HEADER))
                 .map(|v| v.as_str().to_string());
             let source = worker.as_deref().zip(published);
+            // Counted under a span whose parent is the worker's run of the shard (its
+            // `traceparent`), when spans are exported: the batch's trace comes back here.
+            let parent = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(TRACEPARENT_HEADER))
+                .and_then(|v| crate::telemetry::remote_context(v.as_str()));
+            let span = match parent {
+                Some(cx) => {
+                    let span = tracing::info_span!("results", subject = %m.subject, worker = worker.as_deref().unwrap_or(""));
+                    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, cx);
+                    span
+                }
+                None => tracing::Span::none(),
+            };
+            let _entered = span.enter();
             match decode_results(&m.payload) {
                 Ok(rs) => self.count(rs, source),
                 Err(e) => {

@@ -2,6 +2,7 @@
 //! by window (pass 2) with its ledger and index; cancellation.
 
 use super::*;
+use tracing::Instrument;
 
 impl Coordinator {
     /// Creates a batch in `validating` and starts its intake.
@@ -29,7 +30,10 @@ impl Coordinator {
     pub(super) async fn dispatch(self: Arc<Self>, id: String) {
         let mut pause = Duration::from_secs(1);
         for attempt in 1..=DISPATCH_ATTEMPTS {
-            let Err(e) = self.try_dispatch(&id).await else {
+            let span =
+                tracing::info_span!("dispatch", batch = %id, trace_id = %batch_trace_id(&id));
+            crate::telemetry::under_batch(&span, &id);
+            let Err(e) = self.try_dispatch(&id).instrument(span).await else {
                 return;
             };
             self.counters.dispatch_failures.inc();
@@ -50,7 +54,8 @@ impl Coordinator {
         }
     }
 
-    #[tracing::instrument(name = "dispatch", skip(self), fields(trace_id = %batch_trace_id(id)))]
+    /// One attempt of dispatch, in its `dispatch` span (whose `traceparent` the shards carry
+    /// when spans are exported).
     pub(super) async fn try_dispatch(self: &Arc<Self>, id: &str) -> Result<()> {
         let Some(rec) = self.batch(id) else {
             return Ok(());
@@ -224,7 +229,8 @@ impl Coordinator {
                 st.rec.ledger.insert_all(&w.index);
             }
             index.write_all(&encode_index(&w.index)).await?;
-            let intake = batch_trace(id, &["intake"]);
+            let here = crate::telemetry::span_traceparent(&tracing::Span::current());
+            let intake = here.clone().unwrap_or_else(|| batch_trace(id, &["intake"]));
             for r in &w.invalid {
                 let msg_id = result_msg_id(id, &r.custom_id, r.line);
                 acks.push(
@@ -245,7 +251,9 @@ impl Coordinator {
             for s in &w.shards {
                 let msg_id = shard_msg_id(id, s.shard);
                 // The shard's span in the batch's trace; the worker's run of it is its child.
-                let parent = batch_trace(id, &[&s.shard.to_string()]);
+                let parent = here
+                    .clone()
+                    .unwrap_or_else(|| batch_trace(id, &[&s.shard.to_string()]));
                 acks.push(
                     publish(
                         &self.js,

@@ -1,6 +1,7 @@
 //! Finalization: a finished batch's results streamed into its output and error files.
 
 use super::*;
+use tracing::Instrument;
 
 impl Coordinator {
     /// Writes the output and error files and ends the batch. Idempotent: file ids derive from
@@ -11,8 +12,16 @@ impl Coordinator {
     pub(super) async fn finalize(self: Arc<Self>, id: String) {
         let mut pause = Duration::from_secs(2);
         loop {
-            match self.try_finalize(&id).await {
-                Ok(()) => return,
+            let span =
+                tracing::info_span!("finalize", batch = %id, trace_id = %batch_trace_id(&id));
+            crate::telemetry::under_batch(&span, &id);
+            match self.try_finalize(&id).instrument(span).await {
+                Ok(()) => {
+                    if let Some(rec) = self.batch(&id).filter(|r| r.status.is_terminal()) {
+                        crate::telemetry::emit_batch_root(&rec);
+                    }
+                    return;
+                }
                 Err(e) => {
                     self.counters.finalize_failures.inc();
                     tracing::error!(batch = %id, error = format!("{e:#}"), pause_s = pause.as_secs(), "finalization failed; retrying");
@@ -45,7 +54,7 @@ impl Coordinator {
         }
     }
 
-    #[tracing::instrument(name = "finalize", skip(self), fields(trace_id = %batch_trace_id(id)))]
+    /// One attempt of [`Coordinator::finalize`], in its `finalize` span.
     pub(super) async fn try_finalize(&self, id: &str) -> Result<()> {
         let ending = self
             .update(id, |st| {

@@ -429,8 +429,19 @@ async fn handle(shared: Arc<Shared>, msg: jetstream::Message) {
         &shared.name,
         &delivered.to_string(),
     ]);
-    let trace = traceparent(&trace_id, &run);
-    let span = tracing::info_span!("shard", batch = %shard.batch_id, shard = shard.shard, delivery = delivered, trace_id = %trace_id);
+    let span = tracing::info_span!("shard", batch = %shard.batch_id, shard = shard.shard, delivery = delivered, worker = %shared.name, trace_id = %trace_id);
+    // When spans are exported, this run is a child of the coordinator's span named in the
+    // shard's `traceparent`, and the results name this run's span in theirs.
+    if let Some(cx) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(TRACEPARENT_HEADER))
+        .and_then(|v| gristmill_protocol::otel::remote_context(v.as_str()))
+    {
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, cx);
+    }
+    let trace = gristmill_protocol::otel::span_traceparent(&span)
+        .unwrap_or_else(|| traceparent(&trace_id, &run));
     handle_shard(shared, msg, shard, delivered, trace)
         .instrument(span)
         .await
