@@ -59,16 +59,28 @@ impl Series {
         }
         self.points.push(p);
         if self.points.len() >= self.cap {
-            let last = self.points.len() - 1;
-            let mut i = 0;
-            self.points.retain(|_| {
-                let keep = i % 2 == 0 || i == last;
-                i += 1;
-                keep
-            });
-            self.spacing_s *= 2.0;
+            self.halve();
         }
         true
+    }
+
+    /// Drops every other point (the first and the last kept); the spacing doubles.
+    fn halve(&mut self) {
+        let last = self.points.len().saturating_sub(1);
+        let mut i = 0;
+        self.points.retain(|_| {
+            let keep = i % 2 == 0 || i == last;
+            i += 1;
+            keep
+        });
+        self.spacing_s *= 2.0;
+    }
+
+    /// Coarsens the series to at most `n` points (≥ 4): what an ended batch keeps.
+    pub fn shrink_to(&mut self, n: usize) {
+        while self.points.len() > n.max(4) {
+            self.halve();
+        }
     }
 
     pub fn points(&self) -> &[Point] {
@@ -394,6 +406,10 @@ mod tests {
         // the current spacing.
         let widest = p.windows(2).map(|w| w[1].t - w[0].t).fold(0.0, f64::max);
         assert!(widest <= s.spacing_s(), "{widest} > {}", s.spacing_s());
+        let last = p.last().copied();
+        s.shrink_to(5);
+        assert!(s.points().len() <= 5);
+        assert_eq!((s.points()[0].t, s.points().last().copied()), (0.0, last));
     }
 
     #[test]

@@ -186,35 +186,47 @@ impl Browser {
         }
     }
 
+    /// Loads `url` and waits until its document (and its deferred script) has loaded.
     fn navigate(&mut self, url: &str) {
         self.call("Page.navigate", json!({"url": url}));
+        let want = serde_json::to_string(url).expect("json");
+        self.wait(
+            "the page to load",
+            Duration::from_secs(30),
+            &format!("location.href === {want} && document.readyState === 'complete'"),
+        );
     }
 
-    /// Evaluates `js` in the page and returns its value (promises awaited).
-    fn eval(&mut self, js: &str) -> Value {
+    /// Evaluates `js`; `Err` with the exception when it throws.
+    fn try_eval(&mut self, js: &str) -> Result<Value, Value> {
         let r = self.call(
             "Runtime.evaluate",
             json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
         );
-        assert!(
-            r.get("exceptionDetails").is_none(),
-            "{js}: {}",
-            r["exceptionDetails"]
-        );
-        r["result"]["value"].clone()
+        match r.get("exceptionDetails") {
+            Some(e) => Err(e.clone()),
+            None => Ok(r["result"]["value"].clone()),
+        }
     }
 
-    /// Waits until `js` evaluates to something other than null, false or undefined.
+    /// Evaluates `js` in the page and returns its value (promises awaited).
+    fn eval(&mut self, js: &str) -> Value {
+        self.try_eval(js).unwrap_or_else(|e| panic!("{js}: {e}"))
+    }
+
+    /// Waits until `js` evaluates to something other than null, false or undefined (an
+    /// exception, say from an element not there yet, counts as not yet).
     fn wait(&mut self, what: &str, timeout: Duration, js: &str) -> Value {
         let start = Instant::now();
         loop {
-            let v = self.eval(js);
-            if !(v.is_null() || v == json!(false)) {
-                return v;
-            }
+            let last = match self.try_eval(js) {
+                Ok(v) if !(v.is_null() || v == json!(false)) => return v,
+                Ok(v) => v,
+                Err(e) => e,
+            };
             assert!(
                 start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what} ({js}); page errors: {:?}",
+                "timed out after {timeout:?} waiting for {what} ({js}), last {last}; page errors: {:?}",
                 self.errors.lock().expect("errors")
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -227,11 +239,12 @@ impl Browser {
         let at = self.eval(&format!(
             "(() => {{ const e = document.querySelector({sel}); if (!e) return null; \
              e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
+             if (!r.width || !r.height) return null; \
              return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
         ));
         let (x, y) = (at[0].as_f64(), at[1].as_f64());
         let (Some(x), Some(y)) = (x, y) else {
-            panic!("nothing to click at {selector}");
+            panic!("nothing visible to click at {selector}");
         };
         for kind in ["mousePressed", "mouseReleased"] {
             self.call(

@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 let timer = null;
 let readOnly = false;
 let pending = null; // the batch id awaiting cancel confirmation
+let session = 0; // bumped when the key changes: answers fetched with the old one are dropped
 
 // ------------------------------------------------------------------ helpers
 
@@ -323,23 +324,28 @@ function route() {
 async function refresh() {
   clearTimeout(timer);
   const r = route();
+  const mine = session;
   try {
     if (r.batch) {
       const [o, b] = await Promise.all([
         api("/v1/dashboard?limit=1").then((x) => x.json()),
         api(`/v1/dashboard/batches/${encodeURIComponent(r.batch)}`).then((x) => x.json()),
       ]);
+      if (mine !== session) return;
       readOnly = Boolean(o.read_only);
       $("coordinator").textContent = `coordinator ${o.coordinator}${readOnly ? " · read-only key" : ""}`;
       renderBatch(b);
       show("batch");
     } else {
-      renderOverview(await (await api("/v1/dashboard?limit=200")).json());
+      const o = await (await api("/v1/dashboard?limit=200")).json();
+      if (mine !== session) return;
+      renderOverview(o);
       show("overview");
     }
     setLive(`updated ${new Date().toLocaleTimeString()}`);
     document.body.dataset.updated = String(Date.now());
   } catch (e) {
+    if (mine !== session) return;
     if (e.status === 401) {
       sessionStorage.removeItem(KEY);
       $("login-error").textContent = e.message;
@@ -355,15 +361,18 @@ async function refresh() {
 function start() {
   $("key-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
+    session++;
     sessionStorage.setItem(KEY, $("key").value.trim());
     $("key").value = "";
     $("login-error").textContent = "";
     refresh();
   });
   $("forget").addEventListener("click", () => {
+    session++;
     sessionStorage.removeItem(KEY);
     clearTimeout(timer);
     show("login");
+    $("key").focus();
   });
   $("confirm").addEventListener("close", () => {
     if ($("confirm").returnValue === "yes") confirmed();

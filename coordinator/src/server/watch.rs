@@ -11,8 +11,9 @@ use crate::dashboard::{rates, shard_views, ErrorTally, Holder, Point, Series};
 
 /// Seconds between a batch's samples at first (they coarsen as it runs long).
 const SAMPLE_EVERY_S: f64 = 1.0;
-/// Samples kept per batch.
+/// Samples kept per batch while it runs, and once it has ended.
 const SAMPLES: usize = 600;
+const SAMPLES_ENDED: usize = 120;
 /// The window of "now" rates.
 const RATE_WINDOW_S: f64 = 10.0;
 /// Workers' rates are measured over this window; silent ones are dropped after `WORKERS_FORGET_S`.
@@ -100,6 +101,10 @@ impl Coordinator {
             });
             if st.rec.status == BatchStatus::InProgress || changed {
                 st.watch.series.push(p);
+            }
+            if st.rec.status.is_terminal() {
+                // An ended batch keeps its shape in less memory.
+                st.watch.series.shrink_to(SAMPLES_ENDED);
             }
         }
     }
