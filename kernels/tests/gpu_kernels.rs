@@ -294,8 +294,10 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
             head_dim,
             block_size,
             max_blocks,
+            num_blocks * block_size,
         )
         .expect("launch");
+        k.take_violations().expect("no index out of range");
         let utables: Vec<Vec<u32>> = (0..n)
             .map(|i| {
                 tables[i * max_blocks..(i + 1) * max_blocks]
@@ -349,4 +351,68 @@ fn argmax_matches_the_cpu_op() {
             .collect();
         assert_eq!(down(s, &out), want);
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and driver: scripts/gpu-check.sh runs it"]
+fn out_of_range_slots_and_blocks_are_refused_and_reported() {
+    let Some(k) = kernels() else { return };
+    let s = &k.stream;
+    let mut rng = Rng(11);
+    let (kv_heads, head_dim, block_size, blocks) = (2usize, 64usize, 16usize, 2usize);
+    let width = kv_heads * head_dim;
+    let slots_total = blocks * block_size;
+    let mut k_cache = up(s, &vec![bf16::ZERO; slots_total * width]);
+    let mut v_cache = up(s, &vec![bf16::ZERO; slots_total * width]);
+    // Row 0 to slot 3; row 1 to a slot past the end; row 2 to a negative slot.
+    let rows = rng.bf16s(3 * width);
+    k.write_kv(
+        &up(s, &rows),
+        &up(s, &rows),
+        &mut k_cache,
+        &mut v_cache,
+        &up(s, &[3i64, slots_total as i64, -1]),
+        width,
+        slots_total,
+    )
+    .expect("launch");
+    let e = k.take_violations().expect_err("a slot out of range");
+    assert!(e.to_string().contains("write_kv: a slot outside"), "{e}");
+    k.take_violations().expect("the flag is cleared once read");
+    let cache = f32s(&down(s, &k_cache));
+    assert_eq!(
+        &cache[3 * width..4 * width],
+        &f32s(&rows[..width])[..],
+        "the good row is written"
+    );
+    let written = cache.iter().filter(|x| **x != 0.0).count();
+    assert!(written <= width, "nothing else is written");
+    // Attention: a block id past the cache, and a context longer than the table.
+    let heads = 4;
+    let q = rng.bf16s(2 * heads * head_dim);
+    let mut out = poisoned(s, 2 * heads * head_dim);
+    k.paged_attention_decode(
+        &up(s, &q),
+        &k_cache,
+        &v_cache,
+        &up(s, &[0i32, 99, 1, 0]),
+        &up(s, &[20i32, 1000]),
+        &mut out,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        2,
+        slots_total,
+    )
+    .expect("launch");
+    let e = k.take_violations().expect_err("bad tables").to_string();
+    assert!(
+        e.contains("a block outside") && e.contains("context length"),
+        "{e}"
+    );
+    assert!(
+        f32s(&down(s, &out)).iter().all(|x| *x == 0.0),
+        "refused heads are zeros"
+    );
 }

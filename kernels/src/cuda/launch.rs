@@ -25,6 +25,9 @@ pub enum CudaError {
     Compile(String),
     #[error("CUDA driver: {0}")]
     Driver(String),
+    /// A kernel was handed indices outside its buffers (nothing was read or written there).
+    #[error("a CUDA kernel refused out-of-range indices: {0}")]
+    OutOfBounds(String),
 }
 
 fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
@@ -39,6 +42,29 @@ pub struct CudaKernels {
     functions: HashMap<&'static str, CudaFunction>,
     /// `sm_XY` of the device.
     pub arch: &'static str,
+    /// Bits the bounds-checking kernels set when handed an index outside their buffers
+    /// ([`CudaKernels::take_violations`]).
+    violations: std::sync::Mutex<CudaSlice<i32>>,
+}
+
+/// Bits of the violations word, and what each means.
+const VIOLATIONS: [(i32, &str); 3] = [
+    (1, "write_kv: a slot outside the KV cache"),
+    (
+        2,
+        "paged_attention_decode: a context length beyond the block table",
+    ),
+    (4, "paged_attention_decode: a block outside the KV cache"),
+];
+
+/// What the set bits of a violations word mean.
+pub fn describe_violations(bits: i32) -> Option<String> {
+    let said: Vec<&str> = VIOLATIONS
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, what)| *what)
+        .collect();
+    (bits != 0).then(|| said.join("; "))
 }
 
 /// `sm_XY` for NVRTC (a `&'static str`, as cudarc's options want).
@@ -95,12 +121,31 @@ impl CudaKernels {
                 functions.insert(f, module.load_function(f).map_err(driver)?);
             }
         }
+        let stream = ctx.default_stream();
+        let violations = stream.alloc_zeros::<i32>(1).map_err(driver)?;
         Ok(Self {
-            stream: ctx.default_stream(),
+            stream,
             ctx,
             functions,
             arch,
+            violations: std::sync::Mutex::new(violations),
         })
+    }
+
+    /// Reads (and clears) what the bounds-checking kernels reported since the last call: an
+    /// [`CudaError::OutOfBounds`] naming each kind of index they refused. It waits for the
+    /// stream, so call it where the host waits anyway (after a step's tokens come back).
+    pub fn take_violations(&self) -> Result<(), CudaError> {
+        let mut flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
+        let bits = self.stream.clone_dtoh(&*flag).map_err(driver)?;
+        let bits = bits.first().copied().unwrap_or(0);
+        if bits == 0 {
+            return Ok(());
+        }
+        self.stream.memset_zeros(&mut *flag).map_err(driver)?;
+        Err(CudaError::OutOfBounds(
+            describe_violations(bits).unwrap_or_default(),
+        ))
     }
 
     fn function(&self, name: &'static str) -> Result<&CudaFunction, CudaError> {
@@ -246,7 +291,9 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Stores rows of `k` and `v` (`[rows, width]`) at their cache slots.
+    /// Stores rows of `k` and `v` (`[rows, width]`) at their cache slots. Safe whatever the
+    /// slots hold: the kernel skips a slot outside `[0, cache_slots)` and says so through
+    /// [`CudaKernels::take_violations`].
     #[allow(clippy::too_many_arguments)]
     pub fn write_kv(
         &self,
@@ -267,22 +314,29 @@ impl CudaKernels {
             k_cache.len() >= cache_slots * width && v_cache.len() >= cache_slots * width,
             "write_kv: cache sizes"
         );
-        let w = width as i32;
+        let (w, limit) = (width as i32, cache_slots as i64);
         let f = self.function("write_kv_bf16")?;
+        let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
         let mut b = self.stream.launch_builder(f);
         b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(slots).arg(&w);
+        b.arg(&limit).arg(&*flag);
         let cfg = LaunchConfig {
             grid_dim: (grid(rows), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: arguments match `write_kv_bf16`; callers pass slots below `cache_slots`
-        // (the scheduler's block tables), so every write lands inside the caches.
+        // SAFETY: arguments match `write_kv_bf16`; the rows read are below `rows * width`
+        // (asserted), and the kernel writes only slots in `[0, cache_slots)`, inside the caches
+        // (asserted), whatever `slots` holds.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
-    /// Decode attention: one query row per sequence over its paged cache.
+    /// Decode attention: one query row per sequence over its paged cache. Safe whatever the
+    /// block tables and context lengths hold: the kernel reads only slots inside the caches
+    /// (`cache_slots` rows of `kv_heads * head_dim`) and context lengths up to
+    /// `max_blocks * block_size`, and reports anything else through
+    /// [`CudaKernels::take_violations`] (that head's output is zeros).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_decode(
         &self,
@@ -297,8 +351,18 @@ impl CudaKernels {
         head_dim: usize,
         block_size: usize,
         max_blocks: usize,
+        cache_slots: usize,
     ) -> Result<(), CudaError> {
         let seqs = context_lens.len();
+        assert!(
+            heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads),
+            "paged attention: heads must be a multiple of kv_heads"
+        );
+        assert!(
+            k_cache.len() >= cache_slots * kv_heads * head_dim
+                && v_cache.len() >= cache_slots * kv_heads * head_dim,
+            "paged attention: cache sizes"
+        );
         assert!(
             head_dim.is_power_of_two() && head_dim <= 256,
             "paged attention: head_dim must be a power of two up to 256"
@@ -327,15 +391,20 @@ impl CudaKernels {
             .arg(block_tables)
             .arg(context_lens)
             .arg(out);
+        let limit = cache_slots as i64;
+        let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
         b.arg(&h).arg(&kvh).arg(&d).arg(&bs).arg(&mb).arg(&scale);
+        b.arg(&limit).arg(&*flag);
         let cfg = LaunchConfig {
             grid_dim: (grid(seqs), heads.max(1) as u32, 1),
             block_dim: (head_dim as u32, 1, 1),
             shared_mem_bytes: head_dim as u32 * 4,
         };
         // SAFETY: arguments match `paged_attention_decode_bf16`; one thread per head dimension
-        // (a power of two, asserted) with head_dim floats of shared memory; block tables and
-        // context lengths come from the scheduler and stay inside the caches.
+        // (a power of two, asserted) with head_dim floats of shared memory; q, out and the
+        // block tables are as large as the grid reads (asserted); the kernel reads cache rows
+        // only below `cache_slots` (the caches' size, asserted) and table entries only below
+        // `max_blocks` per sequence, whatever the tables and lengths hold.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -363,5 +432,24 @@ impl CudaKernels {
         // and 1024 ints of shared memory, as the kernel requires.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violation_bits_are_named() {
+        assert_eq!(describe_violations(0), None);
+        assert_eq!(
+            describe_violations(1).as_deref(),
+            Some("write_kv: a slot outside the KV cache")
+        );
+        let both = describe_violations(6).unwrap_or_default();
+        assert!(
+            both.contains("context length") && both.contains("a block outside"),
+            "{both}"
+        );
     }
 }

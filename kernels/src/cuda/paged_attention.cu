@@ -4,25 +4,41 @@
 // included, already written). Online softmax in f32 (one pass over the context).
 // Grid: (seqs, heads); blockDim.x == head_dim (<= 256, a power of two);
 // shared memory: head_dim floats.
+//
+// Bounds: a context length outside [0, max_blocks * block_size] (bit 2 of *violations) or a
+// block whose slots fall outside [0, cache_slots) (bit 4) is never read: the head's output is
+// zeros and the bit is set, for the host to report (CudaKernels::take_violations).
 #include <cuda_bf16.h>
 
 extern "C" __global__ void paged_attention_decode_bf16(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,
     const int* __restrict__ context_lens, __nv_bfloat16* __restrict__ out, int heads,
-    int kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+    int kv_heads, int head_dim, int block_size, int max_blocks, float scale,
+    long long cache_slots, int* __restrict__ violations) {
   extern __shared__ float red[];
   const int seq = blockIdx.x;
   const int head = blockIdx.y;
   const int d = threadIdx.x;
   const int kv_head = head / (heads / kv_heads);
   const int width = kv_heads * head_dim;
-  const int len = context_lens[seq];
+  int len = context_lens[seq];
+  if (len < 0 || len > max_blocks * block_size) {
+    if (d == 0) atomicOr(violations, 2);
+    len = 0;
+  }
+  bool bad = false;
   const float qd = __bfloat162float(q[((size_t)seq * heads + head) * head_dim + d]);
   float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
   for (int p = 0; p < len; ++p) {
-    const long long slot =
-        (long long)block_tables[seq * max_blocks + p / block_size] * block_size + p % block_size;
+    const long long block = block_tables[seq * max_blocks + p / block_size];
+    const long long slot = block * block_size + p % block_size;
+    // The same for every thread of the block: all leave the loop together (no thread is left
+    // waiting at a barrier).
+    if (block < 0 || slot >= cache_slots) {
+      bad = true;
+      break;
+    }
     const size_t at = (size_t)slot * width + (size_t)kv_head * head_dim + d;
     red[d] = qd * __bfloat162float(k_cache[at]);
     __syncthreads();
@@ -39,5 +55,7 @@ extern "C" __global__ void paged_attention_decode_bf16(
     acc = acc * correction + w * __bfloat162float(v_cache[at]);
     m = m_new;
   }
-  out[((size_t)seq * heads + head) * head_dim + d] = __float2bfloat16(len > 0 ? acc / l : 0.0f);
+  if (bad && d == 0) atomicOr(violations, 4);
+  out[((size_t)seq * heads + head) * head_dim + d] =
+      __float2bfloat16(len > 0 && !bad ? acc / l : 0.0f);
 }
