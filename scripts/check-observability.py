@@ -54,12 +54,19 @@ def check_expr(where, expr):
             problems.append(f"{where}: metric {name} is not one the coordinator exports")
 
 
+def load(path, parse, kind):
+    """The parsed file, or None with the problem noted."""
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+        problems.append(f"{path.name}: not {kind}: {e}")
+        return None
+
+
 def check_dashboard():
     path = obs / "grafana-dashboard.json"
-    try:
-        dash = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        problems.append(f"{path.name}: not JSON: {e}")
+    dash = load(path, json.loads, "JSON")
+    if not isinstance(dash, dict):
         return 0
     schema = json.loads((obs / "grafana-dashboard.schema.json").read_text())
     for e in jsonschema.Draft202012Validator(schema).iter_errors(dash):
@@ -86,10 +93,10 @@ def check_dashboard():
 
 def check_rules():
     path = obs / "prometheus-rules.yaml"
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        problems.append(f"{path.name}: not YAML: {e}")
+    doc = load(path, yaml.safe_load, "YAML")
+    if not isinstance(doc, dict):
+        if doc is not None:
+            problems.append(f"{path.name}: not a YAML mapping")
         return 0
     if doc.get("apiVersion") != "monitoring.coreos.com/v1" or doc.get("kind") != "PrometheusRule":
         problems.append(f"{path.name}: not a monitoring.coreos.com/v1 PrometheusRule")
