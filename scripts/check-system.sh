@@ -9,6 +9,8 @@ command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || {
   hint+=("curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y")
 }
 command -v cc >/dev/null 2>&1 || { missing+=("a C compiler"); hint+=("sudo apt-get install -y build-essential"); }
+# The CUDA kernels' CPU emulation (kernels/emu) is C++20: g++ 10 or newer.
+command -v c++ >/dev/null 2>&1 || { missing+=("a C++ compiler"); hint+=("sudo apt-get install -y build-essential"); }
 command -v python3 >/dev/null 2>&1 || { missing+=("python3"); hint+=("sudo apt-get install -y python3"); }
 if command -v python3 >/dev/null 2>&1; then
   python3 -m pip --version >/dev/null 2>&1 || { missing+=("pip for python3"); hint+=("sudo apt-get install -y python3-pip"); }

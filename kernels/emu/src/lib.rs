@@ -1,0 +1,312 @@
+//! Gristmill's CUDA kernels (`kernels/src/cuda/*.cu`) compiled as C++ and run on CPU threads:
+//! each block's threads are OS threads that meet at `__syncthreads`, blocks run one after
+//! another, `__nv_bfloat16` is emulated bit for bit (`include/`). The launch shapes here are
+//! the ones `gristmill_kernels::cuda::launch` chooses. The tests compare each kernel with the
+//! CPU op, which proves the kernels' indexing, reductions, masking and paged layouts without a
+//! GPU; not their speed, and not the absence of races on a real device (`scripts/gpu-check.sh`
+//! checks the same kernels on one).
+//!
+//! Launches are serialised (the emulated grid state is global), so tests may run in parallel.
+
+use std::sync::Mutex;
+
+use half::bf16;
+
+/// CUDA's `dim3`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Dim3 {
+    pub x: u32,
+    pub y: u32,
+    pub z: u32,
+}
+
+const fn d(x: u32, y: u32) -> Dim3 {
+    Dim3 { x, y, z: 1 }
+}
+
+extern "C" {
+    fn emu_write_kv_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        k: *const bf16,
+        v: *const bf16,
+        kc: *mut bf16,
+        vc: *mut bf16,
+        slots: *const i64,
+        width: i32,
+        cache_slots: i64,
+        violations: *mut i32,
+    );
+    fn emu_paged_attention_decode_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        q: *const bf16,
+        kc: *const bf16,
+        vc: *const bf16,
+        tables: *const i32,
+        lens: *const i32,
+        out: *mut bf16,
+        heads: i32,
+        kv_heads: i32,
+        head_dim: i32,
+        block_size: i32,
+        max_blocks: i32,
+        scale: f32,
+        cache_slots: i64,
+        violations: *mut i32,
+    );
+    fn emu_add_rms_norm_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        hidden: *mut bf16,
+        delta: *const bf16,
+        weight: *const bf16,
+        out: *mut bf16,
+        dim: i32,
+        eps: f32,
+    );
+    fn emu_argmax_f32(g: Dim3, b: Dim3, s: usize, logits: *const f32, vocab: i32, out: *mut u32);
+    fn emu_silu_mul_bf16(g: Dim3, b: Dim3, s: usize, gate: *mut bf16, up: *const bf16, n: i64);
+    fn emu_embedding_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        table: *const bf16,
+        ids: *const u32,
+        out: *mut bf16,
+        rows: i32,
+        dim: i32,
+        first_id: u32,
+        table_rows: u32,
+    );
+    fn emu_rope_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        x: *mut bf16,
+        positions: *const i32,
+        inv_freq: *const f32,
+        heads: i32,
+        head_dim: i32,
+        interleaved: i32,
+    );
+}
+
+static LAUNCH: Mutex<()> = Mutex::new(());
+
+fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
+fn grid(n: usize) -> u32 {
+    n.max(1) as u32
+}
+
+/// `write_kv_bf16`: rows of `k`, `v` (`[slots.len(), width]`) into the caches at `slots`;
+/// returns the violation bits.
+pub fn write_kv(
+    k: &[bf16],
+    v: &[bf16],
+    k_cache: &mut [bf16],
+    v_cache: &mut [bf16],
+    slots: &[i64],
+    width: usize,
+) -> i32 {
+    assert!(k.len() >= slots.len() * width && v.len() >= slots.len() * width);
+    assert_eq!(k_cache.len(), v_cache.len());
+    let cache_slots = (k_cache.len() / width) as i64;
+    let mut violations = 0i32;
+    // SAFETY: every buffer is as large as the kernel may touch: rows below slots.len() * width
+    // (asserted), cache slots below cache_slots (the kernel's bound).
+    serial(|| unsafe {
+        emu_write_kv_bf16(
+            d(grid(slots.len()), 1),
+            d(256, 1),
+            0,
+            k.as_ptr(),
+            v.as_ptr(),
+            k_cache.as_mut_ptr(),
+            v_cache.as_mut_ptr(),
+            slots.as_ptr(),
+            width as i32,
+            cache_slots,
+            &mut violations,
+        )
+    });
+    violations
+}
+
+/// Attention's shape and paging.
+#[derive(Debug, Clone, Copy)]
+pub struct Decode {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub max_blocks: usize,
+}
+
+/// `paged_attention_decode_bf16`; returns the violation bits.
+pub fn paged_attention_decode(
+    q: &[bf16],
+    k_cache: &[bf16],
+    v_cache: &[bf16],
+    tables: &[i32],
+    lens: &[i32],
+    out: &mut [bf16],
+    s: Decode,
+) -> i32 {
+    let seqs = lens.len();
+    assert!(
+        s.head_dim.is_power_of_two() && s.head_dim <= 256 && s.heads.is_multiple_of(s.kv_heads)
+    );
+    assert!(q.len() >= seqs * s.heads * s.head_dim && out.len() >= seqs * s.heads * s.head_dim);
+    assert!(tables.len() >= seqs * s.max_blocks);
+    let cache_slots = (k_cache.len().min(v_cache.len()) / (s.kv_heads * s.head_dim)) as i64;
+    let mut violations = 0i32;
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    // SAFETY: sizes asserted as the CUDA launcher asserts them; cache reads stay below
+    // cache_slots and table reads below max_blocks per sequence (the kernel's bounds).
+    serial(|| unsafe {
+        emu_paged_attention_decode_bf16(
+            d(grid(seqs), s.heads as u32),
+            d(s.head_dim as u32, 1),
+            s.head_dim * 4,
+            q.as_ptr(),
+            k_cache.as_ptr(),
+            v_cache.as_ptr(),
+            tables.as_ptr(),
+            lens.as_ptr(),
+            out.as_mut_ptr(),
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+            s.max_blocks as i32,
+            scale,
+            cache_slots,
+            &mut violations,
+        )
+    });
+    violations
+}
+
+/// `add_rms_norm_bf16`: `hidden += delta` (rounded to bf16), then RMS norm into `out`.
+pub fn add_rms_norm(
+    hidden: &mut [bf16],
+    delta: Option<&[bf16]>,
+    weight: &[bf16],
+    out: &mut [bf16],
+    dim: usize,
+    eps: f32,
+) {
+    let rows = hidden.len() / dim;
+    assert!(
+        out.len() >= rows * dim
+            && weight.len() >= dim
+            && delta.is_none_or(|x| x.len() >= rows * dim)
+    );
+    let delta = delta.map_or(std::ptr::null(), |x| x.as_ptr());
+    // SAFETY: rows of `dim` within every buffer (asserted); a null delta is the kernel's "none".
+    serial(|| unsafe {
+        emu_add_rms_norm_bf16(
+            d(grid(rows), 1),
+            d(256, 1),
+            256 * 4,
+            hidden.as_mut_ptr(),
+            delta,
+            weight.as_ptr(),
+            out.as_mut_ptr(),
+            dim as i32,
+            eps,
+        )
+    });
+}
+
+/// `argmax_f32`: the index of each row's largest logit.
+pub fn argmax(logits: &[f32], vocab: usize) -> Vec<u32> {
+    let rows = logits.len() / vocab;
+    let mut out = vec![u32::MAX; rows];
+    // SAFETY: `rows` rows of `vocab` logits and one output per row.
+    serial(|| unsafe {
+        emu_argmax_f32(
+            d(grid(rows), 1),
+            d(1024, 1),
+            1024 * 8,
+            logits.as_ptr(),
+            vocab as i32,
+            out.as_mut_ptr(),
+        )
+    });
+    out
+}
+
+/// `silu_mul_bf16`: `gate = silu(gate) * up`, over a grid-stride loop.
+pub fn silu_mul(gate: &mut [bf16], up: &[bf16]) {
+    let n = gate.len();
+    assert!(up.len() >= n);
+    // SAFETY: the grid-stride loop stays below n, inside both buffers.
+    serial(|| unsafe {
+        emu_silu_mul_bf16(
+            d(grid(n.div_ceil(256).min(65_535)), 1),
+            d(256, 1),
+            0,
+            gate.as_mut_ptr(),
+            up.as_ptr(),
+            n as i64,
+        )
+    });
+}
+
+/// `embedding_bf16`: rows of `table` (ids from `first_id`) into `out`, zeros outside.
+pub fn embedding(table: &[bf16], ids: &[u32], out: &mut [bf16], dim: usize, first_id: u32) {
+    let table_rows = table.len() / dim;
+    assert!(out.len() >= ids.len() * dim);
+    // SAFETY: the kernel reads table rows only below table_rows and writes rows below ids.len().
+    serial(|| unsafe {
+        emu_embedding_bf16(
+            d(grid(ids.len()), 1),
+            d(256, 1),
+            0,
+            table.as_ptr(),
+            ids.as_ptr(),
+            out.as_mut_ptr(),
+            ids.len() as i32,
+            dim as i32,
+            first_id,
+            table_rows as u32,
+        )
+    });
+}
+
+/// `rope_bf16`: rotary embedding in place (`x` is `[rows, heads, head_dim]`).
+pub fn rope(
+    x: &mut [bf16],
+    positions: &[i32],
+    inv_freq: &[f32],
+    heads: usize,
+    head_dim: usize,
+    interleaved: bool,
+) {
+    let rows = positions.len();
+    assert!(x.len() >= rows * heads * head_dim && inv_freq.len() >= head_dim / 2);
+    // SAFETY: rows × heads × head_dim within x (asserted); inv_freq has head_dim / 2 entries.
+    serial(|| unsafe {
+        emu_rope_bf16(
+            d(grid(rows), heads.max(1) as u32),
+            d((head_dim / 2).clamp(1, 256) as u32, 1),
+            0,
+            x.as_mut_ptr(),
+            positions.as_ptr(),
+            inv_freq.as_ptr(),
+            heads as i32,
+            head_dim as i32,
+            i32::from(interleaved),
+        )
+    });
+}
