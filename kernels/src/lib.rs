@@ -9,5 +9,6 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod quant;
+pub mod shapes;
 
 pub use quant::GgmlType;

@@ -1,7 +1,7 @@
 //! Gristmill's CUDA kernels (`kernels/src/cuda/*.cu`) compiled as C++ and run on CPU threads:
 //! each block's threads are OS threads that meet at `__syncthreads`, blocks run one after
-//! another, `__nv_bfloat16` is emulated bit for bit (`include/`). The launch shapes here are
-//! the ones `gristmill_kernels::cuda::launch` chooses. The tests compare each kernel with the
+//! another, `__nv_bfloat16` is emulated bit for bit (`include/`). The launch shapes come from
+//! [`gristmill_kernels::shapes`], as the CUDA launcher's do. The tests compare each kernel with the
 //! CPU op, which proves the kernels' indexing, reductions, masking and paged layouts without a
 //! GPU; not their speed, and not the absence of races on a real device (`scripts/gpu-check.sh`
 //! checks the same kernels on one).
@@ -10,6 +10,7 @@
 
 use std::sync::Mutex;
 
+use gristmill_kernels::shapes::{self, Shape};
 use half::bf16;
 
 /// CUDA's `dim3`.
@@ -21,8 +22,10 @@ pub struct Dim3 {
     pub z: u32,
 }
 
-const fn d(x: u32, y: u32) -> Dim3 {
-    Dim3 { x, y, z: 1 }
+/// A shared launch shape as the emulator's grid, block and shared bytes.
+fn dims(s: Shape) -> (Dim3, Dim3, usize) {
+    let d = |(x, y, z): (u32, u32, u32)| Dim3 { x, y, z };
+    (d(s.grid), d(s.block), s.shared_bytes as usize)
 }
 
 extern "C" {
@@ -103,10 +106,6 @@ fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-fn grid(n: usize) -> u32 {
-    n.max(1) as u32
-}
-
 /// `write_kv_bf16`: rows of `k`, `v` (`[slots.len(), width]`) into the caches at `slots`;
 /// returns the violation bits.
 pub fn write_kv(
@@ -123,11 +122,12 @@ pub fn write_kv(
     let mut violations = 0i32;
     // SAFETY: every buffer is as large as the kernel may touch: rows below slots.len() * width
     // (asserted), cache slots below cache_slots (the kernel's bound).
+    let (g, b, sh) = dims(shapes::write_kv(slots.len()));
     serial(|| unsafe {
         emu_write_kv_bf16(
-            d(grid(slots.len()), 1),
-            d(256, 1),
-            0,
+            g,
+            b,
+            sh,
             k.as_ptr(),
             v.as_ptr(),
             k_cache.as_mut_ptr(),
@@ -172,11 +172,12 @@ pub fn paged_attention_decode(
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     // SAFETY: sizes asserted as the CUDA launcher asserts them; cache reads stay below
     // cache_slots and table reads below max_blocks per sequence (the kernel's bounds).
+    let (g, b, sh) = dims(shapes::paged_attention_decode(seqs, s.heads, s.head_dim));
     serial(|| unsafe {
         emu_paged_attention_decode_bf16(
-            d(grid(seqs), s.heads as u32),
-            d(s.head_dim as u32, 1),
-            s.head_dim * 4,
+            g,
+            b,
+            sh,
             q.as_ptr(),
             k_cache.as_ptr(),
             v_cache.as_ptr(),
@@ -213,11 +214,12 @@ pub fn add_rms_norm(
     );
     let delta = delta.map_or(std::ptr::null(), |x| x.as_ptr());
     // SAFETY: rows of `dim` within every buffer (asserted); a null delta is the kernel's "none".
+    let (g, b, sh) = dims(shapes::add_rms_norm(rows));
     serial(|| unsafe {
         emu_add_rms_norm_bf16(
-            d(grid(rows), 1),
-            d(256, 1),
-            256 * 4,
+            g,
+            b,
+            sh,
             hidden.as_mut_ptr(),
             delta,
             weight.as_ptr(),
@@ -233,16 +235,8 @@ pub fn argmax(logits: &[f32], vocab: usize) -> Vec<u32> {
     let rows = logits.len() / vocab;
     let mut out = vec![u32::MAX; rows];
     // SAFETY: `rows` rows of `vocab` logits and one output per row.
-    serial(|| unsafe {
-        emu_argmax_f32(
-            d(grid(rows), 1),
-            d(1024, 1),
-            1024 * 8,
-            logits.as_ptr(),
-            vocab as i32,
-            out.as_mut_ptr(),
-        )
-    });
+    let (g, b, sh) = dims(shapes::argmax(rows));
+    serial(|| unsafe { emu_argmax_f32(g, b, sh, logits.as_ptr(), vocab as i32, out.as_mut_ptr()) });
     out
 }
 
@@ -251,16 +245,8 @@ pub fn silu_mul(gate: &mut [bf16], up: &[bf16]) {
     let n = gate.len();
     assert!(up.len() >= n);
     // SAFETY: the grid-stride loop stays below n, inside both buffers.
-    serial(|| unsafe {
-        emu_silu_mul_bf16(
-            d(grid(n.div_ceil(256).min(65_535)), 1),
-            d(256, 1),
-            0,
-            gate.as_mut_ptr(),
-            up.as_ptr(),
-            n as i64,
-        )
-    });
+    let (g, b, sh) = dims(shapes::silu_mul(n));
+    serial(|| unsafe { emu_silu_mul_bf16(g, b, sh, gate.as_mut_ptr(), up.as_ptr(), n as i64) });
 }
 
 /// `embedding_bf16`: rows of `table` (ids from `first_id`) into `out`, zeros outside.
@@ -268,11 +254,12 @@ pub fn embedding(table: &[bf16], ids: &[u32], out: &mut [bf16], dim: usize, firs
     let table_rows = table.len() / dim;
     assert!(out.len() >= ids.len() * dim);
     // SAFETY: the kernel reads table rows only below table_rows and writes rows below ids.len().
+    let (g, b, sh) = dims(shapes::embedding(ids.len()));
     serial(|| unsafe {
         emu_embedding_bf16(
-            d(grid(ids.len()), 1),
-            d(256, 1),
-            0,
+            g,
+            b,
+            sh,
             table.as_ptr(),
             ids.as_ptr(),
             out.as_mut_ptr(),
@@ -296,11 +283,12 @@ pub fn rope(
     let rows = positions.len();
     assert!(x.len() >= rows * heads * head_dim && inv_freq.len() >= head_dim / 2);
     // SAFETY: rows × heads × head_dim within x (asserted); inv_freq has head_dim / 2 entries.
+    let (g, b, sh) = dims(shapes::rope(rows, heads, head_dim));
     serial(|| unsafe {
         emu_rope_bf16(
-            d(grid(rows), heads.max(1) as u32),
-            d((head_dim / 2).clamp(1, 256) as u32, 1),
-            0,
+            g,
+            b,
+            sh,
             x.as_mut_ptr(),
             positions.as_ptr(),
             inv_freq.as_ptr(),

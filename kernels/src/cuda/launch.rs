@@ -13,6 +13,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{compile, SOURCES};
+use crate::shapes;
 
 /// Why the CUDA kernels are unavailable or a launch failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,8 +95,13 @@ pub fn include_dirs() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn grid(blocks: usize) -> u32 {
-    blocks.max(1) as u32
+/// A launch shape ([`crate::shapes`], shared with the CPU emulation) as cudarc's config.
+fn config(s: shapes::Shape) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: s.grid,
+        block_dim: s.block,
+        shared_mem_bytes: s.shared_bytes,
+    }
 }
 
 impl CudaKernels {
@@ -179,11 +185,7 @@ impl CudaKernels {
             .arg(&dim_i)
             .arg(&first_id)
             .arg(&tr);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(shapes::embedding(rows));
         // SAFETY: the argument list matches `embedding_bf16`'s signature; `out` holds
         // `rows * dim` elements and every id reads inside `table` or writes zeros (asserted
         // sizes above, bounds checked in the kernel).
@@ -220,12 +222,7 @@ impl CudaKernels {
             None => b.arg(&null),
         };
         b.arg(weight).arg(out).arg(&dim_i).arg(&eps);
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: threads * 4,
-        };
+        let cfg = config(shapes::add_rms_norm(rows));
         // SAFETY: arguments match `add_rms_norm_bf16` (a null pointer stands for "no delta",
         // which the kernel checks); 256 threads, a power of two, with 256 floats of shared
         // memory as the kernel requires; buffers hold `rows * dim` elements (asserted).
@@ -258,11 +255,7 @@ impl CudaKernels {
             .arg(&h)
             .arg(&d)
             .arg(&il);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows), heads.max(1) as u32, 1),
-            block_dim: ((head_dim / 2).clamp(1, 256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(shapes::rope(rows, heads, head_dim));
         // SAFETY: arguments match `rope_bf16`; the grid covers rows × heads and each thread
         // strides over the head's pairs inside `x` (sizes asserted).
         unsafe { b.launch(cfg) }.map_err(driver)?;
@@ -281,11 +274,7 @@ impl CudaKernels {
         let f = self.function("silu_mul_bf16")?;
         let mut b = self.stream.launch_builder(f);
         b.arg(gate).arg(up).arg(&n_i);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(n.div_ceil(256).min(65_535)), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(shapes::silu_mul(n));
         // SAFETY: arguments match `silu_mul_bf16`; the kernel's grid-stride loop stays below `n`.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
@@ -320,11 +309,7 @@ impl CudaKernels {
         let mut b = self.stream.launch_builder(f);
         b.arg(k).arg(v).arg(k_cache).arg(v_cache).arg(slots).arg(&w);
         b.arg(&limit).arg(&*flag);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(shapes::write_kv(rows));
         // SAFETY: arguments match `write_kv_bf16`; the rows read are below `rows * width`
         // (asserted), and the kernel writes only slots in `[0, cache_slots)`, inside the caches
         // (asserted), whatever `slots` holds.
@@ -395,11 +380,7 @@ impl CudaKernels {
         let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
         b.arg(&h).arg(&kvh).arg(&d).arg(&bs).arg(&mb).arg(&scale);
         b.arg(&limit).arg(&*flag);
-        let cfg = LaunchConfig {
-            grid_dim: (grid(seqs), heads.max(1) as u32, 1),
-            block_dim: (head_dim as u32, 1, 1),
-            shared_mem_bytes: head_dim as u32 * 4,
-        };
+        let cfg = config(shapes::paged_attention_decode(seqs, heads, head_dim));
         // SAFETY: arguments match `paged_attention_decode_bf16`; one thread per head dimension
         // (a power of two, asserted) with head_dim floats of shared memory; q, out and the
         // block tables are as large as the grid reads (asserted); the kernel reads cache rows
@@ -422,12 +403,7 @@ impl CudaKernels {
         let f = self.function("argmax_f32")?;
         let mut b = self.stream.launch_builder(f);
         b.arg(logits).arg(&v).arg(out);
-        let threads = 1024u32;
-        let cfg = LaunchConfig {
-            grid_dim: (grid(rows), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: threads * 8,
-        };
+        let cfg = config(shapes::argmax(rows));
         // SAFETY: arguments match `argmax_f32`; 1024 threads (a power of two) with 1024 floats
         // and 1024 ints of shared memory, as the kernel requires.
         unsafe { b.launch(cfg) }.map_err(driver)?;

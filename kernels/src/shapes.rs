@@ -1,0 +1,121 @@
+//! The launch shape of each CUDA kernel (grid, block, dynamic shared memory): one place that
+//! both the CUDA launcher (`cuda::launch`) and the CPU emulation of the kernels (`kernels/emu`)
+//! read, so the shapes the emulation tests are the ones a GPU runs. Pure and always compiled.
+//!
+//! The kernels' assumptions, checked in the tests below: reductions (`add_rms_norm`, `argmax`,
+//! `paged_attention_decode`) need a power-of-two block and one float (argmax: a float and an
+//! int) of shared memory per thread; no grid dimension exceeds 65,535 except x (2^31 - 1).
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+fn blocks(n: usize) -> u32 {
+    n.clamp(1, i32::MAX as usize) as u32
+}
+
+const fn flat(grid: u32, threads: u32, shared_bytes: u32) -> Shape {
+    Shape {
+        grid: (grid, 1, 1),
+        block: (threads, 1, 1),
+        shared_bytes,
+    }
+}
+
+/// `embedding_bf16`: a block per row.
+pub fn embedding(rows: usize) -> Shape {
+    flat(blocks(rows), 256, 0)
+}
+
+/// Threads of `add_rms_norm_bf16`'s blocks (a power of two: its tree reduction).
+pub const RMS_NORM_THREADS: u32 = 256;
+
+/// `add_rms_norm_bf16`: a block per row, a float of shared memory per thread.
+pub fn add_rms_norm(rows: usize) -> Shape {
+    flat(blocks(rows), RMS_NORM_THREADS, RMS_NORM_THREADS * 4)
+}
+
+/// `rope_bf16`: a block per (row, head), a thread per rotated pair (at most 256).
+pub fn rope(rows: usize, heads: usize, head_dim: usize) -> Shape {
+    Shape {
+        grid: (blocks(rows), heads.clamp(1, 65_535) as u32, 1),
+        block: ((head_dim / 2).clamp(1, 256) as u32, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// `silu_mul_bf16`: a grid-stride loop over at most 65,535 blocks of 256.
+pub fn silu_mul(n: usize) -> Shape {
+    flat(blocks(n.div_ceil(256).min(65_535)), 256, 0)
+}
+
+/// `write_kv_bf16`: a block per row.
+pub fn write_kv(rows: usize) -> Shape {
+    flat(blocks(rows), 256, 0)
+}
+
+/// `paged_attention_decode_bf16`: a block per (sequence, head), a thread per head dimension
+/// (a power of two up to 256, which the launcher asserts), a float of shared memory each.
+pub fn paged_attention_decode(seqs: usize, heads: usize, head_dim: usize) -> Shape {
+    Shape {
+        grid: (blocks(seqs), heads.clamp(1, 65_535) as u32, 1),
+        block: (head_dim as u32, 1, 1),
+        shared_bytes: head_dim as u32 * 4,
+    }
+}
+
+/// Threads of `argmax_f32`'s blocks (a power of two: its tree reduction).
+pub const ARGMAX_THREADS: u32 = 1024;
+
+/// `argmax_f32`: a block per row, a float and an int of shared memory per thread.
+pub fn argmax(rows: usize) -> Shape {
+    flat(blocks(rows), ARGMAX_THREADS, ARGMAX_THREADS * 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_meet_the_kernels_assumptions_and_the_device_limits() {
+        for s in [add_rms_norm(7), argmax(3), paged_attention_decode(2, 9, 64)] {
+            assert!(
+                s.block.0.is_power_of_two(),
+                "a tree reduction needs 2^k threads: {s:?}"
+            );
+            assert!(s.shared_bytes >= s.block.0 * 4, "{s:?}");
+        }
+        assert_eq!(
+            argmax(1).shared_bytes,
+            ARGMAX_THREADS * 8,
+            "a float and an int per thread"
+        );
+        for s in [embedding(0), write_kv(0), silu_mul(0), add_rms_norm(0)] {
+            assert_eq!(s.grid.0, 1, "an empty launch still has a block: {s:?}");
+        }
+        assert_eq!(
+            silu_mul(100_000_000).grid.0,
+            65_535,
+            "the grid-stride loop does the rest"
+        );
+        assert_eq!(rope(3, 100_000, 64).grid.1, 65_535);
+        assert_eq!(rope(3, 8, 2).block.0, 1);
+        assert_eq!(rope(3, 8, 1024).block.0, 256);
+        for s in [
+            embedding(5),
+            rope(5, 8, 128),
+            paged_attention_decode(5, 8, 256),
+            argmax(5),
+        ] {
+            assert!(s.block.0 * s.block.1 * s.block.2 <= 1024, "{s:?}");
+            assert!(
+                s.shared_bytes <= 48 * 1024,
+                "within the default shared memory: {s:?}"
+            );
+        }
+    }
+}
