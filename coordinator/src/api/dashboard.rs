@@ -43,30 +43,17 @@ pub(super) async fn styles() -> Response {
     asset(STYLE_CSS, "text/css; charset=utf-8")
 }
 
-#[derive(Debug, Deserialize)]
-pub(super) struct OverviewQuery {
-    limit: Option<String>,
-}
-
 /// `GET /v1/dashboard?limit=N`: the tenant's newest batches (default 100, at most 1000) with
 /// rates and time left, the workers, the autoscaler's last decision, cluster-wide rates.
 pub(super) async fn overview(
     Leader(c): Leader,
     Tenant(t): Tenant,
     ReadOnly(read_only): ReadOnly,
-    q: Result<Query<OverviewQuery>, QueryRejection>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    // The lists' query: only `limit` means something here.
     let Query(q) = q.map_err(|r| ApiError::rejected(r.body_text(), None))?;
-    let limit = parse_limit(
-        &ListQuery {
-            after: None,
-            limit: q.limit,
-            purpose: None,
-            order: None,
-        },
-        100,
-        1000,
-    )?;
+    let limit = parse_limit(&q, 100, 1000)?;
     let mut v = c.dashboard(&t, limit);
     v["read_only"] = json!(read_only);
     v["tenant"] = json!(t);
