@@ -53,6 +53,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let _ = (ty, data, rows, cols);
         None
     }
+    /// Free and total bytes of the device the backend computes on (`None`: host memory, sized
+    /// by `--kv-cache-memory` instead).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Bytes one cached key or value takes (4 for f32, 2 for f16): sizes the KV cache.
     fn kv_value_bytes(&self) -> usize {
         std::mem::size_of::<f32>()

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod kv_cache;
 pub mod model;
 pub mod parallel;

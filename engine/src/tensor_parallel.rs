@@ -17,7 +17,7 @@ use crate::backend::{Backend, CpuBackend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::llama::{KvCache, Llama, Logits, StepSeq};
-use crate::parallel::{plan, Collective, ThreadCollective, TpPlan};
+use crate::parallel::{plan, Collective, ThreadCollective};
 use crate::weights::Checkpoint;
 
 /// The engine's model: whole, or split over rank threads, or scripted (no weights: tests of the
@@ -117,6 +117,15 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// KV bytes that fit on the model's devices next to a step of these limits (`None`: the
+    /// model is in host memory, sized by the engine options' `kv_cache_bytes`).
+    pub fn device_kv_bytes(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<usize> {
+        match self {
+            Model::Parallel(g) => g.device_kv_bytes(max_num_batched_tokens, max_num_seqs),
+            Model::Single(_) | Model::Scripted(_) => None,
+        }
+    }
+
     /// Allocates `num_blocks` KV blocks of `block_size` positions (on every rank).
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<ModelKv<B>> {
         match self {
@@ -199,12 +208,19 @@ enum Job {
 
 type Reply = (usize, std::result::Result<Vec<Vec<f32>>, String>);
 
-/// Rank threads of one tensor-parallel group on the CPU backend.
+/// Rank threads of one tensor-parallel group, each owning its slice of the model and of the KV
+/// cache: CPU ranks over an in-process collective, or device ranks (one per GPU, or a single
+/// one: a GPU model always runs in its rank thread, where a device error fails the group
+/// instead of the process).
 #[derive(Debug)]
 pub struct TpGroup {
     pub cfg: ModelConfig,
     pub world: usize,
     kv_bytes_per_token: usize,
+    /// The smallest free and total memory of the ranks' devices, after loading (`None`: host).
+    device_memory: Option<(u64, u64)>,
+    /// The fraction of each device the engine may use (vLLM's `--gpu-memory-utilization`).
+    memory_utilization: f32,
     jobs: Vec<Sender<Job>>,
     replies: Mutex<Receiver<Reply>>,
     threads: Vec<JoinHandle<()>>,
@@ -212,35 +228,101 @@ pub struct TpGroup {
     failed: Mutex<Option<String>>,
 }
 
+/// How one rank thread of a [`TpGroup`] gets its model.
+pub struct RankSpec<B: Backend> {
+    /// The rank's end of the group's collective.
+    pub collective: Arc<dyn Collective>,
+    /// Tells the other ranks this one failed (so none waits for it forever).
+    pub poison: Box<dyn Fn(String) + Send>,
+    /// Loads the rank's slice of the checkpoint, in the rank thread.
+    #[allow(clippy::type_complexity)]
+    pub load: Box<dyn FnOnce(&Checkpoint, Arc<dyn Collective>) -> Result<Llama<B>> + Send>,
+}
+
+impl<B: Backend> std::fmt::Debug for RankSpec<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankSpec")
+            .field("rank", &self.collective.rank())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a rank reports once loaded: its KV bytes per token and its device's memory.
+type Ready = (usize, std::result::Result<(usize, Option<(u64, u64)>), String>);
+
 impl TpGroup {
-    /// Loads a checkpoint split over `world` rank threads. Fails early, naming the dimension,
-    /// if the model does not split that way.
+    /// Loads a checkpoint split over `world` CPU rank threads. Fails early, naming the
+    /// dimension, if the model does not split that way.
     pub fn load(path: &Path, world: usize, backend: CpuBackend) -> Result<Self> {
         let cfg = Checkpoint::open(path)?.config()?;
-        let plans: Vec<TpPlan> = (0..world)
-            .map(|r| plan(&cfg, r, world))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Error::TensorParallel)?;
+        for r in 0..world {
+            plan(&cfg, r, world).map_err(Error::TensorParallel)?;
+        }
+        let ranks = ThreadCollective::group(world)
+            .into_iter()
+            .map(|c| {
+                let poisoner = c.clone();
+                RankSpec {
+                    collective: Arc::new(c),
+                    poison: Box::new(move |why| poisoner.poison(why)),
+                    load: Box::new(move |ckpt: &Checkpoint, c: Arc<dyn Collective>| {
+                        Llama::load_rank(ckpt, backend, c)
+                    }),
+                }
+            })
+            .collect();
+        Self::start(path, ranks, 1.0)
+    }
+
+    /// Starts one thread per rank of `ranks` (in rank order), each loading its model from
+    /// `path`; returns once all have loaded, or the first load error.
+    pub fn start<B: Backend + 'static>(
+        path: &Path,
+        ranks: Vec<RankSpec<B>>,
+        memory_utilization: f32,
+    ) -> Result<Self> {
+        let cfg = Checkpoint::open(path)?.config()?;
+        let world = ranks.len();
         let (reply_tx, replies) = channel::<Reply>();
-        let (ready_tx, ready) = channel::<(usize, std::result::Result<(), String>)>();
+        let (ready_tx, ready) = channel::<Ready>();
         let mut jobs = Vec::new();
         let mut threads = Vec::new();
-        for c in ThreadCollective::group(world) {
+        for spec in ranks {
             let (tx, rx) = channel::<Job>();
             jobs.push(tx);
             let (path, reply_tx, ready_tx) =
                 (path.to_path_buf(), reply_tx.clone(), ready_tx.clone());
-            let rank = c.rank();
+            let rank = spec.collective.rank();
             let handle = std::thread::Builder::new()
                 .name(format!("tp-rank-{rank}"))
-                .spawn(move || rank_main(path, backend, c, rx, reply_tx, ready_tx))
+                .spawn(move || rank_main(path, spec, rx, reply_tx, ready_tx))
                 .map_err(|e| Error::TensorParallel(format!("cannot start rank {rank}: {e}")))?;
             threads.push(handle);
         }
         drop(ready_tx);
+        let mut kv_bytes_per_token = 0;
+        let mut device_memory: Option<(u64, u64)> = None;
+        let mut group = Self {
+            cfg,
+            world,
+            kv_bytes_per_token: 0,
+            device_memory: None,
+            memory_utilization,
+            jobs,
+            replies: Mutex::new(replies),
+            threads,
+            failed: Mutex::new(None),
+        };
         for _ in 0..world {
             match ready.recv() {
-                Ok((_, Ok(()))) => {}
+                Ok((_, Ok((kv, memory)))) => {
+                    kv_bytes_per_token += kv;
+                    if let Some((free, total)) = memory {
+                        let (f, t) = device_memory.unwrap_or((u64::MAX, u64::MAX));
+                        device_memory = Some((f.min(free), t.min(total)));
+                    }
+                }
+                // Dropping the group closes the job channels and joins the threads.
                 Ok((rank, Err(e))) => {
                     return Err(Error::TensorParallel(format!(
                         "rank {rank} failed to load: {e}"
@@ -249,21 +331,31 @@ impl TpGroup {
                 Err(_) => return Err(Error::TensorParallel("a rank exited while loading".into())),
             }
         }
-        let kv_bytes_per_token = 2
-            * cfg.num_layers
-            * plans[0].kv_heads
-            * cfg.head_dim
-            * backend.kv_value_bytes()
-            * world;
-        Ok(Self {
-            cfg,
-            world,
-            kv_bytes_per_token,
-            jobs,
-            replies: Mutex::new(replies),
-            threads,
-            failed: Mutex::new(None),
-        })
+        group.kv_bytes_per_token = kv_bytes_per_token;
+        group.device_memory = device_memory;
+        Ok(group)
+    }
+
+    /// Bytes of KV cache the ranks' devices can hold after the weights, at the group's
+    /// memory utilisation, keeping room for one step's activations (`None` on the host).
+    pub fn device_kv_bytes(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<usize> {
+        let (free, total) = self.device_memory?;
+        let cfg = &self.cfg;
+        // One step's largest buffers in bf16 (hidden states, q/k/v, the MLP's gate and up, the
+        // logits of every sequence), twice over for buffers alive at once.
+        let activations = 2
+            * 2
+            * (max_num_batched_tokens
+                * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
+                + max_num_seqs * cfg.vocab_size * 2) as u64;
+        let held_back = ((1.0 - f64::from(self.memory_utilization.clamp(0.0, 1.0))) * total as f64) as u64;
+        let per_rank = free.saturating_sub(held_back).saturating_sub(activations);
+        Some((per_rank as usize).saturating_mul(self.world))
+    }
+
+    /// The smallest free and total memory of the ranks' devices after loading.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        self.device_memory
     }
 
     /// Sends a job to every rank and waits for all of them; rank 0's logits come back.
@@ -332,30 +424,37 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panicked".into())
 }
 
-fn rank_main(
+fn rank_main<B: Backend + 'static>(
     path: std::path::PathBuf,
-    backend: CpuBackend,
-    c: ThreadCollective,
+    spec: RankSpec<B>,
     jobs: Receiver<Job>,
     replies: Sender<Reply>,
-    ready: Sender<(usize, std::result::Result<(), String>)>,
+    ready: Sender<Ready>,
 ) {
+    let RankSpec {
+        collective: c,
+        poison,
+        load,
+    } = spec;
     let rank = c.rank();
-    let loaded = Checkpoint::open(&path)
-        .and_then(|ckpt| Llama::load_rank(&ckpt, backend, Arc::new(c.clone())));
+    // A panic while loading (a device error) fails the load like an error does.
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        Checkpoint::open(&path).and_then(|ckpt| load(&ckpt, c.clone()))
+    }))
+    .unwrap_or_else(|e| Err(Error::TensorParallel(panic_text(e.as_ref()))));
     let model = match loaded {
         Ok(m) => {
-            let _ = ready.send((rank, Ok(())));
+            let _ = ready.send((rank, Ok((m.kv_bytes_per_token(), m.device_memory()))));
             m
         }
         Err(e) => {
-            c.poison(format!("rank {rank} failed to load: {e}"));
+            poison(format!("rank {rank} failed to load: {e}"));
             let _ = ready.send((rank, Err(e.to_string())));
             return;
         }
     };
     drop(ready);
-    let mut kv: Option<KvCache<CpuBackend>> = None;
+    let mut kv: Option<KvCache<B>> = None;
     for job in jobs {
         let result = catch_unwind(AssertUnwindSafe(|| match &job {
             Job::Kv {
@@ -390,7 +489,7 @@ fn rank_main(
             Ok(l) => Ok(l),
             Err(e) => {
                 let why = panic_text(e.as_ref());
-                c.poison(format!("rank {rank}: {why}"));
+                poison(format!("rank {rank}: {why}"));
                 Err(why)
             }
         };

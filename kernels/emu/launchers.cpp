@@ -7,12 +7,16 @@ using bf16 = __nv_bfloat16;
 extern "C" {
 void write_kv_bf16(const bf16*, const bf16*, bf16*, bf16*, const long long*, int, long long, int*);
 void paged_attention_decode_bf16(const bf16*, const bf16*, const bf16*, const int*, const int*,
-                                 bf16*, int, int, int, int, int, float, long long, int*);
+                                 bf16*, int, int, int, int, int, float, int, long long, int*);
 void add_rms_norm_bf16(bf16*, const bf16*, const bf16*, bf16*, int, float);
 void argmax_f32(const float*, int, unsigned int*);
 void silu_mul_bf16(bf16*, const bf16*, long long);
 void embedding_bf16(const bf16*, const unsigned int*, bf16*, int, int, unsigned int, unsigned int);
 void rope_bf16(bf16*, const int*, const float*, int, int, int);
+void add_bf16(bf16*, const bf16*, long long);
+void scale_bf16(bf16*, float, long long);
+void gelu_tanh_mul_bf16(bf16*, const bf16*, long long);
+void add_bias_bf16(bf16*, const bf16*, long long, int);
 
 void emu_write_kv_bf16(dim3 grid, dim3 block, size_t shared, const bf16* k, const bf16* v,
                        bf16* kc, bf16* vc, const long long* slots, int width,
@@ -24,10 +28,10 @@ void emu_paged_attention_decode_bf16(dim3 grid, dim3 block, size_t shared, const
                                      const bf16* kc, const bf16* vc, const int* tables,
                                      const int* lens, bf16* out, int heads, int kv_heads,
                                      int head_dim, int block_size, int max_blocks, float scale,
-                                     long long cache_slots, int* violations) {
+                                     int window, long long cache_slots, int* violations) {
   emu::launch(grid, block, shared, [&] {
     paged_attention_decode_bf16(q, kc, vc, tables, lens, out, heads, kv_heads, head_dim,
-                                block_size, max_blocks, scale, cache_slots, violations);
+                                block_size, max_blocks, scale, window, cache_slots, violations);
   });
 }
 
@@ -55,5 +59,23 @@ void emu_embedding_bf16(dim3 grid, dim3 block, size_t shared, const bf16* table,
 void emu_rope_bf16(dim3 grid, dim3 block, size_t shared, bf16* x, const int* positions,
                    const float* inv_freq, int heads, int head_dim, int interleaved) {
   emu::launch(grid, block, shared, [&] { rope_bf16(x, positions, inv_freq, heads, head_dim, interleaved); });
+}
+
+void emu_add_bf16(dim3 grid, dim3 block, size_t shared, bf16* x, const bf16* y, long long n) {
+  emu::launch(grid, block, shared, [&] { add_bf16(x, y, n); });
+}
+
+void emu_scale_bf16(dim3 grid, dim3 block, size_t shared, bf16* x, float s, long long n) {
+  emu::launch(grid, block, shared, [&] { scale_bf16(x, s, n); });
+}
+
+void emu_gelu_tanh_mul_bf16(dim3 grid, dim3 block, size_t shared, bf16* gate, const bf16* up,
+                            long long n) {
+  emu::launch(grid, block, shared, [&] { gelu_tanh_mul_bf16(gate, up, n); });
+}
+
+void emu_add_bias_bf16(dim3 grid, dim3 block, size_t shared, bf16* x, const bf16* bias,
+                       long long n, int cols) {
+  emu::launch(grid, block, shared, [&] { add_bias_bf16(x, bias, n, cols); });
 }
 }

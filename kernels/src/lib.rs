@@ -6,6 +6,7 @@
 //! request's result does not depend on what it was batched with.
 
 pub mod cpu;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod quant;

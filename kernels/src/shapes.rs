@@ -48,8 +48,9 @@ pub fn rope(rows: usize, heads: usize, head_dim: usize) -> Shape {
     }
 }
 
-/// `silu_mul_bf16`: a grid-stride loop over at most 65,535 blocks of 256.
-pub fn silu_mul(n: usize) -> Shape {
+/// The element-wise kernels (`silu_mul_bf16`, `elementwise.cu`): a grid-stride loop over at
+/// most 65,535 blocks of 256.
+pub fn elementwise(n: usize) -> Shape {
     flat(blocks(n.div_ceil(256).min(65_535)), 256, 0)
 }
 
@@ -94,11 +95,11 @@ mod tests {
             ARGMAX_THREADS * 8,
             "a float and an int per thread"
         );
-        for s in [embedding(0), write_kv(0), silu_mul(0), add_rms_norm(0)] {
+        for s in [embedding(0), write_kv(0), elementwise(0), add_rms_norm(0)] {
             assert_eq!(s.grid.0, 1, "an empty launch still has a block: {s:?}");
         }
         assert_eq!(
-            silu_mul(100_000_000).grid.0,
+            elementwise(100_000_000).grid.0,
             65_535,
             "the grid-stride loop does the rest"
         );

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use gristmill_kernels::cpu::{self, AttentionShape, PagedKv, SeqAttention};
-use gristmill_kernels::cuda::launch::CudaKernels;
+use gristmill_kernels::cuda::launch::{CudaKernels, PagedAttention};
 use half::bf16;
 
 /// Why every test here is ignored by default.
@@ -262,7 +262,6 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
             &mut v_cache,
             &up(s, &slots),
             width,
-            num_blocks * block_size,
         )
         .expect("launch");
         let us: Vec<usize> = slots.iter().map(|&x| x as usize).collect();
@@ -289,12 +288,15 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
             &up(s, &tables),
             &up(s, &ctx),
             &mut out,
-            heads,
-            kv_heads,
-            head_dim,
-            block_size,
-            max_blocks,
-            num_blocks * block_size,
+            &PagedAttention {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size,
+                max_blocks,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                window: 0,
+            },
         )
         .expect("launch");
         k.take_violations().expect("no index out of range");
@@ -373,7 +375,6 @@ fn out_of_range_slots_and_blocks_are_refused_and_reported() {
         &mut v_cache,
         &up(s, &[3i64, slots_total as i64, -1]),
         width,
-        slots_total,
     )
     .expect("launch");
     let e = k.take_violations().expect_err("a slot out of range");
@@ -398,12 +399,15 @@ fn out_of_range_slots_and_blocks_are_refused_and_reported() {
         &up(s, &[0i32, 99, 1, 0]),
         &up(s, &[20i32, 1000]),
         &mut out,
-        heads,
-        kv_heads,
-        head_dim,
-        block_size,
-        2,
-        slots_total,
+        &PagedAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            max_blocks: 2,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+        },
     )
     .expect("launch");
     let e = k.take_violations().expect_err("bad tables").to_string();

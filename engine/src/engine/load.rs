@@ -62,6 +62,21 @@ pub(super) fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
 }
 
 impl Engine<CpuBackend> {
+    /// Loads a model into rank threads, one per entry of `ranks` (a device per rank: the GPU
+    /// backend), at `memory_utilization` of each device.
+    pub fn load_ranks<B: Backend + 'static>(
+        path: &Path,
+        ranks: Vec<crate::tensor_parallel::RankSpec<B>>,
+        memory_utilization: f32,
+    ) -> Result<Self> {
+        let ckpt = Checkpoint::open(path)?;
+        let tokenizer = checkpoint_tokenizer(&ckpt)?;
+        let weight_bytes = ckpt.check_fits_in_memory()?;
+        drop(ckpt);
+        let group = crate::tensor_parallel::TpGroup::start(path, ranks, memory_utilization)?;
+        Ok(Self::assemble(path, Model::Parallel(group), tokenizer, weight_bytes))
+    }
+
     /// Loads a GGUF file or HF safetensors directory on the CPU backend, `exact` precision.
     pub fn load(path: &Path) -> Result<Self> {
         Self::load_with(path, CpuBackend::default())

@@ -24,7 +24,11 @@ impl<T, B: Backend> InFlight<T, B> {
     pub(super) fn new(engine: &Engine<B>, opts: &EngineOptions) -> Self {
         let model = &engine.model;
         let block_size = opts.block_size.max(1);
-        let num_blocks = (opts.kv_cache_bytes / (block_size * model.kv_bytes_per_token())).max(1);
+        // On a device, what its memory holds after the weights (--gpu-memory-utilization).
+        let kv_bytes = model
+            .device_kv_bytes(opts.max_num_batched_tokens, opts.max_num_seqs)
+            .unwrap_or(opts.kv_cache_bytes);
+        let num_blocks = (kv_bytes / (block_size * model.kv_bytes_per_token())).max(1);
         // A failed tensor-parallel group (or KV allocation) fails every request from then on.
         let (kv, broken) = match model.kv_cache(num_blocks, block_size) {
             Ok(kv) => (Some(kv), None),

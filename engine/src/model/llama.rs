@@ -422,6 +422,11 @@ impl<B: Backend> Llama<B> {
             * self.backend.kv_value_bytes()
     }
 
+    /// Free and total memory of the backend's device (`None`: the host).
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        self.backend.device_memory()
+    }
+
     /// Allocates paged KV memory of `num_blocks` blocks of `block_size` positions.
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache<B> {
         let (kv_heads, head_dim) = (self.tp.kv_heads, self.cfg.head_dim);

@@ -10,6 +10,7 @@
 
 use std::sync::Mutex;
 
+use gristmill_kernels::device::PagedAttention;
 use gristmill_kernels::shapes::{self, Shape};
 use half::bf16;
 
@@ -58,8 +59,21 @@ extern "C" {
         block_size: i32,
         max_blocks: i32,
         scale: f32,
+        window: i32,
         cache_slots: i64,
         violations: *mut i32,
+    );
+    fn emu_add_bf16(g: Dim3, b: Dim3, s: usize, x: *mut bf16, y: *const bf16, n: i64);
+    fn emu_scale_bf16(g: Dim3, b: Dim3, s: usize, x: *mut bf16, k: f32, n: i64);
+    fn emu_gelu_tanh_mul_bf16(g: Dim3, b: Dim3, s: usize, gate: *mut bf16, up: *const bf16, n: i64);
+    fn emu_add_bias_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        x: *mut bf16,
+        bias: *const bf16,
+        n: i64,
+        cols: i32,
     );
     fn emu_add_rms_norm_bf16(
         g: Dim3,
@@ -141,17 +155,7 @@ pub fn write_kv(
     violations
 }
 
-/// Attention's shape and paging.
-#[derive(Debug, Clone, Copy)]
-pub struct Decode {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub block_size: usize,
-    pub max_blocks: usize,
-}
-
-/// `paged_attention_decode_bf16`; returns the violation bits.
+/// `paged_attention_decode_bf16`: a query row per entry of `lens`; returns the violation bits.
 pub fn paged_attention_decode(
     q: &[bf16],
     k_cache: &[bf16],
@@ -159,19 +163,16 @@ pub fn paged_attention_decode(
     tables: &[i32],
     lens: &[i32],
     out: &mut [bf16],
-    s: Decode,
+    s: &PagedAttention,
 ) -> i32 {
     let seqs = lens.len();
-    assert!(
-        s.head_dim.is_power_of_two() && s.head_dim <= 256 && s.heads.is_multiple_of(s.kv_heads)
-    );
+    assert!(s.check().is_ok(), "{s:?}");
     assert!(q.len() >= seqs * s.heads * s.head_dim && out.len() >= seqs * s.heads * s.head_dim);
     assert!(tables.len() >= seqs * s.max_blocks);
     let cache_slots = (k_cache.len().min(v_cache.len()) / (s.kv_heads * s.head_dim)) as i64;
     let mut violations = 0i32;
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
-    // SAFETY: sizes asserted as the CUDA launcher asserts them; cache reads stay below
-    // cache_slots and table reads below max_blocks per sequence (the kernel's bounds).
+    // SAFETY: sizes asserted as the CUDA launcher checks them; cache reads stay below
+    // cache_slots and table reads below max_blocks per row (the kernel's bounds).
     let (g, b, sh) = dims(shapes::paged_attention_decode(seqs, s.heads, s.head_dim));
     serial(|| unsafe {
         emu_paged_attention_decode_bf16(
@@ -189,7 +190,8 @@ pub fn paged_attention_decode(
             s.head_dim as i32,
             s.block_size as i32,
             s.max_blocks as i32,
-            scale,
+            s.scale,
+            s.window.min(i32::MAX as usize) as i32,
             cache_slots,
             &mut violations,
         )
@@ -197,7 +199,8 @@ pub fn paged_attention_decode(
     violations
 }
 
-/// `add_rms_norm_bf16`: `hidden += delta` (rounded to bf16), then RMS norm into `out`.
+/// `add_rms_norm_bf16`: `hidden += delta` (rounded to bf16), then RMS norm into `out`. Without
+/// a delta the kernel only reads `hidden` (see [`rms_norm`]).
 pub fn add_rms_norm(
     hidden: &mut [bf16],
     delta: Option<&[bf16]>,
@@ -245,7 +248,7 @@ pub fn silu_mul(gate: &mut [bf16], up: &[bf16]) {
     let n = gate.len();
     assert!(up.len() >= n);
     // SAFETY: the grid-stride loop stays below n, inside both buffers.
-    let (g, b, sh) = dims(shapes::silu_mul(n));
+    let (g, b, sh) = dims(shapes::elementwise(n));
     serial(|| unsafe { emu_silu_mul_bf16(g, b, sh, gate.as_mut_ptr(), up.as_ptr(), n as i64) });
 }
 
@@ -298,3 +301,66 @@ pub fn rope(
         )
     });
 }
+
+/// `add_rms_norm_bf16` without a delta: `out = rmsnorm(x) × weight` (the kernel does not write
+/// its first argument when the delta is null).
+pub fn rms_norm(x: &[bf16], weight: &[bf16], out: &mut [bf16], dim: usize, eps: f32) {
+    let rows = x.len() / dim;
+    assert!(out.len() >= rows * dim && weight.len() >= dim);
+    // SAFETY: rows of `dim` within every buffer (asserted); with a null delta the kernel only
+    // reads `x`, so passing it as the (mutable) hidden pointer writes nothing.
+    let (g, b, sh) = dims(shapes::add_rms_norm(rows));
+    serial(|| unsafe {
+        emu_add_rms_norm_bf16(
+            g,
+            b,
+            sh,
+            x.as_ptr().cast_mut(),
+            std::ptr::null(),
+            weight.as_ptr(),
+            out.as_mut_ptr(),
+            dim as i32,
+            eps,
+        )
+    });
+}
+
+/// `add_bf16`: `x += y`.
+pub fn add(x: &mut [bf16], y: &[bf16]) {
+    let n = x.len();
+    assert!(y.len() >= n);
+    // SAFETY: the grid-stride loop stays below n, inside both buffers.
+    let (g, b, sh) = dims(shapes::elementwise(n));
+    serial(|| unsafe { emu_add_bf16(g, b, sh, x.as_mut_ptr(), y.as_ptr(), n as i64) });
+}
+
+/// `scale_bf16`: `x *= s`.
+pub fn scale(x: &mut [bf16], s: f32) {
+    let n = x.len();
+    // SAFETY: the grid-stride loop stays below n.
+    let (g, b, sh) = dims(shapes::elementwise(n));
+    serial(|| unsafe { emu_scale_bf16(g, b, sh, x.as_mut_ptr(), s, n as i64) });
+}
+
+/// `gelu_tanh_mul_bf16`: `gate = gelu_tanh(gate) × up`.
+pub fn gelu_tanh_mul(gate: &mut [bf16], up: &[bf16]) {
+    let n = gate.len();
+    assert!(up.len() >= n);
+    // SAFETY: the grid-stride loop stays below n, inside both buffers.
+    let (g, b, sh) = dims(shapes::elementwise(n));
+    serial(|| unsafe { emu_gelu_tanh_mul_bf16(g, b, sh, gate.as_mut_ptr(), up.as_ptr(), n as i64) });
+}
+
+/// `add_bias_bf16`: `x[r, c] += bias[c]`.
+pub fn add_bias(x: &mut [bf16], bias: &[bf16]) {
+    let (n, cols) = (x.len(), bias.len());
+    assert!(cols > 0 && n.is_multiple_of(cols));
+    // SAFETY: the loop stays below n and reads the bias modulo its length.
+    let (g, b, sh) = dims(shapes::elementwise(n));
+    serial(|| unsafe {
+        emu_add_bias_bf16(g, b, sh, x.as_mut_ptr(), bias.as_ptr(), n as i64, cols as i32)
+    });
+}
+
+mod device;
+pub use device::EmuDevice;

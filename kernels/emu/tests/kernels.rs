@@ -4,6 +4,7 @@
 //! copies (embedding, KV writes) and argmax match exactly. Outputs start poisoned (NaN).
 
 use gristmill_kernels::cpu::{self, AttentionShape, PagedKv, SeqAttention};
+use gristmill_kernels::device::PagedAttention;
 use gristmill_kernels_emu as emu;
 use half::bf16;
 
@@ -253,15 +254,17 @@ fn write_kv_and_paged_decode_attention_match_the_cpu_ops() {
         let q = rng.bf16s(n * heads * head_dim);
         let mut out = vec![bf16::NAN; n * heads * head_dim];
         let ctx: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-        let shape = emu::Decode {
+        let shape = PagedAttention {
             heads,
             kv_heads,
             head_dim,
             block_size,
             max_blocks,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
         };
         assert_eq!(
-            emu::paged_attention_decode(&q, &k_cache, &v_cache, &tables, &ctx, &mut out, shape),
+            emu::paged_attention_decode(&q, &k_cache, &v_cache, &tables, &ctx, &mut out, &shape),
             0
         );
         let utables: Vec<Vec<u32>> = (0..n)
@@ -332,12 +335,14 @@ fn out_of_range_slots_and_blocks_are_refused_and_reported() {
     let heads = 4;
     let q = rng.bf16s(2 * heads * head_dim);
     let mut out = vec![bf16::NAN; 2 * heads * head_dim];
-    let shape = emu::Decode {
+    let shape = PagedAttention {
         heads,
         kv_heads,
         head_dim,
         block_size,
         max_blocks: 2,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        window: 0,
     };
     let bits = emu::paged_attention_decode(
         &q,
@@ -346,7 +351,7 @@ fn out_of_range_slots_and_blocks_are_refused_and_reported() {
         &[0, 99, 1, 0],
         &[20, 1000],
         &mut out,
-        shape,
+        &shape,
     );
     assert_eq!(
         bits,

@@ -15,23 +15,12 @@ use half::bf16;
 use super::{compile, SOURCES};
 use crate::shapes;
 
-/// Why the CUDA kernels are unavailable or a launch failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CudaError {
-    #[error("no CUDA driver library (libcuda) on this machine")]
-    NoDriver,
-    #[error("no CUDA device {0} (this machine has {1})")]
-    NoDevice(usize, usize),
-    #[error("kernel compilation: {0}")]
-    Compile(String),
-    #[error("CUDA driver: {0}")]
-    Driver(String),
-    /// A kernel was handed indices outside its buffers (nothing was read or written there).
-    #[error("a CUDA kernel refused out-of-range indices: {0}")]
-    OutOfBounds(String),
-}
+/// Why the CUDA kernels are unavailable or a launch failed (the device layer's error).
+pub use crate::device::DeviceError as CudaError;
+pub use crate::device::{describe_violations, PagedAttention};
+use crate::device::need;
 
-fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
+pub(crate) fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
 }
 
@@ -46,26 +35,6 @@ pub struct CudaKernels {
     /// Bits the bounds-checking kernels set when handed an index outside their buffers
     /// ([`CudaKernels::take_violations`]).
     violations: std::sync::Mutex<CudaSlice<i32>>,
-}
-
-/// Bits of the violations word, and what each means.
-const VIOLATIONS: [(i32, &str); 3] = [
-    (1, "write_kv: a slot outside the KV cache"),
-    (
-        2,
-        "paged_attention_decode: a context length beyond the block table",
-    ),
-    (4, "paged_attention_decode: a block outside the KV cache"),
-];
-
-/// What the set bits of a violations word mean.
-pub fn describe_violations(bits: i32) -> Option<String> {
-    let said: Vec<&str> = VIOLATIONS
-        .iter()
-        .filter(|(b, _)| bits & b != 0)
-        .map(|(_, what)| *what)
-        .collect();
-    (bits != 0).then(|| said.join("; "))
 }
 
 /// `sm_XY` for NVRTC (a `&'static str`, as cudarc's options want).
@@ -171,10 +140,10 @@ impl CudaKernels {
         first_id: u32,
     ) -> Result<(), CudaError> {
         let rows = ids.len();
-        assert!(
+        need(
             out.len() >= rows * dim && table.len() >= table_rows * dim,
-            "embedding: buffer sizes"
-        );
+            "embedding",
+        )?;
         let (rows_i, dim_i, tr) = (rows as i32, dim as i32, table_rows as u32);
         let f = self.function("embedding_bf16")?;
         let mut b = self.stream.launch_builder(f);
@@ -187,31 +156,33 @@ impl CudaKernels {
             .arg(&tr);
         let cfg = config(shapes::embedding(rows));
         // SAFETY: the argument list matches `embedding_bf16`'s signature; `out` holds
-        // `rows * dim` elements and every id reads inside `table` or writes zeros (asserted
-        // sizes above, bounds checked in the kernel).
+        // `rows * dim` elements and every id reads inside `table` or writes zeros (sizes
+        // checked above, ids checked in the kernel).
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
-    /// `hidden += delta` (if any), then `out = rmsnorm(hidden) * weight`, row by row.
+    /// `hidden += delta` (if any), then `out = rmsnorm(hidden) * weight`, row by row. Without a
+    /// delta `hidden` is only read (the kernel writes it only when adding).
     pub fn add_rms_norm(
         &self,
-        hidden: &mut CudaSlice<bf16>,
+        hidden: &CudaSlice<bf16>,
         delta: Option<&CudaSlice<bf16>>,
         weight: &CudaSlice<bf16>,
         out: &mut CudaSlice<bf16>,
         dim: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let rows = hidden.len() / dim.max(1);
-        assert!(
+        need(dim > 0 && hidden.len().is_multiple_of(dim), "add_rms_norm: rows")?;
+        let rows = hidden.len() / dim;
+        need(
             out.len() >= rows * dim && weight.len() >= dim,
-            "add_rms_norm: buffer sizes"
-        );
-        assert!(
+            "add_rms_norm: buffer sizes",
+        )?;
+        need(
             delta.is_none_or(|d| d.len() >= rows * dim),
-            "add_rms_norm: delta size"
-        );
+            "add_rms_norm: delta size",
+        )?;
         let dim_i = dim as i32;
         let null = 0u64;
         let f = self.function("add_rms_norm_bf16")?;
@@ -224,8 +195,9 @@ impl CudaKernels {
         b.arg(weight).arg(out).arg(&dim_i).arg(&eps);
         let cfg = config(shapes::add_rms_norm(rows));
         // SAFETY: arguments match `add_rms_norm_bf16` (a null pointer stands for "no delta",
-        // which the kernel checks); 256 threads, a power of two, with 256 floats of shared
-        // memory as the kernel requires; buffers hold `rows * dim` elements (asserted).
+        // which the kernel checks, and then it does not write `hidden`); 256 threads, a power
+        // of two, with 256 floats of shared memory as the kernel requires; buffers hold
+        // `rows * dim` elements (checked).
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -242,10 +214,10 @@ impl CudaKernels {
         interleaved: bool,
     ) -> Result<(), CudaError> {
         let rows = positions.len();
-        assert!(
+        need(
             x.len() >= rows * heads * head_dim && inv_freq.len() >= head_dim / 2,
-            "rope: sizes"
-        );
+            "rope: sizes",
+        )?;
         let (h, d, il) = (heads as i32, head_dim as i32, interleaved as i32);
         let f = self.function("rope_bf16")?;
         let mut b = self.stream.launch_builder(f);
@@ -257,7 +229,40 @@ impl CudaKernels {
             .arg(&il);
         let cfg = config(shapes::rope(rows, heads, head_dim));
         // SAFETY: arguments match `rope_bf16`; the grid covers rows × heads and each thread
-        // strides over the head's pairs inside `x` (sizes asserted).
+        // strides over the head's pairs inside `x` (sizes checked).
+        unsafe { b.launch(cfg) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// An element-wise kernel `name(x, other, n[, extra])` over `x.len()` elements.
+    fn elementwise(
+        &self,
+        name: &'static str,
+        x: &mut CudaSlice<bf16>,
+        other: Option<&CudaSlice<bf16>>,
+        scalar: Option<f32>,
+        cols: Option<i32>,
+    ) -> Result<(), CudaError> {
+        let n = x.len();
+        let n_i = n as i64;
+        let f = self.function(name)?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x);
+        if let Some(o) = other {
+            b.arg(o);
+        }
+        if let Some(s) = &scalar {
+            b.arg(s);
+        }
+        b.arg(&n_i);
+        if let Some(c) = &cols {
+            b.arg(c);
+        }
+        let cfg = config(shapes::elementwise(n));
+        // SAFETY: every caller passes the arguments of `name`'s signature in order (checked by
+        // the emulation tests against the same sources); the grid-stride loop stays below `n`,
+        // and `other` (if any) holds at least `n` elements or is a bias indexed modulo `cols`
+        // (checked by the callers).
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -268,22 +273,48 @@ impl CudaKernels {
         gate: &mut CudaSlice<bf16>,
         up: &CudaSlice<bf16>,
     ) -> Result<(), CudaError> {
-        let n = gate.len();
-        assert!(up.len() >= n, "silu_mul: sizes");
-        let n_i = n as i64;
-        let f = self.function("silu_mul_bf16")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(gate).arg(up).arg(&n_i);
-        let cfg = config(shapes::silu_mul(n));
-        // SAFETY: arguments match `silu_mul_bf16`; the kernel's grid-stride loop stays below `n`.
-        unsafe { b.launch(cfg) }.map_err(driver)?;
-        Ok(())
+        need(up.len() >= gate.len(), "silu_mul: sizes")?;
+        self.elementwise("silu_mul_bf16", gate, Some(up), None, None)
+    }
+
+    /// `gate = gelu_tanh(gate) * up`, element-wise.
+    pub fn gelu_tanh_mul(
+        &self,
+        gate: &mut CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+    ) -> Result<(), CudaError> {
+        need(up.len() >= gate.len(), "gelu_tanh_mul: sizes")?;
+        self.elementwise("gelu_tanh_mul_bf16", gate, Some(up), None, None)
+    }
+
+    /// `x += y`, element-wise.
+    pub fn add(&self, x: &mut CudaSlice<bf16>, y: &CudaSlice<bf16>) -> Result<(), CudaError> {
+        need(y.len() >= x.len(), "add: sizes")?;
+        self.elementwise("add_bf16", x, Some(y), None, None)
+    }
+
+    /// `x *= s`.
+    pub fn scale(&self, x: &mut CudaSlice<bf16>, s: f32) -> Result<(), CudaError> {
+        self.elementwise("scale_bf16", x, None, Some(s), None)
+    }
+
+    /// `x[r, c] += bias[c]` for rows of `bias.len()` values.
+    pub fn add_bias(
+        &self,
+        x: &mut CudaSlice<bf16>,
+        bias: &CudaSlice<bf16>,
+    ) -> Result<(), CudaError> {
+        let cols = bias.len();
+        need(
+            cols > 0 && x.len().is_multiple_of(cols) && cols <= i32::MAX as usize,
+            "add_bias: sizes",
+        )?;
+        self.elementwise("add_bias_bf16", x, Some(bias), None, Some(cols as i32))
     }
 
     /// Stores rows of `k` and `v` (`[rows, width]`) at their cache slots. Safe whatever the
-    /// slots hold: the kernel skips a slot outside `[0, cache_slots)` and says so through
+    /// slots hold: the kernel skips a slot outside the caches and says so through
     /// [`CudaKernels::take_violations`].
-    #[allow(clippy::too_many_arguments)]
     pub fn write_kv(
         &self,
         k: &CudaSlice<bf16>,
@@ -292,17 +323,13 @@ impl CudaKernels {
         v_cache: &mut CudaSlice<bf16>,
         slots: &CudaSlice<i64>,
         width: usize,
-        cache_slots: usize,
     ) -> Result<(), CudaError> {
         let rows = slots.len();
-        assert!(
-            k.len() >= rows * width && v.len() >= rows * width,
-            "write_kv: row sizes"
-        );
-        assert!(
-            k_cache.len() >= cache_slots * width && v_cache.len() >= cache_slots * width,
-            "write_kv: cache sizes"
-        );
+        need(
+            width > 0 && k.len() >= rows * width && v.len() >= rows * width,
+            "write_kv: row sizes",
+        )?;
+        let cache_slots = k_cache.len().min(v_cache.len()) / width;
         let (w, limit) = (width as i32, cache_slots as i64);
         let f = self.function("write_kv_bf16")?;
         let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
@@ -311,17 +338,16 @@ impl CudaKernels {
         b.arg(&limit).arg(&*flag);
         let cfg = config(shapes::write_kv(rows));
         // SAFETY: arguments match `write_kv_bf16`; the rows read are below `rows * width`
-        // (asserted), and the kernel writes only slots in `[0, cache_slots)`, inside the caches
-        // (asserted), whatever `slots` holds.
+        // (checked), and the kernel writes only slots in `[0, cache_slots)`, inside both
+        // caches by construction, whatever `slots` holds.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
-    /// Decode attention: one query row per sequence over its paged cache. Safe whatever the
-    /// block tables and context lengths hold: the kernel reads only slots inside the caches
-    /// (`cache_slots` rows of `kv_heads * head_dim`) and context lengths up to
-    /// `max_blocks * block_size`, and reports anything else through
-    /// [`CudaKernels::take_violations`] (that head's output is zeros).
+    /// Paged attention: one query row per entry of `context_lens` over its block table. Safe
+    /// whatever the block tables and context lengths hold: the kernel reads only slots inside
+    /// the caches and context lengths up to `max_blocks * block_size`, and reports anything
+    /// else through [`CudaKernels::take_violations`] (that head's output is zeros).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention_decode(
         &self,
@@ -331,42 +357,25 @@ impl CudaKernels {
         block_tables: &CudaSlice<i32>,
         context_lens: &CudaSlice<i32>,
         out: &mut CudaSlice<bf16>,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-        max_blocks: usize,
-        cache_slots: usize,
+        s: &PagedAttention,
     ) -> Result<(), CudaError> {
+        s.check()?;
         let seqs = context_lens.len();
-        assert!(
-            heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads),
-            "paged attention: heads must be a multiple of kv_heads"
-        );
-        assert!(
-            k_cache.len() >= cache_slots * kv_heads * head_dim
-                && v_cache.len() >= cache_slots * kv_heads * head_dim,
-            "paged attention: cache sizes"
-        );
-        assert!(
-            head_dim.is_power_of_two() && head_dim <= 256,
-            "paged attention: head_dim must be a power of two up to 256"
-        );
-        assert!(
-            q.len() >= seqs * heads * head_dim && out.len() >= seqs * heads * head_dim,
-            "paged attention: sizes"
-        );
-        assert!(
-            block_tables.len() >= seqs * max_blocks,
-            "paged attention: block tables"
-        );
-        let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let (h, kvh, d, bs, mb) = (
-            heads as i32,
-            kv_heads as i32,
-            head_dim as i32,
-            block_size as i32,
-            max_blocks as i32,
+        let width = s.kv_heads * s.head_dim;
+        let rows = seqs * s.heads * s.head_dim;
+        need(q.len() >= rows && out.len() >= rows, "paged attention: sizes")?;
+        need(
+            block_tables.len() >= seqs * s.max_blocks,
+            "paged attention: block tables",
+        )?;
+        let cache_slots = k_cache.len().min(v_cache.len()) / width;
+        let (h, kvh, d, bs, mb, win) = (
+            s.heads as i32,
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+            s.max_blocks as i32,
+            s.window.min(i32::MAX as usize) as i32,
         );
         let f = self.function("paged_attention_decode_bf16")?;
         let mut b = self.stream.launch_builder(f);
@@ -378,14 +387,14 @@ impl CudaKernels {
             .arg(out);
         let limit = cache_slots as i64;
         let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
-        b.arg(&h).arg(&kvh).arg(&d).arg(&bs).arg(&mb).arg(&scale);
-        b.arg(&limit).arg(&*flag);
-        let cfg = config(shapes::paged_attention_decode(seqs, heads, head_dim));
+        b.arg(&h).arg(&kvh).arg(&d).arg(&bs).arg(&mb).arg(&s.scale);
+        b.arg(&win).arg(&limit).arg(&*flag);
+        let cfg = config(shapes::paged_attention_decode(seqs, s.heads, s.head_dim));
         // SAFETY: arguments match `paged_attention_decode_bf16`; one thread per head dimension
-        // (a power of two, asserted) with head_dim floats of shared memory; q, out and the
-        // block tables are as large as the grid reads (asserted); the kernel reads cache rows
-        // only below `cache_slots` (the caches' size, asserted) and table entries only below
-        // `max_blocks` per sequence, whatever the tables and lengths hold.
+        // (a power of two up to 256, checked) with head_dim floats of shared memory; q, out and
+        // the block tables are as large as the grid reads (checked); the kernel reads cache
+        // rows only below `cache_slots` (both caches' size) and table entries only below
+        // `max_blocks` per row, whatever the tables and lengths hold.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
@@ -398,7 +407,7 @@ impl CudaKernels {
         out: &mut CudaSlice<u32>,
     ) -> Result<(), CudaError> {
         let rows = out.len();
-        assert!(logits.len() >= rows * vocab, "argmax: sizes");
+        need(logits.len() >= rows * vocab, "argmax: sizes")?;
         let v = vocab as i32;
         let f = self.function("argmax_f32")?;
         let mut b = self.stream.launch_builder(f);
@@ -408,24 +417,5 @@ impl CudaKernels {
         // and 1024 ints of shared memory, as the kernel requires.
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn violation_bits_are_named() {
-        assert_eq!(describe_violations(0), None);
-        assert_eq!(
-            describe_violations(1).as_deref(),
-            Some("write_kv: a slot outside the KV cache")
-        );
-        let both = describe_violations(6).unwrap_or_default();
-        assert!(
-            both.contains("context length") && both.contains("a block outside"),
-            "{both}"
-        );
     }
 }

@@ -4,10 +4,12 @@
 //! every source is still compiled for sm_80 and sm_90 in the tests (`tests/nvrtc.rs`), with
 //! NVRTC and the CUDA headers from pinned pip wheels (`scripts/fetch-tools.sh`). Typed launch
 //! wrappers are in [`launch`]; each kernel's comment states its grid, block and shared-memory
-//! contract. The CUDA backend (cuBLAS GEMMs, prefill attention, graphs) is still to come.
+//! contract. [`device::CudaDevice`] adds cuBLAS and implements [`crate::device::Device`] for the GPU
+//! backend (`gristmill_engine::gpu`).
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
+pub mod device;
 pub mod launch;
 
 /// One `.cu` file and the `extern "C"` kernels it defines.
@@ -39,6 +41,11 @@ pub const SOURCES: &[KernelSource] = &[
         file: "silu_mul.cu",
         source: include_str!("silu_mul.cu"),
         functions: &["silu_mul_bf16"],
+    },
+    KernelSource {
+        file: "elementwise.cu",
+        source: include_str!("elementwise.cu"),
+        functions: &["add_bf16", "scale_bf16", "gelu_tanh_mul_bf16", "add_bias_bf16"],
     },
     KernelSource {
         file: "write_kv.cu",

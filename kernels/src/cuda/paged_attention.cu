@@ -1,7 +1,10 @@
-// Decode attention over a paged KV cache: one query row per sequence, grouped-query heads.
+// Attention over a paged KV cache: one query row per "sequence", grouped-query heads. Decode
+// passes one row per sequence; prefill passes each prompt row as its own entry, with the
+// sequence's block table and a context length of its position + 1 (causal by construction).
 // q: [seqs, heads, head_dim]; caches: [blocks * block_size, kv_heads * head_dim];
 // block_tables: [seqs, max_blocks]; context_lens: [seqs] positions to attend (the new one
-// included, already written). Online softmax in f32 (one pass over the context).
+// included, already written). Scores are q.k * scale; with window > 0 only the last `window`
+// positions are attended (a sliding window). Online softmax in f32 (one pass over the context).
 // Grid: (seqs, heads); blockDim.x == head_dim (<= 256, a power of two);
 // shared memory: head_dim floats.
 //
@@ -14,7 +17,7 @@ extern "C" __global__ void paged_attention_decode_bf16(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,
     const int* __restrict__ context_lens, __nv_bfloat16* __restrict__ out, int heads,
-    int kv_heads, int head_dim, int block_size, int max_blocks, float scale,
+    int kv_heads, int head_dim, int block_size, int max_blocks, float scale, int window,
     long long cache_slots, int* __restrict__ violations) {
   extern __shared__ float red[];
   const int seq = blockIdx.x;
@@ -30,7 +33,8 @@ extern "C" __global__ void paged_attention_decode_bf16(
   bool bad = false;
   const float qd = __bfloat162float(q[((size_t)seq * heads + head) * head_dim + d]);
   float m = __int_as_float(0xff800000), l = 0.0f, acc = 0.0f;
-  for (int p = 0; p < len; ++p) {
+  const int first = window > 0 && len > window ? len - window : 0;
+  for (int p = first; p < len; ++p) {
     const long long block = block_tables[seq * max_blocks + p / block_size];
     const long long slot = block * block_size + p % block_size;
     // The same for every thread of the block: all leave the loop together (no thread is left

@@ -1,0 +1,564 @@
+//! The GPU backend: the model's ops on a [`Device`] — bf16 weights and activations in device
+//! memory, GEMMs with f32 accumulation, a paged bf16 KV cache, the kernels of
+//! `kernels/src/cuda/`. One implementation for every device: CUDA ([`cuda`], feature `cuda`)
+//! and the CPU emulation of the same kernels (`gristmill-kernels-emu`), on which `make test`
+//! runs whole models against the CPU backend and HF transformers without a GPU.
+//!
+//! Host-side work per step is the packing in [`StepPacking`]: slot indices, positions and one
+//! attention entry per query row (prefill rows attend causally by their own context length over
+//! the sequence's block table), uploaded once per step and reused by every layer
+//! ([`Staging`]). The model runs in a rank thread ([`crate::tensor_parallel::TpGroup`]), where a
+//! device error panics with the device's message, which fails the group (and the step's
+//! requests) instead of the process.
+
+use std::sync::{Arc, Mutex};
+
+use gristmill_kernels::device::{Device, Elem, PagedAttention};
+use half::bf16;
+
+use crate::backend::{AttentionShape, AttnSeq, Backend};
+use crate::parallel::Collective;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use gristmill_kernels::device::DeviceError;
+
+/// A sum over the ranks done on device buffers (NCCL); without one, [`GpuBackend`] stages
+/// through host memory and the rank's [`Collective`].
+pub trait DeviceReduce<D: Device>: Send + Sync + std::fmt::Debug {
+    fn all_reduce_sum(&self, dev: &D, x: &mut D::Buf<bf16>) -> Result<(), String>;
+}
+
+/// The model's ops on device `D`.
+pub struct GpuBackend<D: Device> {
+    pub dev: Arc<D>,
+    staging: Mutex<Staging<D>>,
+    reduce: Option<Arc<dyn DeviceReduce<D>>>,
+}
+
+impl<D: Device> std::fmt::Debug for GpuBackend<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBackend")
+            .field("device", &self.dev.name())
+            .field("device_reduce", &self.reduce.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(dev: Arc<D>) -> Self {
+        Self {
+            dev,
+            staging: Mutex::new(Staging::default()),
+            reduce: None,
+        }
+    }
+
+    /// Sums over the ranks on device buffers with `reduce` (NCCL).
+    pub fn with_reduce(mut self, reduce: Arc<dyn DeviceReduce<D>>) -> Self {
+        self.reduce = Some(reduce);
+        self
+    }
+
+    /// The value of a device operation, or a panic naming the device and the op (caught by
+    /// the rank thread, which fails the group with it).
+    fn ok<T>(&self, r: Result<T, DeviceError>, op: &str) -> T {
+        r.unwrap_or_else(|e| panic!("{}: {op}: {e}", self.dev.name()))
+    }
+
+    fn zeros(&self, n: usize) -> D::Buf<bf16> {
+        self.ok(self.dev.zeros(n), "allocate")
+    }
+
+    fn tensor(&self, data: D::Buf<bf16>, rows: usize, cols: usize) -> GpuTensor<D> {
+        GpuTensor { data, rows, cols }
+    }
+
+    /// `host` on the device, reusing the buffer of an equal earlier upload.
+    fn staged<T: Elem + PartialEq>(
+        &self,
+        host: Vec<T>,
+        pick: impl FnOnce(&mut Staging<D>) -> &mut Stage<D, T>,
+    ) -> Arc<D::Buf<T>> {
+        let mut s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let stage = pick(&mut s);
+        if let Some(buf) = stage.find(&host) {
+            return buf;
+        }
+        let buf = Arc::new(self.ok(self.dev.upload(&host), "upload"));
+        stage.keep(host, buf.clone());
+        buf
+    }
+
+    fn upload_bf16(&self, data: &[f32]) -> D::Buf<bf16> {
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        self.ok(self.dev.upload(&host), "upload weights")
+    }
+}
+
+/// A matrix of activations in device memory: `rows × cols` bf16 values.
+pub struct GpuTensor<D: Device> {
+    data: D::Buf<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<D: Device> std::fmt::Debug for GpuTensor<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuTensor[{}×{}]", self.rows, self.cols)
+    }
+}
+
+/// A weight matrix `[rows, cols]` (or vector: one row) in device memory, bf16.
+pub struct GpuWeight<D: Device> {
+    data: D::Buf<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
+impl<D: Device> std::fmt::Debug for GpuWeight<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuWeight[{}×{}]", self.rows, self.cols)
+    }
+}
+
+/// Paged KV memory of every layer: keys and values as `[num_blocks × block_size, kv_heads ×
+/// head_dim]` bf16 (slot-major: a position's heads side by side).
+pub struct GpuKvStore<D: Device> {
+    k: Vec<D::Buf<bf16>>,
+    v: Vec<D::Buf<bf16>>,
+    block_size: usize,
+    width: usize,
+}
+
+impl<D: Device> std::fmt::Debug for GpuKvStore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuKvStore")
+            .field("layers", &self.k.len())
+            .field("block_size", &self.block_size)
+            .field("width", &self.width)
+            .finish()
+    }
+}
+
+/// The last few uploads of one element type, kept to be reused while a step's layers ask for
+/// the same host data again (positions, slots and attention tables are equal in every layer).
+struct Stage<D: Device, T: Elem> {
+    entries: Vec<(Vec<T>, Arc<D::Buf<T>>)>,
+}
+
+impl<D: Device, T: Elem> Default for Stage<D, T> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// Uploads a step remembers: a handful is enough (a step uploads at most two of a kind).
+const STAGE_ENTRIES: usize = 4;
+
+impl<D: Device, T: Elem + PartialEq> Stage<D, T> {
+    fn find(&mut self, host: &[T]) -> Option<Arc<D::Buf<T>>> {
+        let i = self.entries.iter().position(|(h, _)| h == host)?;
+        // Most recently used last.
+        let e = self.entries.remove(i);
+        let buf = e.1.clone();
+        self.entries.push(e);
+        Some(buf)
+    }
+
+    fn keep(&mut self, host: Vec<T>, buf: Arc<D::Buf<T>>) {
+        if self.entries.len() == STAGE_ENTRIES {
+            self.entries.remove(0);
+        }
+        self.entries.push((host, buf));
+    }
+}
+
+/// Host data of recent steps on the device, by element type.
+struct Staging<D: Device> {
+    u32s: Stage<D, u32>,
+    i32s: Stage<D, i32>,
+    i64s: Stage<D, i64>,
+    f32s: Stage<D, f32>,
+}
+
+impl<D: Device> Default for Staging<D> {
+    fn default() -> Self {
+        Self {
+            u32s: Stage::default(),
+            i32s: Stage::default(),
+            i64s: Stage::default(),
+            f32s: Stage::default(),
+        }
+    }
+}
+
+/// One step's attention as the kernel reads it: an entry per query row, with its sequence's
+/// block table (padded to the widest) and the positions it attends (its own position + 1, so
+/// prefill rows are causal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepPacking {
+    /// `[rows, max_blocks]`.
+    pub tables: Vec<i32>,
+    /// `[rows]`.
+    pub lens: Vec<i32>,
+    pub max_blocks: usize,
+}
+
+impl StepPacking {
+    /// Packs a step's sequences (their rows in order). A block table shorter than a row's
+    /// context keeps the entries it has and is padded with -1, which the kernel refuses and
+    /// reports rather than reads.
+    pub fn new(seqs: &[AttnSeq<'_>], block_size: usize) -> Self {
+        let bs = block_size.max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| (s.start + s.rows).div_ceil(bs))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let rows: usize = seqs.iter().map(|s| s.rows).sum();
+        let mut tables = Vec::with_capacity(rows * max_blocks);
+        let mut lens = Vec::with_capacity(rows);
+        for s in seqs {
+            let used = (s.start + s.rows).div_ceil(bs);
+            for i in 0..s.rows {
+                lens.push((s.start + i + 1) as i32);
+                tables.extend((0..max_blocks).map(|b| match s.block_table.get(b) {
+                    Some(&id) if b < used => id as i32,
+                    _ => -1,
+                }));
+            }
+        }
+        Self {
+            tables,
+            lens,
+            max_blocks,
+        }
+    }
+}
+
+/// Slot of each position of a step, as the write kernel takes them.
+pub fn slots_i64(slots: &[usize]) -> Vec<i64> {
+    slots.iter().map(|&s| s as i64).collect()
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type Buf = GpuTensor<D>;
+    type Matrix = GpuWeight<D>;
+    type Vector = GpuWeight<D>;
+    type KvStore = GpuKvStore<D>;
+
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> GpuWeight<D> {
+        GpuWeight {
+            data: self.upload_bf16(&data),
+            rows,
+            cols,
+        }
+    }
+
+    fn vector(&self, data: Vec<f32>) -> GpuWeight<D> {
+        let cols = data.len();
+        GpuWeight {
+            data: self.upload_bf16(&data),
+            rows: 1,
+            cols,
+        }
+    }
+
+    fn kv_value_bytes(&self) -> usize {
+        std::mem::size_of::<bf16>()
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.dev.memory().ok()
+    }
+
+    fn kv_store(
+        &self,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> GpuKvStore<D> {
+        let width = kv_heads * head_dim;
+        let n = num_blocks * block_size * width;
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            k.push(self.ok(self.dev.zeros(n), "allocate the KV cache"));
+            v.push(self.ok(self.dev.zeros(n), "allocate the KV cache"));
+        }
+        GpuKvStore {
+            k,
+            v,
+            block_size,
+            width,
+        }
+    }
+
+    fn embed(&self, table: &GpuWeight<D>, ids: &[u32], first_id: u32) -> GpuTensor<D> {
+        let d = table.cols;
+        let rows = ids.len();
+        let ids = self.staged(ids.to_vec(), |s| &mut s.u32s);
+        let mut out = self.zeros(rows * d);
+        self.ok(
+            self.dev.embedding(&table.data, &ids, &mut out, d, first_id),
+            "embedding",
+        );
+        self.tensor(out, rows, d)
+    }
+
+    fn all_reduce_sum(&self, x: &mut GpuTensor<D>, c: &dyn Collective) {
+        if c.world_size() <= 1 {
+            return;
+        }
+        if let Some(r) = &self.reduce {
+            if let Err(e) = r.all_reduce_sum(&self.dev, &mut x.data) {
+                panic!("{}: all-reduce: {e}", self.dev.name());
+            }
+            return;
+        }
+        let mut host: Vec<f32> = self.to_host(x);
+        c.all_reduce_sum(&mut host);
+        x.data = self.upload_bf16(&host);
+    }
+
+    fn all_gather_cols(&self, x: &GpuTensor<D>, c: &dyn Collective) -> GpuTensor<D> {
+        let world = c.world_size();
+        let all = c.all_gather(&self.to_host(x));
+        let (rows, cols) = (x.rows, x.cols);
+        let part = rows * cols;
+        let mut data = vec![0f32; part * world];
+        for r in 0..rows {
+            for k in 0..world {
+                let src = &all[k * part + r * cols..k * part + (r + 1) * cols];
+                data[(r * world + k) * cols..(r * world + k + 1) * cols].copy_from_slice(src);
+            }
+        }
+        let buf = self.upload_bf16(&data);
+        self.tensor(buf, rows, cols * world)
+    }
+
+    fn rms_norm(&self, x: &GpuTensor<D>, weight: &GpuWeight<D>, eps: f32) -> GpuTensor<D> {
+        let mut out = self.zeros(x.rows * x.cols);
+        self.ok(
+            self.dev
+                .rms_norm(&x.data, &weight.data, &mut out, weight.cols, eps),
+            "rms_norm",
+        );
+        self.tensor(out, x.rows, x.cols)
+    }
+
+    fn linear(
+        &self,
+        x: &GpuTensor<D>,
+        w: &GpuWeight<D>,
+        bias: Option<&GpuWeight<D>>,
+    ) -> GpuTensor<D> {
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        debug_assert_eq!(x.cols, k);
+        let mut out = self.zeros(m * n);
+        self.ok(self.dev.gemm(&x.data, &w.data, &mut out, m, n, k), "gemm");
+        if let Some(b) = bias {
+            self.ok(self.dev.add_bias(&mut out, &b.data), "bias");
+        }
+        self.tensor(out, m, n)
+    }
+
+    fn rope(
+        &self,
+        x: &mut GpuTensor<D>,
+        positions: &[usize],
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) {
+        let pos = self.staged(
+            positions.iter().map(|&p| p as i32).collect(),
+            |s| &mut s.i32s,
+        );
+        let freq = self.staged(inv_freq.to_vec(), |s| &mut s.f32s);
+        self.ok(
+            self.dev.rope(&mut x.data, &pos, &freq, heads, head_dim),
+            "rope",
+        );
+    }
+
+    fn silu_mul(&self, gate: &mut GpuTensor<D>, up: &GpuTensor<D>) {
+        self.ok(self.dev.silu_mul(&mut gate.data, &up.data), "silu_mul");
+    }
+
+    fn gelu_tanh_mul(&self, gate: &mut GpuTensor<D>, up: &GpuTensor<D>) {
+        self.ok(
+            self.dev.gelu_tanh_mul(&mut gate.data, &up.data),
+            "gelu_tanh_mul",
+        );
+    }
+
+    fn scale(&self, x: &mut GpuTensor<D>, s: f32) {
+        self.ok(self.dev.scale(&mut x.data, s), "scale");
+    }
+
+    fn add(&self, x: &mut GpuTensor<D>, y: &GpuTensor<D>) {
+        self.ok(self.dev.add(&mut x.data, &y.data), "add");
+    }
+
+    fn slice_rows(&self, x: &GpuTensor<D>, start: usize, n: usize) -> GpuTensor<D> {
+        let mut out = self.zeros(n * x.cols);
+        self.ok(
+            self.dev
+                .copy(&x.data, start * x.cols, &mut out, 0, n * x.cols),
+            "copy rows",
+        );
+        self.tensor(out, n, x.cols)
+    }
+
+    fn concat_rows(&self, parts: Vec<GpuTensor<D>>) -> GpuTensor<D> {
+        if parts.len() == 1 {
+            if let Some(p) = parts.into_iter().next() {
+                return p;
+            }
+            unreachable!("one part");
+        }
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.zeros(rows * cols);
+        let mut at = 0;
+        for p in &parts {
+            debug_assert_eq!(p.cols, cols);
+            let n = p.rows * cols;
+            self.ok(self.dev.copy(&p.data, 0, &mut out, at, n), "copy rows");
+            at += n;
+        }
+        self.tensor(out, rows, cols)
+    }
+
+    fn write_kv(
+        &self,
+        store: &mut GpuKvStore<D>,
+        layer: usize,
+        k: &GpuTensor<D>,
+        v: &GpuTensor<D>,
+        slots: &[usize],
+    ) {
+        let slots = self.staged(slots_i64(slots), |s| &mut s.i64s);
+        let width = store.width;
+        let (kc, vc) = (&mut store.k[layer], &mut store.v[layer]);
+        self.ok(
+            self.dev.write_kv(&k.data, &v.data, kc, vc, &slots, width),
+            "write_kv",
+        );
+    }
+
+    fn attention(
+        &self,
+        q: &GpuTensor<D>,
+        store: &GpuKvStore<D>,
+        layer: usize,
+        seqs: &[AttnSeq<'_>],
+        shape: AttentionShape,
+    ) -> GpuTensor<D> {
+        let packing = StepPacking::new(seqs, store.block_size);
+        let rows = packing.lens.len();
+        let tables = self.staged(packing.tables, |s| &mut s.i32s);
+        let lens = self.staged(packing.lens, |s| &mut s.i32s);
+        let attention = PagedAttention {
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            block_size: store.block_size,
+            max_blocks: packing.max_blocks,
+            scale: shape.scale,
+            window: shape.window.unwrap_or(0),
+        };
+        let mut out = self.zeros(q.rows * q.cols);
+        self.ok(
+            self.dev.paged_attention(
+                &q.data,
+                &store.k[layer],
+                &store.v[layer],
+                &tables,
+                &lens,
+                &mut out,
+                &attention,
+            ),
+            "paged attention",
+        );
+        debug_assert_eq!(rows, q.rows);
+        self.tensor(out, q.rows, q.cols)
+    }
+
+    fn to_host(&self, x: &GpuTensor<D>) -> Vec<f32> {
+        let host = self.ok(self.dev.download(&x.data), "download");
+        // The host waits here anyway: anything a kernel refused since the last step is an
+        // error of this step.
+        self.ok(self.dev.take_violations(), "bounds");
+        host.iter()
+            .take(x.rows * x.cols)
+            .map(|v| v.to_f32())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_rows_attend_causally_over_their_sequence_blocks() {
+        let (a, b, c) = ([7u32, 3, 9], [4u32, 8], [1u32, 2, 6]);
+        let seqs = [
+            // A prompt chunk of 5 rows at positions 14..19: blocks 7 and 3 (9 is not reached).
+            AttnSeq {
+                rows: 5,
+                start: 14,
+                block_table: &a,
+            },
+            // A decode row at position 20: 21 positions, both blocks.
+            AttnSeq {
+                rows: 1,
+                start: 20,
+                block_table: &b,
+            },
+            // A decode row at position 40: three blocks, the widest table.
+            AttnSeq {
+                rows: 1,
+                start: 40,
+                block_table: &c,
+            },
+        ];
+        let p = StepPacking::new(&seqs, 16);
+        assert_eq!(p.max_blocks, 3);
+        assert_eq!(p.lens, vec![15, 16, 17, 18, 19, 21, 41]);
+        for row in 0..5 {
+            assert_eq!(
+                &p.tables[row * 3..row * 3 + 3],
+                &[7, 3, -1],
+                "a block the sequence has not reached is never read"
+            );
+        }
+        assert_eq!(&p.tables[15..18], &[4, 8, -1]);
+        assert_eq!(&p.tables[18..21], &[1, 2, 6]);
+        assert_eq!(p.tables.len(), 7 * 3);
+    }
+
+    #[test]
+    fn a_block_table_too_short_for_its_rows_is_padded_with_refused_entries() {
+        let t = [5u32];
+        let p = StepPacking::new(
+            &[AttnSeq {
+                rows: 1,
+                start: 20,
+                block_table: &t,
+            }],
+            16,
+        );
+        assert_eq!(p.tables, vec![5, -1]);
+        assert_eq!(p.lens, vec![21]);
+    }
+}
