@@ -59,6 +59,10 @@ pub enum Error {
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
 
+    /// No usable compute device (driver, GPU, or library missing), or a device failed.
+    #[error("device: {0}")]
+    Device(String),
+
     #[error("{path}: the weights need {} MB of memory once loaded, but only {} MB is available; \
              use a smaller or more quantised model, or free memory", needed >> 20, available >> 20)]
     NotEnoughMemory {
@@ -104,6 +108,7 @@ impl Error {
             Self::Template(_) => "template",
             Self::ModelNotFound { .. } => "model_not_found",
             Self::TensorParallel(_) => "tensor_parallel",
+            Self::Device(_) => "device",
             Self::NotEnoughMemory { .. } => "not_enough_memory",
         }
     }

@@ -119,9 +119,22 @@ impl<B: Backend> Model<B> {
 
     /// KV bytes that fit on the model's devices next to a step of these limits (`None`: the
     /// model is in host memory, sized by the engine options' `kv_cache_bytes`).
-    pub fn device_kv_bytes(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<usize> {
+    pub fn device_kv_bytes(
+        &self,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Option<usize> {
         match self {
             Model::Parallel(g) => g.device_kv_bytes(max_num_batched_tokens, max_num_seqs),
+            Model::Single(_) | Model::Scripted(_) => None,
+        }
+    }
+
+    /// Free and total memory of the model's devices after loading (the smallest over the
+    /// ranks); `None` in host memory.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        match self {
+            Model::Parallel(g) => g.device_memory(),
             Model::Single(_) | Model::Scripted(_) => None,
         }
     }
@@ -248,7 +261,10 @@ impl<B: Backend> std::fmt::Debug for RankSpec<B> {
 }
 
 /// What a rank reports once loaded: its KV bytes per token and its device's memory.
-type Ready = (usize, std::result::Result<(usize, Option<(u64, u64)>), String>);
+type Ready = (
+    usize,
+    std::result::Result<(usize, Option<(u64, u64)>), String>,
+);
 
 impl TpGroup {
     /// Loads a checkpoint split over `world` CPU rank threads. Fails early, naming the
@@ -338,17 +354,21 @@ impl TpGroup {
 
     /// Bytes of KV cache the ranks' devices can hold after the weights, at the group's
     /// memory utilisation, keeping room for one step's activations (`None` on the host).
-    pub fn device_kv_bytes(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<usize> {
+    pub fn device_kv_bytes(
+        &self,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Option<usize> {
         let (free, total) = self.device_memory?;
         let cfg = &self.cfg;
         // One step's largest buffers in bf16 (hidden states, q/k/v, the MLP's gate and up, the
         // logits of every sequence), twice over for buffers alive at once.
         let activations = 2
             * 2
-            * (max_num_batched_tokens
-                * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
+            * (max_num_batched_tokens * (6 * cfg.hidden_size + 3 * cfg.intermediate_size)
                 + max_num_seqs * cfg.vocab_size * 2) as u64;
-        let held_back = ((1.0 - f64::from(self.memory_utilization.clamp(0.0, 1.0))) * total as f64) as u64;
+        let held_back =
+            ((1.0 - f64::from(self.memory_utilization.clamp(0.0, 1.0))) * total as f64) as u64;
         let per_rank = free.saturating_sub(held_back).saturating_sub(activations);
         Some((per_rank as usize).saturating_mul(self.world))
     }

@@ -20,6 +20,7 @@ use gristmill_engine::model::llama::Llama;
 use gristmill_engine::parallel::{Collective, ThreadCollective};
 use gristmill_engine::tensor_parallel::{load_model, Model, RankSpec, TpGroup};
 use gristmill_engine::{CpuBackend, Engine, EngineOptions, Outcome};
+use gristmill_kernels::device::Device;
 use gristmill_kernels_emu::EmuDevice;
 use gristmill_protocol::{Endpoint, GenerationParams, Prompt, Request};
 use gristmill_testkit::fixture;
@@ -28,19 +29,26 @@ use serde_json::Value;
 /// Largest difference allowed, as a fraction of the reference row's largest magnitude.
 const ROW_TOLERANCE: f32 = 0.06;
 
-type Emu = GpuBackend<EmuDevice>;
+/// Makes rank `r`'s device.
+type MakeDevice<D> = fn(usize) -> D;
 
-/// Rank specs of a group of `world` ranks, each on its own emulated device.
-fn emu_ranks(world: usize) -> Vec<RankSpec<Emu>> {
+fn emulated(_rank: usize) -> EmuDevice {
+    EmuDevice::new(1 << 30)
+}
+
+/// Rank specs of a group of `world` ranks, each on its own device (the sums over ranks staged
+/// through the host collective).
+fn ranks<D: Device>(world: usize, make: MakeDevice<D>) -> Vec<RankSpec<GpuBackend<D>>> {
     ThreadCollective::group(world)
         .into_iter()
         .map(|c| {
             let poisoner = c.clone();
+            let rank = c.rank();
             RankSpec {
                 collective: Arc::new(c),
                 poison: Box::new(move |why| poisoner.poison(why)),
-                load: Box::new(|ckpt, c: Arc<dyn Collective>| {
-                    let backend = GpuBackend::new(Arc::new(EmuDevice::new(1 << 30)));
+                load: Box::new(move |ckpt, c: Arc<dyn Collective>| {
+                    let backend = GpuBackend::new(Arc::new(make(rank)));
                     Llama::load_rank(ckpt, backend, c)
                 }),
             }
@@ -48,8 +56,12 @@ fn emu_ranks(world: usize) -> Vec<RankSpec<Emu>> {
         .collect()
 }
 
+fn model_on<D: Device>(path: &Path, world: usize, make: MakeDevice<D>) -> Model<CpuBackend> {
+    Model::Parallel(TpGroup::start(path, ranks(world, make), 0.9).expect("loads on the device"))
+}
+
 fn emu_model(path: &Path, world: usize) -> Model<CpuBackend> {
-    Model::Parallel(TpGroup::start(path, emu_ranks(world), 0.9).expect("loads on the emulated device"))
+    model_on(path, world, emulated)
 }
 
 struct Case {
@@ -125,6 +137,12 @@ fn within_bf16(got: &[f32], want: &[Vec<f32>], what: &str) -> f32 {
 
 #[test]
 fn tiny_models_on_the_emulated_gpu_match_transformers_and_the_cpu_backend() {
+    tiny_models_match(emulated, 2);
+}
+
+/// Every tiny model on devices from `make` against transformers and the CPU backend, over the
+/// first `cases` reference cases.
+fn tiny_models_match<D: Device>(make: MakeDevice<D>, cases_per_model: usize) {
     for name in [
         "tiny-llama3",
         "tiny-qwen2",
@@ -134,10 +152,13 @@ fn tiny_models_on_the_emulated_gpu_match_transformers_and_the_cpu_backend() {
         "tiny-gemma3",
     ] {
         let dir = fixture(name);
-        let gpu = emu_model(&dir, 1);
+        let gpu = model_on(&dir, 1, make);
         let cpu = load_model(&dir, 1, CpuBackend::default()).expect("loads");
         let mut worst = (0f32, 0f32);
-        for case in cases(&dir.join("reference.json")).into_iter().take(2) {
+        for case in cases(&dir.join("reference.json"))
+            .into_iter()
+            .take(cases_per_model)
+        {
             let got = gpu.score(&case.ids).expect("scores");
             worst.0 = worst.0.max(within_bf16(
                 &got,
@@ -151,7 +172,9 @@ fn tiny_models_on_the_emulated_gpu_match_transformers_and_the_cpu_backend() {
                 .chunks_exact(vocab)
                 .map(<[f32]>::to_vec)
                 .collect();
-            worst.1 = worst.1.max(within_bf16(&got, &cpu_rows, &format!("{name} vs CPU")));
+            worst.1 = worst
+                .1
+                .max(within_bf16(&got, &cpu_rows, &format!("{name} vs CPU")));
         }
         eprintln!(
             "{name}: worst difference / row scale: {:.4} vs transformers, {:.4} vs the CPU backend",
@@ -216,8 +239,12 @@ fn run(engine: &Engine, reqs: Vec<Request>, block_size: usize) -> HashMap<String
 
 #[test]
 fn the_engine_on_the_emulated_gpu_generates_the_cpu_tokens_and_keeps_the_determinism_contract() {
+    engine_matches_the_cpu(emulated);
+}
+
+fn engine_matches_the_cpu<D: Device>(make: MakeDevice<D>) {
     let dir = fixture("tiny-llama3");
-    let gpu = Engine::load_ranks(&dir, emu_ranks(1), 0.9).expect("loads");
+    let gpu = Engine::load_ranks(&dir, ranks(1, make), 0.9).expect("loads");
     let cpu = Engine::load(&dir).expect("loads");
     let greedy: Vec<Request> = (0..3).map(|i| request(i, 10, 0.0, 1)).collect();
     let (g, c) = (run(&gpu, greedy.clone(), 4), run(&cpu, greedy.clone(), 4));
@@ -269,5 +296,51 @@ fn the_device_memory_sizes_the_kv_cache() {
     assert!(kv < (1 << 30) - held_back, "{kv}");
     assert!(kv > (1 << 30) - held_back - (8 << 20), "{kv}");
     let cpu = load_model(&dir, 1, CpuBackend::default()).expect("loads");
-    assert_eq!(cpu.device_kv_bytes(64, 4), None, "host models use --kv-cache-memory");
+    assert_eq!(
+        cpu.device_kv_bytes(64, 4),
+        None,
+        "host models use --kv-cache-memory"
+    );
+}
+
+/// The same checks on CUDA GPU 0 (and TP 2 over NCCL where the machine has two GPUs):
+/// scripts/gpu-check.sh runs them with the `cuda` feature.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use gristmill_kernels::cuda::device::CudaDevice;
+
+    fn gpu(rank: usize) -> CudaDevice {
+        CudaDevice::new(rank).unwrap_or_else(|e| panic!("CUDA device {rank}: {e}"))
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU and driver: scripts/gpu-check.sh runs it"]
+    fn tiny_models_on_a_gpu_match_transformers_and_the_cpu_backend() {
+        tiny_models_match(gpu, usize::MAX);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU and driver: scripts/gpu-check.sh runs it"]
+    fn the_engine_on_a_gpu_generates_the_cpu_tokens_and_keeps_the_determinism_contract() {
+        engine_matches_the_cpu(gpu);
+    }
+
+    #[test]
+    #[ignore = "needs two CUDA GPUs: scripts/gpu-check.sh runs it"]
+    fn two_gpus_over_nccl_split_a_model_like_one() {
+        let n = CudaDevice::count();
+        if n < 2 {
+            eprintln!("skipped: this machine has {n} GPU(s); TP 2 over NCCL needs two");
+            return;
+        }
+        let dir = fixture("tiny-llama3");
+        let engine =
+            gristmill_engine::gpu::cuda::load_engine(&dir, 0, 2, 0.5).expect("loads on 2 GPUs");
+        assert_eq!(engine.model.world_size(), 2);
+        for case in cases(&dir.join("reference.json")) {
+            let got = engine.model.score(&case.ids).expect("scores");
+            within_bf16(&got, &case.logits, "TP 2 over NCCL vs transformers");
+        }
+    }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use gristmill_engine::gpu::DeviceChoice;
 use gristmill_engine::EngineOptions;
 
 #[derive(Debug, Clone, Args)]
@@ -71,17 +72,97 @@ pub struct EngineArgs {
               // Only the listed values reach here, and all of them parse.
               |s| s.parse::<gristmill_engine::KvCacheDtype>().unwrap_or_default()))]
     pub kv_cache_dtype: gristmill_engine::KvCacheDtype,
+
+    /// Where the model computes: `cpu`; `cuda` (GPU 0, or GPUs 0..N with
+    /// --tensor-parallel-size N over NCCL); `cuda:N` (GPU N alone); `auto`: cuda when this
+    /// build has CUDA support (`--features cuda`, the GPU worker image) and the machine a GPU,
+    /// else cpu. The choice is logged at start. On a GPU, weights, activations and the KV cache
+    /// are bf16 and --precision and --kv-cache-dtype do not apply.
+    #[arg(long, default_value = "auto", env = "GRISTMILL_DEVICE")]
+    pub device: gristmill_engine::gpu::DeviceChoice,
+
+    /// The fraction of each GPU's memory the engine may use (vLLM's flag): the KV cache gets
+    /// what the weights and one step's activations leave of it. Used with --device cuda only;
+    /// on the CPU --kv-cache-memory sizes the cache.
+    #[arg(long, default_value_t = 0.9, env = "GRISTMILL_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f32,
 }
 
 impl EngineArgs {
-    /// Loads the model (`--model`, or the default one) at `--tensor-parallel-size`.
+    /// `--device` with `auto` decided: the CPU, or a CUDA GPU (an ordinal when one was named).
+    pub fn device(&self) -> DeviceChoice {
+        match self.device {
+            DeviceChoice::Auto if gristmill_engine::gpu::cuda_device_count() > 0 => {
+                DeviceChoice::Cuda(None)
+            }
+            DeviceChoice::Auto => DeviceChoice::Cpu,
+            d => d,
+        }
+    }
+
+    /// Loads the model (`--model`, or the default one) on `--device` at
+    /// `--tensor-parallel-size`.
     pub fn load_engine(&self) -> Result<gristmill_engine::Engine> {
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            bail!(
+                "--gpu-memory-utilization must be in (0, 1], not {}",
+                self.gpu_memory_utilization
+            );
+        }
         let path = crate::hub::resolve_model(&self.model)?;
-        gristmill_engine::Engine::load_parallel(&path, self.tensor_parallel_size, self.backend())
-            .with_context(|| format!("cannot load the model {}", self.model.display()))
+        let device = self.device();
+        tracing::info!(device = %device, requested = %self.device, "computing on {device}");
+        let loaded = match device {
+            DeviceChoice::Cuda(ordinal) => {
+                if ordinal.is_some() && self.tensor_parallel_size > 1 {
+                    bail!(
+                        "--device {device} names one GPU; with --tensor-parallel-size {} use \
+                         --device cuda (GPUs 0..{})",
+                        self.tensor_parallel_size,
+                        self.tensor_parallel_size
+                    );
+                }
+                self.load_cuda(&path, ordinal.unwrap_or(0))?
+            }
+            _ => gristmill_engine::Engine::load_parallel(
+                &path,
+                self.tensor_parallel_size,
+                self.backend(),
+            ),
+        };
+        loaded
+            .with_context(|| format!("cannot load the model {} on {device}", self.model.display()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn load_cuda(
+        &self,
+        path: &std::path::Path,
+        ordinal: usize,
+    ) -> Result<gristmill_engine::Result<gristmill_engine::Engine>> {
+        Ok(gristmill_engine::gpu::cuda::load_engine(
+            path,
+            ordinal,
+            self.tensor_parallel_size,
+            self.gpu_memory_utilization,
+        ))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn load_cuda(
+        &self,
+        _path: &std::path::Path,
+        _ordinal: usize,
+    ) -> Result<gristmill_engine::Result<gristmill_engine::Engine>> {
+        bail!(
+            "--device {} needs a build with CUDA support: `cargo build --release --features \
+             cuda` (k8s/Dockerfile.worker builds the GPU worker that way); this one computes on \
+             the CPU only (--device cpu)",
+            self.device
+        )
     }
 
     /// The CPU backend's settings from the flags.
@@ -104,6 +185,23 @@ impl EngineArgs {
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
             .map_or_else(|| "?".to_string(), |kb| (kb / 1024).to_string());
+        if let Some((free, total)) = engine.model.device_memory() {
+            return format!(
+                "loaded {} ({} {} layers, {} heads, vocab {}) in {load_secs:.1} s on {} \
+                 (bf16, tensor parallel {}); device memory {} of {} MB free after the weights; \
+                 KV cache {} KB per token (bf16)",
+                self.model.display(),
+                cfg.architecture,
+                cfg.num_layers,
+                cfg.num_heads,
+                cfg.vocab_size,
+                self.device(),
+                engine.model.world_size(),
+                free >> 20,
+                total >> 20,
+                engine.model.kv_bytes_per_token().div_ceil(1024),
+            );
+        }
         format!(
             "loaded {} ({} {} layers, {} heads, vocab {}) in {load_secs:.1} s; weights {} MB, KV cache {} KB \
              per token ({}); process memory {rss_mb} MB; precision {}, CPU kernels {}, {} threads",

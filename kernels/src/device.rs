@@ -283,7 +283,10 @@ mod tests {
         assert!(ok.check().is_ok());
         for bad in [
             PagedAttention { head_dim: 96, ..ok },
-            PagedAttention { head_dim: 512, ..ok },
+            PagedAttention {
+                head_dim: 512,
+                ..ok
+            },
             PagedAttention { kv_heads: 3, ..ok },
             PagedAttention { kv_heads: 0, ..ok },
         ] {

@@ -6,9 +6,9 @@
 //! request's result does not depend on what it was batched with.
 
 pub mod cpu;
-pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod quant;
 pub mod shapes;
 

@@ -74,7 +74,12 @@ impl Engine<CpuBackend> {
         let weight_bytes = ckpt.check_fits_in_memory()?;
         drop(ckpt);
         let group = crate::tensor_parallel::TpGroup::start(path, ranks, memory_utilization)?;
-        Ok(Self::assemble(path, Model::Parallel(group), tokenizer, weight_bytes))
+        Ok(Self::assemble(
+            path,
+            Model::Parallel(group),
+            tokenizer,
+            weight_bytes,
+        ))
     }
 
     /// Loads a GGUF file or HF safetensors directory on the CPU backend, `exact` precision.

@@ -24,6 +24,58 @@ pub mod cuda;
 
 pub use gristmill_kernels::device::DeviceError;
 
+/// Where a model computes (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA GPU 0 when this build has CUDA and the machine a GPU, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// A CUDA GPU: `cuda` is GPU 0 (or GPUs `0..N` with tensor parallelism), `cuda:N` GPU N.
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| {
+                    format!("unknown device {other:?}: expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// GPUs this build can use on this machine: 0 without the `cuda` feature or a driver.
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        gristmill_kernels::cuda::device::CudaDevice::count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 /// A sum over the ranks done on device buffers (NCCL); without one, [`GpuBackend`] stages
 /// through host memory and the rank's [`Collective`].
 pub trait DeviceReduce<D: Device>: Send + Sync + std::fmt::Debug {
@@ -144,8 +196,11 @@ impl<D: Device> std::fmt::Debug for GpuKvStore<D> {
 
 /// The last few uploads of one element type, kept to be reused while a step's layers ask for
 /// the same host data again (positions, slots and attention tables are equal in every layer).
+/// Host data and its upload.
+type Staged<D, T> = (Vec<T>, Arc<<D as Device>::Buf<T>>);
+
 struct Stage<D: Device, T: Elem> {
-    entries: Vec<(Vec<T>, Arc<D::Buf<T>>)>,
+    entries: Vec<Staged<D, T>>,
 }
 
 impl<D: Device, T: Elem> Default for Stage<D, T> {
@@ -378,10 +433,9 @@ impl<D: Device> Backend for GpuBackend<D> {
         head_dim: usize,
         inv_freq: &[f32],
     ) {
-        let pos = self.staged(
-            positions.iter().map(|&p| p as i32).collect(),
-            |s| &mut s.i32s,
-        );
+        let pos = self.staged(positions.iter().map(|&p| p as i32).collect(), |s| {
+            &mut s.i32s
+        });
         let freq = self.staged(inv_freq.to_vec(), |s| &mut s.f32s);
         self.ok(
             self.dev.rope(&mut x.data, &pos, &freq, heads, head_dim),
@@ -545,6 +599,24 @@ mod tests {
         assert_eq!(&p.tables[15..18], &[4, 8, -1]);
         assert_eq!(&p.tables[18..21], &[1, 2, 6]);
         assert_eq!(p.tables.len(), 7 * 3);
+    }
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (text, want) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(None)),
+            ("cuda:3", DeviceChoice::Cuda(Some(3))),
+        ] {
+            let got: DeviceChoice = text.parse().expect("parses");
+            assert_eq!(got, want);
+            assert_eq!(got.to_string(), text);
+        }
+        for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1"] {
+            let e = bad.parse::<DeviceChoice>().expect_err(bad);
+            assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+        }
     }
 
     #[test]

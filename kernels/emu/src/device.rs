@@ -4,9 +4,7 @@
 
 use std::sync::Mutex;
 
-use gristmill_kernels::device::{
-    need, violations_result, Device, Elem, PagedAttention, Result,
-};
+use gristmill_kernels::device::{need, violations_result, Device, Elem, PagedAttention, Result};
 use half::bf16;
 use rayon::prelude::*;
 

@@ -348,7 +348,9 @@ pub fn gelu_tanh_mul(gate: &mut [bf16], up: &[bf16]) {
     assert!(up.len() >= n);
     // SAFETY: the grid-stride loop stays below n, inside both buffers.
     let (g, b, sh) = dims(shapes::elementwise(n));
-    serial(|| unsafe { emu_gelu_tanh_mul_bf16(g, b, sh, gate.as_mut_ptr(), up.as_ptr(), n as i64) });
+    serial(|| unsafe {
+        emu_gelu_tanh_mul_bf16(g, b, sh, gate.as_mut_ptr(), up.as_ptr(), n as i64)
+    });
 }
 
 /// `add_bias_bf16`: `x[r, c] += bias[c]`.
@@ -358,7 +360,15 @@ pub fn add_bias(x: &mut [bf16], bias: &[bf16]) {
     // SAFETY: the loop stays below n and reads the bias modulo its length.
     let (g, b, sh) = dims(shapes::elementwise(n));
     serial(|| unsafe {
-        emu_add_bias_bf16(g, b, sh, x.as_mut_ptr(), bias.as_ptr(), n as i64, cols as i32)
+        emu_add_bias_bf16(
+            g,
+            b,
+            sh,
+            x.as_mut_ptr(),
+            bias.as_ptr(),
+            n as i64,
+            cols as i32,
+        )
     });
 }
 

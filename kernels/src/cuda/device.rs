@@ -77,7 +77,10 @@ impl Device for CudaDevice {
     type Buf<T: Elem> = CudaSlice<T>;
 
     fn name(&self) -> String {
-        format!("{} (cuda:{}, {})", self.name, self.ordinal, self.kernels.arch)
+        format!(
+            "{} (cuda:{}, {})",
+            self.name, self.ordinal, self.kernels.arch
+        )
     }
 
     fn memory(&self) -> Result<(u64, u64)> {
@@ -198,7 +201,7 @@ impl Device for CudaDevice {
         dim: usize,
         eps: f32,
     ) -> Result<()> {
-        self.kernels.add_rms_norm(x, None, weight, out, dim, eps)
+        self.kernels.rms_norm(x, weight, out, dim, eps)
     }
 
     fn rope(
@@ -259,7 +262,12 @@ impl Device for CudaDevice {
             .paged_attention_decode(q, k_cache, v_cache, tables, lens, out, shape)
     }
 
-    fn argmax(&self, logits: &CudaSlice<f32>, vocab: usize, out: &mut CudaSlice<u32>) -> Result<()> {
+    fn argmax(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
         self.kernels.argmax(logits, vocab, out)
     }
 

@@ -15,10 +15,10 @@ use half::bf16;
 use super::{compile, SOURCES};
 use crate::shapes;
 
+use crate::device::need;
 /// Why the CUDA kernels are unavailable or a launch failed (the device layer's error).
 pub use crate::device::DeviceError as CudaError;
 pub use crate::device::{describe_violations, PagedAttention};
-use crate::device::need;
 
 pub(crate) fn driver<E: std::fmt::Debug>(e: E) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
@@ -162,9 +162,34 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// `hidden += delta` (if any), then `out = rmsnorm(hidden) * weight`, row by row. Without a
-    /// delta `hidden` is only read (the kernel writes it only when adding).
+    /// `hidden += delta` (if any), then `out = rmsnorm(hidden) * weight`, row by row.
     pub fn add_rms_norm(
+        &self,
+        hidden: &mut CudaSlice<bf16>,
+        delta: Option<&CudaSlice<bf16>>,
+        weight: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        self.norm(hidden, delta, weight, out, dim, eps)
+    }
+
+    /// `out = rmsnorm(x) * weight`, row by row (`x` is only read).
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        self.norm(x, None, weight, out, dim, eps)
+    }
+
+    /// `add_rms_norm_bf16`: writes `hidden` only when `delta` is given, which only
+    /// [`CudaKernels::add_rms_norm`] passes (holding `hidden` mutably).
+    fn norm(
         &self,
         hidden: &CudaSlice<bf16>,
         delta: Option<&CudaSlice<bf16>>,
@@ -173,7 +198,10 @@ impl CudaKernels {
         dim: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        need(dim > 0 && hidden.len().is_multiple_of(dim), "add_rms_norm: rows")?;
+        need(
+            dim > 0 && hidden.len().is_multiple_of(dim),
+            "add_rms_norm: rows",
+        )?;
         let rows = hidden.len() / dim;
         need(
             out.len() >= rows * dim && weight.len() >= dim,
@@ -363,7 +391,10 @@ impl CudaKernels {
         let seqs = context_lens.len();
         let width = s.kv_heads * s.head_dim;
         let rows = seqs * s.heads * s.head_dim;
-        need(q.len() >= rows && out.len() >= rows, "paged attention: sizes")?;
+        need(
+            q.len() >= rows && out.len() >= rows,
+            "paged attention: sizes",
+        )?;
         need(
             block_tables.len() >= seqs * s.max_blocks,
             "paged attention: block tables",

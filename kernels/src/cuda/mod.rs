@@ -45,7 +45,12 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "elementwise.cu",
         source: include_str!("elementwise.cu"),
-        functions: &["add_bf16", "scale_bf16", "gelu_tanh_mul_bf16", "add_bias_bf16"],
+        functions: &[
+            "add_bf16",
+            "scale_bf16",
+            "gelu_tanh_mul_bf16",
+            "add_bias_bf16",
+        ],
     },
     KernelSource {
         file: "write_kv.cu",
