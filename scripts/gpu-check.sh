@@ -4,9 +4,14 @@
 # out/gpu-check/), with NVRTC and the CUDA headers taken from the machine's Python packages
 # (PyTorch's nvidia-* wheels) or a CUDA toolkit. Results go to $OUT (default out/gpu-results).
 #
-# Today it checks every kernel against the CPU op (tests/gpu_kernels.rs) and the PTX build for
-# the device. The CUDA backend's model-level checks and the throughput benchmark join it as the
-# backend lands (the CUDA issue).
+# It checks every kernel against the CPU op on fresh random inputs (kernels/tests/gpu_kernels.rs),
+# the PTX build for the device, the GPU backend on every tiny model against HF transformers' and
+# the CPU backend's logits within the bf16 tolerance, greedy tokens against the CPU engine up to
+# the first near-tie, the determinism contract (alone vs in a batch) on the GPU, TP 2 over NCCL
+# when the machine has two GPUs (engine/tests/gpu_backend.rs), then HF transformers `generate`
+# and `gristmill bench throughput --device cuda` on the same tiny model for a first comparison,
+# and on $GRISTMILL_MODEL when one is there (the default model does not fit the 64 MiB carried).
+# Summary: $OUT/summary.txt and $OUT/results.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out/gpu-results}"
@@ -46,7 +51,7 @@ export LD_LIBRARY_PATH="$(IFS=:; echo "${libs[*]}"):${LD_LIBRARY_PATH:-}"
 export GRISTMILL_CUDA_INCLUDE="$(IFS=:; echo "${incs[*]}")"
 export GRISTMILL_REQUIRE_NVRTC=1 GRISTMILL_REQUIRE_GPU=1
 status=0
-for t in nvrtc gpu_kernels; do
+for t in nvrtc gpu_kernels gpu_backend; do
   echo "== $t" | tee -a "$out/summary.txt"
   # The GPU tests are #[ignore]d where no GPU is (they must not count as passed there).
   if "$bins/$t" --include-ignored --nocapture >"$out/$t.log" 2>&1; then
@@ -56,5 +61,50 @@ for t in nvrtc gpu_kernels; do
     tail -40 "$out/$t.log" | tee -a "$out/summary.txt"
   fi
 done
+# Throughput: gristmill on the GPU against transformers' generate on the same card and prompts.
+bench() {
+  local model=$1 name=$2
+  echo "== throughput $name" | tee -a "$out/summary.txt"
+  "$bins/gristmill" bench throughput --model "$model" --device cuda --num-prompts 256 \
+    --input-len 128 --output-len 64 --max-num-seqs 256 --output-json "$out/throughput-$name.json" \
+    >"$out/throughput-$name.log" 2>&1 || { status=1; tail -20 "$out/throughput-$name.log" | tee -a "$out/summary.txt"; }
+  tail -3 "$out/throughput-$name.log" | tee -a "$out/summary.txt"
+  if [ -n "$py" ] && [ -d "$model" ]; then
+    timeout 300 "$py" - "$model" "$out/hf-generate-$name.json" <<'PY' 2>&1 | tail -3 | tee -a "$out/summary.txt"
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+path, dest = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+vocab = model.config.vocab_size
+torch.manual_seed(0)
+ids = torch.randint(3, vocab, (256, 128), device="cuda")
+with torch.no_grad():
+    model.generate(ids[:8], max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    t = time.time()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    torch.cuda.synchronize()
+    secs = time.time() - t
+tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+json.dump({"output_tokens": tokens, "seconds": secs, "output_tokens_per_second": tokens / secs}, open(dest, "w"))
+print(f"HF generate: {tokens} tokens in {secs:.2f} s = {tokens / secs:.0f} tokens/s")
+PY
+  fi
+}
+bench tests/fixtures/tiny-llama3 tiny-llama3
+[ -n "${GRISTMILL_MODEL:-}" ] && [ -e "$GRISTMILL_MODEL" ] && bench "$GRISTMILL_MODEL" model
+"${py:-python3}" - "$out" <<'PY' || true
+import glob, json, os, sys
+out = sys.argv[1]
+res = {"gpu": open(os.path.join(out, "gpu.csv")).read().strip().splitlines()[1:]}
+for f in sorted(glob.glob(os.path.join(out, "*.json"))):
+    if not f.endswith("results.json"):
+        try:
+            res[os.path.basename(f)[:-5]] = json.load(open(f))
+        except ValueError:
+            pass
+json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=2)
+PY
 echo "commit $(cat "$bins/commit" 2>/dev/null), exit $status" | tee -a "$out/summary.txt"
 exit $status
