@@ -129,6 +129,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn to_host(&self, x: &Self::Buf) -> Vec<f32>;
 }
 
+/// Rank-major `[world, rows, cols]` (what an all-gather returns) as `[rows, world × cols]`:
+/// every rank's columns of a row side by side, in rank order.
+pub fn ranks_side_by_side(all: &[f32], rows: usize, cols: usize, world: usize) -> Vec<f32> {
+    let part = rows * cols;
+    let mut data = vec![0f32; part * world];
+    for r in 0..rows {
+        for k in 0..world {
+            let src = &all[k * part + r * cols..k * part + (r + 1) * cols];
+            data[(r * world + k) * cols..(r * world + k + 1) * cols].copy_from_slice(src);
+        }
+    }
+    data
+}
+
 /// Row-major f32 activations in host memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
@@ -371,19 +385,10 @@ impl Backend for CpuBackend {
 
     fn all_gather_cols(&self, x: &CpuTensor, c: &dyn Collective) -> CpuTensor {
         let world = c.world_size();
-        let all = c.all_gather(&x.data);
-        let (rows, cols) = (x.rows(), x.cols);
-        let part = rows * cols;
-        let mut data = vec![0f32; part * world];
-        for r in 0..rows {
-            for k in 0..world {
-                let src = &all[k * part + r * cols..k * part + (r + 1) * cols];
-                data[(r * world + k) * cols..(r * world + k + 1) * cols].copy_from_slice(src);
-            }
-        }
+        let data = ranks_side_by_side(&c.all_gather(&x.data), x.rows(), x.cols, world);
         CpuTensor {
             data,
-            cols: cols * world,
+            cols: x.cols * world,
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use gristmill_kernels::device::{Device, Elem, PagedAttention};
 use half::bf16;
 
-use crate::backend::{AttentionShape, AttnSeq, Backend};
+use crate::backend::{ranks_side_by_side, AttentionShape, AttnSeq, Backend};
 use crate::parallel::Collective;
 
 #[cfg(feature = "cuda")]
@@ -386,17 +386,9 @@ impl<D: Device> Backend for GpuBackend<D> {
     fn all_gather_cols(&self, x: &GpuTensor<D>, c: &dyn Collective) -> GpuTensor<D> {
         let world = c.world_size();
         let all = c.all_gather(&self.to_host(x));
-        let (rows, cols) = (x.rows, x.cols);
-        let part = rows * cols;
-        let mut data = vec![0f32; part * world];
-        for r in 0..rows {
-            for k in 0..world {
-                let src = &all[k * part + r * cols..k * part + (r + 1) * cols];
-                data[(r * world + k) * cols..(r * world + k + 1) * cols].copy_from_slice(src);
-            }
-        }
+        let data = ranks_side_by_side(&all, x.rows, x.cols, world);
         let buf = self.upload_bf16(&data);
-        self.tensor(buf, rows, cols * world)
+        self.tensor(buf, x.rows, x.cols * world)
     }
 
     fn rms_norm(&self, x: &GpuTensor<D>, weight: &GpuWeight<D>, eps: f32) -> GpuTensor<D> {
