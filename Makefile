@@ -48,7 +48,7 @@ build:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) clippy -p gristmill -p gristmill-engine -p gristmill-kernels --all-targets --features cuda --locked -- -D warnings
+	$(CARGO) clippy -p gristmill -p gristmill-engine -p gristmill-kernels -p gristmill-kernels-emu --all-targets --features cuda --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -8,9 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=out/gpu-check
 rm -rf "$dest" && mkdir -p "$dest"
-json=$(cargo test -p gristmill-kernels -p gristmill-engine --features gristmill-kernels/cuda,gristmill-engine/cuda \
+json=$(cargo test -p gristmill-kernels -p gristmill-kernels-emu -p gristmill-engine \
+  --features gristmill-kernels/cuda,gristmill-kernels-emu/cuda,gristmill-engine/cuda \
   --release --locked --no-run --message-format=json 2>/dev/null)
-for name in gpu_kernels nvrtc gpu_backend; do
+# nvrtc: every kernel compiles for the card; kernels: every kernel and the GEMM against the CPU
+# op; gpu_backend: the model-level checks.
+for name in nvrtc kernels gpu_backend; do
   bin=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
 name = sys.argv[1]

@@ -6,8 +6,10 @@ using bf16 = __nv_bfloat16;
 
 extern "C" {
 void write_kv_bf16(const bf16*, const bf16*, bf16*, bf16*, const long long*, int, long long, int*);
-void paged_attention_decode_bf16(const bf16*, const bf16*, const bf16*, const int*, const int*,
-                                 bf16*, int, int, int, int, int, float, int, long long, int*);
+void paged_attention_bf16(const bf16*, const bf16*, const bf16*, const int*, const int*, int,
+                          bf16*, float*, int, int, int, int, int, float, int, int, int, int,
+                          long long, int*);
+void attention_combine_bf16(const float*, bf16*, int, int, int);
 void add_rms_norm_bf16(bf16*, const bf16*, const bf16*, bf16*, int, float);
 void argmax_f32(const float*, int, unsigned int*);
 void silu_mul_bf16(bf16*, const bf16*, long long);
@@ -24,15 +26,23 @@ void emu_write_kv_bf16(dim3 grid, dim3 block, size_t shared, const bf16* k, cons
   emu::launch(grid, block, shared, [&] { write_kv_bf16(k, v, kc, vc, slots, width, cache_slots, violations); });
 }
 
-void emu_paged_attention_decode_bf16(dim3 grid, dim3 block, size_t shared, const bf16* q,
-                                     const bf16* kc, const bf16* vc, const int* tables,
-                                     const int* lens, bf16* out, int heads, int kv_heads,
-                                     int head_dim, int block_size, int max_blocks, float scale,
-                                     int window, long long cache_slots, int* violations) {
+void emu_paged_attention_bf16(dim3 grid, dim3 block, size_t shared, const bf16* q,
+                              const bf16* kc, const bf16* vc, const int* tables,
+                              const int* groups, int q_rows, bf16* out, float* partial,
+                              int heads, int kv_heads, int head_dim, int block_size,
+                              int max_blocks, float scale, int window, int group_rows,
+                              int key_tile, int partition_size, long long cache_slots,
+                              int* violations) {
   emu::launch(grid, block, shared, [&] {
-    paged_attention_decode_bf16(q, kc, vc, tables, lens, out, heads, kv_heads, head_dim,
-                                block_size, max_blocks, scale, window, cache_slots, violations);
+    paged_attention_bf16(q, kc, vc, tables, groups, q_rows, out, partial, heads, kv_heads,
+                         head_dim, block_size, max_blocks, scale, window, group_rows, key_tile,
+                         partition_size, cache_slots, violations);
   });
+}
+
+void emu_attention_combine_bf16(dim3 grid, dim3 block, size_t shared, const float* partial,
+                                bf16* out, int heads, int head_dim, int partitions) {
+  emu::launch(grid, block, shared, [&] { attention_combine_bf16(partial, out, heads, head_dim, partitions); });
 }
 
 void emu_add_rms_norm_bf16(dim3 grid, dim3 block, size_t shared, bf16* hidden, const bf16* delta,

@@ -39,9 +39,9 @@ const VIOLATIONS: [(i32, &str); 3] = [
     (1, "write_kv: a slot outside the KV cache"),
     (
         2,
-        "paged_attention_decode: a context length beyond the block table",
+        "paged attention: query rows outside q or a context beyond the block table",
     ),
-    (4, "paged_attention_decode: a block outside the KV cache"),
+    (4, "paged attention: a block outside the KV cache"),
 ];
 
 /// What the set bits of a violations word mean.
@@ -90,15 +90,19 @@ impl Elem for u32 {}
 pub struct PagedAttention {
     pub heads: usize,
     pub kv_heads: usize,
-    /// A power of two up to 256 (a thread per dimension).
+    /// Up to 256.
     pub head_dim: usize,
     pub block_size: usize,
-    /// Entries of each query row's block table.
+    /// Entries of each group's block table.
     pub max_blocks: usize,
     /// Scores are `q·k × scale`.
     pub scale: f32,
     /// Attend only the last `window` positions (0: all).
     pub window: usize,
+    /// Partitions of the context (split-K; 1: none) and keys in each
+    /// ([`crate::shapes::attention_partitions`]).
+    pub partitions: usize,
+    pub partition_size: usize,
 }
 
 impl PagedAttention {
@@ -109,12 +113,112 @@ impl PagedAttention {
                 "paged attention: heads must be a multiple of kv_heads",
             ));
         }
-        if !self.head_dim.is_power_of_two() || self.head_dim > 256 {
+        if self.head_dim == 0 || self.head_dim > 256 {
             return Err(DeviceError::Sizes(
-                "paged attention: head_dim must be a power of two up to 256",
+                "paged attention: head_dim must be 1 to 256",
+            ));
+        }
+        if self.partitions == 0 || self.partition_size == 0 || self.block_size == 0 {
+            return Err(DeviceError::Sizes(
+                "paged attention: partitions, their size and the block size must be positive",
             ));
         }
         Ok(())
+    }
+
+    /// f32 values of the split-K workspace for `rows` query rows (0 without partitions).
+    pub fn partial_len(&self, rows: usize) -> usize {
+        if self.partitions <= 1 {
+            0
+        } else {
+            rows * self.heads * self.partitions * (self.head_dim + 2)
+        }
+    }
+}
+
+/// A step's query rows as the attention kernel reads them: groups of up to `group_rows`
+/// consecutive rows of one sequence (`groups`: first row, row count, position of the first row;
+/// three `i32`s each), each with its sequence's block table (`tables`: `[groups, max_blocks]`,
+/// entries the group's context does not reach are -1, which the kernel would refuse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionPacking {
+    pub groups: Vec<i32>,
+    pub tables: Vec<i32>,
+    pub max_blocks: usize,
+    /// The longest context of any group.
+    pub max_context: usize,
+    pub rows: usize,
+}
+
+impl AttentionPacking {
+    /// Packs sequences (their query rows consecutive, in order) for rows of `head_dim`.
+    pub fn new(seqs: &[crate::cpu::SeqAttention<'_>], block_size: usize, head_dim: usize) -> Self {
+        let (group_rows, _) = crate::shapes::attention_tiles(head_dim);
+        let bs = block_size.max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| (s.start + s.rows).div_ceil(bs))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut p = Self {
+            groups: Vec::new(),
+            tables: Vec::new(),
+            max_blocks,
+            max_context: 0,
+            rows: 0,
+        };
+        for s in seqs {
+            let mut done = 0;
+            while done < s.rows {
+                let n = group_rows.min(s.rows - done);
+                let pos = s.start + done;
+                let used = (pos + n).div_ceil(bs);
+                p.groups
+                    .extend([(p.rows + done) as i32, n as i32, pos as i32]);
+                p.tables
+                    .extend((0..max_blocks).map(|b| match s.block_table.get(b) {
+                        Some(&id) if b < used => id as i32,
+                        _ => -1,
+                    }));
+                p.max_context = p.max_context.max(pos + n);
+                done += n;
+            }
+            p.rows += s.rows;
+        }
+        p
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len() / 3
+    }
+
+    /// The launch's shape for `heads` query heads, with the split-K the GPU's fill calls for.
+    pub fn shape(
+        &self,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        scale: f32,
+        window: usize,
+    ) -> PagedAttention {
+        let (partitions, partition_size) = crate::shapes::attention_partitions(
+            self.group_count() * heads,
+            self.max_context,
+            head_dim,
+        );
+        PagedAttention {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            max_blocks: self.max_blocks,
+            scale,
+            window,
+            partitions,
+            partition_size,
+        }
     }
 }
 
@@ -184,7 +288,8 @@ pub trait Device: Send + Sync + std::fmt::Debug + 'static {
         dim: usize,
         eps: f32,
     ) -> Result<()>;
-    /// Half-split rotary embedding in place of `x` = `[positions.len(), heads, head_dim]`.
+    /// Rotary embedding in place of `x` = `[positions.len(), heads, head_dim]`: half-split
+    /// (the model's layout) or interleaved pairs.
     fn rope(
         &self,
         x: &mut Self::Buf<bf16>,
@@ -192,6 +297,7 @@ pub trait Device: Send + Sync + std::fmt::Debug + 'static {
         inv_freq: &Self::Buf<f32>,
         heads: usize,
         head_dim: usize,
+        interleaved: bool,
     ) -> Result<()>;
     /// `gate = silu(gate) × up`.
     fn silu_mul(&self, gate: &mut Self::Buf<bf16>, up: &Self::Buf<bf16>) -> Result<()>;
@@ -215,9 +321,10 @@ pub trait Device: Send + Sync + std::fmt::Debug + 'static {
         slots: &Self::Buf<i64>,
         width: usize,
     ) -> Result<()>;
-    /// Attention of each query row (`q` = `[lens.len(), heads, head_dim]`) over the first
-    /// `lens[r]` positions of its block table (`tables` = `[lens.len(), max_blocks]`); a block
-    /// or length outside the caches is skipped (zeros) and reported.
+    /// Attention of the query rows of `q` (`[rows, heads, head_dim]`) packed in groups
+    /// ([`AttentionPacking`]: `groups`, `tables`) over the caches, into `out`; `partial` is
+    /// the split-K workspace ([`PagedAttention::partial_len`] values). A block or group outside
+    /// the caches or `q` is skipped (zeros) and reported.
     #[allow(clippy::too_many_arguments)]
     fn paged_attention(
         &self,
@@ -225,8 +332,9 @@ pub trait Device: Send + Sync + std::fmt::Debug + 'static {
         k_cache: &Self::Buf<bf16>,
         v_cache: &Self::Buf<bf16>,
         tables: &Self::Buf<i32>,
-        lens: &Self::Buf<i32>,
+        groups: &Self::Buf<i32>,
         out: &mut Self::Buf<bf16>,
+        partial: &mut Self::Buf<f32>,
         shape: &PagedAttention,
     ) -> Result<()>;
     /// The index of each row's largest logit (`logits` = `[out.len(), vocab]`).
@@ -259,7 +367,7 @@ mod tests {
         );
         let both = describe_violations(6).unwrap_or_default();
         assert!(
-            both.contains("context length") && both.contains("a block outside"),
+            both.contains("context beyond the block table") && both.contains("a block outside"),
             "{both}"
         );
         assert!(violations_result(0).is_ok());
@@ -279,12 +387,19 @@ mod tests {
             max_blocks: 4,
             scale: 0.125,
             window: 0,
+            partitions: 1,
+            partition_size: 64,
         };
         assert!(ok.check().is_ok());
+        assert!(PagedAttention { head_dim: 96, ..ok }.check().is_ok());
         for bad in [
-            PagedAttention { head_dim: 96, ..ok },
+            PagedAttention { head_dim: 0, ..ok },
             PagedAttention {
                 head_dim: 512,
+                ..ok
+            },
+            PagedAttention {
+                partitions: 0,
                 ..ok
             },
             PagedAttention { kv_heads: 3, ..ok },
@@ -292,5 +407,54 @@ mod tests {
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn query_rows_are_packed_in_groups_of_one_sequence_with_its_reached_blocks() {
+        use crate::cpu::SeqAttention;
+        let (a, b, c) = ([7u32, 3, 9], [4u32, 8], [1u32, 2, 6]);
+        let seqs = [
+            // A prompt chunk of 20 rows at positions 14..34 (head_dim 64: groups of 16).
+            SeqAttention {
+                rows: 20,
+                start: 14,
+                block_table: &a,
+            },
+            // A decode row at position 20: 21 positions, both blocks.
+            SeqAttention {
+                rows: 1,
+                start: 20,
+                block_table: &b,
+            },
+            // A decode row at position 40: three blocks, the widest table.
+            SeqAttention {
+                rows: 1,
+                start: 40,
+                block_table: &c,
+            },
+        ];
+        let p = AttentionPacking::new(&seqs, 16, 64);
+        assert_eq!(p.max_blocks, 3);
+        assert_eq!(p.rows, 22);
+        assert_eq!(p.max_context, 41);
+        assert_eq!(
+            p.groups,
+            vec![0, 16, 14, 16, 4, 30, 20, 1, 20, 21, 1, 40],
+            "rows 0..16 at 14, rows 16..20 at 30, then one row each"
+        );
+        assert_eq!(
+            &p.tables[0..3],
+            &[7, 3, -1],
+            "positions up to 29: two blocks"
+        );
+        assert_eq!(&p.tables[3..6], &[7, 3, 9], "positions up to 33: three");
+        assert_eq!(&p.tables[6..9], &[4, 8, -1]);
+        assert_eq!(&p.tables[9..12], &[1, 2, 6]);
+        let shape = p.shape(8, 2, 64, 16, 0.125, 0);
+        assert_eq!((shape.partitions, shape.max_blocks), (1, 3));
+        assert_eq!(shape.partial_len(22), 0);
+        // Groups of 8 rows for a head of 256.
+        let wide = AttentionPacking::new(&seqs[..1], 16, 256);
+        assert_eq!(wide.groups, vec![0, 8, 14, 8, 8, 22, 16, 4, 30]);
     }
 }

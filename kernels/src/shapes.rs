@@ -2,9 +2,9 @@
 //! both the CUDA launcher (`cuda::launch`) and the CPU emulation of the kernels (`kernels/emu`)
 //! read, so the shapes the emulation tests are the ones a GPU runs. Pure and always compiled.
 //!
-//! The kernels' assumptions, checked in the tests below: reductions (`add_rms_norm`, `argmax`,
-//! `paged_attention_decode`) need a power-of-two block and one float (argmax: a float and an
-//! int) of shared memory per thread; no grid dimension exceeds 65,535 except x (2^31 - 1).
+//! The kernels' assumptions, checked in the tests below: reductions (`add_rms_norm`, `argmax`)
+//! need a power-of-two block and one float (argmax: a float and an int) of shared memory per
+//! thread; attention fits its tiles in 48 KiB of shared memory and 16 accumulators a thread; no grid dimension exceeds 65,535 except x (2^31 - 1).
 
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,14 +59,72 @@ pub fn write_kv(rows: usize) -> Shape {
     flat(blocks(rows), 256, 0)
 }
 
-/// `paged_attention_decode_bf16`: a block per (sequence, head), a thread per head dimension
-/// (a power of two up to 256, which the launcher asserts), a float of shared memory each.
-pub fn paged_attention_decode(seqs: usize, heads: usize, head_dim: usize) -> Shape {
-    Shape {
-        grid: (blocks(seqs), heads.clamp(1, 65_535) as u32, 1),
-        block: (head_dim as u32, 1, 1),
-        shared_bytes: head_dim as u32 * 4,
+/// Threads of `paged_attention_bf16`'s blocks.
+pub const ATTENTION_THREADS: u32 = 128;
+/// Output accumulators one attention thread keeps (`ACC_MAX` in `attention.cu`).
+pub const ATTENTION_ACCUMULATORS: usize = 16;
+
+/// Query rows per group and keys per tile of `paged_attention_bf16` for a head size: as many
+/// as keep the shared memory within the default 48 KiB and a thread's accumulators within
+/// [`ATTENTION_ACCUMULATORS`].
+pub fn attention_tiles(head_dim: usize) -> (usize, usize) {
+    if head_dim > 128 {
+        (8, 16)
+    } else {
+        (16, 32)
     }
+}
+
+/// Floats of shared memory `paged_attention_bf16` needs (its layout: q rows, key and value
+/// tiles, scores, per-row max, sum and correction, one flag).
+pub fn attention_shared_floats(head_dim: usize) -> usize {
+    let (g, kt) = attention_tiles(head_dim);
+    (g + 2 * kt) * head_dim + g * kt + 3 * g + 1
+}
+
+/// `paged_attention_bf16`: a block per (group of query rows, head, context partition).
+pub fn paged_attention(groups: usize, heads: usize, partitions: usize, head_dim: usize) -> Shape {
+    Shape {
+        grid: (
+            blocks(groups),
+            heads.clamp(1, 65_535) as u32,
+            partitions.clamp(1, 65_535) as u32,
+        ),
+        block: (ATTENTION_THREADS, 1, 1),
+        shared_bytes: (attention_shared_floats(head_dim) * 4) as u32,
+    }
+}
+
+/// `attention_combine_bf16`: a block per (query row, head).
+pub fn attention_combine(rows: usize, heads: usize) -> Shape {
+    Shape {
+        grid: (blocks(rows), heads.clamp(1, 65_535) as u32, 1),
+        block: (ATTENTION_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Keys per partition below which a context is never split.
+pub const PARTITION_KEYS: usize = 512;
+/// Blocks that keep a large GPU busy (132 SMs of an H100, a few blocks each).
+pub const BUSY_BLOCKS: usize = 528;
+
+/// How many partitions (and keys each, a multiple of the key tile) split the context of an
+/// attention launch of `blocks` (groups × heads) blocks whose longest context is
+/// `max_context`: one while the blocks alone fill the GPU or the context is short (split-K
+/// pays only for long decodes in small batches), else enough to fill it, at most 64.
+pub fn attention_partitions(blocks: usize, max_context: usize, head_dim: usize) -> (usize, usize) {
+    let (_, kt) = attention_tiles(head_dim);
+    let whole = max_context.max(1).next_multiple_of(kt);
+    if blocks >= BUSY_BLOCKS || max_context <= 2 * PARTITION_KEYS {
+        return (1, whole);
+    }
+    let wanted = BUSY_BLOCKS.div_ceil(blocks.max(1));
+    let parts = wanted
+        .min(max_context.div_ceil(PARTITION_KEYS))
+        .clamp(1, 64);
+    let size = max_context.div_ceil(parts).next_multiple_of(kt);
+    (max_context.div_ceil(size), size)
 }
 
 /// Threads of `argmax_f32`'s blocks (a power of two: its tree reduction).
@@ -83,7 +141,7 @@ mod tests {
 
     #[test]
     fn shapes_meet_the_kernels_assumptions_and_the_device_limits() {
-        for s in [add_rms_norm(7), argmax(3), paged_attention_decode(2, 9, 64)] {
+        for s in [add_rms_norm(7), argmax(3)] {
             assert!(
                 s.block.0.is_power_of_two(),
                 "a tree reduction needs 2^k threads: {s:?}"
@@ -109,7 +167,8 @@ mod tests {
         for s in [
             embedding(5),
             rope(5, 8, 128),
-            paged_attention_decode(5, 8, 256),
+            paged_attention(5, 8, 3, 256),
+            paged_attention(5, 8, 1, 128),
             argmax(5),
         ] {
             assert!(s.block.0 * s.block.1 * s.block.2 <= 1024, "{s:?}");
@@ -118,5 +177,41 @@ mod tests {
                 "within the default shared memory: {s:?}"
             );
         }
+    }
+
+    #[test]
+    fn attention_tiles_fit_shared_memory_and_the_accumulators() {
+        for hd in [16, 32, 64, 80, 96, 128, 160, 256] {
+            let (g, _) = attention_tiles(hd);
+            assert!(
+                attention_shared_floats(hd) * 4 <= 48 * 1024,
+                "head_dim {hd}"
+            );
+            assert!(
+                g * hd <= ATTENTION_ACCUMULATORS * ATTENTION_THREADS as usize,
+                "head_dim {hd}: accumulators"
+            );
+        }
+    }
+
+    #[test]
+    fn only_long_contexts_in_small_launches_are_split() {
+        assert_eq!(attention_partitions(1000, 8192, 128).0, 1, "a busy GPU");
+        assert_eq!(
+            attention_partitions(8, 1024, 128),
+            (1, 1024),
+            "a short context"
+        );
+        let (parts, size) = attention_partitions(8, 8192, 128);
+        assert_eq!(parts, 16, "8192 keys in partitions of 512");
+        assert_eq!(size, 512);
+        let (parts, size) = attention_partitions(64, 4000, 64);
+        assert!(
+            parts > 1 && parts * size >= 4000 && size % 32 == 0,
+            "{parts} × {size}"
+        );
+        assert!((parts - 1) * size < 4000, "no empty partition");
+        let (parts, _) = attention_partitions(1, 1 << 20, 128);
+        assert_eq!(parts, 64, "at most 64");
     }
 }

@@ -25,14 +25,24 @@ impl<T, B: Backend> InFlight<T, B> {
         let model = &engine.model;
         let block_size = opts.block_size.max(1);
         // On a device, what its memory holds after the weights (--gpu-memory-utilization).
-        let kv_bytes = model
-            .device_kv_bytes(opts.max_num_batched_tokens, opts.max_num_seqs)
-            .unwrap_or(opts.kv_cache_bytes);
-        let num_blocks = (kv_bytes / (block_size * model.kv_bytes_per_token())).max(1);
+        let device_kv = model.device_kv_bytes(opts.max_num_batched_tokens, opts.max_num_seqs);
+        let kv_bytes = device_kv.unwrap_or(opts.kv_cache_bytes);
+        let block_bytes = block_size * model.kv_bytes_per_token();
+        let num_blocks = (kv_bytes / block_bytes).max(1);
         // A failed tensor-parallel group (or KV allocation) fails every request from then on.
-        let (kv, broken) = match model.kv_cache(num_blocks, block_size) {
-            Ok(kv) => (Some(kv), None),
-            Err(e) => (None, Some(e.to_string())),
+        let (kv, broken) = if device_kv.is_some_and(|b| b < block_bytes) {
+            let why = format!(
+                "no device memory is left for the KV cache after the weights and a step's \
+                 activations (at most {} sequences, {} tokens a step); raise \
+                 --gpu-memory-utilization or lower --max-num-seqs / --max-num-batched-tokens",
+                opts.max_num_seqs, opts.max_num_batched_tokens
+            );
+            (None, Some(why))
+        } else {
+            match model.kv_cache(num_blocks, block_size) {
+                Ok(kv) => (Some(kv), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
         };
         let sched = Scheduler::new(
             SchedulerConfig {

@@ -4,16 +4,17 @@
 //! and the CPU emulation of the same kernels (`gristmill-kernels-emu`), on which `make test`
 //! runs whole models against the CPU backend and HF transformers without a GPU.
 //!
-//! Host-side work per step is the packing in [`StepPacking`]: slot indices, positions and one
-//! attention entry per query row (prefill rows attend causally by their own context length over
-//! the sequence's block table), uploaded once per step and reused by every layer
-//! ([`Staging`]). The model runs in a rank thread ([`crate::tensor_parallel::TpGroup`]), where a
+//! Host-side work per step: slot indices, positions, and the query rows packed for attention
+//! in groups of consecutive rows of one sequence with its block table ([`AttentionPacking`];
+//! the kernel is causal within a group and split over the context for long decodes), uploaded
+//! once per step and reused by every layer (`Staging`). The model runs in a rank thread ([`crate::tensor_parallel::TpGroup`]), where a
 //! device error panics with the device's message, which fails the group (and the step's
 //! requests) instead of the process.
 
 use std::sync::{Arc, Mutex};
 
-use gristmill_kernels::device::{Device, Elem, PagedAttention};
+use gristmill_kernels::cpu::SeqAttention;
+use gristmill_kernels::device::{AttentionPacking, Device, Elem};
 use half::bf16;
 
 use crate::backend::{ranks_side_by_side, AttentionShape, AttnSeq, Backend};
@@ -251,51 +252,6 @@ impl<D: Device> Default for Staging<D> {
     }
 }
 
-/// One step's attention as the kernel reads it: an entry per query row, with its sequence's
-/// block table (padded to the widest) and the positions it attends (its own position + 1, so
-/// prefill rows are causal).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepPacking {
-    /// `[rows, max_blocks]`.
-    pub tables: Vec<i32>,
-    /// `[rows]`.
-    pub lens: Vec<i32>,
-    pub max_blocks: usize,
-}
-
-impl StepPacking {
-    /// Packs a step's sequences (their rows in order). A block table shorter than a row's
-    /// context keeps the entries it has and is padded with -1, which the kernel refuses and
-    /// reports rather than reads.
-    pub fn new(seqs: &[AttnSeq<'_>], block_size: usize) -> Self {
-        let bs = block_size.max(1);
-        let max_blocks = seqs
-            .iter()
-            .map(|s| (s.start + s.rows).div_ceil(bs))
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let rows: usize = seqs.iter().map(|s| s.rows).sum();
-        let mut tables = Vec::with_capacity(rows * max_blocks);
-        let mut lens = Vec::with_capacity(rows);
-        for s in seqs {
-            let used = (s.start + s.rows).div_ceil(bs);
-            for i in 0..s.rows {
-                lens.push((s.start + i + 1) as i32);
-                tables.extend((0..max_blocks).map(|b| match s.block_table.get(b) {
-                    Some(&id) if b < used => id as i32,
-                    _ => -1,
-                }));
-            }
-        }
-        Self {
-            tables,
-            lens,
-            max_blocks,
-        }
-    }
-}
-
 /// Slot of each position of a step, as the write kernel takes them.
 pub fn slots_i64(slots: &[usize]) -> Vec<i64> {
     slots.iter().map(|&s| s as i64).collect()
@@ -430,7 +386,8 @@ impl<D: Device> Backend for GpuBackend<D> {
         });
         let freq = self.staged(inv_freq.to_vec(), |s| &mut s.f32s);
         self.ok(
-            self.dev.rope(&mut x.data, &pos, &freq, heads, head_dim),
+            self.dev
+                .rope(&mut x.data, &pos, &freq, heads, head_dim, false),
             "rope",
         );
     }
@@ -509,19 +466,30 @@ impl<D: Device> Backend for GpuBackend<D> {
         seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> GpuTensor<D> {
-        let packing = StepPacking::new(seqs, store.block_size);
-        let rows = packing.lens.len();
+        let seqs: Vec<SeqAttention<'_>> = seqs
+            .iter()
+            .map(|s| SeqAttention {
+                rows: s.rows,
+                start: s.start,
+                block_table: s.block_table,
+            })
+            .collect();
+        let packing = AttentionPacking::new(&seqs, store.block_size, shape.head_dim);
+        let attention = packing.shape(
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim,
+            store.block_size,
+            shape.scale,
+            shape.window.unwrap_or(0),
+        );
+        debug_assert_eq!(packing.rows, q.rows);
         let tables = self.staged(packing.tables, |s| &mut s.i32s);
-        let lens = self.staged(packing.lens, |s| &mut s.i32s);
-        let attention = PagedAttention {
-            heads: shape.heads,
-            kv_heads: shape.kv_heads,
-            head_dim: shape.head_dim,
-            block_size: store.block_size,
-            max_blocks: packing.max_blocks,
-            scale: shape.scale,
-            window: shape.window.unwrap_or(0),
-        };
+        let groups = self.staged(packing.groups, |s| &mut s.i32s);
+        let mut partial = self.ok(
+            self.dev.zeros::<f32>(attention.partial_len(q.rows).max(1)),
+            "allocate",
+        );
         let mut out = self.zeros(q.rows * q.cols);
         self.ok(
             self.dev.paged_attention(
@@ -529,13 +497,13 @@ impl<D: Device> Backend for GpuBackend<D> {
                 &store.k[layer],
                 &store.v[layer],
                 &tables,
-                &lens,
+                &groups,
                 &mut out,
+                &mut partial,
                 &attention,
             ),
             "paged attention",
         );
-        debug_assert_eq!(rows, q.rows);
         self.tensor(out, q.rows, q.cols)
     }
 
@@ -556,44 +524,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefill_rows_attend_causally_over_their_sequence_blocks() {
-        let (a, b, c) = ([7u32, 3, 9], [4u32, 8], [1u32, 2, 6]);
-        let seqs = [
-            // A prompt chunk of 5 rows at positions 14..19: blocks 7 and 3 (9 is not reached).
-            AttnSeq {
-                rows: 5,
-                start: 14,
-                block_table: &a,
-            },
-            // A decode row at position 20: 21 positions, both blocks.
-            AttnSeq {
-                rows: 1,
-                start: 20,
-                block_table: &b,
-            },
-            // A decode row at position 40: three blocks, the widest table.
-            AttnSeq {
-                rows: 1,
-                start: 40,
-                block_table: &c,
-            },
-        ];
-        let p = StepPacking::new(&seqs, 16);
-        assert_eq!(p.max_blocks, 3);
-        assert_eq!(p.lens, vec![15, 16, 17, 18, 19, 21, 41]);
-        for row in 0..5 {
-            assert_eq!(
-                &p.tables[row * 3..row * 3 + 3],
-                &[7, 3, -1],
-                "a block the sequence has not reached is never read"
-            );
-        }
-        assert_eq!(&p.tables[15..18], &[4, 8, -1]);
-        assert_eq!(&p.tables[18..21], &[1, 2, 6]);
-        assert_eq!(p.tables.len(), 7 * 3);
-    }
-
-    #[test]
     fn device_names_parse_and_print_back() {
         for (text, want) in [
             ("auto", DeviceChoice::Auto),
@@ -609,20 +539,5 @@ mod tests {
             let e = bad.parse::<DeviceChoice>().expect_err(bad);
             assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
         }
-    }
-
-    #[test]
-    fn a_block_table_too_short_for_its_rows_is_padded_with_refused_entries() {
-        let t = [5u32];
-        let p = StepPacking::new(
-            &[AttnSeq {
-                rows: 1,
-                start: 20,
-                block_table: &t,
-            }],
-            16,
-        );
-        assert_eq!(p.tables, vec![5, -1]);
-        assert_eq!(p.lens, vec![21]);
     }
 }

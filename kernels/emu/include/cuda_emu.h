@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -24,32 +25,43 @@ inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<unsigned char> shared_memory;
 
-// Runs `kernel` over the grid: blocks one at a time, each block's threads at once.
+// Runs `kernel` over the grid: blocks one at a time, each block's threads at once. The OS
+// threads are started once per launch and walk the blocks together: between blocks they meet
+// twice at `outer` (everyone is done with the block; the next block's shared memory and
+// barrier are ready). Each block gets a fresh `__syncthreads` barrier, which a thread leaves
+// (arrive_and_drop) when it returns from the kernel, as an exited thread stops counting on a
+// GPU.
 inline void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& kernel) {
   block_dim = block;
   grid_dim = grid;
   const unsigned threads = block.x * block.y * block.z;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        // Shared memory starts as garbage on a device: poison it (NaN bytes for floats).
-        shared_memory.assign(shared_bytes + 16, 0xff);
-        std::barrier<> bar(threads);
-        block_barrier = &bar;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t, bx, by, bz] {
-            thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            block_idx = dim3{bx, by, bz};
-            kernel();
-            // A thread that returns early leaves the barrier, as on the device.
-            bar.arrive_and_drop();
-          });
-        }
-        for (auto& th : pool) th.join();
-        block_barrier = nullptr;
+  const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+  std::optional<std::barrier<>> inner;
+  std::barrier<> outer(threads);
+  auto start_block = [&] {
+    shared_memory.assign(shared_bytes + 16, 0xff);
+    inner.emplace(threads);
+    block_barrier = &*inner;
+  };
+  start_block();
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      for (unsigned long long b = 0; b < blocks; ++b) {
+        block_idx = dim3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                         (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
+        kernel();
+        inner->arrive_and_drop();
+        outer.arrive_and_wait();
+        if (t == 0 && b + 1 < blocks) start_block();
+        outer.arrive_and_wait();
       }
+    });
+  }
+  for (auto& th : pool) th.join();
+  block_barrier = nullptr;
 }
 }  // namespace emu
 

@@ -166,12 +166,13 @@ impl Device for EmuDevice {
         inv_freq: &Vec<f32>,
         heads: usize,
         head_dim: usize,
+        interleaved: bool,
     ) -> Result<()> {
         need(
             x.len() >= positions.len() * heads * head_dim && inv_freq.len() >= head_dim / 2,
             "rope",
         )?;
-        crate::rope(x, positions, inv_freq, heads, head_dim, false);
+        crate::rope(x, positions, inv_freq, heads, head_dim, interleaved);
         Ok(())
     }
 
@@ -235,17 +236,21 @@ impl Device for EmuDevice {
         k_cache: &Vec<bf16>,
         v_cache: &Vec<bf16>,
         tables: &Vec<i32>,
-        lens: &Vec<i32>,
+        groups: &Vec<i32>,
         out: &mut Vec<bf16>,
+        partial: &mut Vec<f32>,
         shape: &PagedAttention,
     ) -> Result<()> {
         shape.check()?;
-        let rows = lens.len() * shape.heads * shape.head_dim;
+        let per_row = shape.heads * shape.head_dim;
+        let rows = q.len() / per_row;
         need(
-            q.len() >= rows && out.len() >= rows && tables.len() >= lens.len() * shape.max_blocks,
+            out.len() >= rows * per_row
+                && tables.len() >= groups.len() / 3 * shape.max_blocks
+                && partial.len() >= shape.partial_len(rows),
             "paged attention",
         )?;
-        let bits = crate::paged_attention_decode(q, k_cache, v_cache, tables, lens, out, shape);
+        let bits = crate::paged_attention(q, k_cache, v_cache, tables, groups, out, partial, shape);
         self.report(bits);
         Ok(())
     }

@@ -43,7 +43,7 @@ extern "C" {
         cache_slots: i64,
         violations: *mut i32,
     );
-    fn emu_paged_attention_decode_bf16(
+    fn emu_paged_attention_bf16(
         g: Dim3,
         b: Dim3,
         s: usize,
@@ -51,8 +51,10 @@ extern "C" {
         kc: *const bf16,
         vc: *const bf16,
         tables: *const i32,
-        lens: *const i32,
+        groups: *const i32,
+        q_rows: i32,
         out: *mut bf16,
+        partial: *mut f32,
         heads: i32,
         kv_heads: i32,
         head_dim: i32,
@@ -60,8 +62,21 @@ extern "C" {
         max_blocks: i32,
         scale: f32,
         window: i32,
+        group_rows: i32,
+        key_tile: i32,
+        partition_size: i32,
         cache_slots: i64,
         violations: *mut i32,
+    );
+    fn emu_attention_combine_bf16(
+        g: Dim3,
+        b: Dim3,
+        s: usize,
+        partial: *const f32,
+        out: *mut bf16,
+        heads: i32,
+        head_dim: i32,
+        partitions: i32,
     );
     fn emu_add_bf16(g: Dim3, b: Dim3, s: usize, x: *mut bf16, y: *const bf16, n: i64);
     fn emu_scale_bf16(g: Dim3, b: Dim3, s: usize, x: *mut bf16, k: f32, n: i64);
@@ -155,27 +170,41 @@ pub fn write_kv(
     violations
 }
 
-/// `paged_attention_decode_bf16`: a query row per entry of `lens`; returns the violation bits.
-pub fn paged_attention_decode(
+/// `paged_attention_bf16` over the groups of an [`AttentionPacking`] (`groups`, `tables`),
+/// then `attention_combine_bf16` when the context is split (`partial`: the workspace); returns
+/// the violation bits.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
     q: &[bf16],
     k_cache: &[bf16],
     v_cache: &[bf16],
     tables: &[i32],
-    lens: &[i32],
+    groups: &[i32],
     out: &mut [bf16],
+    partial: &mut [f32],
     s: &PagedAttention,
 ) -> i32 {
-    let seqs = lens.len();
     assert!(s.check().is_ok(), "{s:?}");
-    assert!(q.len() >= seqs * s.heads * s.head_dim && out.len() >= seqs * s.heads * s.head_dim);
-    assert!(tables.len() >= seqs * s.max_blocks);
+    let per_row = s.heads * s.head_dim;
+    let rows = q.len() / per_row;
+    let n_groups = groups.len() / 3;
+    assert!(out.len() >= rows * per_row && tables.len() >= n_groups * s.max_blocks);
+    assert!(partial.len() >= s.partial_len(rows));
     let cache_slots = (k_cache.len().min(v_cache.len()) / (s.kv_heads * s.head_dim)) as i64;
+    let (gr, kt) = shapes::attention_tiles(s.head_dim);
+    let int = |v: usize| v.min(i32::MAX as usize) as i32;
     let mut violations = 0i32;
-    // SAFETY: sizes asserted as the CUDA launcher checks them; cache reads stay below
-    // cache_slots and table reads below max_blocks per row (the kernel's bounds).
-    let (g, b, sh) = dims(shapes::paged_attention_decode(seqs, s.heads, s.head_dim));
+    // SAFETY: sizes asserted as the CUDA launcher checks them; the kernel reads q and writes
+    // out only for groups inside `rows`, table entries below max_blocks per group and cache
+    // slots below cache_slots, whatever the groups and tables hold.
+    let (g, b, sh) = dims(shapes::paged_attention(
+        n_groups,
+        s.heads,
+        s.partitions,
+        s.head_dim,
+    ));
     serial(|| unsafe {
-        emu_paged_attention_decode_bf16(
+        emu_paged_attention_bf16(
             g,
             b,
             sh,
@@ -183,19 +212,41 @@ pub fn paged_attention_decode(
             k_cache.as_ptr(),
             v_cache.as_ptr(),
             tables.as_ptr(),
-            lens.as_ptr(),
+            groups.as_ptr(),
+            int(rows),
             out.as_mut_ptr(),
-            s.heads as i32,
-            s.kv_heads as i32,
-            s.head_dim as i32,
-            s.block_size as i32,
-            s.max_blocks as i32,
+            partial.as_mut_ptr(),
+            int(s.heads),
+            int(s.kv_heads),
+            int(s.head_dim),
+            int(s.block_size),
+            int(s.max_blocks),
             s.scale,
-            s.window.min(i32::MAX as usize) as i32,
+            int(s.window),
+            int(gr),
+            int(kt),
+            int(s.partition_size),
             cache_slots,
             &mut violations,
         )
     });
+    if s.partitions > 1 {
+        let (g, b, sh) = dims(shapes::attention_combine(rows, s.heads));
+        // SAFETY: the workspace and out hold rows × heads × partitions (× head_dim + 2) and
+        // rows × heads × head_dim values (asserted).
+        serial(|| unsafe {
+            emu_attention_combine_bf16(
+                g,
+                b,
+                sh,
+                partial.as_ptr(),
+                out.as_mut_ptr(),
+                int(s.heads),
+                int(s.head_dim),
+                int(s.partitions),
+            )
+        });
+    }
     violations
 }
 

@@ -211,9 +211,10 @@ impl Device for CudaDevice {
         inv_freq: &CudaSlice<f32>,
         heads: usize,
         head_dim: usize,
+        interleaved: bool,
     ) -> Result<()> {
         self.kernels
-            .rope(x, positions, inv_freq, heads, head_dim, false)
+            .rope(x, positions, inv_freq, heads, head_dim, interleaved)
     }
 
     fn silu_mul(&self, gate: &mut CudaSlice<bf16>, up: &CudaSlice<bf16>) -> Result<()> {
@@ -254,12 +255,13 @@ impl Device for CudaDevice {
         k_cache: &CudaSlice<bf16>,
         v_cache: &CudaSlice<bf16>,
         tables: &CudaSlice<i32>,
-        lens: &CudaSlice<i32>,
+        groups: &CudaSlice<i32>,
         out: &mut CudaSlice<bf16>,
+        partial: &mut CudaSlice<f32>,
         shape: &PagedAttention,
     ) -> Result<()> {
         self.kernels
-            .paged_attention_decode(q, k_cache, v_cache, tables, lens, out, shape)
+            .paged_attention(q, k_cache, v_cache, tables, groups, out, partial, shape)
     }
 
     fn argmax(

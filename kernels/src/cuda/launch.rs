@@ -372,61 +372,89 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Paged attention: one query row per entry of `context_lens` over its block table. Safe
-    /// whatever the block tables and context lengths hold: the kernel reads only slots inside
-    /// the caches and context lengths up to `max_blocks * block_size`, and reports anything
-    /// else through [`CudaKernels::take_violations`] (that head's output is zeros).
+    /// Paged attention of `q`'s rows packed in groups ([`AttentionPacking`]), then, when the
+    /// context is split, the merge of the partitions (`partial`: the f32 workspace). Safe
+    /// whatever the groups and block tables hold: the kernel reads only rows inside `q`, table
+    /// entries below `max_blocks` per group and slots inside the caches, and reports anything
+    /// else through [`CudaKernels::take_violations`] (those rows get zeros).
+    ///
+    /// [`AttentionPacking`]: crate::device::AttentionPacking
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_attention_decode(
+    pub fn paged_attention(
         &self,
         q: &CudaSlice<bf16>,
         k_cache: &CudaSlice<bf16>,
         v_cache: &CudaSlice<bf16>,
-        block_tables: &CudaSlice<i32>,
-        context_lens: &CudaSlice<i32>,
+        tables: &CudaSlice<i32>,
+        groups: &CudaSlice<i32>,
         out: &mut CudaSlice<bf16>,
+        partial: &mut CudaSlice<f32>,
         s: &PagedAttention,
     ) -> Result<(), CudaError> {
         s.check()?;
-        let seqs = context_lens.len();
         let width = s.kv_heads * s.head_dim;
-        let rows = seqs * s.heads * s.head_dim;
+        let per_row = s.heads * s.head_dim;
+        let rows = q.len() / per_row;
+        let n_groups = groups.len() / 3;
+        need(out.len() >= rows * per_row, "paged attention: sizes")?;
         need(
-            q.len() >= rows && out.len() >= rows,
-            "paged attention: sizes",
-        )?;
-        need(
-            block_tables.len() >= seqs * s.max_blocks,
+            tables.len() >= n_groups * s.max_blocks,
             "paged attention: block tables",
         )?;
-        let cache_slots = k_cache.len().min(v_cache.len()) / width;
+        need(
+            partial.len() >= s.partial_len(rows),
+            "paged attention: split-K workspace",
+        )?;
+        let (g, kt) = shapes::attention_tiles(s.head_dim);
+        let cache_slots = (k_cache.len().min(v_cache.len()) / width) as i64;
+        let int = |v: usize| v.min(i32::MAX as usize) as i32;
         let (h, kvh, d, bs, mb, win) = (
-            s.heads as i32,
-            s.kv_heads as i32,
-            s.head_dim as i32,
-            s.block_size as i32,
-            s.max_blocks as i32,
-            s.window.min(i32::MAX as usize) as i32,
+            int(s.heads),
+            int(s.kv_heads),
+            int(s.head_dim),
+            int(s.block_size),
+            int(s.max_blocks),
+            int(s.window),
         );
-        let f = self.function("paged_attention_decode_bf16")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(block_tables)
-            .arg(context_lens)
-            .arg(out);
-        let limit = cache_slots as i64;
-        let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
-        b.arg(&h).arg(&kvh).arg(&d).arg(&bs).arg(&mb).arg(&s.scale);
-        b.arg(&win).arg(&limit).arg(&*flag);
-        let cfg = config(shapes::paged_attention_decode(seqs, s.heads, s.head_dim));
-        // SAFETY: arguments match `paged_attention_decode_bf16`; one thread per head dimension
-        // (a power of two up to 256, checked) with head_dim floats of shared memory; q, out and
-        // the block tables are as large as the grid reads (checked); the kernel reads cache
-        // rows only below `cache_slots` (both caches' size) and table entries only below
-        // `max_blocks` per row, whatever the tables and lengths hold.
-        unsafe { b.launch(cfg) }.map_err(driver)?;
+        let (q_rows, gi, kti, ps) = (int(rows), int(g), int(kt), int(s.partition_size));
+        let f = self.function("paged_attention_bf16")?;
+        {
+            let flag = self.violations.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = self.stream.launch_builder(f);
+            b.arg(q).arg(k_cache).arg(v_cache).arg(tables).arg(groups);
+            b.arg(&q_rows).arg(&mut *out).arg(&mut *partial);
+            b.arg(&h)
+                .arg(&kvh)
+                .arg(&d)
+                .arg(&bs)
+                .arg(&mb)
+                .arg(&s.scale)
+                .arg(&win);
+            b.arg(&gi).arg(&kti).arg(&ps).arg(&cache_slots).arg(&*flag);
+            let cfg = config(shapes::paged_attention(
+                n_groups,
+                s.heads,
+                s.partitions,
+                s.head_dim,
+            ));
+            // SAFETY: arguments match `paged_attention_bf16`; the shared memory and thread count
+            // are the shapes module's (its tests check the tiles fit 48 KiB and 16 accumulators a
+            // thread); `out` and `partial` hold what `q_rows` rows write (checked), the tables
+            // `max_blocks` entries per group (checked); the kernel reads q and writes out only for
+            // groups inside `q_rows`, and reads the caches only below `cache_slots`, whatever the
+            // groups and tables hold.
+            unsafe { b.launch(cfg) }.map_err(driver)?;
+        }
+        if s.partitions > 1 {
+            let f = self.function("attention_combine_bf16")?;
+            let parts = int(s.partitions);
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&*partial).arg(out).arg(&h).arg(&d).arg(&parts);
+            let cfg = config(shapes::attention_combine(rows, s.heads));
+            // SAFETY: arguments match `attention_combine_bf16`; the grid covers the `rows`
+            // rows × heads the workspace (checked above) and `out` hold.
+            unsafe { b.launch(cfg) }.map_err(driver)?;
+        }
         Ok(())
     }
 

@@ -58,9 +58,9 @@ pub const SOURCES: &[KernelSource] = &[
         functions: &["write_kv_bf16"],
     },
     KernelSource {
-        file: "paged_attention.cu",
-        source: include_str!("paged_attention.cu"),
-        functions: &["paged_attention_decode_bf16"],
+        file: "attention.cu",
+        source: include_str!("attention.cu"),
+        functions: &["paged_attention_bf16", "attention_combine_bf16"],
     },
     KernelSource {
         file: "argmax.cu",
