@@ -99,8 +99,8 @@ pub struct PagedAttention {
     pub scale: f32,
     /// Attend only the last `window` positions (0: all).
     pub window: usize,
-    /// Partitions of the context (split-K; 1: none) and keys in each
-    /// ([`crate::shapes::attention_partitions`]).
+    /// Partitions of the context (split-K; 1: none) and keys in each, a multiple of the key
+    /// tile ([`crate::shapes::attention_partitions`]).
     pub partitions: usize,
     pub partition_size: usize,
 }
@@ -193,7 +193,8 @@ impl AttentionPacking {
         self.groups.len() / 3
     }
 
-    /// The launch's shape for `heads` query heads, with the split-K the GPU's fill calls for.
+    /// The launch's shape for `heads` query heads, the context split at fixed positions
+    /// ([`crate::shapes::attention_partitions`]).
     pub fn shape(
         &self,
         heads: usize,
@@ -203,11 +204,7 @@ impl AttentionPacking {
         scale: f32,
         window: usize,
     ) -> PagedAttention {
-        let (partitions, partition_size) = crate::shapes::attention_partitions(
-            self.group_count() * heads,
-            self.max_context,
-            head_dim,
-        );
+        let (partitions, partition_size) = crate::shapes::attention_partitions(self.max_context);
         PagedAttention {
             heads,
             kv_heads,

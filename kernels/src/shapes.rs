@@ -104,27 +104,20 @@ pub fn attention_combine(rows: usize, heads: usize) -> Shape {
     }
 }
 
-/// Keys per partition below which a context is never split.
+/// Keys in each partition of a split context: a multiple of every key tile.
 pub const PARTITION_KEYS: usize = 512;
-/// Blocks that keep a large GPU busy (132 SMs of an H100, a few blocks each).
-pub const BUSY_BLOCKS: usize = 528;
 
-/// How many partitions (and keys each, a multiple of the key tile) split the context of an
-/// attention launch of `blocks` (groups × heads) blocks whose longest context is
-/// `max_context`: one while the blocks alone fill the GPU or the context is short (split-K
-/// pays only for long decodes in small batches), else enough to fill it, at most 64.
-pub fn attention_partitions(blocks: usize, max_context: usize, head_dim: usize) -> (usize, usize) {
-    let (_, kt) = attention_tiles(head_dim);
-    let whole = max_context.max(1).next_multiple_of(kt);
-    if blocks >= BUSY_BLOCKS || max_context <= 2 * PARTITION_KEYS {
-        return (1, whole);
-    }
-    let wanted = BUSY_BLOCKS.div_ceil(blocks.max(1));
-    let parts = wanted
-        .min(max_context.div_ceil(PARTITION_KEYS))
-        .clamp(1, 64);
-    let size = max_context.div_ceil(parts).next_multiple_of(kt);
-    (max_context.div_ceil(size), size)
+/// How many partitions (of [`PARTITION_KEYS`] keys, at fixed positions) split the contexts of
+/// an attention launch whose longest context is `max_context`. The split depends on nothing
+/// else: a row's keys always fall in the same partitions and tiles whatever it is batched with
+/// (a row shorter than the longest leaves the extra partitions empty, which the merge skips
+/// exactly), so attention keeps the determinism contract; long decodes in small batches get
+/// more blocks (split-K) as a side effect.
+pub fn attention_partitions(max_context: usize) -> (usize, usize) {
+    (
+        max_context.div_ceil(PARTITION_KEYS).clamp(1, 65_535),
+        PARTITION_KEYS,
+    )
 }
 
 /// Threads of `argmax_f32`'s blocks (a power of two: its tree reduction).
@@ -195,23 +188,17 @@ mod tests {
     }
 
     #[test]
-    fn only_long_contexts_in_small_launches_are_split() {
-        assert_eq!(attention_partitions(1000, 8192, 128).0, 1, "a busy GPU");
+    fn contexts_split_at_fixed_positions() {
+        assert_eq!(attention_partitions(0), (1, 512));
+        assert_eq!(attention_partitions(512), (1, 512));
+        assert_eq!(attention_partitions(513), (2, 512));
+        assert_eq!(attention_partitions(8192), (16, 512));
+        let (_, kt) = attention_tiles(256);
         assert_eq!(
-            attention_partitions(8, 1024, 128),
-            (1, 1024),
-            "a short context"
+            PARTITION_KEYS % kt,
+            0,
+            "partitions start on tile boundaries"
         );
-        let (parts, size) = attention_partitions(8, 8192, 128);
-        assert_eq!(parts, 16, "8192 keys in partitions of 512");
-        assert_eq!(size, 512);
-        let (parts, size) = attention_partitions(64, 4000, 64);
-        assert!(
-            parts > 1 && parts * size >= 4000 && size % 32 == 0,
-            "{parts} × {size}"
-        );
-        assert!((parts - 1) * size < 4000, "no empty partition");
-        let (parts, _) = attention_partitions(1, 1 << 20, 128);
-        assert_eq!(parts, 64, "at most 64");
+        assert_eq!(PARTITION_KEYS % attention_tiles(64).1, 0);
     }
 }

@@ -418,6 +418,82 @@ fn write_kv_and_attention<D: Device>(d: &D) {
     }
 }
 
+/// A row's attention does not depend on the other rows of the launch: alone, beside a long
+/// context (which splits the launch into partitions), or inside prefill chunks grouped
+/// differently, with and without sliding windows, its output has the same bits. (Outputs are
+/// bf16, so a changed order of f32 additions shows only where it moves a rounding; what
+/// guarantees the contract is that tiles and partitions sit at fixed key positions.)
+fn batch_invariance<D: Device>(d: &D) {
+    let mut rng = Rng(13);
+    let (heads, kv_heads, head_dim, block_size) = (4usize, 2usize, 64usize, 16usize);
+    let width = kv_heads * head_dim;
+    // Sequence 0: 40 positions in blocks 0..3; sequence 1: 1,300 positions in blocks 3..85.
+    let tables: Vec<Vec<u32>> = vec![(0..3).collect(), (3..85).collect()];
+    let num_blocks = 85;
+    let k_cache = up(d, &rng.bf16s(num_blocks * block_size * width));
+    let v_cache = up(d, &rng.bf16s(num_blocks * block_size * width));
+    // Queries of every position of sequence 0 (the same query for a position in every run).
+    let q0 = rng.bf16s(40 * heads * head_dim);
+    let q1 = rng.bf16s(heads * head_dim);
+    let per_row = heads * head_dim;
+    // Runs sequence 0's rows `rows` (ending at position 39), optionally after sequence 1's
+    // decode row; returns the output of position 39.
+    let run = |rows: usize, with_long: bool, window: usize| -> Vec<bf16> {
+        let mut q = Vec::new();
+        let mut seqs = Vec::new();
+        if with_long {
+            q.extend_from_slice(&q1);
+            seqs.push(SeqAttention {
+                rows: 1,
+                start: 1299,
+                block_table: &tables[1],
+            });
+        }
+        q.extend_from_slice(&q0[(40 - rows) * per_row..]);
+        seqs.push(SeqAttention {
+            rows,
+            start: 40 - rows,
+            block_table: &tables[0],
+        });
+        let total: usize = seqs.iter().map(|s| s.rows).sum();
+        let packing = AttentionPacking::new(&seqs, block_size, head_dim);
+        let shape = packing.shape(heads, kv_heads, head_dim, block_size, 0.125, window);
+        assert_eq!(
+            shape.partitions > 1,
+            with_long,
+            "a long context splits the launch"
+        );
+        let mut out = poisoned(d, total * per_row);
+        let mut partial = up(d, &vec![f32::NAN; shape.partial_len(total).max(1)]);
+        d.paged_attention(
+            &up(d, &q),
+            &k_cache,
+            &v_cache,
+            &up(d, &packing.tables),
+            &up(d, &packing.groups),
+            &mut out,
+            &mut partial,
+            &shape,
+        )
+        .expect("launch");
+        d.take_violations().expect("in range");
+        let out = down(d, &out);
+        out[(total - 1) * per_row..].to_vec()
+    };
+    for window in [0, 7, 20] {
+        let alone = run(1, false, window);
+        assert!(alone.iter().all(|x| x.is_finite()));
+        for (rows, with_long) in [(1, true), (16, false), (10, true), (40, false), (23, true)] {
+            assert_eq!(
+                run(rows, with_long, window),
+                alone,
+                "position 39 in a chunk of {rows} rows, beside a long context: {with_long}, \
+                 window {window}"
+            );
+        }
+    }
+}
+
 fn out_of_range_indices<D: Device>(d: &D) {
     let mut rng = Rng(11);
     let (kv_heads, head_dim, block_size, blocks) = (2usize, 64usize, 16usize, 2usize);
@@ -519,6 +595,7 @@ macro_rules! device_tests {
         $(#[$attr])* #[test] fn gemm_matches_f32_dot_products() { gemm(&$device) }
         $(#[$attr])* #[test] fn argmax_matches_the_cpu_op_and_takes_the_first_of_ties() { argmax(&$device) }
         $(#[$attr])* #[test] fn write_kv_and_paged_attention_match_the_cpu_ops() { write_kv_and_attention(&$device) }
+        $(#[$attr])* #[test] fn attention_is_batch_invariant() { batch_invariance(&$device) }
         $(#[$attr])* #[test] fn out_of_range_slots_and_blocks_are_refused_and_reported() { out_of_range_indices(&$device) }
     };
 }

@@ -10,10 +10,11 @@
 // of the group (position pos + r) attends keys pos + r + 1 - window .. pos + r (all from 0
 // when window is 0): causal within the step, over the cached prefix before it.
 //
-// One partition: the block writes its rows' outputs (bf16). Several (long contexts with few
-// groups: split-K, so that more blocks share the work): it writes each row's unnormalised sums
-// and its max and sum to partial ([rows, heads, partitions, head_dim + 2], f32), and
-// attention_combine_bf16 merges the partitions.
+// One partition: the block writes its rows' outputs (bf16). Several (contexts longer than a
+// partition, split at fixed positions: split-K, more blocks for long decodes): it writes each
+// row's unnormalised sums and its max and sum to partial ([rows, heads, partitions,
+// head_dim + 2], f32), and attention_combine_bf16 merges the partitions (an empty one is
+// skipped, and a row with one non-empty partition gets exactly what one partition writes).
 //
 // q, out: [rows, heads, head_dim]; caches: [blocks * block_size, kv_heads * head_dim].
 // Block: any number of threads T with group_rows * head_dim <= 16 * T (each thread keeps at
@@ -61,9 +62,13 @@ extern "C" __global__ void paged_attention_bf16(
   if (!ok && tid == 0) atomicOr(violations, 2);
   const int ctx = ok ? pos0 + n : 0;
   const int rows = ok ? n : 0;
-  // This partition's keys, from the earliest any row of the group sees.
+  // This partition's keys, from the tile holding the earliest key any row of the group sees.
+  // Tiles start at multiples of key_tile (partition_size is one), whatever the group: a row
+  // meets its keys in the same tiles, in the same order, however the rows were grouped and
+  // batched (tiles it sees nothing of change nothing, exactly), so its result is the same.
   int k_begin = part * partition_size;
-  const int earliest = window > 0 ? pos0 + 1 - window : 0;
+  int earliest = window > 0 ? pos0 + 1 - window : 0;
+  if (earliest > 0) earliest -= earliest % KT;
   if (k_begin < earliest) k_begin = earliest;
   int k_end = (part + 1) * partition_size;
   if (k_end > ctx) k_end = ctx;
