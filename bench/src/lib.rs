@@ -46,6 +46,30 @@ fn next(state: &mut u64) -> u64 {
 }
 
 impl Workload {
+    /// Lines whose prompts are `input_len` token ids drawn uniformly from `0..vocab` (the first
+    /// `prefix_len` of them shared round-robin as with [`Workload::lines`]).
+    pub fn id_lines(&self, vocab: usize) -> Vec<String> {
+        let mut state = self.seed;
+        let vocab = vocab.max(1) as u64;
+        let mut ids = |n: usize| -> Vec<u64> { (0..n).map(|_| next(&mut state) % vocab).collect() };
+        let prefixes: Vec<Vec<u64>> = (0..self.num_prefixes.max(1))
+            .map(|_| ids(self.prefix_len.min(self.input_len)))
+            .collect();
+        (0..self.num_prompts)
+            .map(|i| {
+                let mut prompt = prefixes[i % prefixes.len()].clone();
+                prompt.extend(ids(self.input_len - prompt.len()));
+                json!({
+                    "custom_id": format!("bench-{i}"),
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"prompt": prompt, "max_tokens": self.output_len, "temperature": 0, "ignore_eos": self.ignore_eos},
+                })
+                .to_string()
+            })
+            .collect()
+    }
+
     /// The batch file's lines (`/v1/completions`, greedy), one per prompt.
     pub fn lines(&self) -> Vec<String> {
         let mut state = self.seed;
@@ -125,6 +149,46 @@ pub fn with_bench_schema(lines: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_lines_have_exact_lengths_ids_in_the_vocabulary_and_shared_prefixes() {
+        let w = Workload {
+            num_prompts: 6,
+            input_len: 40,
+            output_len: 7,
+            prefix_len: 10,
+            num_prefixes: 2,
+            ignore_eos: true,
+            seed: 3,
+        };
+        let prompts: Vec<Vec<u64>> = w
+            .id_lines(320)
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("json");
+                assert_eq!(v["body"]["max_tokens"], 7);
+                v["body"]["prompt"]
+                    .as_array()
+                    .expect("ids")
+                    .iter()
+                    .map(|x| x.as_u64().expect("id"))
+                    .collect()
+            })
+            .collect();
+        for p in &prompts {
+            assert_eq!(p.len(), 40);
+            assert!(p.iter().all(|&id| id < 320));
+        }
+        assert_eq!(prompts[0][..10], prompts[2][..10], "prefix 0");
+        assert_eq!(prompts[1][..10], prompts[3][..10], "prefix 1");
+        assert_ne!(prompts[0][..10], prompts[1][..10]);
+        assert_ne!(prompts[0][10..], prompts[2][10..]);
+        assert_eq!(
+            w.id_lines(320),
+            w.id_lines(320),
+            "the same seed, the same prompts"
+        );
+    }
 
     #[test]
     fn lines_have_the_requested_shape_and_shared_prefix() {

@@ -543,3 +543,43 @@ fn broken_safetensors_checkpoints_are_named() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_dummy_checkpoint_has_the_configs_shapes_and_fixed_made_up_weights() {
+    use gristmill_engine::tensor_parallel::load_model;
+    let dir = fixture("tiny-llama3");
+    let dummy = gristmill_engine::weights::dummy_path(&dir);
+    let real_cfg = Checkpoint::open(&dir)
+        .expect("opens")
+        .config()
+        .expect("config");
+    let ckpt = Checkpoint::open(&dummy).expect("opens from config.json alone");
+    assert_eq!(ckpt.config().expect("config"), real_cfg);
+    assert!(ckpt.weight_bytes() > 0);
+    let ids = [1u32, 17, 200, 5, 9];
+    let a = load_model(&dummy, 1, Default::default()).expect("loads");
+    let b = load_model(&dummy, 1, Default::default()).expect("loads");
+    let (la, lb) = (
+        a.score(&ids).expect("scores"),
+        b.score(&ids).expect("scores"),
+    );
+    assert!(la.iter().all(|x| x.is_finite()));
+    assert_eq!(la, lb, "the same made-up weights every time");
+    let real = load_model(&dir, 1, Default::default()).expect("loads");
+    assert_ne!(
+        la,
+        real.score(&ids).expect("scores"),
+        "not the checkpoint's weights"
+    );
+    // The tokenizer is the directory's; split over 2 ranks, the made-up model is still one
+    // model.
+    let engine = Engine::load(&dummy).expect("an engine");
+    assert_eq!(engine.tokenizer.vocab_size(), 320);
+    let split = load_model(&dummy, 2, Default::default()).expect("splits");
+    let ls = split.score(&ids).expect("scores");
+    let worst = la
+        .iter()
+        .zip(&ls)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst < 1e-3, "TP 2 vs TP 1: {worst}");
+}

@@ -86,6 +86,19 @@ pub struct EngineArgs {
     /// on the CPU --kv-cache-memory sizes the cache.
     #[arg(long, default_value_t = 0.9, env = "GRISTMILL_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: f32,
+
+    /// `auto`: the model's own weights. `dummy`: made-up weights in the shapes of the HF
+    /// directory's config.json (which needs only config.json and tokenizer.json): benchmarks of
+    /// a model's shape without downloading it (vLLM's flag). Its outputs mean nothing.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto, env = "GRISTMILL_LOAD_FORMAT")]
+    pub load_format: LoadFormat,
+}
+
+/// Where the weights come from (`--load-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    Auto,
+    Dummy,
 }
 
 impl EngineArgs {
@@ -112,7 +125,18 @@ impl EngineArgs {
                 self.gpu_memory_utilization
             );
         }
-        let path = crate::hub::resolve_model(&self.model)?;
+        let mut path = crate::hub::resolve_model(&self.model)?;
+        if self.load_format == LoadFormat::Dummy {
+            if !path.join("config.json").is_file() {
+                bail!(
+                    "--load-format dummy needs an HF directory with config.json (and \
+                     tokenizer.json); {} is not one",
+                    path.display()
+                );
+            }
+            tracing::warn!("--load-format dummy: made-up weights, outputs mean nothing");
+            path = gristmill_engine::weights::dummy_path(&path);
+        }
         let device = self.device();
         tracing::info!(device = %device, requested = %self.device, "computing on {device}");
         let loaded = match device {

@@ -20,6 +20,9 @@ use crate::engine_args::EngineArgs;
 pub enum Dataset {
     /// Random prompts of `--input-len` words (about one token each).
     Random,
+    /// Prompts of exactly `--input-len` token ids drawn uniformly from the tokenizer's
+    /// vocabulary (vLLM's random dataset): exact lengths whatever the tokenizer.
+    RandomIds,
     /// Prompts that share one of `--num-prefixes` prefixes of `--prefix-len` words.
     PrefixRepetition,
     /// Random prompts whose outputs must follow a nested JSON Schema (a manifest of at least
@@ -75,8 +78,9 @@ pub struct ThroughputArgs {
     pub max_wait: f64,
 }
 
-fn requests(a: &ThroughputArgs, num_prompts: usize) -> Result<Vec<Request>> {
+fn requests(a: &ThroughputArgs, num_prompts: usize, vocab: usize) -> Result<Vec<Request>> {
     let lines = match a.dataset {
+        Dataset::RandomIds => a.synthetic.workload(num_prompts, true)?.id_lines(vocab),
         Dataset::Jsonl => {
             let path = a
                 .dataset_path
@@ -122,7 +126,12 @@ fn one_run(
 ) -> Result<ThroughputResult> {
     let mut opts = a.engine.options_no_pool()?;
     opts.max_num_seqs = max_num_seqs;
-    let reqs = requests(a, num_prompts)?;
+    // Ids both the tokenizer and the model know.
+    let vocab = engine
+        .tokenizer
+        .vocab_size()
+        .min(engine.model.cfg().vocab_size);
+    let reqs = requests(a, num_prompts, vocab)?;
     if reqs.iter().any(|r| r.params.constraint.is_some()) {
         // Once per process, and not what a benchmark of steady throughput measures.
         engine

@@ -54,7 +54,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 pub(super) fn checkpoint_tokenizer(ckpt: &Checkpoint) -> Result<Tokenizer> {
     match ckpt {
         Checkpoint::Gguf(g) => Tokenizer::from_gguf(g),
-        Checkpoint::Safetensors { dir, .. } => {
+        Checkpoint::Safetensors { dir, .. } | Checkpoint::Dummy { dir, .. } => {
             let (eos, bos) = hf_special_ids(&dir.join("config.json"));
             Tokenizer::from_hf_dir(dir, &eos, bos)
         }

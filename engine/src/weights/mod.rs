@@ -15,7 +15,8 @@ use gristmill_kernels::GgmlType;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
-/// An opened checkpoint: a GGUF file or an HF safetensors directory.
+/// An opened checkpoint: a GGUF file or an HF safetensors directory, or an HF directory's
+/// `config.json` alone with made-up weights ([`dummy_path`], `--load-format dummy`).
 #[derive(Debug)]
 pub enum Checkpoint {
     Gguf(GgufFile),
@@ -23,12 +24,62 @@ pub enum Checkpoint {
         dir: PathBuf,
         tensors: SafetensorsDir,
     },
+    /// Weights drawn from a fixed generator per tensor name, in the shapes the configuration
+    /// implies: benchmarks of a model's shape without its weights (vLLM's `dummy` format).
+    Dummy {
+        dir: PathBuf,
+        cfg: Box<ModelConfig>,
+    },
+}
+
+/// How a model path asks for made-up weights: `dummy:` before an HF directory.
+const DUMMY_PREFIX: &str = "dummy:";
+
+/// The path that loads the model of `dir` (an HF directory: `config.json` and a tokenizer)
+/// with made-up weights instead of its own (`--load-format dummy`).
+pub fn dummy_path(dir: &Path) -> PathBuf {
+    PathBuf::from(format!("{DUMMY_PREFIX}{}", dir.display()))
+}
+
+/// `count` made-up values of tensor `name`: ones for norm weights (a model that normalises),
+/// else uniform in ±0.02, from a generator seeded by the name and the position, so a value
+/// does not depend on how the work is split.
+fn dummy_values(name: &str, count: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if name.contains("norm") {
+        return vec![1.0; count];
+    }
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; count];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut x = seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for v in chunk {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *v = ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 0.02;
+            }
+        });
+    out
 }
 
 impl Checkpoint {
     /// Opens a `.gguf` file, or a directory with `config.json` and safetensors weights (a
     /// directory holding exactly one `.gguf` file also works).
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.to_str().and_then(|p| p.strip_prefix(DUMMY_PREFIX)) {
+            let dir = PathBuf::from(dir);
+            let cfg = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+            return Ok(Self::Dummy {
+                dir,
+                cfg: Box::new(cfg),
+            });
+        }
         if !path.exists() {
             return Err(Error::ModelNotFound {
                 path: path.to_path_buf(),
@@ -66,7 +117,7 @@ impl Checkpoint {
     pub fn path(&self) -> &Path {
         match self {
             Self::Gguf(g) => g.path(),
-            Self::Safetensors { dir, .. } => dir,
+            Self::Safetensors { dir, .. } | Self::Dummy { dir, .. } => dir,
         }
     }
 
@@ -74,6 +125,7 @@ impl Checkpoint {
         match self {
             Self::Gguf(g) => ModelConfig::from_gguf(g),
             Self::Safetensors { dir, .. } => ModelConfig::from_hf_json(&dir.join("config.json")),
+            Self::Dummy { cfg, .. } => Ok((**cfg).clone()),
         }
     }
 
@@ -97,6 +149,14 @@ impl Checkpoint {
                 .sum(),
             Self::Safetensors { tensors, .. } => {
                 tensors.tensors().map(|(_, shape)| f32_bytes(shape)).sum()
+            }
+            Self::Dummy { cfg, .. } => {
+                let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
+                let (q, kv) = (cfg.num_heads as u64 * hd, cfg.num_kv_heads as u64 * hd);
+                let layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size as u64 + 2 * h;
+                let embed = cfg.vocab_size as u64 * h;
+                let head = if cfg.tie_word_embeddings { 0 } else { embed };
+                4 * (embed + head + cfg.num_layers as u64 * layer + h)
             }
         }
     }
@@ -122,6 +182,8 @@ impl Checkpoint {
         match self {
             Self::Gguf(g) => gguf_name(hf_name).is_some_and(|n| g.tensors.contains_key(&n)),
             Self::Safetensors { tensors, .. } => tensors.contains(hf_name),
+            // What an HF checkpoint of this configuration holds that the loader asks about.
+            Self::Dummy { cfg, .. } => hf_name != "lm_head.weight" || !cfg.tie_word_embeddings,
         }
     }
 
@@ -129,6 +191,7 @@ impl Checkpoint {
     pub fn tensor(&self, hf_name: &str, shape: &[usize], cfg: &ModelConfig) -> Result<Vec<f32>> {
         match self {
             Self::Safetensors { tensors, .. } => tensors.tensor_f32(hf_name, shape),
+            Self::Dummy { .. } => Ok(dummy_values(hf_name, shape.iter().product())),
             Self::Gguf(g) => {
                 let name = gguf_name_for(hf_name, cfg).ok_or_else(|| Error::MissingTensor {
                     path: g.path().to_path_buf(),
