@@ -59,15 +59,20 @@ impl Workload {
             .map(|i| {
                 let mut prompt = prefixes[i % prefixes.len()].clone();
                 prompt.extend(ids(self.input_len - prompt.len()));
-                json!({
-                    "custom_id": format!("bench-{i}"),
-                    "method": "POST",
-                    "url": "/v1/completions",
-                    "body": {"prompt": prompt, "max_tokens": self.output_len, "temperature": 0, "ignore_eos": self.ignore_eos},
-                })
-                .to_string()
+                self.line(i, json!(prompt))
             })
             .collect()
+    }
+
+    /// Request `i` of the batch file, greedy, with `prompt` (text or ids).
+    fn line(&self, i: usize, prompt: Value) -> String {
+        json!({
+            "custom_id": format!("bench-{i}"),
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": prompt, "max_tokens": self.output_len, "temperature": 0, "ignore_eos": self.ignore_eos},
+        })
+        .to_string()
     }
 
     /// The batch file's lines (`/v1/completions`, greedy), one per prompt.
@@ -86,14 +91,13 @@ impl Workload {
             .map(|i| {
                 let prefix = &prefixes[i % prefixes.len()];
                 let rest = words(self.input_len - self.prefix_len.min(self.input_len));
-                let prompt = [prefix.as_str(), rest.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ");
-                json!({
-                    "custom_id": format!("bench-{i}"),
-                    "method": "POST",
-                    "url": "/v1/completions",
-                    "body": {"prompt": prompt, "max_tokens": self.output_len, "temperature": 0, "ignore_eos": self.ignore_eos},
-                })
-                .to_string()
+                let prompt = [prefix.as_str(), rest.as_str()]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                self.line(i, json!(prompt))
             })
             .collect()
     }

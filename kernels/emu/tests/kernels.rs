@@ -287,6 +287,53 @@ fn argmax<D: Device>(d: &D) {
     }
 }
 
+/// Heads, head size, paging, scale and window of an attention launch.
+#[derive(Clone, Copy)]
+struct Launch {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    scale: f32,
+    window: usize,
+}
+
+/// Attention of `q`'s rows (the sequences' rows in order) over the caches on `d`, with the
+/// output and the split-K workspace poisoned first: the output and the launch's shape.
+fn attend<D: Device>(
+    d: &D,
+    q: &[bf16],
+    (k_cache, v_cache): (&D::Buf<bf16>, &D::Buf<bf16>),
+    seqs: &[SeqAttention<'_>],
+    l: Launch,
+) -> (Vec<bf16>, PagedAttention) {
+    let rows: usize = seqs.iter().map(|s| s.rows).sum();
+    let packing = AttentionPacking::new(seqs, l.block_size, l.head_dim);
+    let shape = packing.shape(
+        l.heads,
+        l.kv_heads,
+        l.head_dim,
+        l.block_size,
+        l.scale,
+        l.window,
+    );
+    let mut out = poisoned(d, rows * l.heads * l.head_dim);
+    let mut partial = up(d, &vec![f32::NAN; shape.partial_len(rows).max(1)]);
+    d.paged_attention(
+        &up(d, q),
+        k_cache,
+        v_cache,
+        &up(d, &packing.tables),
+        &up(d, &packing.groups),
+        &mut out,
+        &mut partial,
+        &shape,
+    )
+    .expect("launch");
+    d.take_violations().expect("no index out of range");
+    (down(d, &out), shape)
+}
+
 /// One attention case: query heads, KV heads, head size, sliding window (0: none), and the
 /// sequences' (query rows, position of the first).
 type AttentionCase = (usize, usize, usize, usize, Vec<(usize, usize)>);
@@ -373,23 +420,15 @@ fn write_kv_and_attention<D: Device>(d: &D) {
             .collect();
         let rows: usize = seqs.iter().map(|s| s.0).sum();
         let q = rng.bf16s(rows * heads * head_dim);
-        let mut out = poisoned(d, rows * heads * head_dim);
-        let packing = AttentionPacking::new(&attn, block_size, head_dim);
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let shape = packing.shape(heads, kv_heads, head_dim, block_size, scale, window);
-        let mut partial = up(d, &vec![f32::NAN; shape.partial_len(rows).max(1)]);
-        d.paged_attention(
-            &up(d, &q),
-            &k_cache,
-            &v_cache,
-            &up(d, &packing.tables),
-            &up(d, &packing.groups),
-            &mut out,
-            &mut partial,
-            &shape,
-        )
-        .expect("launch");
-        d.take_violations().expect("no index out of range");
+        let launch = Launch {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+        };
+        let (out, shape) = attend(d, &q, (&k_cache, &v_cache), &attn, launch);
         let mut want = vec![0f32; rows * heads * head_dim];
         cpu::paged_attention(
             &f32s(&q),
@@ -407,7 +446,7 @@ fn write_kv_and_attention<D: Device>(d: &D) {
         );
         let lens: Vec<(usize, usize)> = seqs.iter().take(4).copied().collect();
         close(
-            &down(d, &out),
+            &out,
             &want,
             &format!(
                 "paged attention {heads}/{kv_heads}x{head_dim} window {window} {lens:?} \
@@ -456,28 +495,20 @@ fn batch_invariance<D: Device>(d: &D) {
             block_table: &tables[0],
         });
         let total: usize = seqs.iter().map(|s| s.rows).sum();
-        let packing = AttentionPacking::new(&seqs, block_size, head_dim);
-        let shape = packing.shape(heads, kv_heads, head_dim, block_size, 0.125, window);
+        let launch = Launch {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            scale: 0.125,
+            window,
+        };
+        let (out, shape) = attend(d, &q, (&k_cache, &v_cache), &seqs, launch);
         assert_eq!(
             shape.partitions > 1,
             with_long,
             "a long context splits the launch"
         );
-        let mut out = poisoned(d, total * per_row);
-        let mut partial = up(d, &vec![f32::NAN; shape.partial_len(total).max(1)]);
-        d.paged_attention(
-            &up(d, &q),
-            &k_cache,
-            &v_cache,
-            &up(d, &packing.tables),
-            &up(d, &packing.groups),
-            &mut out,
-            &mut partial,
-            &shape,
-        )
-        .expect("launch");
-        d.take_violations().expect("in range");
-        let out = down(d, &out);
         out[(total - 1) * per_row..].to_vec()
     };
     for window in [0, 7, 20] {
