@@ -851,3 +851,87 @@ fn json_logs_are_one_object_per_line_on_every_subcommand() {
         "{last}"
     );
 }
+
+/// `--device` and `--load-format` as a user meets them on a build without CUDA: a GPU asked
+/// for is refused with the build that has one, bad values are named, `auto` and `cpu` run, and
+/// a model made of its config.json alone (`--load-format dummy`) runs end to end.
+#[test]
+fn device_and_load_format_flags_say_what_they_need() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        completion("a", "hi", json!({"max_tokens": 3})) + "\n",
+    )
+    .expect("write");
+    let tiny = gristmill_testkit::fixture("tiny-llama3");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gristmill"))
+            .arg("run")
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.path().join("o.jsonl"))
+            .arg("--model")
+            .arg(&tiny)
+            .args(extra)
+            .output()
+            .expect("runs")
+    };
+    for (flags, needle) in [
+        (&["--device", "cuda"][..], "needs a build with CUDA support"),
+        (&["--device", "cuda:1"][..], "--features cuda"),
+        (
+            &["--device", "tpu"][..],
+            "expected auto, cpu, cuda or cuda:N",
+        ),
+        (
+            &["--gpu-memory-utilization", "1.5"][..],
+            "--gpu-memory-utilization must be in (0, 1]",
+        ),
+        (
+            &["--load-format", "pickle"][..],
+            "possible values: auto, dummy",
+        ),
+    ] {
+        let out = run(flags);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flags:?}: {err}");
+    }
+    for flags in [&["--device", "cpu"][..], &["--device", "auto"][..]] {
+        let out = run(flags);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&["--load-format", "dummy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("o.jsonl"))
+            .expect("output")
+            .lines()
+            .next()
+            .expect("a line"),
+    )
+    .expect("json");
+    assert_eq!(line["response"]["body"]["usage"]["completion_tokens"], 3);
+    // A GGUF file has no config.json to make a model from.
+    let out = Command::new(env!("CARGO_BIN_EXE_gristmill"))
+        .arg("run")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("o.jsonl"))
+        .arg("--model")
+        .arg(default_model())
+        .args(["--load-format", "dummy"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs an HF directory with config.json"));
+}
