@@ -12,16 +12,9 @@ use crate::parallel::Collective;
 
 pub use gristmill_kernels::cpu::AttentionShape;
 
-/// One sequence's rows in a step, for attention.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnSeq<'a> {
-    /// Consecutive rows of the step that belong to this sequence.
-    pub rows: usize,
-    /// Position of the first of them.
-    pub start: usize,
-    /// The sequence's KV blocks, in position order.
-    pub block_table: &'a [u32],
-}
+/// One sequence's rows in a step, for attention: the kernels' own description, shared by
+/// every backend.
+pub use gristmill_kernels::cpu::SeqAttention as AttnSeq;
 
 /// Operations of one forward pass. Every op is deterministic and row-independent: a row's result
 /// does not depend on the other rows of the buffer.
@@ -490,14 +483,6 @@ impl Backend for CpuBackend {
         seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> CpuTensor {
-        let seqs: Vec<cpu::SeqAttention<'_>> = seqs
-            .iter()
-            .map(|s| cpu::SeqAttention {
-                rows: s.rows,
-                start: s.start,
-                block_table: s.block_table,
-            })
-            .collect();
         let mut out = vec![0f32; q.data.len()];
         let shape = AttentionShape {
             fast_exp: self.precision == Precision::Fast,
@@ -511,7 +496,7 @@ impl Backend for CpuBackend {
                     v: &v[layer],
                     block_size,
                 };
-                cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
+                cpu::paged_attention(&q.data, kv, seqs, shape, &mut out);
             }
             KvValues::F16(k, v) => {
                 let kv = cpu::PagedKv {
@@ -519,7 +504,7 @@ impl Backend for CpuBackend {
                     v: &v[layer],
                     block_size,
                 };
-                cpu::paged_attention(&q.data, kv, &seqs, shape, &mut out);
+                cpu::paged_attention(&q.data, kv, seqs, shape, &mut out);
             }
         }
         CpuTensor {

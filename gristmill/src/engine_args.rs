@@ -149,7 +149,7 @@ impl EngineArgs {
                         self.tensor_parallel_size
                     );
                 }
-                self.load_cuda(&path, ordinal.unwrap_or(0))?
+                self.load_cuda(&path, ordinal.unwrap_or(0))
             }
             _ => gristmill_engine::Engine::load_parallel(
                 &path,
@@ -166,13 +166,13 @@ impl EngineArgs {
         &self,
         path: &std::path::Path,
         ordinal: usize,
-    ) -> Result<gristmill_engine::Result<gristmill_engine::Engine>> {
-        Ok(gristmill_engine::gpu::cuda::load_engine(
+    ) -> gristmill_engine::Result<gristmill_engine::Engine> {
+        gristmill_engine::gpu::cuda::load_engine(
             path,
             ordinal,
             self.tensor_parallel_size,
             self.gpu_memory_utilization,
-        ))
+        )
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -180,13 +180,13 @@ impl EngineArgs {
         &self,
         _path: &std::path::Path,
         _ordinal: usize,
-    ) -> Result<gristmill_engine::Result<gristmill_engine::Engine>> {
-        bail!(
+    ) -> gristmill_engine::Result<gristmill_engine::Engine> {
+        Err(gristmill_engine::Error::Device(format!(
             "--device {} needs a build with CUDA support: `cargo build --release --features \
              cuda` (k8s/Dockerfile.worker builds the GPU worker that way); this one computes on \
              the CPU only (--device cpu)",
             self.device
-        )
+        )))
     }
 
     /// The CPU backend's settings from the flags.

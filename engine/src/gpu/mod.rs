@@ -13,7 +13,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use gristmill_kernels::cpu::SeqAttention;
 use gristmill_kernels::device::{AttentionPacking, Device, Elem};
 use half::bf16;
 
@@ -124,10 +123,6 @@ impl<D: Device> GpuBackend<D> {
         self.ok(self.dev.zeros(n), "allocate")
     }
 
-    fn tensor(&self, data: D::Buf<bf16>, rows: usize, cols: usize) -> GpuTensor<D> {
-        GpuTensor { data, rows, cols }
-    }
-
     /// `host` on the device, reusing the buffer of an equal earlier upload.
     fn staged<T: Elem + PartialEq>(
         &self,
@@ -150,29 +145,23 @@ impl<D: Device> GpuBackend<D> {
     }
 }
 
-/// A matrix of activations in device memory: `rows × cols` bf16 values.
+/// A matrix in device memory, `rows × cols` bf16 values: activations, and the weights (a
+/// vector is one row).
 pub struct GpuTensor<D: Device> {
     data: D::Buf<bf16>,
     rows: usize,
     cols: usize,
 }
 
-impl<D: Device> std::fmt::Debug for GpuTensor<D> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuTensor[{}×{}]", self.rows, self.cols)
+impl<D: Device> GpuTensor<D> {
+    fn new(data: D::Buf<bf16>, rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols }
     }
 }
 
-/// A weight matrix `[rows, cols]` (or vector: one row) in device memory, bf16.
-pub struct GpuWeight<D: Device> {
-    data: D::Buf<bf16>,
-    rows: usize,
-    cols: usize,
-}
-
-impl<D: Device> std::fmt::Debug for GpuWeight<D> {
+impl<D: Device> std::fmt::Debug for GpuTensor<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuWeight[{}×{}]", self.rows, self.cols)
+        write!(f, "GpuTensor[{}×{}]", self.rows, self.cols)
     }
 }
 
@@ -195,11 +184,11 @@ impl<D: Device> std::fmt::Debug for GpuKvStore<D> {
     }
 }
 
-/// The last few uploads of one element type, kept to be reused while a step's layers ask for
-/// the same host data again (positions, slots and attention tables are equal in every layer).
 /// Host data and its upload.
 type Staged<D, T> = (Vec<T>, Arc<<D as Device>::Buf<T>>);
 
+/// The last few uploads of one element type, kept to be reused while a step's layers ask for
+/// the same host data again (positions, slots and attention tables are equal in every layer).
 struct Stage<D: Device, T: Elem> {
     entries: Vec<Staged<D, T>>,
 }
@@ -212,7 +201,8 @@ impl<D: Device, T: Elem> Default for Stage<D, T> {
     }
 }
 
-/// Uploads a step remembers: a handful is enough (a step uploads at most two of a kind).
+/// Uploads a step remembers: a handful is enough (a step uploads at most three of a kind: the
+/// positions, attention groups and block tables are all `i32`).
 const STAGE_ENTRIES: usize = 4;
 
 impl<D: Device, T: Elem + PartialEq> Stage<D, T> {
@@ -252,32 +242,18 @@ impl<D: Device> Default for Staging<D> {
     }
 }
 
-/// Slot of each position of a step, as the write kernel takes them.
-pub fn slots_i64(slots: &[usize]) -> Vec<i64> {
-    slots.iter().map(|&s| s as i64).collect()
-}
-
 impl<D: Device> Backend for GpuBackend<D> {
     type Buf = GpuTensor<D>;
-    type Matrix = GpuWeight<D>;
-    type Vector = GpuWeight<D>;
+    type Matrix = GpuTensor<D>;
+    type Vector = GpuTensor<D>;
     type KvStore = GpuKvStore<D>;
 
-    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> GpuWeight<D> {
-        GpuWeight {
-            data: self.upload_bf16(&data),
-            rows,
-            cols,
-        }
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> GpuTensor<D> {
+        GpuTensor::new(self.upload_bf16(&data), rows, cols)
     }
 
-    fn vector(&self, data: Vec<f32>) -> GpuWeight<D> {
-        let cols = data.len();
-        GpuWeight {
-            data: self.upload_bf16(&data),
-            rows: 1,
-            cols,
-        }
+    fn vector(&self, data: Vec<f32>) -> GpuTensor<D> {
+        GpuTensor::new(self.upload_bf16(&data), 1, data.len())
     }
 
     fn kv_value_bytes(&self) -> usize {
@@ -312,7 +288,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         }
     }
 
-    fn embed(&self, table: &GpuWeight<D>, ids: &[u32], first_id: u32) -> GpuTensor<D> {
+    fn embed(&self, table: &GpuTensor<D>, ids: &[u32], first_id: u32) -> GpuTensor<D> {
         let d = table.cols;
         let rows = ids.len();
         let ids = self.staged(ids.to_vec(), |s| &mut s.u32s);
@@ -321,7 +297,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             self.dev.embedding(&table.data, &ids, &mut out, d, first_id),
             "embedding",
         );
-        self.tensor(out, rows, d)
+        GpuTensor::new(out, rows, d)
     }
 
     fn all_reduce_sum(&self, x: &mut GpuTensor<D>, c: &dyn Collective) {
@@ -344,24 +320,24 @@ impl<D: Device> Backend for GpuBackend<D> {
         let all = c.all_gather(&self.to_host(x));
         let data = ranks_side_by_side(&all, x.rows, x.cols, world);
         let buf = self.upload_bf16(&data);
-        self.tensor(buf, x.rows, x.cols * world)
+        GpuTensor::new(buf, x.rows, x.cols * world)
     }
 
-    fn rms_norm(&self, x: &GpuTensor<D>, weight: &GpuWeight<D>, eps: f32) -> GpuTensor<D> {
+    fn rms_norm(&self, x: &GpuTensor<D>, weight: &GpuTensor<D>, eps: f32) -> GpuTensor<D> {
         let mut out = self.zeros(x.rows * x.cols);
         self.ok(
             self.dev
                 .rms_norm(&x.data, &weight.data, &mut out, weight.cols, eps),
             "rms_norm",
         );
-        self.tensor(out, x.rows, x.cols)
+        GpuTensor::new(out, x.rows, x.cols)
     }
 
     fn linear(
         &self,
         x: &GpuTensor<D>,
-        w: &GpuWeight<D>,
-        bias: Option<&GpuWeight<D>>,
+        w: &GpuTensor<D>,
+        bias: Option<&GpuTensor<D>>,
     ) -> GpuTensor<D> {
         let (m, n, k) = (x.rows, w.rows, w.cols);
         debug_assert_eq!(x.cols, k);
@@ -370,7 +346,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         if let Some(b) = bias {
             self.ok(self.dev.add_bias(&mut out, &b.data), "bias");
         }
-        self.tensor(out, m, n)
+        GpuTensor::new(out, m, n)
     }
 
     fn rope(
@@ -418,16 +394,15 @@ impl<D: Device> Backend for GpuBackend<D> {
                 .copy(&x.data, start * x.cols, &mut out, 0, n * x.cols),
             "copy rows",
         );
-        self.tensor(out, n, x.cols)
+        GpuTensor::new(out, n, x.cols)
     }
 
     fn concat_rows(&self, parts: Vec<GpuTensor<D>>) -> GpuTensor<D> {
-        if parts.len() == 1 {
-            if let Some(p) = parts.into_iter().next() {
-                return p;
-            }
-            unreachable!("one part");
-        }
+        // One part (one sequence wanting logits) is already the result: no copy.
+        let parts = match <[GpuTensor<D>; 1]>::try_from(parts) {
+            Ok([one]) => return one,
+            Err(parts) => parts,
+        };
         let cols = parts.first().map_or(0, |p| p.cols);
         let rows: usize = parts.iter().map(|p| p.rows).sum();
         let mut out = self.zeros(rows * cols);
@@ -438,7 +413,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             self.ok(self.dev.copy(&p.data, 0, &mut out, at, n), "copy rows");
             at += n;
         }
-        self.tensor(out, rows, cols)
+        GpuTensor::new(out, rows, cols)
     }
 
     fn write_kv(
@@ -449,7 +424,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         v: &GpuTensor<D>,
         slots: &[usize],
     ) {
-        let slots = self.staged(slots_i64(slots), |s| &mut s.i64s);
+        let slots = self.staged(slots.iter().map(|&s| s as i64).collect(), |s| &mut s.i64s);
         let width = store.width;
         let (kc, vc) = (&mut store.k[layer], &mut store.v[layer]);
         self.ok(
@@ -466,15 +441,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         seqs: &[AttnSeq<'_>],
         shape: AttentionShape,
     ) -> GpuTensor<D> {
-        let seqs: Vec<SeqAttention<'_>> = seqs
-            .iter()
-            .map(|s| SeqAttention {
-                rows: s.rows,
-                start: s.start,
-                block_table: s.block_table,
-            })
-            .collect();
-        let packing = AttentionPacking::new(&seqs, store.block_size, shape.head_dim);
+        let packing = AttentionPacking::new(seqs, store.block_size, shape.head_dim);
         let attention = packing.shape(
             shape.heads,
             shape.kv_heads,
@@ -504,7 +471,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             ),
             "paged attention",
         );
-        self.tensor(out, q.rows, q.cols)
+        GpuTensor::new(out, q.rows, q.cols)
     }
 
     fn to_host(&self, x: &GpuTensor<D>) -> Vec<f32> {
